@@ -1,0 +1,22 @@
+"""fused_resnet: torchvision ResNets with BatchNorm folded and every conv fused with its epilogue.
+
+    model = torchvision.models.resnet50(weights=...)
+    fused = fused_resnet.fuse(model, dtype=torch.float16).cuda()
+    print(fused_resnet.compare(model, fused, x))
+"""
+
+from .convert import fuse
+from .folding import fold_bn
+from .modules import FusedBasicBlock, FusedBottleneck, FusedConv2d
+from .validate import Comparison, compare
+
+__all__ = [
+    "Comparison",
+    "FusedBasicBlock",
+    "FusedBottleneck",
+    "FusedConv2d",
+    "compare",
+    "fold_bn",
+    "fuse",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,444 @@
+"""conv2d + bias (+ residual) (+ ReLU) as one implicit-GEMM Triton kernel.
+
+The convolution is a GEMM whose rows are output pixels (N*P*Q), whose columns are output channels
+(K / groups per group) and whose reduction runs over R*S*(C / groups). Nothing is unfolded in
+memory ("implicit" GEMM): each program gathers its tile of the input on the fly from the NHWC
+activations. The epilogue adds the bias, adds the residual and applies the ReLU to the fp32
+accumulator, then writes the output once.
+
+Order of this file: autotune configs, @triton.jit kernel, launcher, op registration, reference.
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from . import backend
+from ._checks import check_same_device, check_supported_dtype, pair
+
+# ----------------------------------------------------------------------------------------------
+# Autotune configs
+# ----------------------------------------------------------------------------------------------
+
+
+def _config(block_m, block_n, block_k, group_m, stages, warps):
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
+        num_stages=stages,
+        num_warps=warps,
+    )
+
+
+# Tile shapes that serve Hopper (228 KB shared memory a block) and Ampere (164 KB); the pruning
+# below drops those that do not fit the device at hand or waste most of a tile on a small layer.
+CONFIGS = [
+    _config(128, 256, 64, 8, 3, 8),
+    _config(256, 128, 64, 8, 3, 8),
+    _config(128, 128, 64, 8, 4, 8),
+    _config(128, 128, 32, 8, 4, 4),
+    _config(128, 64, 64, 8, 4, 4),
+    _config(64, 128, 64, 8, 4, 4),
+    _config(128, 64, 32, 8, 5, 4),
+    _config(64, 64, 64, 8, 4, 4),
+    _config(64, 64, 32, 8, 5, 2),
+    _config(32, 64, 64, 8, 4, 4),
+    _config(64, 32, 64, 8, 4, 2),
+    _config(32, 32, 32, 8, 4, 2),
+]
+
+# Under the interpreter every program runs in Python, so few large tiles beat many small ones.
+INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}
+
+# Below this many channels a group, the reduction is flattened over (r, s, c) so that tl.dot gets
+# a usable K (the 3-channel 7x7 stem: 147 in one flat reduction instead of 49 reductions of 3).
+FLAT_K_BELOW = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_memory(device_index):
+    props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+    return props["max_shared_mem"]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop tiles that overflow shared memory or are mostly padding for this layer."""
+    args = {**named_args, **kwargs}  # Triton passes positional and keyword arguments apart
+    x = args["x_ptr"]
+    smem = _max_shared_memory(x.device.index if x.device.index is not None else 0)
+    m, kg, cg = args["M"], args["Kg"], args["Cg"]
+    reduction = cg * args["R"] * args["S"] if args["FLAT_K"] else cg
+    cap_m = max(32, triton.next_power_of_2(m))
+    cap_n = max(32, triton.next_power_of_2(kg))
+    cap_k = max(32, triton.next_power_of_2(reduction))
+    kept = []
+    for cfg in configs:
+        kw = cfg.kwargs
+        tile_bytes = (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * x.element_size()
+        if tile_bytes * cfg.num_stages > smem:
+            continue
+        if kw["BLOCK_M"] > cap_m or kw["BLOCK_N"] > cap_n or kw["BLOCK_K"] > cap_k:
+            continue
+        kept.append(cfg)
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _conv2d_bias_act_kernel(
+    x_ptr,  # (N, C, H, W), any strides; channels_last keeps C contiguous
+    w_ptr,  # (K, C // groups, R, S), any strides; channels_last is (K, R, S, C) in memory
+    b_ptr,  # (K,), read only if HAS_BIAS
+    r_ptr,  # (N, K, P, Q), read only if HAS_RESIDUAL
+    y_ptr,  # (N, K, P, Q), written once
+    M,  # N * P * Q: GEMM rows
+    Kg,  # K // groups: GEMM columns per group
+    Cg,  # C // groups: channels reduced per (r, s)
+    H, W, P, Q,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wk, stride_wc, stride_wr, stride_ws,
+    stride_rn, stride_rk, stride_rp, stride_rq,
+    stride_yn, stride_yk, stride_yp, stride_yq,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    PADDED: tl.constexpr,  # some taps fall outside the input: mask them
+    FLAT_K: tl.constexpr,  # one reduction over (r, s, c) instead of one per (r, s)
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    APPLY_RELU: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # upcast operands before tl.dot (the interpreter's bf16 dot is wrong)
+    INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering of the tiles (Triton matmul tutorial): programs that run together share
+    # rows of the input, so the gathered activations stay in L2.
+    pid = tl.program_id(0)
+    group = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(Kg, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < Kg
+    # Rows past M wrap onto valid pixels, so unpadded loads need no row mask; the store masks them.
+    rows = offs_m % M
+    q = rows % Q
+    p = (rows // Q) % P
+    n = rows // (P * Q)
+    # 64-bit row offsets: one tensor may pass 2**31 elements even when M does not.
+    x_row = n.to(tl.int64) * stride_xn + group.to(tl.int64) * Cg * stride_xc
+    h0 = p * stride_h - pad_h
+    w0 = q * stride_w - pad_w
+    k_glob = group * Kg + offs_n  # output channel index, across groups
+    w_col = k_glob.to(tl.int64) * stride_wk
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        # Reduction index j runs over (r, s, c) with c fastest, gathered per element.
+        RSC = R * S * Cg
+        for j0 in range(0, RSC, BLOCK_K):
+            j = j0 + offs_k
+            c = j % Cg
+            s = (j // Cg) % S
+            r = j // (Cg * S)
+            ih = h0[:, None] + (r * dil_h)[None, :]
+            iw = w0[:, None] + (s * dil_w)[None, :]
+            mask_a = (j < RSC)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = (x_ptr + x_row[:, None] + ih.to(tl.int64) * stride_xh
+                      + iw.to(tl.int64) * stride_xw + (c * stride_xc)[None, :])
+            a = tl.load(a_ptrs, mask=mask_a, other=0.0)
+            b_ptrs = w_ptr + w_col[None, :] + (c * stride_wc + r * stride_wr + s * stride_ws)[:, None]
+            b = tl.load(b_ptrs, mask=(j < RSC)[:, None] & mask_n[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        # One (r, s) tap at a time: its input rows and bounds mask are fixed over the channel loop.
+        for rs in tl.static_range(R * S):
+            ih = h0 + (rs // S) * dil_h
+            iw = w0 + (rs % S) * dil_w
+            a_row = x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+            b_tap = w_col + (rs // S) * stride_wr + (rs % S) * stride_ws
+            if PADDED:
+                inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            for c0 in range(0, Cg, BLOCK_K):
+                c = c0 + offs_k
+                mask_c = c < Cg
+                a_ptrs = x_ptr + a_row[:, None] + (c * stride_xc)[None, :]
+                if PADDED:
+                    a = tl.load(a_ptrs, mask=inside[:, None] & mask_c[None, :], other=0.0)
+                else:
+                    a = tl.load(a_ptrs, mask=mask_c[None, :], other=0.0)
+                b_ptrs = w_ptr + b_tap[None, :] + (c * stride_wc)[:, None]
+                b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+                if DOT_FP32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    # Epilogue on the fp32 accumulator, then one store in the output dtype.
+    mask_y = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + k_glob, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        r_row = n.to(tl.int64) * stride_rn + p.to(tl.int64) * stride_rp + q.to(tl.int64) * stride_rq
+        res = tl.load(r_ptr + r_row[:, None] + (k_glob.to(tl.int64) * stride_rk)[None, :],
+                      mask=mask_y, other=0.0)
+        acc += res.to(tl.float32)
+    if APPLY_RELU:
+        # Not tl.maximum: it may turn NaN into 0, and torch.relu keeps NaN.
+        acc = tl.where(acc < 0.0, 0.0, acc)
+    y_row = n.to(tl.int64) * stride_yn + p.to(tl.int64) * stride_yp + q.to(tl.int64) * stride_yq
+    y_ptrs = y_ptr + y_row[:, None] + (k_glob.to(tl.int64) * stride_yk)[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+_conv2d_bias_act_autotuned = triton.autotune(
+    configs=CONFIGS,
+    key=["M", "Kg", "Cg", "H", "W", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w",
+         "PADDED", "FLAT_K", "HAS_RESIDUAL"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    cache_results=True,
+)(_conv2d_bias_act_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def output_size(h, w, r, s, stride, padding, dilation):
+    """(P, Q) of a conv over an (h, w) map; padding is (top, bottom, left, right)."""
+    p = (h + padding[0] + padding[1] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + padding[2] + padding[3] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return p, q
+
+
+def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual):
+    if x.dim() != 4:
+        raise ValueError(f"conv2d_bias_act: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(
+            f"conv2d_bias_act: weight must be 4-D (K, C // groups, R, S), got shape {tuple(weight.shape)}"
+        )
+    named = {"input": x, "weight": weight, "bias": bias, "residual": residual}
+    check_supported_dtype("conv2d_bias_act", named)
+    check_same_device("conv2d_bias_act", named)
+    if len(stride) != 2 or len(dilation) != 2 or len(padding) != 4:
+        raise ValueError("conv2d_bias_act: stride and dilation take 2 values, padding 4 (top, bottom, left, right)")
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"conv2d_bias_act: stride {tuple(stride)} and dilation {tuple(dilation)} must be >= 1")
+    if min(padding) < 0:
+        raise ValueError(f"conv2d_bias_act: padding {tuple(padding)} must be >= 0")
+    if groups < 1:
+        raise ValueError(f"conv2d_bias_act: groups must be >= 1, got {groups}")
+    k, cg, r, s = weight.shape
+    if k % groups != 0:
+        raise ValueError(f"conv2d_bias_act: out_channels {k} must be divisible by groups={groups}")
+    if x.shape[1] != cg * groups:
+        raise ValueError(
+            f"conv2d_bias_act: input has {x.shape[1]} channels, but weight {tuple(weight.shape)} "
+            f"with groups={groups} expects {cg * groups}"
+        )
+    if bias is not None and tuple(bias.shape) != (k,):
+        raise ValueError(f"conv2d_bias_act: bias must have shape ({k},), got {tuple(bias.shape)}")
+    p, q = output_size(x.shape[2], x.shape[3], r, s, stride, padding, dilation)
+    if p < 1 or q < 1:
+        raise ValueError(
+            f"conv2d_bias_act: a {r}x{s} kernel with dilation {tuple(dilation)} does not fit the "
+            f"{x.shape[2]}x{x.shape[3]} input padded by {tuple(padding)}"
+        )
+    out_shape = (x.shape[0], k, p, q)
+    if residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(
+            f"conv2d_bias_act: residual must have the output's shape {out_shape}, got {tuple(residual.shape)}"
+        )
+    return out_shape
+
+
+def _tf32_allowed():
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def _launch(x, weight, bias, stride, padding, dilation, groups, residual, relu, y):
+    n, c, h, w = x.shape
+    k, cg, r, s = weight.shape
+    _, _, p, q = y.shape
+    m = n * p * q
+    if m >= 2**31:
+        raise ValueError(f"conv2d_bias_act: N*P*Q = {m} output pixels; at most 2**31 - 1 are supported")
+    if x.stride(1) != 1 and x.is_cuda:
+        # Gathering along a strided channel axis is uncoalesced; one copy to NHWC is cheaper.
+        x = x.contiguous(memory_format=torch.channels_last)
+    interpret = backend.interpreting() and not x.is_cuda
+    kg = k // groups
+    flat_k = cg < FLAT_K_BELOW
+    args = dict(
+        M=m, Kg=kg, Cg=cg, H=h, W=w, P=p, Q=q,
+        stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[2],
+        dil_h=dilation[0], dil_w=dilation[1],
+        stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
+        stride_wk=weight.stride(0), stride_wc=weight.stride(1),
+        stride_wr=weight.stride(2), stride_ws=weight.stride(3),
+        stride_rn=residual.stride(0) if residual is not None else 0,
+        stride_rk=residual.stride(1) if residual is not None else 0,
+        stride_rp=residual.stride(2) if residual is not None else 0,
+        stride_rq=residual.stride(3) if residual is not None else 0,
+        stride_yn=y.stride(0), stride_yk=y.stride(1), stride_yp=y.stride(2), stride_yq=y.stride(3),
+        R=r, S=s,
+        PADDED=any(v != 0 for v in padding),
+        FLAT_K=flat_k,
+        HAS_BIAS=bias is not None,
+        HAS_RESIDUAL=residual is not None,
+        APPLY_RELU=relu,
+        DOT_FP32=interpret,
+        INPUT_PRECISION="tf32" if x.dtype == torch.float32 and x.is_cuda and _tf32_allowed() else "ieee",
+    )
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)
+
+    # Unused pointers still need a tensor of the right device; the kernel never reads them.
+    b_arg = bias if bias is not None else y
+    r_arg = residual if residual is not None else y
+    if interpret:
+        wrap_triton(_conv2d_bias_act_kernel)[grid](x, weight, b_arg, r_arg, y, **args, **INTERPRETER_BLOCKS)
+    else:
+        wrap_triton(_conv2d_bias_act_autotuned)[grid](x, weight, b_arg, r_arg, y, **args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Op registration
+# ----------------------------------------------------------------------------------------------
+
+
+@triton_op("fused_resnet::conv2d_bias_act", mutates_args=())
+def _conv2d_bias_act_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    residual: torch.Tensor | None,
+    relu: bool,
+) -> torch.Tensor:
+    out_shape = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual)
+    path = backend.resolve(x)
+    if x.dtype == torch.float64 and path == "triton":
+        # The kernel accumulates in fp32; a float64 caller asked for more than that.
+        path = "reference"
+    if path == "reference":
+        return conv2d_bias_act_reference(x, weight, bias, stride, padding, dilation, groups, residual, relu)
+    if path == "cudnn":
+        return _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual, relu)
+    y = torch.empty(out_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    if y.numel() > 0:
+        _launch(x, weight, bias, stride, padding, dilation, groups, residual, relu, y)
+    return y
+
+
+def normalize_padding(padding, weight_shape, dilation, stride):
+    """F.conv2d's padding forms (int, pair, 'same', 'valid') as (top, bottom, left, right)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0, 0, 0, 0]
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError("conv2d_bias_act: padding='same' is not supported for strided convolutions")
+            pads = []
+            for d, ksize in zip(dilation, weight_shape[2:]):
+                total = d * (ksize - 1)
+                pads += [total // 2, total - total // 2]  # the extra pixel goes last, as in F.conv2d
+            return pads
+        raise ValueError(f"conv2d_bias_act: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    ph, pw = pair("padding", padding)
+    return [ph, ph, pw, pw]
+
+
+def conv2d_bias_act(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                    residual=None, relu=False):
+    """relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups) + residual), one kernel.
+
+    Takes every argument form F.conv2d takes (unbatched 3-D input, int or pair stride/padding/
+    dilation, padding 'same' or 'valid', any groups) and any memory format. The add happens only
+    if `residual` is given, the ReLU only if `relu`. 4-D input gives a channels_last output.
+    The backend (Triton, reference, cuDNN) follows kernels.backend.
+    """
+    if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("conv2d_bias_act: input and weight must be tensors")
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise TypeError(f"conv2d_bias_act: groups must be an int, got {groups!r}")
+    stride = pair("stride", stride)
+    dilation = pair("dilation", dilation)
+    padding = normalize_padding(padding, weight.shape, dilation, stride)
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+        if residual is not None:
+            if residual.dim() != 3:
+                raise ValueError(
+                    f"conv2d_bias_act: residual for unbatched input must be 3-D, got shape {tuple(residual.shape)}"
+                )
+            residual = residual.unsqueeze(0)
+    elif input.dim() != 4:
+        raise ValueError(
+            f"conv2d_bias_act: input must be 3-D (C, H, W) or 4-D (N, C, H, W), got shape {tuple(input.shape)}"
+        )
+    out = torch.ops.fused_resnet.conv2d_bias_act(
+        input, weight, bias, list(stride), padding, list(dilation), groups, residual, bool(relu)
+    )
+    return out.squeeze(0) if unbatched else out
+
+
+def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+    symmetric = padding[0] == padding[1] and padding[2] == padding[3]
+    if not (relu and symmetric and x.dtype != torch.float64):
+        return conv2d_bias_act_reference(x, weight, bias, stride, padding, dilation, groups, residual, relu)
+    x = x.contiguous(memory_format=torch.channels_last)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    pad = [padding[0], padding[2]]
+    if residual is None:
+        return torch.cudnn_convolution_relu(x, weight, bias, stride, pad, dilation, groups)
+    residual = residual.contiguous(memory_format=torch.channels_last)
+    return torch.cudnn_convolution_add_relu(x, weight, residual, 1.0, bias, stride, pad, dilation, groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+
+
+def conv2d_bias_act_reference(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+    """The same computation as plain torch ops: conv, then add, then ReLU, each its own kernel."""
+    top, bottom, left, right = padding
+    if top == bottom and left == right:
+        y = F.conv2d(x, weight, bias, stride, (top, left), dilation, groups)
+    else:
+        y = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride, 0, dilation, groups)
+    if residual is not None:
+        y = y + residual
+    if relu:
+        y = torch.relu(y)
+    return y.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,72 @@
+"""Test setup: without CUDA the Triton kernels run under the Triton interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before triton is first imported, so this happens at the top of the
+first conftest, before anything imports kernels.
+"""
+
+import os
+import sys
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: compiled Triton kernels")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def randomize_bn(model: nn.Module, generator_seed: int = 0) -> nn.Module:
+    """Give every BatchNorm2d non-trivial statistics and affine parameters, in place.
+
+    With the defaults (mean 0, var 1, weight 1, bias 0) folding is nearly the identity and a test
+    of it proves nothing.
+    """
+    g = torch.Generator().manual_seed(generator_seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                    m.bias.copy_(torch.rand(n, generator=g) - 0.5)
+    return model
+
+
+def where_mismatch(actual: torch.Tensor, expected: torch.Tensor) -> str:
+    """A line that says where two tensors differ most, for assertion messages."""
+    diff = (actual.double() - expected.double()).abs()
+    diff = torch.nan_to_num(diff, nan=float("inf"))
+    idx = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
+    return (f"max |diff| {diff.max().item():.3e} at index {idx}: actual {actual[idx].item():.6g}, "
+            f"expected {expected[idx].item():.6g}; {int((diff > 0).sum())} of {diff.numel()} differ")
+
+
+def assert_close(actual, expected, *, rtol, atol):
+    """Element-wise |actual - expected| <= atol + rtol * |expected|, NaN matching NaN."""
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    a = actual.double().cpu()
+    e = expected.double().cpu()
+    ok = torch.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True)
+    assert bool(ok.all()), where_mismatch(a, e)

@@ -1,0 +1,368 @@
+"""kernels.conv2d_bias_act and kernels.add_relu against PyTorch, through the real Triton kernels.
+
+On a machine without CUDA these run interpreted (tests/conftest.py sets TRITON_INTERPRET=1); on a
+GPU the same cases run compiled. Inputs are rounded to the dtype under test, and the expected
+output is computed from those same values in float64, so the tolerance measures the kernel alone.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from conftest import DEVICE, HAS_CUDA, assert_close
+from torch.profiler import ProfilerActivity, profile
+
+import kernels
+from kernels.conv2d import normalize_padding
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# Tolerances relative to the largest |expected|: fp32 accumulation over up to ~20k terms, plus one
+# rounding of the output. bf16 allows a whole unit in the last place because the interpreter
+# truncates instead of rounding on the fp32 -> bf16 cast.
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    # fp32 convs on CUDA use TF32 when cudnn allows it; these cases check the exact (IEEE) path.
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = prev
+
+
+def distinct_convs(arch):
+    """(C, K, kernel, stride, padding, dilation, groups) of every distinct conv in a torchvision model."""
+    model = getattr(torchvision.models, arch)()
+    seen = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            key = (m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0],
+                   m.dilation[0], m.groups)
+            seen[key] = None
+    return list(seen)
+
+
+RESNET_CONVS = sorted(set(distinct_convs("resnet50")) | set(distinct_convs("resnext50_32x4d")))
+EPILOGUES = [(False, False), (False, True), (True, False), (True, True)]  # (residual, relu)
+
+
+def make_case(n, c, h, w, k, r, s, groups=1, dtype=torch.float32, device=DEVICE, bias=True):
+    """Input, weight (channels_last, as FusedConv2d keeps it) and bias with O(1) outputs."""
+    x = torch.randn(n, c, h, w, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    fan_in = c // groups * r * s
+    weight = (torch.randn(k, c // groups, r, s, device=device) / math.sqrt(fan_in)).to(dtype)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(k, device=device).to(dtype) if bias else None
+    return x, weight, b
+
+
+def expected(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+    """The float64 answer from the same (already rounded) operands, via F.conv2d on the CPU."""
+    y = F.conv2d(x.cpu().double(), weight.cpu().double(), None if bias is None else bias.cpu().double(),
+                 stride, padding, dilation, groups)
+    if residual is not None:
+        y = y + residual.cpu().double()
+    return torch.relu(y) if relu else y
+
+
+def assert_kernel_ran(fn):
+    """Run fn and check that it ran the Triton kernel: our op was called, aten's convolution was not."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    names = {e.key for e in prof.key_averages()}
+    assert "fused_resnet::conv2d_bias_act" in names, sorted(names)
+    assert not any("conv" in n and n.startswith("aten::") for n in names), sorted(names)
+    return out
+
+
+def check(x, weight, bias, stride=1, padding=0, dilation=1, groups=1, residual=None, relu=False):
+    out = assert_kernel_ran(lambda: kernels.conv2d_bias_act(
+        x, weight, bias, stride, padding, dilation, groups, residual=residual, relu=relu))
+    exp = expected(x, weight, bias, stride, padding, dilation, groups, residual, relu)
+    tol = TOL[x.dtype] * max(1.0, exp.abs().max().item())
+    assert out.dtype == x.dtype
+    assert_close(out, exp, rtol=TOL[x.dtype], atol=tol)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("residual,relu", EPILOGUES, ids=["plain", "relu", "add", "add_relu"])
+@pytest.mark.parametrize("shape", RESNET_CONVS, ids=lambda s: "C{}-K{}-k{}-s{}-p{}-d{}-g{}".format(*s))
+def test_resnet_conv_shapes(shape, residual, relu, dtype):
+    c, k, ksize, stride, padding, dilation, groups = shape
+    hw = 13 if ksize == 7 else 7  # small maps, real channel counts; odd sizes meet every edge
+    x, weight, bias = make_case(2, c, hw, hw, k, ksize, ksize, groups, dtype)
+    p = (hw + 2 * padding - dilation * (ksize - 1) - 1) // stride + 1
+    res = torch.randn(2, k, p, p, device=DEVICE).to(dtype) if residual else None
+    out = check(x, weight, bias, stride, padding, dilation, groups, res, relu)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+ODD_SHAPES = [
+    # n, c, h, w, k, r, s, stride, padding, dilation, groups
+    (1, 3, 5, 7, 8, 3, 3, 1, 1, 1, 1),  # C=3, 5x7 map
+    (2, 3, 9, 11, 64, 7, 7, 2, 3, 1, 1),  # the stem on an odd map
+    (1, 16, 1, 1, 24, 1, 1, 1, 0, 1, 1),  # one-pixel map
+    (1, 16, 1, 1, 24, 3, 3, 1, 1, 1, 1),  # one pixel, 3x3 with padding: only the centre tap hits
+    (3, 37, 6, 5, 53, 3, 3, 1, 1, 1, 1),  # C and K multiples of no block size
+    (2, 65, 5, 5, 129, 1, 1, 2, 0, 1, 1),  # one past a block size
+    (1, 8, 9, 9, 8, 3, 3, 1, 2, 2, 1),  # dilation 2
+    (1, 12, 7, 9, 12, 3, 3, 1, 1, 1, 12),  # depthwise
+    (1, 24, 6, 6, 36, 3, 3, 2, 1, 1, 3),  # groups with Cg=8 < 16: flat reduction
+    (2, 20, 8, 6, 10, 2, 4, (2, 1), (1, 2), (1, 2), 2),  # everything anisotropic
+    (1, 4, 3, 3, 5, 3, 3, 1, 0, 1, 1),  # kernel as large as the map
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ODD_SHAPES, ids=lambda c: "x".join(map(str, c[:7])))
+def test_odd_shapes(case, dtype):
+    n, c, h, w, k, r, s, stride, padding, dilation, groups = case
+    x, weight, bias = make_case(n, c, h, w, k, r, s, groups, dtype)
+    exp = expected(x, weight, bias, stride, padding, dilation, groups, None, False)
+    res = torch.randn(exp.shape, device=DEVICE).to(dtype)
+    check(x, weight, bias, stride, padding, dilation, groups, res, True)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(stride=2, padding=1),
+        dict(stride=(2, 1), padding=(0, 1)),
+        dict(stride=[1, 2], padding=[1, 0], dilation=[2, 1]),
+        dict(padding="same"),
+        dict(padding="same", dilation=2),
+        dict(padding="valid", stride=2),
+        dict(padding=(2, 0)),
+        dict(dilation=(1, 3), padding=3),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("ksize", [(3, 3), (2, 4), (1, 1)], ids=str)
+def test_argument_forms(kwargs, ksize):
+    x, weight, bias = make_case(2, 8, 9, 8, 16, *ksize)
+    check(x, weight, bias, **kwargs, relu=True)
+
+
+def test_padding_same_even_kernel_is_asymmetric():
+    # An even kernel under 'same' pads one more pixel at the bottom/right, as F.conv2d does.
+    assert normalize_padding("same", (1, 1, 4, 2), (1, 1), (1, 1)) == [1, 2, 0, 1]
+    x, weight, bias = make_case(1, 4, 6, 7, 4, 4, 2)
+    out = check(x, weight, bias, padding="same")
+    assert out.shape == F.conv2d(x.cpu(), weight.cpu(), padding="same").shape
+
+
+def test_no_bias_and_unbatched_input():
+    x, weight, _ = make_case(1, 6, 5, 5, 10, 3, 3)
+    res = torch.randn(10, 5, 5, device=DEVICE)
+    out = kernels.conv2d_bias_act(x[0], weight, None, 1, 1, residual=res, relu=True)
+    assert out.shape == (10, 5, 5)
+    assert_close(out, expected(x, weight, None, 1, 1, 1, 1, res[None], True)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "transposed_hw"])
+def test_memory_formats_and_views(layout):
+    base = torch.randn(2, 10, 9, 12, device=DEVICE)
+    x = {
+        "contiguous": base.contiguous(),
+        "channels_last": base.contiguous(memory_format=torch.channels_last),
+        "sliced": base[:, 1:9, ::2, 1::2],
+        "transposed_hw": base.transpose(2, 3),
+    }[layout]
+    weight = torch.randn(7, x.shape[1], 3, 3, device=DEVICE)  # contiguous (OIHW) weight works too
+    # The residual may be any strided view as well: here one whose H and W strides are swapped.
+    res = torch.randn(2, 7, x.shape[3], x.shape[2], device=DEVICE).transpose(2, 3)
+    check(x, weight, torch.randn(7, device=DEVICE), 1, 1, residual=res, relu=True)
+
+
+def test_empty_batch_gives_empty_output():
+    x, weight, bias = make_case(0, 8, 6, 6, 4, 3, 3)
+    out = kernels.conv2d_bias_act(x, weight, bias, 1, 1, relu=True)
+    assert out.shape == (0, 4, 6, 6)
+
+
+def test_nan_and_inf_propagate_like_pytorch():
+    x, weight, bias = make_case(1, 4, 5, 5, 3, 3, 3)
+    x[0, 1, 2, 2] = float("nan")
+    x[0, 2, 0, 4] = float("inf")
+    out = kernels.conv2d_bias_act(x, weight, bias, 1, 1, relu=True)
+    exp = expected(x, weight, bias, 1, 1, 1, 1, None, True)
+    assert torch.equal(torch.isnan(out.cpu()), torch.isnan(exp)), "NaN positions differ"
+    assert torch.equal(torch.isinf(out.cpu()), torch.isinf(exp)), "Inf positions differ"
+    assert torch.isnan(exp).any()
+    finite = torch.isfinite(exp)
+    assert_close(out.cpu()[finite], exp[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_relu_keeps_nan_from_the_residual():
+    x, weight, bias = make_case(1, 4, 3, 3, 2, 1, 1)
+    res = torch.zeros(1, 2, 3, 3, device=DEVICE)
+    res[0, 0, 1, 1] = float("nan")
+    out = kernels.conv2d_bias_act(x, weight, bias, residual=res, relu=True)
+    assert torch.isnan(out[0, 0, 1, 1]) and torch.isnan(out).sum() == 1
+
+
+def test_float64_runs_the_reference_exactly():
+    x, weight, bias = make_case(1, 5, 6, 6, 3, 3, 3, dtype=torch.float64)
+    out = kernels.conv2d_bias_act(x, weight, bias, 1, 1, relu=True)
+    assert out.dtype == torch.float64
+    assert_close(out, expected(x, weight, bias, 1, 1, 1, 1, None, True), rtol=1e-12, atol=1e-12)
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+def _bad(match, *args, exc=(ValueError, TypeError), **kwargs):
+    with pytest.raises(exc, match=match):
+        kernels.conv2d_bias_act(*args, **kwargs)
+
+
+def test_bad_inputs_raise_clear_errors():
+    x, weight, bias = make_case(2, 8, 6, 6, 4, 3, 3)
+    _bad("input has 8 channels", x, weight[:, :4].contiguous())
+    _bad("input must be 3-D .* or 4-D", x[0, 0], weight)
+    _bad("weight must be 4-D", x, weight[0])
+    _bad("bias must have shape", x, weight, bias[:3])
+    _bad("residual must have the output's shape", x, weight, bias, padding=1, residual=torch.zeros(2, 4, 5, 5))
+    _bad("residual for unbatched input must be 3-D", x[0], weight, bias, residual=torch.zeros(2, 4, 4, 4))
+    _bad("dtype torch.int64", x.long(), weight.long())
+    _bad("share one dtype", x, weight.half())
+    _bad("share one dtype", x, weight, bias, residual=torch.zeros(2, 4, 4, 4, dtype=torch.float16))
+    _bad("out_channels 4 must be divisible by groups=8", x, weight[:, :1].contiguous(), groups=8)
+    _bad("does not fit", x[:, :, :2, :2], weight)
+    _bad("stride .* must be >= 1", x, weight, stride=0)
+    _bad("padding .* must be >= 0", x, weight, padding=-1)
+    _bad("padding must be an int, a pair, 'same' or 'valid'", x, weight, padding="full")
+    _bad("not supported for strided", x, weight, stride=2, padding="same")
+    _bad("stride must be an int or a pair", x, weight, stride=(1, 2, 3))
+    _bad("groups must be an int", x, weight, groups=1.0)
+
+
+def test_device_mix_is_an_error():
+    x, weight, bias = make_case(1, 4, 5, 5, 3, 3, 3, device="cpu")
+    meta_weight = torch.empty(3, 4, 3, 3, device="meta")
+    with pytest.raises(ValueError, match="one device"):
+        kernels.conv2d_bias_act(x, meta_weight, None)
+
+
+# ---- registration ---------------------------------------------------------------------------
+
+
+def test_opcheck():
+    x, weight, bias = make_case(2, 16, 5, 5, 8, 3, 3)
+    res = torch.randn(2, 8, 5, 5, device=DEVICE)
+    op = torch.ops.fused_resnet.conv2d_bias_act.default
+    torch.library.opcheck(op, (x, weight, bias, [1, 1], [1, 1, 1, 1], [1, 1], 1, res, True))
+    torch.library.opcheck(op, (x, weight, None, [2, 1], [0, 1, 2, 0], [1, 1], 1, None, False))
+    torch.library.opcheck(torch.ops.fused_resnet.add_relu.default, (res, res.flip(0)))
+
+
+def test_use_backend_switch():
+    x, weight, bias = make_case(1, 8, 5, 5, 8, 3, 3)
+    with kernels.use_backend("reference"):
+        assert kernels.current_backend() == "reference"
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            ref = kernels.conv2d_bias_act(x, weight, bias, 1, 1, relu=True)
+        assert any(e.key == "aten::convolution" for e in prof.key_averages())
+    assert kernels.current_backend() == "auto"
+    with kernels.use_backend("triton"):
+        tri = assert_kernel_ran(lambda: kernels.conv2d_bias_act(x, weight, bias, 1, 1, relu=True))
+    assert_close(tri, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown backend"), kernels.use_backend("tensorrt"):
+        pass
+
+
+# ---- add_relu -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "mixed", "odd_view"])
+def test_add_relu(dtype, layout):
+    a = torch.randn(2, 6, 5, 7, device=DEVICE).to(dtype)
+    b = torch.randn(2, 6, 5, 7, device=DEVICE).to(dtype)
+    if layout in ("channels_last", "mixed"):
+        a = a.contiguous(memory_format=torch.channels_last)
+    if layout == "channels_last":
+        b = b.contiguous(memory_format=torch.channels_last)
+    if layout == "odd_view":
+        a = a.transpose(1, 3)
+        b = b.transpose(1, 3)
+    a[0, 0, 0, 0] = float("nan")
+    out = kernels.add_relu(a, b)
+    exp = torch.relu(a.double() + b.double())
+    assert out.dtype == dtype and out.shape == a.shape
+    assert_close(out, exp, rtol=TOL[dtype], atol=TOL[dtype])
+    assert torch.isnan(out[0, 0, 0, 0])
+
+
+def test_add_relu_bad_inputs():
+    a = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="one shape"):
+        kernels.add_relu(a, a.t())
+    with pytest.raises(TypeError, match="share one dtype"):
+        kernels.add_relu(a, a.half())
+    assert kernels.add_relu(torch.empty(0, 3), torch.empty(0, 3)).shape == (0, 3)
+
+
+# ---- GPU-only facts -------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_over_a_fused_block():
+    from conftest import randomize_bn
+
+    import fused_resnet
+
+    block = randomize_bn(torchvision.models.resnet.Bottleneck(256, 64)).eval()
+    fused = fused_resnet.FusedBottleneck.from_torchvision(block, dtype=torch.float16).cuda()
+    x = torch.randn(4, 256, 14, 14, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        eager = fused(x)
+        compiled = torch.compile(fused, fullgraph=True)(x)
+    assert_close(compiled, eager, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture():
+    x, weight, bias = make_case(8, 64, 14, 14, 64, 3, 3, dtype=torch.float16)
+    static_out = kernels.conv2d_bias_act(x, weight, bias, 1, 1, relu=True)  # tunes outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = kernels.conv2d_bias_act(x, weight, bias, 1, 1, relu=True)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    exp = expected(x, weight, bias, 1, 1, 1, 1, None, True)
+    assert_close(static_out, exp, rtol=TOL[torch.float16], atol=TOL[torch.float16] * exp.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_tensor_over_2_31_elements():
+    # 1 x 64 x 6000 x 6000 = 2.3e9 elements each for input, residual and output (fp16: ~14 GB).
+    n, c, h, w = 1, 64, 6000, 6000
+    x = torch.randn(n, c, h, w, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    assert x.numel() > 2**31
+    weight = (torch.randn(64, 64, 1, 1, device="cuda") / 8).half()
+    res = torch.randn_like(x)
+    out = kernels.conv2d_bias_act(x, weight, None, residual=res, relu=True)
+    # Check rows at the start and past the 2**31 boundary against F.conv2d on slices.
+    for rows in (slice(0, 8), slice(h - 8, h)):
+        exp = torch.relu(F.conv2d(x[:, :, rows].float(), weight.float()) + res[:, :, rows].float())
+        assert_close(out[:, :, rows], exp, rtol=2e-3, atol=2e-2)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_tf32_follows_cudnn_flag():
+    x, weight, bias = make_case(4, 256, 14, 14, 256, 3, 3)
+    exact = expected(x, weight, bias, 1, 1, 1, 1, None, False)
+    torch.backends.cudnn.allow_tf32 = False
+    ieee = kernels.conv2d_bias_act(x, weight, bias, 1, 1)
+    torch.backends.cudnn.allow_tf32 = True
+    tf32 = kernels.conv2d_bias_act(x, weight, bias, 1, 1)
+    err_ieee = (ieee.cpu().double() - exact).abs().max().item()
+    err_tf32 = (tf32.cpu().double() - exact).abs().max().item()
+    assert err_ieee < err_tf32, (err_ieee, err_tf32)
