@@ -4,6 +4,7 @@ import dataclasses
 
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,9 @@ def compare(reference: nn.Module, fused: nn.Module, x: torch.Tensor) -> Comparis
     ref_out = run(reference, x)
     fused_out = run(fused, x)
     if ref_out.shape != fused_out.shape:
-        raise ValueError(f"compare: output shapes differ: reference {tuple(ref_out.shape)}, fused {tuple(fused_out.shape)}")
+        raise ValueError(
+            f"compare: output shapes differ: reference {tuple(ref_out.shape)}, fused {tuple(fused_out.shape)}"
+        )
     r = ref_out.detach().to("cpu", torch.float64)
     f = fused_out.detach().to("cpu", torch.float64)
     same_nonfinite = (torch.isnan(r) & torch.isnan(f)) | ((r == f) & torch.isinf(r))
@@ -86,3 +89,42 @@ def compare(reference: nn.Module, fused: nn.Module, x: torch.Tensor) -> Comparis
         top1 = 1.0
     return Comparison(max_abs, max_rel, top1, worst, mismatch, str(_dtype_device(reference)[0]),
                       str(_dtype_device(fused)[0]))
+
+
+@torch.no_grad()
+def synthetic_batchnorm(model: nn.Module, *, seed: int = 0, batches: int = 2, batch_size: int = 8,
+                        size: int = 64) -> nn.Module:
+    """Give every BatchNorm2d of a randomly initialised model non-trivial, realistic parameters.
+
+    The affine weight and bias are drawn at random, then the running statistics are estimated on
+    a few batches of synthetic images, as training would leave them. With torchvision's initial
+    statistics (mean 0, var 1, weight 1, bias 0) folding is nearly the identity and a comparison
+    proves nothing; with statistics drawn at random, activations grow through deep networks until
+    they overflow. The last BatchNorm of each residual block gets small weights, as in trained
+    ResNets: otherwise a random deep ResNet amplifies rounding errors a thousandfold, and no
+    implementation, torchvision's included, matches its own float64 result in float32.
+    Works in place on `model` and returns it, in eval mode.
+    """
+    g = torch.Generator().manual_seed(seed)
+    dtype, device = _dtype_device(model)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    last_in_block = {id(_last_bn(block)) for block in model.modules() if isinstance(block, (BasicBlock, Bottleneck))}
+    saved_momentum = [bn.momentum for bn in bns]
+    for bn in bns:
+        if bn.weight is not None:
+            low, high = (0.1, 0.4) if id(bn) in last_in_block else (0.5, 1.5)
+            bn.weight.copy_(torch.rand(bn.num_features, generator=g) * (high - low) + low)
+            bn.bias.copy_((torch.rand(bn.num_features, generator=g) - 0.5) * 0.5)
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the calibration batches
+    model.train()
+    for _ in range(batches):
+        x = torch.randn(batch_size, 3, size, size, generator=g)
+        model(x.to(device=device, dtype=dtype))
+    for bn, momentum in zip(bns, saved_momentum):
+        bn.momentum = momentum
+    return model.eval()
+
+
+def _last_bn(block):
+    return block.bn3 if isinstance(block, Bottleneck) else block.bn2

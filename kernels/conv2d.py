@@ -50,15 +50,23 @@ CONFIGS = [
     _config(32, 32, 32, 8, 4, 2),
 ]
 
-# Under the interpreter every program runs in Python, so few large tiles beat many small ones.
-INTERPRETER_BLOCKS = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}
+# Under the interpreter every program and every block op runs in Python, so few large tiles beat
+# many small ones; tiles shrink to the layer so that small groups do not pay for padding.
+INTERPRETER_MAX_BLOCK = 128
+
+
+def _interpreter_blocks(m, kg, reduction):
+    def fit(n):
+        return min(INTERPRETER_MAX_BLOCK, max(16, triton.next_power_of_2(n)))
+
+    return {"BLOCK_M": fit(m), "BLOCK_N": fit(kg), "BLOCK_K": fit(reduction), "GROUP_M": 8}
 
 # Below this many channels a group, the reduction is flattened over (r, s, c) so that tl.dot gets
 # a usable K (the 3-channel 7x7 stem: 147 in one flat reduction instead of 49 reductions of 3).
 FLAT_K_BELOW = 16
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _max_shared_memory(device_index):
     props = triton.runtime.driver.active.utils.get_device_properties(device_index)
     return props["max_shared_mem"]
@@ -322,7 +330,8 @@ def _launch(x, weight, bias, stride, padding, dilation, groups, residual, relu, 
     b_arg = bias if bias is not None else y
     r_arg = residual if residual is not None else y
     if interpret:
-        wrap_triton(_conv2d_bias_act_kernel)[grid](x, weight, b_arg, r_arg, y, **args, **INTERPRETER_BLOCKS)
+        blocks = _interpreter_blocks(m, kg, cg * r * s if flat_k else cg)
+        wrap_triton(_conv2d_bias_act_kernel)[grid](x, weight, b_arg, r_arg, y, **args, **blocks)
     else:
         wrap_triton(_conv2d_bias_act_autotuned)[grid](x, weight, b_arg, r_arg, y, **args)
 
@@ -437,8 +446,9 @@ def conv2d_bias_act_reference(x, weight, bias, stride, padding, dilation, groups
         y = F.conv2d(x, weight, bias, stride, (top, left), dilation, groups)
     else:
         y = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride, 0, dilation, groups)
+    # In place: y is a fresh tensor, and on a CPU the extra allocations cost more than the adds.
     if residual is not None:
-        y = y + residual
+        y.add_(residual)
     if relu:
-        y = torch.relu(y)
+        y.relu_()
     return y.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,202 @@
+"""What the command line and the benchmark suites share: models, implementations, timing, provenance.
+
+An implementation is a name and a callable that runs one batch and returns the logits:
+
+    eager                 torchvision, NCHW
+    eager_channels_last   torchvision, NHWC
+    compile               torch.compile of the channels_last model (max-autotune on a GPU)
+    cudnn_fused           BatchNorm folded, cuDNN's fused conv+bias(+add)+ReLU where it applies
+    fused                 fused_resnet: every conv one Triton kernel
+    fused_cuda_graph      fused_resnet replayed from a CUDA graph
+"""
+
+import copy
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import torch
+import torchvision
+
+import kernels
+
+from .convert import fuse
+from .validate import synthetic_batchnorm
+
+IMPLS = ("eager", "eager_channels_last", "compile", "cudnn_fused", "fused", "fused_cuda_graph")
+BASELINE = "eager_channels_last"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' is CUDA when there is a GPU, else the CPU; 'cuda' without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA GPU")
+    return torch.device(name)
+
+
+def describe_path(device: torch.device) -> str:
+    """Which code the fused model runs on this device, in words a reader can check."""
+    if device.type == "cuda":
+        return f"compiled Triton kernels on {torch.cuda.get_device_name(device)}"
+    if kernels.interpreting():
+        return "CPU: Triton kernels under the Triton interpreter (correctness only, not speed)"
+    return "CPU: reference path (folded weights, plain torch ops); no Triton kernel and no GPU figure"
+
+
+def load_model(arch: str, weights: str | None = None, *, seed: int = 0, size: int = 64):
+    """A torchvision model in eval mode, and a line that says where its weights came from.
+
+    weights: None for random weights with BatchNorm statistics estimated on synthetic batches;
+    a torchvision weights name ('DEFAULT', 'IMAGENET1K_V2', ...) if already in the torch hub cache;
+    or the path of a state_dict file.
+    """
+    if not hasattr(torchvision.models, arch):
+        raise SystemExit(f"error: unknown architecture {arch!r}")
+    builder = getattr(torchvision.models, arch)
+    if weights is None:
+        torch.manual_seed(seed)
+        model = synthetic_batchnorm(builder(), seed=seed, size=size)
+        return model, "random weights; BatchNorm statistics estimated on synthetic batches"
+    if os.path.exists(weights):
+        model = builder()
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        return model.eval(), f"state_dict from {weights}"
+    try:
+        enum = torchvision.models.get_model_weights(builder)[weights]
+    except KeyError:
+        raise SystemExit(f"error: --weights {weights!r} is neither a file nor a torchvision weights name "
+                         f"for {arch}") from None
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
+    if not os.path.exists(cached):
+        raise SystemExit(f"error: torchvision weights {arch}.{enum.name} are not cached at {cached}; download "
+                         f"them where there is a network (torchvision.models.{arch}(weights='{enum.name}')) "
+                         "or pass --weights PATH to a state_dict file")
+    return builder(weights=enum).eval(), f"torchvision weights {enum.name} from the cache"
+
+
+def build_impls(model, names, dtype, device, batch, size):
+    """{name: (run, input)} for each implementation that applies here, and {name: reason} for the rest."""
+    ready, skipped = {}, {}
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    base = copy.deepcopy(model).to(device, dtype).eval()
+    fused = None
+    for name in names:
+        if name not in IMPLS:
+            raise SystemExit(f"error: unknown implementation {name!r}; expected some of {', '.join(IMPLS)}")
+        if name in ("cudnn_fused", "fused_cuda_graph") and device.type != "cuda":
+            skipped[name] = "needs CUDA"
+            continue
+        if name == "eager":
+            ready[name] = (base, x)
+        elif name == "eager_channels_last":
+            ready[name] = (copy.deepcopy(base).to(memory_format=torch.channels_last), x_cl)
+        elif name == "compile":
+            mode = "max-autotune" if device.type == "cuda" else None
+            cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
+            ready[name] = (torch.compile(cl, mode=mode), x_cl)
+        else:
+            fused = fused if fused is not None else fuse(model, dtype=dtype).to(device)
+            if name == "fused":
+                ready[name] = (fused, x_cl)
+            elif name == "cudnn_fused":
+                ready[name] = (_with_backend(fused, "cudnn"), x_cl)
+            else:
+                ready[name] = (_cuda_graph(fused, x_cl), x_cl)
+    return ready, skipped
+
+
+def _with_backend(module, name):
+    def run(x):
+        with kernels.use_backend(name):
+            return module(x)
+
+    return run
+
+
+def _cuda_graph(module, static_x):
+    """Capture module(static_x) once; each call replays it on whatever static_x holds then."""
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # autotuning and lazy initialisation happen outside the capture
+                module(static_x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = module(static_x)
+
+    def replay(x):
+        if x.data_ptr() != static_x.data_ptr():
+            static_x.copy_(x)
+        graph.replay()
+        return static_out
+
+    return replay
+
+
+def time_impl(run, x, *, iters, warmup=3, progress=None):
+    """Median and all per-call times in milliseconds; each timed call waits for the GPU."""
+    cuda = x.is_cuda
+    times = []
+    with torch.no_grad():
+        for i in range(warmup):
+            if progress:
+                progress(f"warm-up {i + 1}/{warmup} (first calls autotune and compile)")
+            run(x)
+        if cuda:
+            torch.cuda.synchronize()
+        for i in range(iters):
+            if progress:
+                progress(f"timed run {i + 1}/{iters}")
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run(x)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                run(x)
+                times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), times
+
+
+def provenance(command: str, device: torch.device) -> dict:
+    """Where a result came from: the machine, the versions and the command."""
+    import triton
+
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    driver = None
+    if gpu:
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=10).stdout.strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.SubprocessError):
+            driver = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10, cwd=os.path.dirname(__file__)).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "gpu": gpu,
+        "driver": driver,
+        "cuda": torch.version.cuda if gpu else None,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit,
+        "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": platform.processor() or platform.machine(),
+        "path": describe_path(device),
+    }

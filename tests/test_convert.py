@@ -1,0 +1,172 @@
+"""fuse(model) over every torchvision ResNet: parity with torchvision, and fuse's behaviour.
+
+Whole-network parity of the big networks runs through the reference backend (plain torch ops),
+which is fast on a CPU; the Triton kernels themselves are checked layer by layer in
+test_conv2d.py, and one whole network runs through them here (test_resnet18_through_the_kernels).
+"""
+
+import copy
+import functools
+
+import pytest
+import torch
+import torchvision
+from conftest import DEVICE
+from torch import nn
+
+import kernels
+from fused_resnet import FusedBasicBlock, FusedBottleneck, FusedConv2d, compare, fuse
+from fused_resnet.validate import synthetic_batchnorm
+
+ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+         "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+# torchvision's BasicBlock refuses dilation, so resnet18/34 have no dilated variant.
+DILATED = [a for a in ARCHS if a not in ("resnet18", "resnet34")]
+SIZE = 64
+
+
+@functools.lru_cache(maxsize=2)
+def model(arch, dilated=False):
+    kwargs = {"replace_stride_with_dilation": [False, True, True]} if dilated else {}
+    torch.manual_seed(0)
+    return synthetic_batchnorm(getattr(torchvision.models, arch)(num_classes=100, **kwargs), size=SIZE)
+
+
+def images(n=2):
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def reference_backend():
+    with kernels.use_backend("reference"):
+        yield
+
+
+def test_synthetic_batchnorm_is_far_from_identity():
+    bns = [m for m in model("resnet18").modules() if isinstance(m, nn.BatchNorm2d)]
+    assert all(bn.running_mean.abs().max() > 0.05 for bn in bns[1:])
+    assert all((bn.running_var - 1).abs().max() > 0.1 for bn in bns)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dilated", [False, True], ids=["", "dilated"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp32_parity(arch, dilated, reference_backend):
+    if dilated and arch not in DILATED:
+        pytest.skip("torchvision's BasicBlock does not support dilation")
+    ref = model(arch, dilated)
+    fused = fuse(ref)
+    result = compare(ref, fused, images())
+    assert result.nonfinite_mismatch == 0
+    assert result.max_rel_err < 1e-4, result
+    assert result.top1_agreement == 1.0, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_low_precision_error_within_twice_torchvisions(arch, dtype, reference_backend):
+    ref = model(arch)
+    exact = copy.deepcopy(ref).double()
+    x = images()
+    fused_err = compare(exact, fuse(ref, dtype=dtype), x)
+    torchvision_err = compare(exact, copy.deepcopy(ref).to(dtype), x)
+    atol = 1e-3 if dtype == torch.float16 else 8e-3
+    assert fused_err.nonfinite_mismatch == 0
+    assert fused_err.max_abs_err <= 2 * torchvision_err.max_abs_err + atol, (fused_err, torchvision_err)
+
+
+def test_resnet18_through_the_kernels():
+    # The whole network on the Triton kernels (interpreted on CPU, compiled on a GPU) at 32x32.
+    ref = model("resnet18")
+    fused = fuse(ref).to(DEVICE)
+    x = torch.randn(2, 3, 32, 32)
+    with kernels.use_backend("triton"):
+        result = compare(ref, fused, x)
+    assert result.max_rel_err < 1e-4, result
+    assert result.top1_agreement == 1.0
+
+
+def test_fuse_structure_and_original_untouched(reference_backend):
+    ref = model("resnet50")
+    before = copy.deepcopy(ref.state_dict())
+    fused = fuse(ref)
+    assert isinstance(fused, torchvision.models.ResNet)
+    assert isinstance(fused.conv1, FusedConv2d) and fused.conv1.relu
+    assert isinstance(fused.bn1, nn.Identity) and isinstance(fused.relu, nn.Identity)
+    assert all(isinstance(b, FusedBottleneck) for layer in (fused.layer1, fused.layer4) for b in layer)
+    assert isinstance(fused.layer2[0].downsample, FusedConv2d) and not fused.layer2[0].downsample.relu
+    assert isinstance(fused.fc, nn.Linear) and isinstance(fused.maxpool, nn.MaxPool2d)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    assert not fused.training and not ref.training
+    # The original is untouched: same modules, same tensors.
+    assert isinstance(ref.layer1[0], torchvision.models.resnet.Bottleneck)
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+    assert isinstance(fuse(model("resnet18")).layer1[0], FusedBasicBlock)
+
+
+def test_fuse_dtype_casts_everything(reference_backend):
+    fused = fuse(model("resnet18"), dtype=torch.bfloat16)
+    assert {t.dtype for t in fused.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+    out = compare(model("resnet18"), fused, images())
+    assert out.fused_dtype == "torch.bfloat16" and out.top1_agreement >= 0.5
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        fuse(model("resnet18"), dtype=torch.int8)
+
+
+def test_fused_model_behaviour(reference_backend):
+    fused = fuse(model("resnet18"))
+    with pytest.raises(RuntimeError, match="is an inference module"):
+        fused.train()
+    x = images()
+    with torch.no_grad():
+        ref_out = fused(x)
+        half = copy.deepcopy(fused).half()
+        assert half(x.half()).dtype == torch.float16
+        loaded = fuse(model("resnet18"))
+        loaded.load_state_dict(fused.state_dict())
+        assert torch.equal(loaded(x), ref_out)
+        assert fused(torch.empty(0, 3, SIZE, SIZE)).shape == (0, 100)
+    with pytest.raises(RuntimeError, match="does not compute gradients"):
+        fused(x.requires_grad_())
+
+
+def test_unknown_block_strict_and_lenient(reference_backend):
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    net = nn.Sequential(Custom(), model("resnet18"))
+    with pytest.raises(TypeError, match=r"not fused .* 0\.bn .*strict=True"):
+        fuse(net, strict=True)
+    with pytest.warns(UserWarning, match="0.bn"):
+        lenient = fuse(net)
+    assert isinstance(lenient[0].bn, nn.BatchNorm2d) and isinstance(lenient[1].layer1[0], FusedBasicBlock)
+    compare(net, lenient, images())
+
+
+def test_batchnorm_without_running_stats_is_an_error():
+    net = torchvision.models.resnet18()
+    net.bn1 = nn.BatchNorm2d(64, track_running_stats=False)
+    with pytest.raises(ValueError, match="'bn1' has no running statistics"):
+        fuse(net)
+    with pytest.raises(TypeError, match="expected an nn.Module"):
+        fuse("resnet18")
+
+
+def test_compare_reports_errors_and_top1(reference_backend):
+    ref = model("resnet18")
+    same = compare(ref, copy.deepcopy(ref), images(4))
+    assert same.max_abs_err == 0 and same.top1_agreement == 1.0
+    other = copy.deepcopy(ref)
+    with torch.no_grad():
+        other.fc.weight.mul_(-1)
+        other.fc.bias.mul_(-1)
+    result = compare(ref, other, images(4))
+    assert result.max_abs_err > 0 and result.top1_agreement < 1.0
+    assert set(result.as_dict()) >= {"max_abs_err", "max_rel_err", "top1_agreement"}
