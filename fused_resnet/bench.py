@@ -42,6 +42,8 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def describe_path(device: torch.device) -> str:
     """Which code the fused model runs on this device, in words a reader can check."""
+    if kernels.current_backend() == "reference":
+        return f"reference backend on {device.type}: folded weights, plain torch ops, no Triton kernel"
     if device.type == "cuda":
         return f"compiled Triton kernels on {torch.cuda.get_device_name(device)}"
     if kernels.interpreting():

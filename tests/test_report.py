@@ -1,0 +1,55 @@
+"""benchmarks/report.py on a small fixture: the table, the README rewrite and the chart."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
+report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(report)
+
+PROV = {"gpu": "NVIDIA H100 80GB HBM3", "driver": "550.1", "cuda": "12.8", "torch": "2.11.0", "triton": "3.6.0",
+        "commit": "abc1234", "command": "pytest benchmarks/", "date": "2026-11-24T10:00:00+00:00"}
+
+
+def case(impl, ms, model="resnet50"):
+    return {"model": model, "impl": impl, "dtype": "float16", "batch": 256, "size": 224, "median_ms": ms,
+            "images_per_s": 256 / ms * 1e3}
+
+
+@pytest.fixture
+def results(tmp_path):
+    gpu = tmp_path / "gpu.json"
+    gpu.write_text(json.dumps({"provenance": PROV, "cases": [
+        case("eager_channels_last", 10.0), case("fused", 8.0), case("fused", 1.0, model="resnet50-conv")]}))
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({"provenance": {**PROV, "gpu": None}, "cases": [case("fused", 500.0)]}))
+    return [str(gpu), str(cpu)]
+
+
+def test_table_reports_gpu_network_cases_with_speedups(results):
+    text = report.table(report.load(results))
+    rows = [line for line in text.splitlines() if line.startswith("| NVIDIA")]
+    assert len(rows) == 2  # the CPU run and the per-layer case are left out
+    assert "| fused | 8.000 | 32000 | 1.25x | gpu.json |" in rows[1]
+    assert "driver 550.1" in text and "`pytest benchmarks/`" in text
+
+
+def test_readme_rewrite_between_markers(results, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.BEGIN}\nold table\n{report.END}\noutro\n")
+    report.main([*results, "--readme", str(readme)])
+    text = readme.read_text()
+    assert "old table" not in text and "1.25x" in text
+    assert text.startswith("intro\n") and text.endswith("outro\n")
+    assert report.table([]) == "No GPU run is committed in benchmarks/results/ yet."
+
+
+def test_chart_is_a_png(results, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "chart.png"
+    report.main([*results, "--plot", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
