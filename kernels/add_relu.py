@@ -63,7 +63,8 @@ def _add_relu_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     def grid(meta):
         return (triton.cdiv(numel, meta["BLOCK_SIZE"]),)
 
-    wrap_triton(_add_relu_kernel)[grid](a, b, out, numel, BLOCK_SIZE=block)
+    with backend.launch_guard(a):
+        wrap_triton(_add_relu_kernel)[grid](a, b, out, numel, BLOCK_SIZE=block)
     return out
 
 

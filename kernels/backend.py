@@ -13,6 +13,7 @@ environment:
 import contextlib
 import contextvars
 import os
+import threading
 
 import torch
 import triton
@@ -21,6 +22,10 @@ from torch._subclasses.fake_tensor import is_fake
 BACKENDS = ("auto", "triton", "reference", "cudnn")
 
 _backend = contextvars.ContextVar("fused_resnet_kernels_backend", default="auto")
+
+# The Triton interpreter patches triton.language while a kernel runs, so two threads interpreting
+# at once break each other; compiled launches need no lock.
+_interpreter_lock = threading.Lock()
 
 
 def interpreting() -> bool:
@@ -72,3 +77,8 @@ def resolve(tensor: torch.Tensor) -> str:
     if name == "cudnn" and not on_cuda:
         return "reference"
     return name
+
+
+def launch_guard(tensor: torch.Tensor):
+    """A context for one kernel launch on `tensor`: serialized under the interpreter, free on a GPU."""
+    return contextlib.nullcontext() if tensor.is_cuda else _interpreter_lock

@@ -329,11 +329,12 @@ def _launch(x, weight, bias, stride, padding, dilation, groups, residual, relu, 
     # Unused pointers still need a tensor of the right device; the kernel never reads them.
     b_arg = bias if bias is not None else y
     r_arg = residual if residual is not None else y
-    if interpret:
-        blocks = _interpreter_blocks(m, kg, cg * r * s if flat_k else cg)
-        wrap_triton(_conv2d_bias_act_kernel)[grid](x, weight, b_arg, r_arg, y, **args, **blocks)
-    else:
-        wrap_triton(_conv2d_bias_act_autotuned)[grid](x, weight, b_arg, r_arg, y, **args)
+    with backend.launch_guard(x):
+        if interpret:
+            blocks = _interpreter_blocks(m, kg, cg * r * s if flat_k else cg)
+            wrap_triton(_conv2d_bias_act_kernel)[grid](x, weight, b_arg, r_arg, y, **args, **blocks)
+        else:
+            wrap_triton(_conv2d_bias_act_autotuned)[grid](x, weight, b_arg, r_arg, y, **args)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,153 @@
+"""Hardening: the kernel fuzzed against F.conv2d, offsets past 2**31, memory over many calls, threads.
+
+The fuzzing profile is small by default so that CI stays quick; HYPOTHESIS_PROFILE=gpu runs many
+more and larger cases (meant for a machine with a GPU, where the kernels run compiled).
+"""
+
+import gc
+import os
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, HAS_CUDA, assert_close
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import kernels
+from fused_resnet import FusedBottleneck
+from fused_resnet.modules import FusedConv2d
+
+settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("gpu", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+BIG = 2 if os.environ.get("HYPOTHESIS_PROFILE") == "gpu" else 1  # the gpu profile draws larger shapes
+
+
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3, 4]))
+    cg = draw(st.integers(1, 12 * BIG))
+    kg = draw(st.integers(1, 10 * BIG))
+    n = draw(st.integers(0, 3))
+    h, w = draw(st.integers(1, 9 * BIG)), draw(st.integers(1, 9 * BIG))
+    r, s = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    dilation = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = draw(st.one_of(st.just("same"), st.just("valid"), st.integers(0, 2),
+                             st.tuples(st.integers(0, 2), st.integers(0, 2))))
+    stride = (1, 1) if padding == "same" else (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    pad = (0, 0) if padding in ("same", "valid") else (padding if isinstance(padding, tuple) else (padding,) * 2)
+    if padding != "same":
+        assume(h + 2 * pad[0] >= dilation[0] * (r - 1) + 1 and w + 2 * pad[1] >= dilation[1] * (s - 1) + 1)
+    return dict(
+        n=n, c=cg * groups, k=kg * groups, h=h, w=w, r=r, s=s, groups=groups, stride=stride, padding=padding,
+        dilation=dilation, dtype=draw(st.sampled_from([torch.float32, torch.float16, torch.bfloat16])),
+        layout=draw(st.sampled_from(["contiguous", "channels_last", "strided_view"])),
+        bias=draw(st.booleans()), residual=draw(st.booleans()), relu=draw(st.booleans()),
+    )
+
+
+def make_input(n, c, h, w, dtype, layout):
+    if layout == "strided_view":  # every other pixel of a larger map, H and W strides swapped
+        return torch.randn(n, c, 2 * w, 2 * h, device=DEVICE).to(dtype)[:, :, ::2, ::2].transpose(2, 3)
+    x = torch.randn(n, c, h, w, device=DEVICE).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
+
+
+@given(conv_cases())
+def test_fuzz_against_conv2d_in_float64(case):
+    dtype = case["dtype"]
+    x = make_input(case["n"], case["c"], case["h"], case["w"], dtype, case["layout"])
+    weight = (torch.randn(case["k"], case["c"] // case["groups"], case["r"], case["s"], device=DEVICE)
+              / (case["c"] // case["groups"] * case["r"] * case["s"]) ** 0.5).to(dtype)
+    bias = torch.randn(case["k"], device=DEVICE).to(dtype) if case["bias"] else None
+    args = (case["stride"], case["padding"], case["dilation"], case["groups"])
+    exp = F.conv2d(x.cpu().double(), weight.cpu().double(), None if bias is None else bias.cpu().double(), *args)
+    res = torch.randn(exp.shape, device=DEVICE).to(dtype) if case["residual"] else None
+    if res is not None:
+        exp = exp + res.cpu().double()
+    if case["relu"]:
+        exp = exp.relu()
+    out = kernels.conv2d_bias_act(x, weight, bias, *args, residual=res, relu=case["relu"])
+    assert out.dtype == dtype
+    scale = max(1.0, exp.abs().max().item()) if exp.numel() else 1.0
+    assert_close(out, exp, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+def test_offsets_past_2_31_without_allocating_them():
+    # Views whose elements lie more than 2**31 elements into their storage: a kernel that computed
+    # offsets in 32 bits would wrap around and read or write the wrong place. torch.empty of 4 GB
+    # reserves address space only; just the few pages the views touch are ever written.
+    far = 2**31 + 4096
+    storage = torch.empty(far + 4096, dtype=torch.float16, device=DEVICE)
+    c, k = 16, 8
+    # batch 2 with a batch stride of `far`: sample 1 sits past 2**31
+    x = storage.as_strided((2, c, 3, 3), (far, 1, 3 * c, c))
+    x.copy_(torch.randn(2, c, 3, 3))
+    res_storage = torch.empty(far + 4096, dtype=torch.float16, device=DEVICE)
+    res = res_storage.as_strided((2, k, 3, 3), (far, 1, 3 * k, k))
+    res.copy_(torch.randn(2, k, 3, 3))
+    weight = (torch.randn(k, c, 3, 3, device=DEVICE) / 12).half()
+    out = kernels.conv2d_bias_act(x, weight, None, 1, 1, residual=res, relu=True)
+    exp = torch.relu(F.conv2d(x.cpu().double(), weight.cpu().double(), None, 1, 1) + res.cpu().double())
+    assert_close(out, exp, rtol=2e-3, atol=2e-3 * exp.abs().max().item())
+
+
+def _rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm") and not HAS_CUDA, reason="needs /proc or CUDA")
+def test_memory_does_not_grow_over_1000_calls():
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+    bn = torch.nn.BatchNorm2d(16).eval()
+    fused = FusedConv2d.from_conv_bn(conv, bn, relu=True).to(DEVICE)
+    x = torch.randn(1, 16, 4, 4, device=DEVICE)
+    res = torch.randn(1, 16, 4, 4, device=DEVICE)
+
+    def used():
+        gc.collect()
+        return torch.cuda.memory_allocated() if HAS_CUDA else _rss_bytes()
+
+    with torch.no_grad():
+        for _ in range(50):  # warm-up: caches, compiled kernels, allocator pools
+            fused(x, residual=res)
+        before = used()
+        for _ in range(1000):
+            fused(x, residual=res)
+        after = used()
+    limit = 0 if HAS_CUDA else 8 * 2**20  # RSS moves by allocator pages; a leak of 1 KB/call would be 1 MB+
+    assert after - before <= limit, f"memory grew by {after - before} bytes over 1000 calls"
+
+
+def test_two_threads_give_the_same_answers_as_one():
+    from conftest import randomize_bn
+    from torchvision.models.resnet import Bottleneck
+
+    block = FusedBottleneck.from_torchvision(randomize_bn(Bottleneck(32, 8)).eval()).to(DEVICE)
+    inputs = [torch.randn(1, 32, 5, 5, device=DEVICE) for _ in range(4)]
+    with torch.no_grad():
+        single = [block(x) for x in inputs]
+    results = {}
+    errors = []
+
+    def worker(tid):
+        try:
+            with torch.no_grad():
+                results[tid] = [block(x) for x in inputs for _ in range(2)][::2]
+        except Exception as err:  # surfaced by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for tid in range(2):
+        for got, want in zip(results[tid], single):
+            assert torch.equal(got, want)
