@@ -97,13 +97,18 @@ def _write_json(path, payload):
             f.write("\n")
 
 
-def run_verify(args, progress, model=None, note=None):
+def _prepare(args, progress, model, note):
+    """The device, dtype and model (built unless given) that a command runs with."""
     device = bench.pick_device(args.device)
     _settings(args, device)
-    dtype = bench.DTYPES[args.dtype]
     if model is None:
         progress(f"building {args.arch}")
         model, note = bench.load_model(args.arch, args.weights)
+    return device, bench.DTYPES[args.dtype], model, note
+
+
+def run_verify(args, progress, model=None, note=None):
+    device, dtype, model, note = _prepare(args, progress, model, note)
     progress("fusing")
     fused = fuse(model, dtype=dtype).to(device)
     reference = copy.deepcopy(model).to(device, dtype)
@@ -123,12 +128,7 @@ def run_verify(args, progress, model=None, note=None):
 
 
 def run_bench(args, progress, model=None, note=None, command=None):
-    device = bench.pick_device(args.device)
-    _settings(args, device)
-    dtype = bench.DTYPES[args.dtype]
-    if model is None:
-        progress(f"building {args.arch}")
-        model, note = bench.load_model(args.arch, args.weights)
+    device, dtype, model, note = _prepare(args, progress, model, note)
     progress("preparing implementations")
     ready, skipped = bench.build_impls(model, args.impl, dtype, device, args.batch, args.size)
     cases = []
