@@ -87,8 +87,7 @@ def compare(reference: nn.Module, fused: nn.Module, x: torch.Tensor) -> Comparis
         top1 = float((r.argmax(-1) == f.argmax(-1)).double().mean())
     else:
         top1 = 1.0
-    return Comparison(max_abs, max_rel, top1, worst, mismatch, str(_dtype_device(reference)[0]),
-                      str(_dtype_device(fused)[0]))
+    return Comparison(max_abs, max_rel, top1, worst, mismatch, str(ref_out.dtype), str(fused_out.dtype))
 
 
 @torch.no_grad()

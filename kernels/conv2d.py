@@ -301,6 +301,7 @@ def _launch(x, weight, bias, stride, padding, dilation, groups, residual, relu, 
     interpret = backend.interpreting() and not x.is_cuda
     kg = k // groups
     flat_k = cg < FLAT_K_BELOW
+    r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     args = dict(
         M=m, Kg=kg, Cg=cg, H=h, W=w, P=p, Q=q,
         stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[2],
@@ -308,10 +309,7 @@ def _launch(x, weight, bias, stride, padding, dilation, groups, residual, relu, 
         stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
         stride_wk=weight.stride(0), stride_wc=weight.stride(1),
         stride_wr=weight.stride(2), stride_ws=weight.stride(3),
-        stride_rn=residual.stride(0) if residual is not None else 0,
-        stride_rk=residual.stride(1) if residual is not None else 0,
-        stride_rp=residual.stride(2) if residual is not None else 0,
-        stride_rq=residual.stride(3) if residual is not None else 0,
+        stride_rn=r_strides[0], stride_rk=r_strides[1], stride_rp=r_strides[2], stride_rq=r_strides[3],
         stride_yn=y.stride(0), stride_yk=y.stride(1), stride_yp=y.stride(2), stride_yq=y.stride(3),
         R=r, S=s,
         PADDED=any(v != 0 for v in padding),

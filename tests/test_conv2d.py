@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import DEVICE, HAS_CUDA, assert_close
+from conftest import DEVICE, HAS_CUDA, KERNEL_TOL, assert_close
 from torch.profiler import ProfilerActivity, profile
 
 import kernels
@@ -19,10 +19,7 @@ from kernels.conv2d import normalize_padding
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-# Tolerances relative to the largest |expected|: fp32 accumulation over up to ~20k terms, plus one
-# rounding of the output. bf16 allows a whole unit in the last place because the interpreter
-# truncates instead of rounding on the fp32 -> bf16 cast.
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+TOL = KERNEL_TOL
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, HAS_CUDA, assert_close
+from conftest import DEVICE, HAS_CUDA, KERNEL_TOL, assert_close
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -23,7 +23,7 @@ settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_
 settings.register_profile("gpu", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+TOL = KERNEL_TOL
 BIG = 2 if os.environ.get("HYPOTHESIS_PROFILE") == "gpu" else 1  # the gpu profile draws larger shapes
 
 
