@@ -7,14 +7,16 @@
 
 from .convert import fuse
 from .folding import fold_bn
-from .modules import FusedBasicBlock, FusedBottleneck, FusedConv2d
+from .modules import FusedAvgPoolLinear, FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedConv2dMaxPool
 from .validate import Comparison, compare
 
 __all__ = [
     "Comparison",
+    "FusedAvgPoolLinear",
     "FusedBasicBlock",
     "FusedBottleneck",
     "FusedConv2d",
+    "FusedConv2dMaxPool",
     "compare",
     "fold_bn",
     "fuse",

@@ -27,6 +27,28 @@ from .convert import fuse
 from .validate import synthetic_batchnorm
 
 IMPLS = ("eager", "eager_channels_last", "compile", "cudnn_fused", "fused", "fused_cuda_graph")
+
+# The fusion ablation, one step at a time: (step, kernels backend, fuse() switches). "unfused" is
+# torchvision itself; each later step adds one fusion to the one before it.
+NO_FUSIONS = dict(residual_epilogue=False, merge_downsample=False, stem_maxpool=False, avgpool_fc=False)
+ABLATION = (
+    ("unfused", None, None),
+    ("fold", "reference", NO_FUSIONS),
+    ("epilogue", "triton", NO_FUSIONS),
+    ("residual", "triton", dict(NO_FUSIONS, residual_epilogue=True)),
+    ("downsample", "triton", dict(NO_FUSIONS, residual_epilogue=True, merge_downsample=True)),
+    ("stem", "triton", dict(NO_FUSIONS, residual_epilogue=True, merge_downsample=True, stem_maxpool=True)),
+    ("head", "triton", {}),
+)
+ABLATION_LABELS = {
+    "unfused": "torchvision: conv, BN, ReLU, add, ReLU as separate ops",
+    "fold": "BN folded; conv, bias, ReLU, add still separate (reference backend)",
+    "epilogue": "+ bias and ReLU in the conv's epilogue (Triton)",
+    "residual": "+ shortcut add and ReLU in the last conv's epilogue",
+    "downsample": "+ projection shortcut merged into the last conv's GEMM",
+    "stem": "+ stem conv and max pooling in one kernel",
+    "head": "+ head average pooling and fc in one kernel (all fusions)",
+}
 BASELINE = "eager_channels_last"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -1,9 +1,13 @@
 """fuse(model): a torchvision ResNet with every conv+BN(+ReLU) swapped for a fused module.
 
 The conversion walks named_children and swaps modules; no class is patched, and the returned
-model is still the same torchvision class, so its forward and attribute names are unchanged:
-conv1 becomes a FusedConv2d with ReLU (bn1 and relu become Identity), each block becomes a
-FusedBasicBlock or FusedBottleneck, and maxpool, avgpool and fc stay torch modules.
+model is still the same torchvision class, so its forward and attribute names are unchanged. In
+forward order, a fused module takes the place of the first module it covers and the ones it
+absorbs become Identity:
+
+    conv1 -> bn1 -> relu -> maxpool   conv1 = FusedConv2dMaxPool (or FusedConv2d(relu) + maxpool)
+    layer1..layer4                    each block a FusedBasicBlock or FusedBottleneck
+    avgpool -> flatten -> fc          avgpool = FusedAvgPoolLinear (or both stay torch modules)
 """
 
 import copy
@@ -13,21 +17,39 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from .modules import FusedBasicBlock, FusedBottleneck, FusedConv2d
+from .modules import FusedAvgPoolLinear, FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedConv2dMaxPool
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 _BLOCKS = {BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
 
 
-def fuse(model: nn.Module, *, dtype: torch.dtype | None = None, strict: bool = False) -> nn.Module:
+def fuse(
+    model: nn.Module,
+    *,
+    dtype: torch.dtype | None = None,
+    strict: bool = False,
+    residual_epilogue: bool = True,
+    merge_downsample: bool = True,
+    stem_maxpool: bool = True,
+    avgpool_fc: bool = True,
+) -> nn.Module:
     """A fused copy of `model` in eval mode; `model` itself is left untouched.
 
     Every torchvision BasicBlock and Bottleneck, and a ResNet's stem (conv1, bn1, relu), become
     fused modules with BatchNorm folded in float64. With `dtype`, the weights are cast once to it
-    after folding, and the remaining modules (pooling, fc) are cast too. With `strict=True`, a
-    BatchNorm2d left unfused (a block this function does not know) is an error; otherwise it stays
-    as a torch module and a warning names it.
+    after folding, and the remaining modules are cast too. With `strict=True`, a BatchNorm2d left
+    unfused (a block this function does not know) is an error; otherwise it stays as a torch
+    module and a warning names it.
+
+    Each fusion beyond conv + bias + ReLU can be switched off, to measure what it buys:
+    residual_epilogue: a block's shortcut add and last ReLU run in its last conv's epilogue
+        (off: a separate add_relu kernel).
+    merge_downsample: a projection shortcut (1x1 conv + BN) runs inside the last conv's GEMM, and
+        its output never reaches memory (off: its own kernel). Needs residual_epilogue.
+    stem_maxpool: the stem's conv + ReLU + max pooling run as one kernel (off: conv + ReLU, then
+        torch's max pooling).
+    avgpool_fc: the head's average pooling and fc run as one kernel (off: torch's modules).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse: expected an nn.Module, got {type(model).__name__}")
@@ -39,8 +61,12 @@ def fuse(model: nn.Module, *, dtype: torch.dtype | None = None, strict: bool = F
                 f"fuse: BatchNorm2d '{name}' has no running statistics (track_running_stats=False); "
                 "folding needs running_mean and running_var"
             )
+    if merge_downsample and not residual_epilogue:
+        raise ValueError("fuse: merge_downsample=True needs residual_epilogue=True (the merged shortcut is added "
+                         "in the epilogue); pass merge_downsample=False too")
     fused = copy.deepcopy(model).eval()
-    _swap_children(fused, dtype, prefix="")
+    options = dict(dtype=dtype, residual_epilogue=residual_epilogue, merge_downsample=merge_downsample)
+    _swap_children(fused, options, stem_maxpool, avgpool_fc, prefix="")
     if dtype is not None:
         fused.to(dtype)
     leftovers = [name for name, m in fused.named_modules() if isinstance(m, nn.BatchNorm2d)]
@@ -53,20 +79,28 @@ def fuse(model: nn.Module, *, dtype: torch.dtype | None = None, strict: bool = F
     return fused
 
 
-def _swap_children(module, dtype, prefix):
+def _swap_children(module, options, stem_maxpool, avgpool_fc, prefix):
+    dtype = options["dtype"]
     if _is_resnet_stem(module):
-        module.conv1 = FusedConv2d.from_conv_bn(module.conv1, module.bn1, relu=True, dtype=dtype)
+        if stem_maxpool and _is_plain_maxpool(getattr(module, "maxpool", None)):
+            module.conv1 = FusedConv2dMaxPool.from_modules(module.conv1, module.bn1, module.maxpool, dtype=dtype)
+            module.maxpool = nn.Identity()
+        else:
+            module.conv1 = FusedConv2d.from_conv_bn(module.conv1, module.bn1, relu=True, dtype=dtype)
         module.bn1 = nn.Identity()
         module.relu = nn.Identity()
+    if avgpool_fc and _is_resnet_head(module):
+        module.avgpool = FusedAvgPoolLinear.from_linear(module.fc, dtype=dtype)
+        module.fc = nn.Identity()
     for name, child in module.named_children():
         fused_type = _BLOCKS.get(type(child))
         if fused_type is not None:
             try:
-                setattr(module, name, fused_type.from_torchvision(child, dtype=dtype))
+                setattr(module, name, fused_type.from_torchvision(child, **options))
             except TypeError as err:
                 raise TypeError(f"fuse: cannot fuse '{prefix}{name}': {err}") from err
         else:
-            _swap_children(child, dtype, prefix=f"{prefix}{name}.")
+            _swap_children(child, options, stem_maxpool, avgpool_fc, prefix=f"{prefix}{name}.")
 
 
 def _is_resnet_stem(module):
@@ -76,4 +110,20 @@ def _is_resnet_stem(module):
         and isinstance(getattr(module, "bn1", None), nn.BatchNorm2d)
         and isinstance(getattr(module, "relu", None), nn.ReLU)
         and hasattr(module, "layer1")
+    )
+
+
+def _is_plain_maxpool(pool):
+    return (isinstance(pool, nn.MaxPool2d) and pool.dilation in (1, (1, 1)) and not pool.ceil_mode
+            and not pool.return_indices)
+
+
+def _is_resnet_head(module):
+    """A module with torchvision ResNet's head: avgpool to 1x1 -> flatten -> fc (a Linear)."""
+    pool = getattr(module, "avgpool", None)
+    return (
+        isinstance(pool, nn.AdaptiveAvgPool2d)
+        and pool.output_size in (1, (1, 1))
+        and isinstance(getattr(module, "fc", None), nn.Linear)
+        and hasattr(module, "layer4")
     )

@@ -2,6 +2,10 @@
 
 Each module is built from its torchvision counterpart with BatchNorm folded in, and keeps
 torchvision's attribute names (conv1, conv2, conv3, downsample) so that one reads like the other.
+The deeper fusions are switches on the blocks and on fuse(): a projection shortcut merged into the
+block's last GEMM (the block's `downsample` is then None and its last conv holds the shortcut's
+weight), conv + max pooling for the stem (FusedConv2dMaxPool), and the head's average pooling +
+fc (FusedAvgPoolLinear).
 The folded weights are buffers, not parameters: these modules are for inference only, and refuse
 training mode and gradients with an error rather than silently returning wrong gradients.
 """
@@ -35,11 +39,15 @@ class FusedConv2d(InferenceOnly):
     """conv2d + bias (+ residual) (+ ReLU) as one kernel (kernels.conv2d_bias_act).
 
     forward(x, residual=None) = relu(conv2d(x, weight, bias) + residual); the add only when a
-    residual is passed, the ReLU only if `relu`. The weight is kept channels_last, the layout the
-    kernel reads, so no call permutes it.
+    residual is passed, the ReLU only if `relu`. With a `shortcut_weight` (K, Cs, 1, 1), the
+    residual is a projection shortcut's input and what is added is conv2d(residual,
+    shortcut_weight, stride=shortcut_stride), computed in the same GEMM; `bias` then holds both
+    convs' biases. The weights are kept channels_last, the layout the kernel reads, so no call
+    permutes them.
     """
 
-    def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, relu=False):
+    def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, relu=False,
+                 shortcut_weight=None, shortcut_stride=1):
         super().__init__()
         if weight.dim() != 4:
             raise ValueError(f"FusedConv2d: weight must be 4-D (K, C // groups, R, S), got {tuple(weight.shape)}")
@@ -53,6 +61,11 @@ class FusedConv2d(InferenceOnly):
         self.relu = relu
         self.register_buffer("weight", weight.detach().contiguous(memory_format=torch.channels_last))
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
+        self.shortcut_stride = shortcut_stride
+        self.register_buffer(
+            "shortcut_weight",
+            None if shortcut_weight is None else shortcut_weight.detach().contiguous(memory_format=torch.channels_last),
+        )
 
     @classmethod
     def from_conv_bn(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, relu: bool = False, *, dtype=None):
@@ -75,6 +88,7 @@ class FusedConv2d(InferenceOnly):
         return kernels.conv2d_bias_act(
             x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
             residual=residual, relu=self.relu,
+            residual_weight=self.shortcut_weight, residual_stride=self.shortcut_stride,
         )
 
     def extra_repr(self):
@@ -85,7 +99,87 @@ class FusedConv2d(InferenceOnly):
         if self.groups != 1:
             s += f", groups={self.groups}"
         s += f", bias={self.bias is not None}, relu={self.relu}"
+        if self.shortcut_weight is not None:
+            s += (f", shortcut=1x1 conv {self.shortcut_weight.shape[1]}->{self.out_channels} "
+                  f"stride={self.shortcut_stride}")
         return s
+
+
+class FusedConv2dMaxPool(FusedConv2d):
+    """conv2d + bias (+ ReLU) + max pooling as one kernel (kernels.conv2d_bias_act_maxpool).
+
+    A ResNet stem (conv1, bn1, relu, maxpool): the conv's output, the largest map of the network,
+    is never written to memory.
+    """
+
+    def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, relu=False,
+                 pool_size=3, pool_stride=2, pool_padding=1):
+        super().__init__(weight, bias, stride, padding, dilation, groups, relu)
+        self.pool_size = pool_size
+        self.pool_stride = pool_stride
+        self.pool_padding = pool_padding
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, pool: nn.MaxPool2d, relu: bool = True, *,
+                     dtype=None):
+        """The fused equivalent of pool(relu(bn(conv(x)))) in eval mode (bn and the ReLU optional)."""
+        if not isinstance(pool, nn.MaxPool2d):
+            raise TypeError(f"FusedConv2dMaxPool: pool must be an nn.MaxPool2d, got {type(pool).__name__}")
+        if pool.dilation not in (1, (1, 1)) or pool.ceil_mode or pool.return_indices:
+            raise ValueError(
+                f"FusedConv2dMaxPool: only max pooling with dilation=1, ceil_mode=False and no indices is "
+                f"supported, got {pool}"
+            )
+        fused = FusedConv2d.from_conv_bn(conv, bn, relu, dtype=dtype)
+        return cls(fused.weight, fused.bias, fused.stride, fused.padding, fused.dilation, fused.groups, relu,
+                   pool.kernel_size, pool.stride, pool.padding)
+
+    def forward(self, x, residual=None):
+        if residual is not None:
+            raise ValueError("FusedConv2dMaxPool takes no residual")
+        check_input(self, x, self.in_channels, self.weight)
+        return kernels.conv2d_bias_act_maxpool(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, relu=self.relu,
+            pool_size=self.pool_size, pool_stride=self.pool_stride, pool_padding=self.pool_padding,
+        )
+
+    def extra_repr(self):
+        return (f"{super().extra_repr()}, maxpool(kernel_size={self.pool_size}, stride={self.pool_stride}, "
+                f"padding={self.pool_padding})")
+
+
+class FusedAvgPoolLinear(InferenceOnly):
+    """Global average pooling + linear as one kernel (kernels.avgpool_linear): (N, C, H, W) -> (N, J).
+
+    A ResNet head (avgpool, flatten, fc): the pooled vector never goes to memory.
+    """
+
+    def __init__(self, weight, bias=None):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"FusedAvgPoolLinear: weight must be 2-D (out_features, in_features), got "
+                             f"{tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.detach().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
+
+    @classmethod
+    def from_linear(cls, fc: nn.Linear, *, dtype=None):
+        """The fused equivalent of fc(torch.flatten(adaptive_avg_pool2d(x, 1), 1))."""
+        if not isinstance(fc, nn.Linear):
+            raise TypeError(f"FusedAvgPoolLinear.from_linear: fc must be an nn.Linear, got {type(fc).__name__}")
+        weight = fc.weight.detach().to(dtype or fc.weight.dtype)
+        bias = None if fc.bias is None else fc.bias.detach().to(dtype or fc.bias.dtype)
+        return cls(weight, bias)
+
+    def forward(self, x):
+        if isinstance(x, torch.Tensor) and x.dim() != 4:
+            raise ValueError(f"FusedAvgPoolLinear: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
+        check_input(self, x, self.in_features, self.weight)
+        return kernels.avgpool_linear(x, self.weight, self.bias)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
 def check_input(module, x, channels, weight):
@@ -116,17 +210,66 @@ def check_input(module, x, channels, weight):
         )
 
 
-def _downsample(block, dtype):
-    """A torchvision downsample (Sequential(conv1x1, BatchNorm2d)) as one FusedConv2d."""
+def _downsample_parts(block):
+    """(conv, bn) of a torchvision downsample (Sequential(conv1x1, BatchNorm2d)), or None."""
     ds = block.downsample
     if ds is None:
         return None
     if (isinstance(ds, nn.Sequential) and len(ds) == 2
             and isinstance(ds[0], nn.Conv2d) and isinstance(ds[1], nn.BatchNorm2d)):
-        return FusedConv2d.from_conv_bn(ds[0], ds[1], relu=False, dtype=dtype)
+        return ds[0], ds[1]
     raise TypeError(
         f"{type(block).__name__}.downsample must be Sequential(Conv2d, BatchNorm2d) to be fused, got {ds}"
     )
+
+
+def _can_merge(conv, shortcut_conv):
+    """A shortcut joins the last conv's GEMM when it is a plain 1x1 conv and the last conv is ungrouped."""
+    return (conv.groups == 1 and shortcut_conv.groups == 1 and shortcut_conv.kernel_size == (1, 1)
+            and shortcut_conv.padding == (0, 0) and shortcut_conv.padding_mode == "zeros")
+
+
+def _last_conv_and_downsample(block, conv, bn, dtype, residual_epilogue, merge_downsample):
+    """The block's last conv, which takes the shortcut, and the downsample left for it (or None).
+
+    relu(bn(conv(h)) + bn_d(conv_d(x))) folds to relu(W h + W_d x + (b + b_d)): with
+    `merge_downsample`, one conv holds W, W_d as its shortcut weight and the summed bias, folded
+    in float64 and cast once.
+    """
+    if merge_downsample and not residual_epilogue:
+        raise ValueError("merge_downsample=True needs residual_epilogue=True: the merged shortcut is added in the "
+                         "epilogue; pass merge_downsample=False too")
+    parts = _downsample_parts(block)
+    if parts is not None and merge_downsample and _can_merge(conv, parts[0]):
+        weight, bias = fold_bn(conv, bn, dtype=torch.float64)
+        shortcut_weight, shortcut_bias = fold_bn(*parts, dtype=torch.float64)
+        target = dtype or conv.weight.dtype
+        last = FusedConv2d(weight.to(target), (bias + shortcut_bias).to(target), conv.stride, conv.padding,
+                           conv.dilation, conv.groups, relu=True,
+                           shortcut_weight=shortcut_weight.to(target), shortcut_stride=parts[0].stride)
+        return last, None
+    last = FusedConv2d.from_conv_bn(conv, bn, relu=residual_epilogue, dtype=dtype)
+    downsample = None if parts is None else FusedConv2d.from_conv_bn(*parts, relu=False, dtype=dtype)
+    return last, downsample
+
+
+class _FusedBlock(InferenceOnly):
+    """What both fused blocks share: the shortcut, added in the last conv's epilogue or by add_relu."""
+
+    def __init__(self, downsample, residual_epilogue):
+        super().__init__()
+        self.downsample = downsample
+        self.residual_epilogue = residual_epilogue
+
+    def _finish(self, last_conv, h, x):
+        # With a merged downsample, last_conv holds the shortcut weight and takes x itself.
+        identity = x if self.downsample is None else self.downsample(x)
+        if self.residual_epilogue:
+            return last_conv(h, residual=identity)
+        return kernels.add_relu(last_conv(h), identity)
+
+    def extra_repr(self):
+        return "" if self.residual_epilogue else "residual_epilogue=False"
 
 
 def _check_block(block, expected):
@@ -136,55 +279,61 @@ def _check_block(block, expected):
         raise TypeError(f"{expected.__name__}.relu must be nn.ReLU to be fused, got {type(block.relu).__name__}")
 
 
-class FusedBasicBlock(InferenceOnly):
-    """torchvision's BasicBlock as two kernels: conv1+bias+ReLU, then conv2+bias+shortcut+ReLU."""
+class FusedBasicBlock(_FusedBlock):
+    """torchvision's BasicBlock as two kernels: conv1+bias+ReLU, then conv2+bias+shortcut+ReLU.
+
+    With `merge_downsample` a projection shortcut runs inside conv2's GEMM; with
+    `residual_epilogue=False` the add and ReLU run as a separate add_relu kernel (for measuring
+    what the epilogue saves).
+    """
 
     expansion = 1
 
-    def __init__(self, conv1, conv2, downsample=None):
-        super().__init__()
+    def __init__(self, conv1, conv2, downsample=None, *, residual_epilogue=True):
+        super().__init__(downsample, residual_epilogue)
         self.conv1 = conv1
         self.conv2 = conv2
-        self.downsample = downsample
 
     @classmethod
-    def from_torchvision(cls, block: BasicBlock, *, dtype=None):
+    def from_torchvision(cls, block: BasicBlock, *, dtype=None, residual_epilogue=True, merge_downsample=True):
         """Fold the block's BatchNorms and return its fused equivalent in eval mode."""
         _check_block(block, BasicBlock)
-        return cls(
-            FusedConv2d.from_conv_bn(block.conv1, block.bn1, relu=True, dtype=dtype),
-            FusedConv2d.from_conv_bn(block.conv2, block.bn2, relu=True, dtype=dtype),
-            _downsample(block, dtype),
-        )
+        conv2, downsample = _last_conv_and_downsample(block, block.conv2, block.bn2, dtype, residual_epilogue,
+                                                      merge_downsample)
+        conv1 = FusedConv2d.from_conv_bn(block.conv1, block.bn1, relu=True, dtype=dtype)
+        return cls(conv1, conv2, downsample, residual_epilogue=residual_epilogue)
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.conv2(self.conv1(x), residual=identity)
+        return self._finish(self.conv2, self.conv1(x), x)
 
 
-class FusedBottleneck(InferenceOnly):
-    """torchvision's Bottleneck as three kernels; the last one adds the shortcut and applies ReLU."""
+class FusedBottleneck(_FusedBlock):
+    """torchvision's Bottleneck as three kernels; the last one adds the shortcut and applies ReLU.
+
+    Switches as for FusedBasicBlock; a merged projection shortcut runs inside conv3's GEMM.
+    """
 
     expansion = 4
 
-    def __init__(self, conv1, conv2, conv3, downsample=None):
-        super().__init__()
+    def __init__(self, conv1, conv2, conv3, downsample=None, *, residual_epilogue=True):
+        super().__init__(downsample, residual_epilogue)
         self.conv1 = conv1
         self.conv2 = conv2
         self.conv3 = conv3
-        self.downsample = downsample
 
     @classmethod
-    def from_torchvision(cls, block: Bottleneck, *, dtype=None):
+    def from_torchvision(cls, block: Bottleneck, *, dtype=None, residual_epilogue=True, merge_downsample=True):
         """Fold the block's BatchNorms and return its fused equivalent in eval mode."""
         _check_block(block, Bottleneck)
+        conv3, downsample = _last_conv_and_downsample(block, block.conv3, block.bn3, dtype, residual_epilogue,
+                                                      merge_downsample)
         return cls(
             FusedConv2d.from_conv_bn(block.conv1, block.bn1, relu=True, dtype=dtype),
             FusedConv2d.from_conv_bn(block.conv2, block.bn2, relu=True, dtype=dtype),
-            FusedConv2d.from_conv_bn(block.conv3, block.bn3, relu=True, dtype=dtype),
-            _downsample(block, dtype),
+            conv3,
+            downsample,
+            residual_epilogue=residual_epilogue,
         )
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        return self.conv3(self.conv2(self.conv1(x)), residual=identity)
+        return self._finish(self.conv3, self.conv2(self.conv1(x)), x)

@@ -1,18 +1,26 @@
 """Triton kernels for fused ResNet inference. Knows tensors, not modules.
 
-conv2d_bias_act: conv + bias (+ residual) (+ ReLU) in one implicit-GEMM kernel.
+conv2d_bias_act: conv + bias (+ residual, or a 1x1 projection of it) (+ ReLU) in one implicit-GEMM kernel.
+conv2d_bias_act_maxpool: conv + bias (+ ReLU) + max pooling in one kernel (a ResNet stem).
+avgpool_linear: global average pooling + linear in one kernel (a ResNet head).
 add_relu: residual add + ReLU in one elementwise kernel.
 use_backend: pick Triton, the reference (plain torch ops) or cuDNN for a scope.
 """
 
 from .add_relu import add_relu, add_relu_reference
+from .avgpool_linear import avgpool_linear, avgpool_linear_reference
 from .backend import current_backend, interpreting, use_backend
 from .conv2d import conv2d_bias_act, conv2d_bias_act_reference
+from .conv2d_maxpool import conv2d_bias_act_maxpool, conv2d_bias_act_maxpool_reference
 
 __all__ = [
     "add_relu",
     "add_relu_reference",
+    "avgpool_linear",
+    "avgpool_linear_reference",
     "conv2d_bias_act",
+    "conv2d_bias_act_maxpool",
+    "conv2d_bias_act_maxpool_reference",
     "conv2d_bias_act_reference",
     "current_backend",
     "interpreting",

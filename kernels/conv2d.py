@@ -78,7 +78,7 @@ def _prune_configs(configs, named_args, **kwargs):
     x = args["x_ptr"]
     smem = _max_shared_memory(x.device.index if x.device.index is not None else 0)
     m, kg, cg = args["M"], args["Kg"], args["Cg"]
-    reduction = cg * args["R"] * args["S"] if args["FLAT_K"] else cg
+    reduction = max(cg * args["R"] * args["S"] if args["FLAT_K"] else cg, args.get("Cs", 0))
     cap_m = max(32, triton.next_power_of_2(m))
     cap_n = max(32, triton.next_power_of_2(kg))
     cap_k = max(32, triton.next_power_of_2(reduction))
@@ -100,65 +100,46 @@ def _prune_configs(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _conv2d_bias_act_kernel(
-    x_ptr,  # (N, C, H, W), any strides; channels_last keeps C contiguous
-    w_ptr,  # (K, C // groups, R, S), any strides; channels_last is (K, R, S, C) in memory
-    b_ptr,  # (K,), read only if HAS_BIAS
-    r_ptr,  # (N, K, P, Q), read only if HAS_RESIDUAL
-    y_ptr,  # (N, K, P, Q), written once
-    M,  # N * P * Q: GEMM rows
-    Kg,  # K // groups: GEMM columns per group
-    Cg,  # C // groups: channels reduced per (r, s)
-    H, W, P, Q,
-    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    stride_xn, stride_xc, stride_xh, stride_xw,
-    stride_wk, stride_wc, stride_wr, stride_ws,
-    stride_rn, stride_rk, stride_rp, stride_rq,
-    stride_yn, stride_yk, stride_yp, stride_yq,
-    R: tl.constexpr,
-    S: tl.constexpr,
-    PADDED: tl.constexpr,  # some taps fall outside the input: mask them
-    FLAT_K: tl.constexpr,  # one reduction over (r, s, c) instead of one per (r, s)
-    HAS_BIAS: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    APPLY_RELU: tl.constexpr,
-    DOT_FP32: tl.constexpr,  # upcast operands before tl.dot (the interpreter's bf16 dot is wrong)
-    INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-):
-    # Grouped ordering of the tiles (Triton matmul tutorial): programs that run together share
-    # rows of the input, so the gathered activations stay in L2.
+def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order (Triton matmul tutorial): programs that
+    run together share rows of the input, so the gathered activations stay in L2."""
     pid = tl.program_id(0)
-    group = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(Kg, BLOCK_N)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
     num_pid_in_group = GROUP_M * num_pid_n
     first_pid_m = (pid // num_pid_in_group) * GROUP_M
     group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
     pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
     pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+@triton.jit
+def conv_tile(
+    acc,  # (BLOCK_M, BLOCK_N) fp32, accumulated into and returned
+    x_ptr,
+    w_ptr,
+    x_row,  # (BLOCK_M,) int64 offset of each row's image (and group) in x
+    h0,  # (BLOCK_M,) top input row of each output pixel's window (may be negative: padding)
+    w0,  # (BLOCK_M,) left input column of each output pixel's window
+    w_col,  # (BLOCK_N,) int64 offset of each output channel's filter in w
+    mask_n,  # (BLOCK_N,) valid output channels
+    Cg, H, W, dil_h, dil_w,
+    stride_xc, stride_xh, stride_xw,
+    stride_wc, stride_wr, stride_ws,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    PADDED: tl.constexpr,
+    FLAT_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The main loop of an implicit-GEMM conv: acc += the (BLOCK_M, BLOCK_N) tile of conv(x, w).
+
+    Shared by every kernel that computes a conv tile: the plain conv, its projection shortcut
+    and the conv+maxpool stem."""
     offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < Kg
-    # Rows past M wrap onto valid pixels, so unpadded loads need no row mask; the store masks them.
-    rows = offs_m % M
-    q = rows % Q
-    p = (rows // Q) % P
-    n = rows // (P * Q)
-    # 64-bit row offsets: one tensor may pass 2**31 elements even when M does not.
-    x_row = n.to(tl.int64) * stride_xn + group.to(tl.int64) * Cg * stride_xc
-    h0 = p * stride_h - pad_h
-    w0 = q * stride_w - pad_w
-    k_glob = group * Kg + offs_n  # output channel index, across groups
-    w_col = k_glob.to(tl.int64) * stride_wk
-
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT_K:
         # Reduction index j runs over (r, s, c) with c fastest, gathered per element.
         RSC = R * S * Cg
@@ -202,6 +183,71 @@ def _conv2d_bias_act_kernel(
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
                 acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _conv2d_bias_act_kernel(
+    x_ptr,  # (N, C, H, W), any strides; channels_last keeps C contiguous
+    w_ptr,  # (K, C // groups, R, S), any strides; channels_last is (K, R, S, C) in memory
+    b_ptr,  # (K,), read only if HAS_BIAS
+    r_ptr,  # (N, K, P, Q) residual, or (N, Cs, Hs, Ws) shortcut input if HAS_SHORTCUT
+    ws_ptr,  # (K, Cs, 1, 1) shortcut weight, read only if HAS_SHORTCUT
+    y_ptr,  # (N, K, P, Q), written once
+    M,  # N * P * Q: GEMM rows
+    Kg,  # K // groups: GEMM columns per group
+    Cg,  # C // groups: channels reduced per (r, s)
+    Cs,  # shortcut input channels: the second segment of the reduction
+    H, W, P, Q,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    sc_stride_h, sc_stride_w,  # the shortcut conv's stride
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wk, stride_wc, stride_wr, stride_ws,
+    stride_rn, stride_rk, stride_rp, stride_rq,
+    stride_wsk, stride_wsc,
+    stride_yn, stride_yk, stride_yp, stride_yq,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    PADDED: tl.constexpr,  # some taps fall outside the input: mask them
+    FLAT_K: tl.constexpr,  # one reduction over (r, s, c) instead of one per (r, s)
+    HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_SHORTCUT: tl.constexpr,  # the residual passes through a 1x1 conv inside this GEMM
+    APPLY_RELU: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # upcast operands before tl.dot (the interpreter's bf16 dot is wrong)
+    INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    group = tl.program_id(1)
+    pid_m, pid_n = tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < Kg
+    # Rows past M wrap onto valid pixels, so unpadded loads need no row mask; the store masks them.
+    rows = offs_m % M
+    q = rows % Q
+    p = (rows // Q) % P
+    n = rows // (P * Q)
+    # 64-bit row offsets: one tensor may pass 2**31 elements even when M does not.
+    x_row = n.to(tl.int64) * stride_xn + group.to(tl.int64) * Cg * stride_xc
+    k_glob = group * Kg + offs_n  # output channel index, across groups
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = conv_tile(acc, x_ptr, w_ptr, x_row, p * stride_h - pad_h, q * stride_w - pad_w,
+                    k_glob.to(tl.int64) * stride_wk, mask_n, Cg, H, W, dil_h, dil_w,
+                    stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
+                    R, S, PADDED, FLAT_K, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+    if HAS_SHORTCUT:
+        # A projection shortcut relu(W x + Wd x_s + b) is one GEMM over the concatenated reduction
+        # [x ; x_s]: its 1x1 strided conv continues the same accumulator, so its output is never
+        # written to memory. Its bias is already summed into b_ptr.
+        acc = conv_tile(acc, r_ptr, ws_ptr, n.to(tl.int64) * stride_rn, p * sc_stride_h, q * sc_stride_w,
+                        k_glob.to(tl.int64) * stride_wsk, mask_n, Cs, 0, 0, 1, 1,
+                        stride_rk, stride_rp, stride_rq, stride_wsc, 0, 0,
+                        1, 1, False, False, DOT_FP32, INPUT_PRECISION, BLOCK_K)
 
     # Epilogue on the fp32 accumulator, then one store in the output dtype.
     mask_y = mask_m[:, None] & mask_n[None, :]
@@ -224,7 +270,7 @@ def _conv2d_bias_act_kernel(
 _conv2d_bias_act_autotuned = triton.autotune(
     configs=CONFIGS,
     key=["M", "Kg", "Cg", "H", "W", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w",
-         "PADDED", "FLAT_K", "HAS_RESIDUAL"],
+         "PADDED", "FLAT_K", "HAS_RESIDUAL", "Cs", "sc_stride_h", "sc_stride_w", "HAS_SHORTCUT"],
     prune_configs_by={"early_config_prune": _prune_configs},
     cache_results=True,
 )(_conv2d_bias_act_kernel)
@@ -242,53 +288,81 @@ def output_size(h, w, r, s, stride, padding, dilation):
     return p, q
 
 
-def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual):
+def _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual, shortcut_weight, shortcut_stride,
+                     op="conv2d_bias_act"):
     if x.dim() != 4:
-        raise ValueError(f"conv2d_bias_act: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
     if weight.dim() != 4:
         raise ValueError(
-            f"conv2d_bias_act: weight must be 4-D (K, C // groups, R, S), got shape {tuple(weight.shape)}"
+            f"{op}: weight must be 4-D (K, C // groups, R, S), got shape {tuple(weight.shape)}"
         )
-    named = {"input": x, "weight": weight, "bias": bias, "residual": residual}
-    check_supported_dtype("conv2d_bias_act", named)
-    check_same_device("conv2d_bias_act", named)
+    named = {"input": x, "weight": weight, "bias": bias, "residual": residual, "residual_weight": shortcut_weight}
+    check_supported_dtype(op, named)
+    check_same_device(op, named)
     if len(stride) != 2 or len(dilation) != 2 or len(padding) != 4:
-        raise ValueError("conv2d_bias_act: stride and dilation take 2 values, padding 4 (top, bottom, left, right)")
+        raise ValueError(f"{op}: stride and dilation take 2 values, padding 4 (top, bottom, left, right)")
     if min(stride) < 1 or min(dilation) < 1:
-        raise ValueError(f"conv2d_bias_act: stride {tuple(stride)} and dilation {tuple(dilation)} must be >= 1")
+        raise ValueError(f"{op}: stride {tuple(stride)} and dilation {tuple(dilation)} must be >= 1")
     if min(padding) < 0:
-        raise ValueError(f"conv2d_bias_act: padding {tuple(padding)} must be >= 0")
+        raise ValueError(f"{op}: padding {tuple(padding)} must be >= 0")
     if groups < 1:
-        raise ValueError(f"conv2d_bias_act: groups must be >= 1, got {groups}")
+        raise ValueError(f"{op}: groups must be >= 1, got {groups}")
     k, cg, r, s = weight.shape
     if k % groups != 0:
-        raise ValueError(f"conv2d_bias_act: out_channels {k} must be divisible by groups={groups}")
+        raise ValueError(f"{op}: out_channels {k} must be divisible by groups={groups}")
     if x.shape[1] != cg * groups:
         raise ValueError(
-            f"conv2d_bias_act: input has {x.shape[1]} channels, but weight {tuple(weight.shape)} "
+            f"{op}: input has {x.shape[1]} channels, but weight {tuple(weight.shape)} "
             f"with groups={groups} expects {cg * groups}"
         )
     if bias is not None and tuple(bias.shape) != (k,):
-        raise ValueError(f"conv2d_bias_act: bias must have shape ({k},), got {tuple(bias.shape)}")
+        raise ValueError(f"{op}: bias must have shape ({k},), got {tuple(bias.shape)}")
     p, q = output_size(x.shape[2], x.shape[3], r, s, stride, padding, dilation)
     if p < 1 or q < 1:
         raise ValueError(
-            f"conv2d_bias_act: a {r}x{s} kernel with dilation {tuple(dilation)} does not fit the "
+            f"{op}: a {r}x{s} kernel with dilation {tuple(dilation)} does not fit the "
             f"{x.shape[2]}x{x.shape[3]} input padded by {tuple(padding)}"
         )
     out_shape = (x.shape[0], k, p, q)
-    if residual is not None and tuple(residual.shape) != out_shape:
+    if shortcut_weight is not None:
+        _check_shortcut(residual, shortcut_weight, shortcut_stride, groups, out_shape)
+    elif residual is not None and tuple(residual.shape) != out_shape:
         raise ValueError(
-            f"conv2d_bias_act: residual must have the output's shape {out_shape}, got {tuple(residual.shape)}"
+            f"{op}: residual must have the output's shape {out_shape}, got {tuple(residual.shape)}"
         )
     return out_shape
+
+
+def _check_shortcut(residual, weight, stride, groups, out_shape):
+    n, k, p, q = out_shape
+    if residual is None:
+        raise ValueError("conv2d_bias_act: residual_weight needs a residual (the shortcut conv's input)")
+    if groups != 1:
+        raise ValueError(f"conv2d_bias_act: residual_weight needs groups=1 for the main conv, got groups={groups}")
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1) or weight.shape[0] != k:
+        raise ValueError(
+            f"conv2d_bias_act: residual_weight must be a 1x1 conv weight ({k}, C, 1, 1), got {tuple(weight.shape)}"
+        )
+    if len(stride) != 2 or min(stride) < 1:
+        raise ValueError(f"conv2d_bias_act: residual_stride must be 2 values >= 1, got {tuple(stride)}")
+    if residual.dim() != 4 or residual.shape[0] != n or residual.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"conv2d_bias_act: residual must be ({n}, {weight.shape[1]}, H, W) for residual_weight "
+            f"{tuple(weight.shape)}, got {tuple(residual.shape)}"
+        )
+    projected = output_size(residual.shape[2], residual.shape[3], 1, 1, stride, (0, 0, 0, 0), (1, 1))
+    if projected != (p, q):
+        raise ValueError(
+            f"conv2d_bias_act: the shortcut conv maps the {tuple(residual.shape[2:])} residual to {projected} "
+            f"with stride {tuple(stride)}, but the output is {(p, q)}"
+        )
 
 
 def _tf32_allowed():
     return bool(torch.backends.cudnn.allow_tf32)
 
 
-def _launch(x, weight, bias, stride, padding, dilation, groups, residual, relu, y):
+def _launch(x, weight, bias, stride, padding, dilation, groups, residual, relu, y, shortcut_weight, shortcut_stride):
     n, c, h, w = x.shape
     k, cg, r, s = weight.shape
     _, _, p, q = y.shape
@@ -302,20 +376,26 @@ def _launch(x, weight, bias, stride, padding, dilation, groups, residual, relu, 
     kg = k // groups
     flat_k = cg < FLAT_K_BELOW
     r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    shortcut = shortcut_weight is not None
+    cs = shortcut_weight.shape[1] if shortcut else 0
     args = dict(
-        M=m, Kg=kg, Cg=cg, H=h, W=w, P=p, Q=q,
+        M=m, Kg=kg, Cg=cg, Cs=cs, H=h, W=w, P=p, Q=q,
         stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[2],
         dil_h=dilation[0], dil_w=dilation[1],
+        sc_stride_h=shortcut_stride[0], sc_stride_w=shortcut_stride[1],
         stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
         stride_wk=weight.stride(0), stride_wc=weight.stride(1),
         stride_wr=weight.stride(2), stride_ws=weight.stride(3),
         stride_rn=r_strides[0], stride_rk=r_strides[1], stride_rp=r_strides[2], stride_rq=r_strides[3],
+        stride_wsk=shortcut_weight.stride(0) if shortcut else 0,
+        stride_wsc=shortcut_weight.stride(1) if shortcut else 0,
         stride_yn=y.stride(0), stride_yk=y.stride(1), stride_yp=y.stride(2), stride_yq=y.stride(3),
         R=r, S=s,
         PADDED=any(v != 0 for v in padding),
         FLAT_K=flat_k,
         HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None,
+        HAS_RESIDUAL=residual is not None and not shortcut,
+        HAS_SHORTCUT=shortcut,
         APPLY_RELU=relu,
         DOT_FP32=interpret,
         INPUT_PRECISION="tf32" if x.dtype == torch.float32 and x.is_cuda and _tf32_allowed() else "ieee",
@@ -327,12 +407,13 @@ def _launch(x, weight, bias, stride, padding, dilation, groups, residual, relu, 
     # Unused pointers still need a tensor of the right device; the kernel never reads them.
     b_arg = bias if bias is not None else y
     r_arg = residual if residual is not None else y
+    ws_arg = shortcut_weight if shortcut else y
     with backend.launch_guard(x):
         if interpret:
-            blocks = _interpreter_blocks(m, kg, cg * r * s if flat_k else cg)
-            wrap_triton(_conv2d_bias_act_kernel)[grid](x, weight, b_arg, r_arg, y, **args, **blocks)
+            blocks = _interpreter_blocks(m, kg, max(cg * r * s if flat_k else cg, cs))
+            wrap_triton(_conv2d_bias_act_kernel)[grid](x, weight, b_arg, r_arg, ws_arg, y, **args, **blocks)
         else:
-            wrap_triton(_conv2d_bias_act_autotuned)[grid](x, weight, b_arg, r_arg, y, **args)
+            wrap_triton(_conv2d_bias_act_autotuned)[grid](x, weight, b_arg, r_arg, ws_arg, y, **args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,19 +432,24 @@ def _conv2d_bias_act_op(
     groups: int,
     residual: torch.Tensor | None,
     relu: bool,
+    residual_weight: torch.Tensor | None,
+    residual_stride: list[int],
 ) -> torch.Tensor:
-    out_shape = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual)
+    args = (x, weight, bias, stride, padding, dilation, groups, residual, relu, residual_weight, residual_stride)
+    out_shape = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual,
+                                 residual_weight, residual_stride)
     path = backend.resolve(x)
     if x.dtype == torch.float64 and path == "triton":
         # The kernel accumulates in fp32; a float64 caller asked for more than that.
         path = "reference"
     if path == "reference":
-        return conv2d_bias_act_reference(x, weight, bias, stride, padding, dilation, groups, residual, relu)
+        return conv2d_bias_act_reference(*args)
     if path == "cudnn":
-        return _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual, relu)
+        return _cudnn_fused(*args)
     y = torch.empty(out_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
     if y.numel() > 0:
-        _launch(x, weight, bias, stride, padding, dilation, groups, residual, relu, y)
+        _launch(x, weight, bias, stride, padding, dilation, groups, residual, relu, y,
+                residual_weight, residual_stride)
     return y
 
 
@@ -386,12 +472,18 @@ def normalize_padding(padding, weight_shape, dilation, stride):
 
 
 def conv2d_bias_act(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                    residual=None, relu=False):
+                    residual=None, relu=False, residual_weight=None, residual_stride=1):
     """relu(F.conv2d(input, weight, bias, stride, padding, dilation, groups) + residual), one kernel.
 
     Takes every argument form F.conv2d takes (unbatched 3-D input, int or pair stride/padding/
     dilation, padding 'same' or 'valid', any groups) and any memory format. The add happens only
     if `residual` is given, the ReLU only if `relu`. 4-D input gives a channels_last output.
+
+    With `residual_weight` (K, Cs, 1, 1), the residual is a projection shortcut's input: what is
+    added is F.conv2d(residual, residual_weight, stride=residual_stride), computed in the same
+    GEMM as the main conv (groups=1), so the shortcut's output never reaches memory. Fold the
+    shortcut's bias into `bias`.
+
     The backend (Triton, reference, cuDNN) follows kernels.backend.
     """
     if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
@@ -400,6 +492,7 @@ def conv2d_bias_act(input, weight, bias=None, stride=1, padding=0, dilation=1, g
         raise TypeError(f"conv2d_bias_act: groups must be an int, got {groups!r}")
     stride = pair("stride", stride)
     dilation = pair("dilation", dilation)
+    residual_stride = pair("residual_stride", residual_stride)
     padding = normalize_padding(padding, weight.shape, dilation, stride)
     unbatched = input.dim() == 3
     if unbatched:
@@ -415,12 +508,16 @@ def conv2d_bias_act(input, weight, bias=None, stride=1, padding=0, dilation=1, g
             f"conv2d_bias_act: input must be 3-D (C, H, W) or 4-D (N, C, H, W), got shape {tuple(input.shape)}"
         )
     out = torch.ops.fused_resnet.conv2d_bias_act(
-        input, weight, bias, list(stride), padding, list(dilation), groups, residual, bool(relu)
+        input, weight, bias, list(stride), padding, list(dilation), groups, residual, bool(relu),
+        residual_weight, list(residual_stride),
     )
     return out.squeeze(0) if unbatched else out
 
 
-def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual, relu,
+                 residual_weight=None, residual_stride=(1, 1)):
+    if residual_weight is not None:
+        residual = F.conv2d(residual, residual_weight, None, residual_stride)
     symmetric = padding[0] == padding[1] and padding[2] == padding[3]
     if not (relu and symmetric and x.dtype != torch.float64):
         return conv2d_bias_act_reference(x, weight, bias, stride, padding, dilation, groups, residual, relu)
@@ -438,8 +535,11 @@ def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual, r
 # ----------------------------------------------------------------------------------------------
 
 
-def conv2d_bias_act_reference(x, weight, bias, stride, padding, dilation, groups, residual, relu):
-    """The same computation as plain torch ops: conv, then add, then ReLU, each its own kernel."""
+def conv2d_bias_act_reference(x, weight, bias, stride, padding, dilation, groups, residual, relu,
+                              residual_weight=None, residual_stride=(1, 1)):
+    """The same computation as plain torch ops: conv, (shortcut conv,) add, ReLU, each its own kernel."""
+    if residual_weight is not None:
+        residual = F.conv2d(residual, residual_weight, None, residual_stride)
     top, bottom, left, right = padding
     if top == bottom and left == right:
         y = F.conv2d(x, weight, bias, stride, (top, left), dilation, groups)

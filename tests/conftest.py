@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before triton is first imported, so this happens at
 first conftest, before anything imports kernels.
 """
 
+import math
 import os
 import sys
 
@@ -16,6 +17,7 @@ if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -75,3 +77,22 @@ def assert_close(actual, expected, *, rtol, atol):
     e = expected.double().cpu()
     ok = torch.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True)
     assert bool(ok.all()), where_mismatch(a, e)
+
+
+def make_case(n, c, h, w, k, r, s, groups=1, dtype=torch.float32, device=DEVICE, bias=True):
+    """Input, weight (channels_last, as FusedConv2d keeps it) and bias with O(1) outputs."""
+    x = torch.randn(n, c, h, w, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    fan_in = c // groups * r * s
+    weight = (torch.randn(k, c // groups, r, s, device=device) / math.sqrt(fan_in)).to(dtype)
+    weight = weight.contiguous(memory_format=torch.channels_last)
+    b = torch.randn(k, device=device).to(dtype) if bias else None
+    return x, weight, b
+
+
+def conv_expected(x, weight, bias, stride, padding, dilation, groups, residual, relu):
+    """The float64 answer from the same (already rounded) operands, via F.conv2d on the CPU."""
+    y = F.conv2d(x.cpu().double(), weight.cpu().double(), None if bias is None else bias.cpu().double(),
+                 stride, padding, dilation, groups)
+    if residual is not None:
+        y = y + residual.cpu().double()
+    return torch.relu(y) if relu else y

@@ -5,13 +5,12 @@ GPU the same cases run compiled. Inputs are rounded to the dtype under test, and
 output is computed from those same values in float64, so the tolerance measures the kernel alone.
 """
 
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import DEVICE, HAS_CUDA, KERNEL_TOL, assert_close
+from conftest import DEVICE, HAS_CUDA, KERNEL_TOL, assert_close, conv_expected, make_case
 from torch.profiler import ProfilerActivity, profile
 
 import kernels
@@ -47,25 +46,6 @@ RESNET_CONVS = sorted(set(distinct_convs("resnet50")) | set(distinct_convs("resn
 EPILOGUES = [(False, False), (False, True), (True, False), (True, True)]  # (residual, relu)
 
 
-def make_case(n, c, h, w, k, r, s, groups=1, dtype=torch.float32, device=DEVICE, bias=True):
-    """Input, weight (channels_last, as FusedConv2d keeps it) and bias with O(1) outputs."""
-    x = torch.randn(n, c, h, w, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
-    fan_in = c // groups * r * s
-    weight = (torch.randn(k, c // groups, r, s, device=device) / math.sqrt(fan_in)).to(dtype)
-    weight = weight.contiguous(memory_format=torch.channels_last)
-    b = torch.randn(k, device=device).to(dtype) if bias else None
-    return x, weight, b
-
-
-def expected(x, weight, bias, stride, padding, dilation, groups, residual, relu):
-    """The float64 answer from the same (already rounded) operands, via F.conv2d on the CPU."""
-    y = F.conv2d(x.cpu().double(), weight.cpu().double(), None if bias is None else bias.cpu().double(),
-                 stride, padding, dilation, groups)
-    if residual is not None:
-        y = y + residual.cpu().double()
-    return torch.relu(y) if relu else y
-
-
 def assert_kernel_ran(fn):
     """Run fn and check that it ran the Triton kernel: our op was called, aten's convolution was not."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -79,7 +59,7 @@ def assert_kernel_ran(fn):
 def check(x, weight, bias, stride=1, padding=0, dilation=1, groups=1, residual=None, relu=False):
     out = assert_kernel_ran(lambda: kernels.conv2d_bias_act(
         x, weight, bias, stride, padding, dilation, groups, residual=residual, relu=relu))
-    exp = expected(x, weight, bias, stride, padding, dilation, groups, residual, relu)
+    exp = conv_expected(x, weight, bias, stride, padding, dilation, groups, residual, relu)
     tol = TOL[x.dtype] * max(1.0, exp.abs().max().item())
     assert out.dtype == x.dtype
     assert_close(out, exp, rtol=TOL[x.dtype], atol=tol)
@@ -120,7 +100,7 @@ ODD_SHAPES = [
 def test_odd_shapes(case, dtype):
     n, c, h, w, k, r, s, stride, padding, dilation, groups = case
     x, weight, bias = make_case(n, c, h, w, k, r, s, groups, dtype)
-    exp = expected(x, weight, bias, stride, padding, dilation, groups, None, False)
+    exp = conv_expected(x, weight, bias, stride, padding, dilation, groups, None, False)
     res = torch.randn(exp.shape, device=DEVICE).to(dtype)
     check(x, weight, bias, stride, padding, dilation, groups, res, True)
 
@@ -158,7 +138,7 @@ def test_no_bias_and_unbatched_input():
     res = torch.randn(10, 5, 5, device=DEVICE)
     out = kernels.conv2d_bias_act(x[0], weight, None, 1, 1, residual=res, relu=True)
     assert out.shape == (10, 5, 5)
-    assert_close(out, expected(x, weight, None, 1, 1, 1, 1, res[None], True)[0], rtol=1e-5, atol=1e-5)
+    assert_close(out, conv_expected(x, weight, None, 1, 1, 1, 1, res[None], True)[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "transposed_hw"])
@@ -187,7 +167,7 @@ def test_nan_and_inf_propagate_like_pytorch():
     x[0, 1, 2, 2] = float("nan")
     x[0, 2, 0, 4] = float("inf")
     out = kernels.conv2d_bias_act(x, weight, bias, 1, 1, relu=True)
-    exp = expected(x, weight, bias, 1, 1, 1, 1, None, True)
+    exp = conv_expected(x, weight, bias, 1, 1, 1, 1, None, True)
     assert torch.equal(torch.isnan(out.cpu()), torch.isnan(exp)), "NaN positions differ"
     assert torch.equal(torch.isinf(out.cpu()), torch.isinf(exp)), "Inf positions differ"
     assert torch.isnan(exp).any()
@@ -207,7 +187,7 @@ def test_float64_runs_the_reference_exactly():
     x, weight, bias = make_case(1, 5, 6, 6, 3, 3, 3, dtype=torch.float64)
     out = kernels.conv2d_bias_act(x, weight, bias, 1, 1, relu=True)
     assert out.dtype == torch.float64
-    assert_close(out, expected(x, weight, bias, 1, 1, 1, 1, None, True), rtol=1e-12, atol=1e-12)
+    assert_close(out, conv_expected(x, weight, bias, 1, 1, 1, 1, None, True), rtol=1e-12, atol=1e-12)
 
 
 # ---- bad input ------------------------------------------------------------------------------
@@ -253,8 +233,12 @@ def test_opcheck():
     x, weight, bias = make_case(2, 16, 5, 5, 8, 3, 3)
     res = torch.randn(2, 8, 5, 5, device=DEVICE)
     op = torch.ops.fused_resnet.conv2d_bias_act.default
-    torch.library.opcheck(op, (x, weight, bias, [1, 1], [1, 1, 1, 1], [1, 1], 1, res, True))
-    torch.library.opcheck(op, (x, weight, None, [2, 1], [0, 1, 2, 0], [1, 1], 1, None, False))
+    torch.library.opcheck(op, (x, weight, bias, [1, 1], [1, 1, 1, 1], [1, 1], 1, res, True, None, [1, 1]))
+    torch.library.opcheck(op, (x, weight, None, [2, 1], [0, 1, 2, 0], [1, 1], 1, None, False, None, [1, 1]))
+    shortcut_in = torch.randn(2, 4, 10, 9, device=DEVICE)
+    shortcut_weight = torch.randn(8, 4, 1, 1, device=DEVICE)
+    torch.library.opcheck(op, (x, weight, bias, [1, 1], [1, 1, 1, 1], [1, 1], 1, shortcut_in, True,
+                               shortcut_weight, [2, 2]))
     torch.library.opcheck(torch.ops.fused_resnet.add_relu.default, (res, res.flip(0)))
 
 
@@ -333,7 +317,7 @@ def test_cuda_graph_capture():
     x.copy_(torch.randn_like(x))
     graph.replay()
     torch.cuda.synchronize()
-    exp = expected(x, weight, bias, 1, 1, 1, 1, None, True)
+    exp = conv_expected(x, weight, bias, 1, 1, 1, 1, None, True)
     assert_close(static_out, exp, rtol=TOL[torch.float16], atol=TOL[torch.float16] * exp.abs().max().item())
 
 
@@ -355,7 +339,7 @@ def test_tensor_over_2_31_elements():
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_tf32_follows_cudnn_flag():
     x, weight, bias = make_case(4, 256, 14, 14, 256, 3, 3)
-    exact = expected(x, weight, bias, 1, 1, 1, 1, None, False)
+    exact = conv_expected(x, weight, bias, 1, 1, 1, 1, None, False)
     torch.backends.cudnn.allow_tf32 = False
     ieee = kernels.conv2d_bias_act(x, weight, bias, 1, 1)
     torch.backends.cudnn.allow_tf32 = True

@@ -15,7 +15,15 @@ from conftest import DEVICE
 from torch import nn
 
 import kernels
-from fused_resnet import FusedBasicBlock, FusedBottleneck, FusedConv2d, compare, fuse
+from fused_resnet import (
+    FusedAvgPoolLinear,
+    FusedBasicBlock,
+    FusedBottleneck,
+    FusedConv2d,
+    FusedConv2dMaxPool,
+    compare,
+    fuse,
+)
 from fused_resnet.validate import synthetic_batchnorm
 
 ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
@@ -76,15 +84,28 @@ def test_low_precision_error_within_twice_torchvisions(arch, dtype, reference_ba
     assert fused_err.max_abs_err <= 2 * torchvision_err.max_abs_err + atol, (fused_err, torchvision_err)
 
 
-def test_resnet18_through_the_kernels():
-    # The whole network on the Triton kernels (interpreted on CPU, compiled on a GPU) at 32x32.
-    ref = model("resnet18")
+KERNEL_OPS = {"fused_resnet::conv2d_bias_act", "fused_resnet::conv2d_bias_act_maxpool", "fused_resnet::avgpool_linear"}
+
+
+@pytest.mark.parametrize("arch,batch", [("resnet18", 2), ("resnet50", 1)])
+def test_whole_network_through_the_kernels_with_all_fusions(arch, batch):
+    # The whole network on the Triton kernels (interpreted on CPU, compiled on a GPU) at 32x32,
+    # every fusion on: no aten conv, pooling or linear runs, only the three fused ops.
+    ref = model(arch)
     fused = fuse(ref).to(DEVICE)
-    x = torch.randn(2, 3, 32, 32)
-    with kernels.use_backend("triton"):
+    x = torch.randn(batch, 3, 32, 32)
+    with kernels.use_backend("triton"), torch.profiler.profile() as prof:
         result = compare(ref, fused, x)
     assert result.max_rel_err < 1e-4, result
     assert result.top1_agreement == 1.0
+    counts = {e.key: e.count for e in prof.key_averages()}
+    convs = sum(isinstance(m, nn.Conv2d) for m in ref.modules())
+    downsamples = sum(getattr(m, "downsample", None) is not None for m in ref.modules())
+    assert counts["fused_resnet::conv2d_bias_act"] == convs - 1 - downsamples  # the stem and shortcuts merged
+    assert counts["fused_resnet::conv2d_bias_act_maxpool"] == 1
+    assert counts["fused_resnet::avgpool_linear"] == 1
+    # The reference network's own ops ran once (compare runs it); the fused one added none.
+    assert counts["aten::max_pool2d"] == 1 and counts["aten::linear"] == 1, counts
 
 
 def test_fuse_structure_and_original_untouched(reference_backend):
@@ -92,17 +113,58 @@ def test_fuse_structure_and_original_untouched(reference_backend):
     before = copy.deepcopy(ref.state_dict())
     fused = fuse(ref)
     assert isinstance(fused, torchvision.models.ResNet)
-    assert isinstance(fused.conv1, FusedConv2d) and fused.conv1.relu
+    assert isinstance(fused.conv1, FusedConv2dMaxPool) and fused.conv1.relu
     assert isinstance(fused.bn1, nn.Identity) and isinstance(fused.relu, nn.Identity)
+    assert isinstance(fused.maxpool, nn.Identity)
+    assert isinstance(fused.avgpool, FusedAvgPoolLinear) and isinstance(fused.fc, nn.Identity)
     assert all(isinstance(b, FusedBottleneck) for layer in (fused.layer1, fused.layer4) for b in layer)
-    assert isinstance(fused.layer2[0].downsample, FusedConv2d) and not fused.layer2[0].downsample.relu
-    assert isinstance(fused.fc, nn.Linear) and isinstance(fused.maxpool, nn.MaxPool2d)
+    # Projection shortcuts are merged into the last conv of their block.
+    assert fused.layer2[0].downsample is None
+    assert fused.layer2[0].conv3.shortcut_weight.shape == (512, 256, 1, 1)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     assert not fused.training and not ref.training
     # The original is untouched: same modules, same tensors.
     assert isinstance(ref.layer1[0], torchvision.models.resnet.Bottleneck)
     assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
     assert isinstance(fuse(model("resnet18")).layer1[0], FusedBasicBlock)
+
+
+SWITCHES = {
+    "all": {},
+    "no_stem_maxpool": dict(stem_maxpool=False),
+    "no_avgpool_fc": dict(avgpool_fc=False),
+    "no_merge_downsample": dict(merge_downsample=False),
+    "no_residual_epilogue": dict(merge_downsample=False, residual_epilogue=False),
+    "none": dict(merge_downsample=False, residual_epilogue=False, stem_maxpool=False, avgpool_fc=False),
+}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+@pytest.mark.parametrize("switch", list(SWITCHES))
+def test_fusion_switches(arch, switch, reference_backend):
+    flags = SWITCHES[switch]
+    ref = model(arch)
+    fused = fuse(ref, **flags)
+    on = {name: flags.get(name, True)
+          for name in ("stem_maxpool", "avgpool_fc", "merge_downsample", "residual_epilogue")}
+    assert isinstance(fused.conv1, FusedConv2dMaxPool) == on["stem_maxpool"]
+    assert isinstance(fused.conv1, FusedConv2d) and fused.conv1.relu
+    assert isinstance(fused.maxpool, nn.Identity if on["stem_maxpool"] else nn.MaxPool2d)
+    assert isinstance(fused.avgpool, FusedAvgPoolLinear if on["avgpool_fc"] else nn.AdaptiveAvgPool2d)
+    assert isinstance(fused.fc, nn.Identity if on["avgpool_fc"] else nn.Linear)
+    first = fused.layer2[0]
+    last_conv = first.conv2 if arch == "resnet18" else first.conv3
+    assert (first.downsample is None) == on["merge_downsample"]
+    assert (last_conv.shortcut_weight is not None) == on["merge_downsample"]
+    assert first.residual_epilogue == on["residual_epilogue"] == last_conv.relu
+    result = compare(ref, fused, images())
+    assert result.max_rel_err < 1e-4, result
+    assert result.top1_agreement == 1.0
+
+
+def test_merge_downsample_needs_the_residual_epilogue():
+    with pytest.raises(ValueError, match="merge_downsample=True needs residual_epilogue=True"):
+        fuse(model("resnet18"), residual_epilogue=False)
 
 
 def test_fuse_dtype_casts_everything(reference_backend):

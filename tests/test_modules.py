@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import DEVICE, HAS_CUDA, assert_close, randomize_bn
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
 
 from fused_resnet import FusedBasicBlock, FusedBottleneck, FusedConv2d
@@ -40,23 +41,67 @@ BLOCKS = [
 ]
 
 
-def fused_of(block, dtype=None):
+def fused_of(block, dtype=None, **switches):
     cls = FusedBasicBlock if isinstance(block, BasicBlock) else FusedBottleneck
-    return cls.from_torchvision(block, dtype=dtype)
+    return cls.from_torchvision(block, dtype=dtype, **switches)
 
 
+# The fusion switches of a block; "merged" (the default) runs a projection shortcut inside the last GEMM.
+SWITCHES = {
+    "merged": {},
+    "separate_downsample": dict(merge_downsample=False),
+    "no_residual_epilogue": dict(merge_downsample=False, residual_epilogue=False),
+}
+
+
+def ops_run(fn):
+    """Run fn under the profiler; return its result and {op name: calls}."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, {e.key: e.count for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("switch", list(SWITCHES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name,kind,kwargs", BLOCKS, ids=[b[0] for b in BLOCKS])
-def test_block_matches_torchvision(name, kind, kwargs, dtype):
+def test_block_matches_torchvision(name, kind, kwargs, dtype, switch):
     block = make_block(kind, **kwargs)
-    fused = fused_of(block, dtype).to(DEVICE)
+    fused = fused_of(block, dtype, **SWITCHES[switch]).to(DEVICE)
     x = torch.randn(2, kwargs["inplanes"], 6, 5)
     with torch.no_grad():
         expected = block.double()(x.double())
-        out = fused(x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last))
+        out, ops = ops_run(lambda: fused(x.to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)))
     assert out.dtype == dtype
     scale = expected.abs().max().item()
     assert_close(out, expected, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+    # The Triton path ran, one launch per conv, and the shortcut cost a launch only where asked.
+    convs = 2 if kind is BasicBlock else 3
+    separate = block.downsample is not None and switch != "merged"
+    assert ops["fused_resnet::conv2d_bias_act"] == convs + separate, ops
+    assert ops.get("fused_resnet::add_relu", 0) == (switch == "no_residual_epilogue"), ops
+    assert not any(k.startswith("aten::") and ("conv" in k or "relu" in k) for k in ops), ops
+
+
+@pytest.mark.parametrize("name,kind,kwargs", [b for b in BLOCKS if b[0].endswith("down")],
+                         ids=[b[0] for b in BLOCKS if b[0].endswith("down")])
+def test_merged_downsample_in_float64_is_exact(name, kind, kwargs):
+    # float64 runs the reference path: this checks the merge's algebra (W_d, summed biases) alone.
+    block = make_block(kind, **kwargs)
+    fused = fused_of(block, torch.float64)
+    assert fused.downsample is None
+    last = fused.conv2 if kind is BasicBlock else fused.conv3
+    assert last.shortcut_weight.dtype == torch.float64 and "shortcut=1x1 conv" in repr(last)
+    x = torch.randn(2, kwargs["inplanes"], 6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert_close(fused(x), block.double()(x), rtol=1e-10, atol=1e-10)
+
+
+def test_block_switch_errors():
+    block = make_block(Bottleneck, 256, 128, stride=2)
+    with pytest.raises(ValueError, match="merge_downsample=True needs residual_epilogue=True"):
+        FusedBottleneck.from_torchvision(block, residual_epilogue=False)
+    assert "residual_epilogue=False" in repr(
+        FusedBottleneck.from_torchvision(block, residual_epilogue=False, merge_downsample=False))
 
 
 def test_fused_conv_from_conv_bn_and_conv_alone():
@@ -75,7 +120,7 @@ def test_fused_conv_from_conv_bn_and_conv_alone():
 
 
 def test_modules_have_torchvision_names_and_no_parameters():
-    fused = fused_of(make_block(Bottleneck, 256, 128, stride=2))
+    fused = fused_of(make_block(Bottleneck, 256, 128, stride=2), merge_downsample=False)
     names = dict(fused.named_children())
     assert set(names) == {"conv1", "conv2", "conv3", "downsample"}
     assert list(fused.parameters()) == []

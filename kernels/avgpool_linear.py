@@ -1,0 +1,192 @@
+"""Global average pooling + linear layer as one Triton kernel: a ResNet's head.
+
+Unfused, the pool reads the last feature map (7x7x2048 per image in ResNet-50) and writes the
+pooled vector, then the fc reads it back. Here each program owns a tile of images x classes and,
+for each block of channels, averages the feature map in fp32, rounds the mean to the input's dtype
+(as the unfused pool's output is), and multiplies it into the accumulator with tl.dot. Programs
+that share images are ordered to run together, so the repeated reads of a feature map come from L2.
+
+Order of this file: autotune configs, @triton.jit kernel, launcher, op registration, reference.
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from . import backend
+from ._checks import check_same_device, check_supported_dtype
+from .conv2d import tile_ids
+
+# ----------------------------------------------------------------------------------------------
+# Autotune configs
+# ----------------------------------------------------------------------------------------------
+
+CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
+    for bm, bn, bk, stages, warps in [
+        (16, 128, 64, 3, 4),
+        (32, 128, 64, 3, 4),
+        (64, 128, 64, 3, 4),
+        (32, 256, 64, 3, 8),
+        (64, 64, 64, 3, 4),
+        (16, 64, 128, 3, 4),
+    ]
+]
+
+INTERPRETER_MAX_BLOCK = 128
+
+# ----------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _avgpool_linear_kernel(
+    x_ptr,  # (N, C, H, W), any strides; channels_last keeps C contiguous
+    w_ptr,  # (J, C)
+    b_ptr,  # (J,), read only if HAS_BIAS
+    y_ptr,  # (N, J)
+    N, C, H, W, J,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wj, stride_wc,
+    stride_yn, stride_yj,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # upcast operands before tl.dot (the interpreter's bf16 dot is wrong)
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = tile_ids(N, J, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < N
+    mask_n = offs_n < J
+    x_row = offs_m.to(tl.int64) * stride_xn
+    w_col = offs_n.to(tl.int64) * stride_wj
+    inv_hw = 1.0 / (H * W)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_K):
+        c = c0 + offs_k
+        mask_c = c < C
+        mask_a = mask_m[:, None] & mask_c[None, :]
+        a_ptrs = x_ptr + x_row[:, None] + (c.to(tl.int64) * stride_xc)[None, :]
+        pooled = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for h in range(0, H):
+            for w in range(0, W):
+                pooled += tl.load(a_ptrs + h * stride_xh + w * stride_xw, mask=mask_a, other=0.0).to(tl.float32)
+        # Round the mean to the input dtype, as the unfused pool stores it, and use the dtype's dot.
+        a = (pooled * inv_hw).to(x_ptr.dtype.element_ty)
+        b = tl.load(w_ptr + w_col[None, :] + (c * stride_wc)[:, None], mask=mask_c[:, None] & mask_n[None, :],
+                    other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_yn + offs_n[None, :] * stride_yj
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_avgpool_linear_autotuned = triton.autotune(
+    configs=CONFIGS,
+    key=["N", "C", "H", "W", "J"],
+    cache_results=True,
+)(_avgpool_linear_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_args(x, weight, bias):
+    named = {"input": x, "weight": weight, "bias": bias}
+    check_supported_dtype("avgpool_linear", named)
+    check_same_device("avgpool_linear", named)
+    if x.dim() != 4:
+        raise ValueError(f"avgpool_linear: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"avgpool_linear: weight must be (out_features, {x.shape[1]}) for an input with {x.shape[1]} "
+            f"channels, got {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"avgpool_linear: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if x.shape[2] * x.shape[3] == 0 and x.shape[0] > 0:
+        raise ValueError(f"avgpool_linear: cannot average an empty {tuple(x.shape[2:])} map")
+
+
+def _launch(x, weight, bias, y):
+    n, c, h, w = x.shape
+    j = weight.shape[0]
+    interpret = backend.interpreting() and not x.is_cuda
+    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    args = dict(
+        N=n, C=c, H=h, W=w, J=j,
+        stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
+        stride_wj=weight.stride(0), stride_wc=weight.stride(1),
+        stride_yn=y.stride(0), stride_yj=y.stride(1),
+        HAS_BIAS=bias is not None,
+        DOT_FP32=interpret,
+        INPUT_PRECISION="tf32" if tf32 else "ieee",
+    )
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(j, meta["BLOCK_N"]),)
+
+    b_arg = bias if bias is not None else y
+    with backend.launch_guard(x):
+        if interpret:
+            def fit(v):
+                return min(INTERPRETER_MAX_BLOCK, max(16, triton.next_power_of_2(v)))
+
+            blocks = {"BLOCK_M": fit(n), "BLOCK_N": fit(j), "BLOCK_K": fit(c), "GROUP_M": 8}
+            wrap_triton(_avgpool_linear_kernel)[grid](x, weight, b_arg, y, **args, **blocks)
+        else:
+            wrap_triton(_avgpool_linear_autotuned)[grid](x, weight, b_arg, y, **args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Op registration
+# ----------------------------------------------------------------------------------------------
+
+
+@triton_op("fused_resnet::avgpool_linear", mutates_args=())
+def _avgpool_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    _check_args(x, weight, bias)
+    if backend.resolve(x) != "triton" or x.dtype == torch.float64:
+        return avgpool_linear_reference(x, weight, bias)
+    y = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
+    if y.numel() > 0:
+        _launch(x, weight, bias, y)
+    return y
+
+
+def avgpool_linear(input, weight, bias=None):
+    """F.linear(input.mean((2, 3)), weight, bias) in one kernel: (N, C, H, W) -> (N, out_features).
+
+    The mean is taken in fp32 and rounded to the input's dtype before the product, as
+    torch's own pool would store it; the product accumulates in fp32.
+    """
+    if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("avgpool_linear: input and weight must be tensors")
+    return torch.ops.fused_resnet.avgpool_linear(input, weight, bias)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+
+
+def avgpool_linear_reference(x, weight, bias):
+    """The same as torch ops: adaptive average pooling to 1x1, flatten, linear."""
+    return F.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), weight, bias)

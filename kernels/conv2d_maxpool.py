@@ -1,0 +1,261 @@
+"""conv2d + bias (+ ReLU) + max pooling as one Triton kernel: the conv's output is never written.
+
+A ResNet stem is conv 7x7/2 -> BN -> ReLU -> maxpool 3x3/2. Unfused, the conv writes a map four
+times the size of the pooled one (112x112x64 per image at 224x224) and the pool reads it back.
+Here each program owns a tile of pooled pixels x output channels and, for each of the pooling
+window's taps, computes the conv tile under that tap with the implicit-GEMM main loop of
+conv2d.py, keeping the running maximum in registers. Neighbouring windows overlap, so a 3x3/2
+pool computes the conv 9/4 = 2.25 times over: compute traded for memory traffic. Bias and ReLU
+commute with the maximum (one constant per channel, a monotone function), so they are applied once
+to the pooled tile.
+
+Order of this file: autotune configs (conv2d.py's), @triton.jit kernel, launcher, op registration,
+reference.
+"""
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from . import backend
+from ._checks import pair
+from .conv2d import (
+    CONFIGS,
+    FLAT_K_BELOW,
+    _check_conv_args,
+    _interpreter_blocks,
+    _prune_configs,
+    _tf32_allowed,
+    conv2d_bias_act_reference,
+    conv_tile,
+    normalize_padding,
+    output_size,
+    tile_ids,
+)
+
+# ----------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _conv2d_bias_act_maxpool_kernel(
+    x_ptr,  # (N, C, H, W), any strides
+    w_ptr,  # (K, C // groups, R, S), any strides
+    b_ptr,  # (K,), read only if HAS_BIAS
+    y_ptr,  # (N, K, PH, PW) pooled output, written once
+    M,  # N * PH * PW: GEMM rows are pooled pixels
+    Kg,  # K // groups
+    Cg,  # C // groups
+    H, W, P, Q,  # input map, conv output map
+    PH, PW,  # pooled map
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    pool_stride_h, pool_stride_w, pool_pad_h, pool_pad_w,
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    stride_wk, stride_wc, stride_wr, stride_ws,
+    stride_yn, stride_yk, stride_yp, stride_yq,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    POOL_R: tl.constexpr,
+    POOL_S: tl.constexpr,
+    PADDED: tl.constexpr,
+    FLAT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    APPLY_RELU: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    group = tl.program_id(1)
+    pid_m, pid_n = tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < Kg
+    rows = offs_m % M
+    pw = rows % PW
+    ph = (rows // PW) % PH
+    n = rows // (PH * PW)
+    x_row = n.to(tl.int64) * stride_xn + group.to(tl.int64) * Cg * stride_xc
+    k_glob = group * Kg + offs_n
+    w_col = k_glob.to(tl.int64) * stride_wk
+
+    best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), dtype=tl.float32)
+    for t in tl.static_range(POOL_R * POOL_S):
+        # The conv pixel under pooling tap t; taps in the pool's padding count as -inf. Their
+        # index is clamped into the map so that the conv tile's loads stay in bounds.
+        cp = ph * pool_stride_h - pool_pad_h + t // POOL_S
+        cq = pw * pool_stride_w - pool_pad_w + t % POOL_S
+        valid = (cp >= 0) & (cp < P) & (cq >= 0) & (cq < Q)
+        cp = tl.minimum(tl.maximum(cp, 0), P - 1)
+        cq = tl.minimum(tl.maximum(cq, 0), Q - 1)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = conv_tile(acc, x_ptr, w_ptr, x_row, cp * stride_h - pad_h, cq * stride_w - pad_w, w_col, mask_n,
+                        Cg, H, W, dil_h, dil_w, stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
+                        R, S, PADDED, FLAT_K, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+        acc = tl.where(valid[:, None], acc, float("-inf"))
+        # NaN wins, as in torch's max pooling (a plain maximum may drop it).
+        best = tl.where((acc > best) | (acc != acc), acc, best)
+
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + k_glob, mask=mask_n, other=0.0)
+        best += bias.to(tl.float32)[None, :]
+    if APPLY_RELU:
+        best = tl.where(best < 0.0, 0.0, best)
+    y_row = n.to(tl.int64) * stride_yn + ph.to(tl.int64) * stride_yp + pw.to(tl.int64) * stride_yq
+    y_ptrs = y_ptr + y_row[:, None] + (k_glob.to(tl.int64) * stride_yk)[None, :]
+    tl.store(y_ptrs, best.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+_conv2d_bias_act_maxpool_autotuned = triton.autotune(
+    configs=CONFIGS,
+    key=["M", "Kg", "Cg", "H", "W", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w",
+         "POOL_R", "POOL_S", "pool_stride_h", "pool_stride_w", "PADDED", "FLAT_K"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+    cache_results=True,
+)(_conv2d_bias_act_maxpool_kernel)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_pool_args(conv_shape, pool_size, pool_stride, pool_padding):
+    if len(pool_size) != 2 or len(pool_stride) != 2 or len(pool_padding) != 2:
+        raise ValueError("conv2d_bias_act_maxpool: pool_size, pool_stride and pool_padding take 2 values")
+    if min(pool_size) < 1 or min(pool_stride) < 1 or min(pool_padding) < 0:
+        raise ValueError(
+            f"conv2d_bias_act_maxpool: pool_size {tuple(pool_size)} and pool_stride {tuple(pool_stride)} "
+            f"must be >= 1, pool_padding {tuple(pool_padding)} >= 0"
+        )
+    if any(2 * pad > k for pad, k in zip(pool_padding, pool_size)):
+        raise ValueError(
+            f"conv2d_bias_act_maxpool: pool_padding {tuple(pool_padding)} must be at most half of "
+            f"pool_size {tuple(pool_size)}"
+        )
+    n, k, p, q = conv_shape
+    ph, pw = output_size(p, q, *pool_size, pool_stride, [pool_padding[0]] * 2 + [pool_padding[1]] * 2, (1, 1))
+    if ph < 1 or pw < 1:
+        raise ValueError(
+            f"conv2d_bias_act_maxpool: a {tuple(pool_size)} pool does not fit the conv's {p}x{q} output"
+        )
+    return n, k, ph, pw
+
+
+def _launch(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride, pool_padding, y):
+    n, c, h, w = x.shape
+    k, cg, r, s = weight.shape
+    p, q = output_size(h, w, r, s, stride, padding, dilation)
+    _, _, ph, pw = y.shape
+    m = n * ph * pw
+    if x.stride(1) != 1 and x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    interpret = backend.interpreting() and not x.is_cuda
+    kg = k // groups
+    flat_k = cg < FLAT_K_BELOW
+    args = dict(
+        M=m, Kg=kg, Cg=cg, H=h, W=w, P=p, Q=q, PH=ph, PW=pw,
+        stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[2],
+        dil_h=dilation[0], dil_w=dilation[1],
+        pool_stride_h=pool_stride[0], pool_stride_w=pool_stride[1],
+        pool_pad_h=pool_padding[0], pool_pad_w=pool_padding[1],
+        stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
+        stride_wk=weight.stride(0), stride_wc=weight.stride(1),
+        stride_wr=weight.stride(2), stride_ws=weight.stride(3),
+        stride_yn=y.stride(0), stride_yk=y.stride(1), stride_yp=y.stride(2), stride_yq=y.stride(3),
+        R=r, S=s, POOL_R=pool_size[0], POOL_S=pool_size[1],
+        PADDED=any(v != 0 for v in padding),
+        FLAT_K=flat_k,
+        HAS_BIAS=bias is not None,
+        APPLY_RELU=relu,
+        DOT_FP32=interpret,
+        INPUT_PRECISION="tf32" if x.dtype == torch.float32 and x.is_cuda and _tf32_allowed() else "ieee",
+    )
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)
+
+    b_arg = bias if bias is not None else y
+    with backend.launch_guard(x):
+        if interpret:
+            blocks = _interpreter_blocks(m, kg, cg * r * s if flat_k else cg)
+            wrap_triton(_conv2d_bias_act_maxpool_kernel)[grid](x, weight, b_arg, y, **args, **blocks)
+        else:
+            wrap_triton(_conv2d_bias_act_maxpool_autotuned)[grid](x, weight, b_arg, y, **args)
+
+
+# ----------------------------------------------------------------------------------------------
+# Op registration
+# ----------------------------------------------------------------------------------------------
+
+
+@triton_op("fused_resnet::conv2d_bias_act_maxpool", mutates_args=())
+def _conv2d_bias_act_maxpool_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    relu: bool,
+    pool_size: list[int],
+    pool_stride: list[int],
+    pool_padding: list[int],
+) -> torch.Tensor:
+    conv_shape = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, None, None, None,
+                                  op="conv2d_bias_act_maxpool")
+    out_shape = _check_pool_args(conv_shape, pool_size, pool_stride, pool_padding)
+    path = backend.resolve(x)
+    if path != "triton" or x.dtype == torch.float64:
+        # cuDNN has no conv+pool fusion: its path is the reference too.
+        return conv2d_bias_act_maxpool_reference(x, weight, bias, stride, padding, dilation, groups, relu,
+                                                 pool_size, pool_stride, pool_padding)
+    y = torch.empty(out_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    if y.numel() > 0:
+        _launch(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride, pool_padding, y)
+    return y
+
+
+def conv2d_bias_act_maxpool(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                            relu=False, pool_size=3, pool_stride=None, pool_padding=0):
+    """F.max_pool2d(relu(F.conv2d(input, weight, bias, ...)), pool_size, pool_stride, pool_padding), one kernel.
+
+    The conv takes F.conv2d's argument forms, as kernels.conv2d_bias_act does; the pool takes
+    F.max_pool2d's (pool_stride defaults to pool_size; no dilation, no ceil_mode). The ReLU only if
+    `relu`. 4-D input gives a channels_last output. The conv's output is never written to memory.
+    """
+    if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError("conv2d_bias_act_maxpool: input and weight must be tensors")
+    stride = pair("stride", stride)
+    dilation = pair("dilation", dilation)
+    padding = normalize_padding(padding, weight.shape, dilation, stride)
+    pool_size = pair("pool_size", pool_size)
+    pool_stride = pool_size if pool_stride is None else pair("pool_stride", pool_stride)
+    pool_padding = pair("pool_padding", pool_padding)
+    unbatched = input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    out = torch.ops.fused_resnet.conv2d_bias_act_maxpool(
+        input, weight, bias, list(stride), padding, list(dilation), groups, bool(relu),
+        list(pool_size), list(pool_stride), list(pool_padding),
+    )
+    return out.squeeze(0) if unbatched else out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------
+
+
+def conv2d_bias_act_maxpool_reference(x, weight, bias, stride, padding, dilation, groups, relu,
+                                      pool_size, pool_stride, pool_padding):
+    """The same as torch ops: conv (+ bias + ReLU), then max pooling; the conv's output goes to memory."""
+    y = conv2d_bias_act_reference(x, weight, bias, stride, padding, dilation, groups, None, relu)
+    return F.max_pool2d(y, pool_size, pool_stride, pool_padding).contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,263 @@
+"""The deeper fusions: projection shortcut inside the conv's GEMM, conv + max pooling, avgpool + fc.
+
+Kernels and modules against PyTorch in float64, through the real Triton kernels (interpreted on
+a CPU, compiled on a GPU), on small maps with real channel counts. Each case checks with the
+profiler that the fused op ran and that no aten conv, pooling or linear op did.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, KERNEL_TOL, assert_close, conv_expected, make_case, randomize_bn
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+import kernels
+from fused_resnet import FusedAvgPoolLinear, FusedConv2dMaxPool
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+UNFUSED_OPS = ("conv", "pool", "linear", "addmm", "mean")
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    prev = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def run_fused(op, fn):
+    """fn() under the profiler: the fused op `op` ran, and no aten conv, pooling or linear op did."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    names = {e.key for e in prof.key_averages()}
+    assert f"fused_resnet::{op}" in names, sorted(names)
+    assert not any(n.startswith("aten::") and any(u in n for u in UNFUSED_OPS) for n in names), sorted(names)
+    return out
+
+
+def check_close(out, exp, dtype):
+    tol = KERNEL_TOL[dtype]
+    assert out.dtype == dtype
+    assert_close(out, exp, rtol=tol, atol=tol * max(1.0, exp.abs().max().item()))
+
+
+# ---- projection shortcut in the conv's GEMM ------------------------------------------------
+
+SHORTCUTS = [
+    # main conv (c, k, ksize, padding) on an hw map; shortcut input (cs, stride) on an hw*stride map
+    ((64, 256, 1, 0), 5, (64, 1)),  # resnet50 layer1[0]: conv3 + downsample, stride 1
+    ((128, 512, 1, 0), 4, (256, 2)),  # resnet50 layer2[0]: conv3 + downsample, stride 2
+    ((128, 128, 3, 1), 4, (64, 2)),  # resnet18 layer2[0]: conv2 (3x3) + downsample
+    ((8, 24, 3, 1), 3, (5, 3)),  # C below the flat-K threshold, odd stride
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SHORTCUTS, ids=lambda c: "C{}-K{}-k{}-Cs{}-s{}".format(*c[0][:3], *c[2]))
+def test_conv_with_projection_shortcut(case, dtype):
+    (c, k, ksize, padding), hw, (cs, stride) = case
+    x, weight, bias = make_case(2, c, hw, hw, k, ksize, ksize, dtype=dtype)
+    # Both edge cases of a strided 1x1 conv: the last row and column used, and not.
+    shortcut_in, shortcut_weight, _ = make_case(2, cs, hw * stride, (hw - 1) * stride + 1, k, 1, 1, dtype=dtype)
+    out = run_fused("conv2d_bias_act", lambda: kernels.conv2d_bias_act(
+        x, weight, bias, 1, padding, residual=shortcut_in, relu=True,
+        residual_weight=shortcut_weight, residual_stride=stride))
+    projected = F.conv2d(shortcut_in.cpu().double(), shortcut_weight.cpu().double(), None, stride)
+    exp = conv_expected(x, weight, bias, 1, padding, 1, 1, projected, True)
+    check_close(out, exp, dtype)
+
+
+def test_projection_shortcut_reference_and_float64():
+    x, weight, bias = make_case(1, 8, 4, 4, 16, 3, 3, dtype=torch.float64)
+    shortcut_in, shortcut_weight, _ = make_case(1, 4, 8, 8, 16, 1, 1, dtype=torch.float64)
+    exp = conv_expected(x, weight, bias, 1, 1, 1, 1, F.conv2d(shortcut_in, shortcut_weight, None, 2), True)
+    out = kernels.conv2d_bias_act(x, weight, bias, 1, 1, residual=shortcut_in, relu=True,
+                                  residual_weight=shortcut_weight, residual_stride=2)
+    assert_close(out, exp, rtol=1e-12, atol=1e-12)
+    with kernels.use_backend("reference"):
+        out = kernels.conv2d_bias_act(x.float(), weight.float(), bias.float(), 1, 1, residual=shortcut_in.float(),
+                                      relu=True, residual_weight=shortcut_weight.float(), residual_stride=2)
+    assert_close(out, exp, rtol=1e-5, atol=1e-5)
+
+
+def test_projection_shortcut_bad_inputs():
+    x, weight, bias = make_case(2, 8, 4, 4, 16, 3, 3)
+    shortcut_in, shortcut_weight, _ = make_case(2, 4, 8, 8, 16, 1, 1)
+
+    def bad(match, **kwargs):
+        args = dict(residual=shortcut_in, residual_weight=shortcut_weight, residual_stride=2) | kwargs
+        with pytest.raises(ValueError, match=match):
+            kernels.conv2d_bias_act(x, weight, bias, 1, 1, **args)
+
+    bad("residual_weight needs a residual", residual=None)
+    bad(r"must be a 1x1 conv weight \(16, C, 1, 1\)", residual_weight=torch.randn(16, 4, 3, 3))
+    bad(r"residual must be \(2, 4, H, W\)", residual=torch.randn(2, 5, 8, 8))
+    bad("maps the .* residual to", residual_stride=1)
+    x8, w8, _ = make_case(2, 8, 4, 4, 16, 3, 3, groups=2)
+    with pytest.raises(ValueError, match="needs groups=1"):
+        kernels.conv2d_bias_act(x8, w8, None, 1, 1, groups=2, residual=shortcut_in, residual_weight=shortcut_weight,
+                                residual_stride=2)
+
+
+# ---- conv + bias + ReLU + max pooling ------------------------------------------------------
+
+STEMS = [
+    # n, c, h, w, k, ksize, stride, padding, pool (size, stride, padding)
+    (2, 3, 16, 16, 64, 7, 2, 3, (3, 2, 1)),  # the ResNet stem
+    (1, 3, 13, 11, 64, 7, 2, 3, (3, 2, 1)),  # the stem on an odd map: windows hang over the edge
+    (2, 16, 7, 7, 24, 3, 1, 1, (2, 2, 0)),  # a 2x2/2 pool with no padding
+    (1, 20, 6, 5, 8, 3, 1, 0, (3, 1, 1)),  # overlapping stride-1 pool, unpadded conv
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", STEMS, ids=lambda c: "x".join(map(str, c[:6])))
+def test_conv_relu_maxpool(case, dtype):
+    n, c, h, w, k, ksize, stride, padding, (pool, pool_stride, pool_padding) = case
+    x, weight, bias = make_case(n, c, h, w, k, ksize, ksize, dtype=dtype)
+    out = run_fused("conv2d_bias_act_maxpool", lambda: kernels.conv2d_bias_act_maxpool(
+        x, weight, bias, stride, padding, relu=True, pool_size=pool, pool_stride=pool_stride,
+        pool_padding=pool_padding))
+    exp = F.max_pool2d(conv_expected(x, weight, bias, stride, padding, 1, 1, None, True), pool, pool_stride,
+                       pool_padding)
+    check_close(out, exp, dtype)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_conv_maxpool_without_bias_or_relu_keeps_negatives_and_nan():
+    x, weight, _ = make_case(1, 4, 6, 6, 8, 3, 3, bias=False)
+    x[0, 1, 2, 2] = float("nan")
+    out = kernels.conv2d_bias_act_maxpool(x, weight, None, 1, 1, pool_size=2)
+    exp = F.max_pool2d(conv_expected(x, weight, None, 1, 1, 1, 1, None, False), 2)
+    assert (exp < 0).any() and torch.isnan(exp).any()
+    assert torch.equal(torch.isnan(out.cpu()), torch.isnan(exp)), "NaN positions differ"
+    finite = ~torch.isnan(exp)
+    assert_close(out.cpu()[finite], exp[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_conv_maxpool_float64_unbatched_and_empty():
+    x, weight, bias = make_case(1, 3, 9, 9, 8, 3, 3, dtype=torch.float64)
+    out = kernels.conv2d_bias_act_maxpool(x[0], weight, bias, 2, 1, relu=True, pool_size=3, pool_stride=2,
+                                          pool_padding=1)
+    exp = F.max_pool2d(conv_expected(x, weight, bias, 2, 1, 1, 1, None, True), 3, 2, 1)[0]
+    assert_close(out, exp, rtol=1e-12, atol=1e-12)
+    empty = kernels.conv2d_bias_act_maxpool(x[:0].float(), weight.float(), None, 2, 1, pool_size=3, pool_stride=2)
+    assert empty.shape == (0, 8, 2, 2)
+
+
+def test_conv_maxpool_bad_inputs():
+    x, weight, bias = make_case(1, 3, 8, 8, 8, 3, 3)
+    with pytest.raises(ValueError, match="at most half of pool_size"):
+        kernels.conv2d_bias_act_maxpool(x, weight, bias, pool_size=2, pool_padding=2)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.conv2d_bias_act_maxpool(x, weight, bias, pool_size=7)
+    with pytest.raises(ValueError, match="conv2d_bias_act_maxpool: input has 3 channels"):
+        kernels.conv2d_bias_act_maxpool(x, weight[:, :2].contiguous(), bias)
+
+
+def test_conv_maxpool_opcheck():
+    x, weight, bias = make_case(2, 3, 9, 8, 8, 3, 3)
+    torch.library.opcheck(torch.ops.fused_resnet.conv2d_bias_act_maxpool.default,
+                          (x, weight, bias, [2, 2], [1, 1, 1, 1], [1, 1], 1, True, [3, 3], [2, 2], [1, 1]))
+
+
+# ---- global average pooling + linear --------------------------------------------------------
+
+HEADS = [
+    # n, c, h, w, classes
+    (3, 512, 2, 2, 1000),  # resnet18's head on a small map
+    (2, 2048, 1, 1, 100),  # resnet50's, one pixel
+    (5, 40, 3, 2, 7),  # sizes of no block
+]
+
+
+def avgpool_linear_expected(x, weight, bias):
+    """float64, with the pooled mean rounded to the input's dtype, as torch's pool stores it."""
+    pooled = x.double().mean((2, 3)).to(x.dtype).double()
+    return F.linear(pooled.cpu(), weight.cpu().double(), None if bias is None else bias.cpu().double())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", HEADS, ids=lambda c: "x".join(map(str, c)))
+def test_avgpool_linear(case, dtype):
+    n, c, h, w, classes = case
+    x = torch.randn(n, c, h, w, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(classes, c, device=DEVICE) / c**0.5).to(dtype)
+    bias = torch.randn(classes, device=DEVICE).to(dtype)
+    out = run_fused("avgpool_linear", lambda: kernels.avgpool_linear(x, weight, bias))
+    assert out.shape == (n, classes)
+    check_close(out, avgpool_linear_expected(x, weight, bias), dtype)
+
+
+def test_avgpool_linear_layouts_float64_and_empty():
+    base = torch.randn(2, 16, 5, 6, device=DEVICE)
+    weight = torch.randn(10, 16, device=DEVICE)
+    for x in (base, base.contiguous(memory_format=torch.channels_last), base.transpose(2, 3), base[:, :, 1:, ::2]):
+        out = kernels.avgpool_linear(x, weight)
+        assert_close(out, avgpool_linear_expected(x, weight, None), rtol=1e-5, atol=1e-5)
+    out = kernels.avgpool_linear(base.double(), weight.double())
+    assert_close(out, F.linear(base.double().mean((2, 3)), weight.double()), rtol=1e-12, atol=1e-12)
+    assert kernels.avgpool_linear(base[:0], weight).shape == (0, 10)
+
+
+def test_avgpool_linear_bad_inputs_and_opcheck():
+    x = torch.randn(2, 16, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match=r"weight must be \(out_features, 16\)"):
+        kernels.avgpool_linear(x, torch.randn(10, 8, device=DEVICE))
+    with pytest.raises(ValueError, match="input must be 4-D"):
+        kernels.avgpool_linear(x[0], torch.randn(10, 16, device=DEVICE))
+    with pytest.raises(ValueError, match=r"bias must have shape \(10,\)"):
+        kernels.avgpool_linear(x, torch.randn(10, 16, device=DEVICE), torch.randn(3, device=DEVICE))
+    torch.library.opcheck(torch.ops.fused_resnet.avgpool_linear.default,
+                          (x, torch.randn(10, 16, device=DEVICE), torch.randn(10, device=DEVICE)))
+
+
+# ---- the modules against torchvision's stem and head -----------------------------------------
+
+MODULE_DTYPES = [torch.float64, torch.float32, torch.float16]
+
+
+def stem(c=3, k=64):
+    bn = randomize_bn(nn.BatchNorm2d(k))
+    return nn.Sequential(nn.Conv2d(c, k, 7, 2, 3, bias=False), bn, nn.ReLU(), nn.MaxPool2d(3, 2, 1)).eval()
+
+
+@pytest.mark.parametrize("dtype", MODULE_DTYPES, ids=str)
+def test_stem_module_matches_torchvision(dtype):
+    ref = stem()
+    fused = FusedConv2dMaxPool.from_modules(ref[0], ref[1], ref[3], dtype=dtype).to(DEVICE)
+    x = torch.randn(2, 3, 15, 17)
+    with torch.no_grad():
+        exp = ref.double()(x.double())
+        xin = x.to(DEVICE, dtype)
+        out = fused(xin) if dtype == torch.float64 else run_fused("conv2d_bias_act_maxpool", lambda: fused(xin))
+    tol = 1e-10 if dtype == torch.float64 else KERNEL_TOL[dtype] * 2  # folded weights are rounded once more
+    assert_close(out, exp, rtol=tol, atol=tol * exp.abs().max().item())
+    assert "maxpool(kernel_size=3, stride=2, padding=1)" in repr(fused)
+
+
+def test_stem_module_refuses_unsupported_pools():
+    ref = stem()
+    for pool in (nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.MaxPool2d(3, 2, 1, dilation=2), nn.AvgPool2d(3)):
+        with pytest.raises((TypeError, ValueError), match="MaxPool2d|max pooling"):
+            FusedConv2dMaxPool.from_modules(ref[0], ref[1], pool)
+
+
+@pytest.mark.parametrize("dtype", MODULE_DTYPES, ids=str)
+def test_head_module_matches_torchvision(dtype):
+    fc = nn.Linear(512, 100)
+    ref = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), fc).eval()
+    fused = FusedAvgPoolLinear.from_linear(fc, dtype=dtype).to(DEVICE)
+    x = torch.randn(3, 512, 3, 3)
+    with torch.no_grad():
+        exp = ref.double()(x.double())
+        xin = x.to(DEVICE, dtype)
+        out = fused(xin) if dtype == torch.float64 else run_fused("avgpool_linear", lambda: fused(xin))
+    tol = 1e-10 if dtype == torch.float64 else KERNEL_TOL[dtype] * 2
+    assert_close(out, exp, rtol=tol, atol=tol * exp.abs().max().item())
+    with pytest.raises(ValueError, match="FusedAvgPoolLinear: expected a 4-D"):
+        fused(xin.flatten(1))
+    with pytest.raises(ValueError, match="FusedAvgPoolLinear: expected an input with 512 channels"):
+        fused(xin[:, :8])
