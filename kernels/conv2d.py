@@ -115,6 +115,22 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 
 
 @triton.jit
+def output_tile(M, Kg, P, Q, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's tile of a conv's output, whose rows are (n, p, q) pixels of a P x Q map and whose
+    columns are output channels of group program_id(1): (mask_m, mask_n, n, p, q, group, channel)."""
+    group = tl.program_id(1)
+    pid_m, pid_n = tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past M wrap onto valid pixels, so unpadded loads need no row mask; the store masks them.
+    rows = offs_m % M
+    q = rows % Q
+    p = (rows // Q) % P
+    n = rows // (P * Q)
+    return offs_m < M, offs_n < Kg, n, p, q, group, group * Kg + offs_n
+
+
+@triton.jit
 def conv_tile(
     acc,  # (BLOCK_M, BLOCK_N) fp32, accumulated into and returned
     x_ptr,
@@ -221,20 +237,9 @@ def _conv2d_bias_act_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    group = tl.program_id(1)
-    pid_m, pid_n = tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < Kg
-    # Rows past M wrap onto valid pixels, so unpadded loads need no row mask; the store masks them.
-    rows = offs_m % M
-    q = rows % Q
-    p = (rows // Q) % P
-    n = rows // (P * Q)
+    mask_m, mask_n, n, p, q, group, k_glob = output_tile(M, Kg, P, Q, BLOCK_M, BLOCK_N, GROUP_M)
     # 64-bit row offsets: one tensor may pass 2**31 elements even when M does not.
     x_row = n.to(tl.int64) * stride_xn + group.to(tl.int64) * Cg * stride_xc
-    k_glob = group * Kg + offs_n  # output channel index, across groups
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = conv_tile(acc, x_ptr, w_ptr, x_row, p * stride_h - pad_h, q * stride_w - pad_w,
                     k_glob.to(tl.int64) * stride_wk, mask_n, Cg, H, W, dil_h, dil_w,
@@ -362,58 +367,70 @@ def _tf32_allowed():
     return bool(torch.backends.cudnn.allow_tf32)
 
 
-def _launch(x, weight, bias, stride, padding, dilation, groups, residual, relu, y, shortcut_weight, shortcut_stride):
-    n, c, h, w = x.shape
-    k, cg, r, s = weight.shape
-    _, _, p, q = y.shape
-    m = n * p * q
+def launch_conv_kernel(name, kernel, autotuned, x, weight, bias, y, m, stride, padding, dilation, groups, relu,
+                       pointers=(), extra_reduction=0, **extra):
+    """Launch a kernel built on conv_tile over M = m output rows.
+
+    Passes the conv's own arguments (sizes, strides, padding, epilogue flags) and then the
+    kernel's: `pointers` go between the bias and the output, `extra` are keyword arguments.
+    """
     if m >= 2**31:
-        raise ValueError(f"conv2d_bias_act: N*P*Q = {m} output pixels; at most 2**31 - 1 are supported")
+        raise ValueError(f"{name}: {m} output rows; at most 2**31 - 1 are supported")
     if x.stride(1) != 1 and x.is_cuda:
         # Gathering along a strided channel axis is uncoalesced; one copy to NHWC is cheaper.
         x = x.contiguous(memory_format=torch.channels_last)
     interpret = backend.interpreting() and not x.is_cuda
+    k, cg, r, s = weight.shape
     kg = k // groups
     flat_k = cg < FLAT_K_BELOW
-    r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
-    shortcut = shortcut_weight is not None
-    cs = shortcut_weight.shape[1] if shortcut else 0
     args = dict(
-        M=m, Kg=kg, Cg=cg, Cs=cs, H=h, W=w, P=p, Q=q,
+        M=m, Kg=kg, Cg=cg, H=x.shape[2], W=x.shape[3],
         stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[2],
         dil_h=dilation[0], dil_w=dilation[1],
-        sc_stride_h=shortcut_stride[0], sc_stride_w=shortcut_stride[1],
         stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
         stride_wk=weight.stride(0), stride_wc=weight.stride(1),
         stride_wr=weight.stride(2), stride_ws=weight.stride(3),
-        stride_rn=r_strides[0], stride_rk=r_strides[1], stride_rp=r_strides[2], stride_rq=r_strides[3],
-        stride_wsk=shortcut_weight.stride(0) if shortcut else 0,
-        stride_wsc=shortcut_weight.stride(1) if shortcut else 0,
         stride_yn=y.stride(0), stride_yk=y.stride(1), stride_yp=y.stride(2), stride_yq=y.stride(3),
         R=r, S=s,
         PADDED=any(v != 0 for v in padding),
         FLAT_K=flat_k,
         HAS_BIAS=bias is not None,
-        HAS_RESIDUAL=residual is not None and not shortcut,
-        HAS_SHORTCUT=shortcut,
         APPLY_RELU=relu,
         DOT_FP32=interpret,
         INPUT_PRECISION="tf32" if x.dtype == torch.float32 and x.is_cuda and _tf32_allowed() else "ieee",
+        **extra,
     )
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)
 
-    # Unused pointers still need a tensor of the right device; the kernel never reads them.
+    # An unused pointer still needs a tensor of the right device; the kernel never reads it.
     b_arg = bias if bias is not None else y
-    r_arg = residual if residual is not None else y
-    ws_arg = shortcut_weight if shortcut else y
     with backend.launch_guard(x):
         if interpret:
-            blocks = _interpreter_blocks(m, kg, max(cg * r * s if flat_k else cg, cs))
-            wrap_triton(_conv2d_bias_act_kernel)[grid](x, weight, b_arg, r_arg, ws_arg, y, **args, **blocks)
+            blocks = _interpreter_blocks(m, kg, max(cg * r * s if flat_k else cg, extra_reduction))
+            wrap_triton(kernel)[grid](x, weight, b_arg, *pointers, y, **args, **blocks)
         else:
-            wrap_triton(_conv2d_bias_act_autotuned)[grid](x, weight, b_arg, r_arg, ws_arg, y, **args)
+            wrap_triton(autotuned)[grid](x, weight, b_arg, *pointers, y, **args)
+
+
+def _launch(x, weight, bias, stride, padding, dilation, groups, residual, relu, y, shortcut_weight, shortcut_stride):
+    n, _, p, q = y.shape
+    shortcut = shortcut_weight is not None
+    cs = shortcut_weight.shape[1] if shortcut else 0
+    r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    ws_strides = shortcut_weight.stride() if shortcut else (0, 0, 0, 0)
+    # Unused pointers still need a tensor of the right device; the kernel never reads them.
+    pointers = (residual if residual is not None else y, shortcut_weight if shortcut else y)
+    launch_conv_kernel(
+        "conv2d_bias_act", _conv2d_bias_act_kernel, _conv2d_bias_act_autotuned, x, weight, bias, y, n * p * q,
+        stride, padding, dilation, groups, relu, pointers, extra_reduction=cs,
+        Cs=cs, P=p, Q=q, sc_stride_h=shortcut_stride[0], sc_stride_w=shortcut_stride[1],
+        stride_rn=r_strides[0], stride_rk=r_strides[1], stride_rp=r_strides[2], stride_rq=r_strides[3],
+        stride_wsk=ws_strides[0], stride_wsc=ws_strides[1],
+        HAS_RESIDUAL=residual is not None and not shortcut,
+        HAS_SHORTCUT=shortcut,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,22 +17,20 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import backend
 from ._checks import pair
 from .conv2d import (
     CONFIGS,
-    FLAT_K_BELOW,
     _check_conv_args,
-    _interpreter_blocks,
     _prune_configs,
-    _tf32_allowed,
     conv2d_bias_act_reference,
     conv_tile,
+    launch_conv_kernel,
     normalize_padding,
     output_size,
-    tile_ids,
+    output_tile,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -71,18 +69,9 @@ def _conv2d_bias_act_maxpool_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    group = tl.program_id(1)
-    pid_m, pid_n = tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < Kg
-    rows = offs_m % M
-    pw = rows % PW
-    ph = (rows // PW) % PH
-    n = rows // (PH * PW)
+    # Rows are pooled pixels (n, ph, pw).
+    mask_m, mask_n, n, ph, pw, group, k_glob = output_tile(M, Kg, PH, PW, BLOCK_M, BLOCK_N, GROUP_M)
     x_row = n.to(tl.int64) * stride_xn + group.to(tl.int64) * Cg * stride_xc
-    k_glob = group * Kg + offs_n
     w_col = k_glob.to(tl.int64) * stride_wk
 
     best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), dtype=tl.float32)
@@ -149,45 +138,15 @@ def _check_pool_args(conv_shape, pool_size, pool_stride, pool_padding):
 
 
 def _launch(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride, pool_padding, y):
-    n, c, h, w = x.shape
-    k, cg, r, s = weight.shape
-    p, q = output_size(h, w, r, s, stride, padding, dilation)
-    _, _, ph, pw = y.shape
-    m = n * ph * pw
-    if x.stride(1) != 1 and x.is_cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
-    interpret = backend.interpreting() and not x.is_cuda
-    kg = k // groups
-    flat_k = cg < FLAT_K_BELOW
-    args = dict(
-        M=m, Kg=kg, Cg=cg, H=h, W=w, P=p, Q=q, PH=ph, PW=pw,
-        stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[2],
-        dil_h=dilation[0], dil_w=dilation[1],
+    n, _, ph, pw = y.shape
+    p, q = output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
+    launch_conv_kernel(
+        "conv2d_bias_act_maxpool", _conv2d_bias_act_maxpool_kernel, _conv2d_bias_act_maxpool_autotuned,
+        x, weight, bias, y, n * ph * pw, stride, padding, dilation, groups, relu,
+        P=p, Q=q, PH=ph, PW=pw, POOL_R=pool_size[0], POOL_S=pool_size[1],
         pool_stride_h=pool_stride[0], pool_stride_w=pool_stride[1],
         pool_pad_h=pool_padding[0], pool_pad_w=pool_padding[1],
-        stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
-        stride_wk=weight.stride(0), stride_wc=weight.stride(1),
-        stride_wr=weight.stride(2), stride_ws=weight.stride(3),
-        stride_yn=y.stride(0), stride_yk=y.stride(1), stride_yp=y.stride(2), stride_yq=y.stride(3),
-        R=r, S=s, POOL_R=pool_size[0], POOL_S=pool_size[1],
-        PADDED=any(v != 0 for v in padding),
-        FLAT_K=flat_k,
-        HAS_BIAS=bias is not None,
-        APPLY_RELU=relu,
-        DOT_FP32=interpret,
-        INPUT_PRECISION="tf32" if x.dtype == torch.float32 and x.is_cuda and _tf32_allowed() else "ieee",
     )
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)
-
-    b_arg = bias if bias is not None else y
-    with backend.launch_guard(x):
-        if interpret:
-            blocks = _interpreter_blocks(m, kg, cg * r * s if flat_k else cg)
-            wrap_triton(_conv2d_bias_act_maxpool_kernel)[grid](x, weight, b_arg, y, **args, **blocks)
-        else:
-            wrap_triton(_conv2d_bias_act_maxpool_autotuned)[grid](x, weight, b_arg, y, **args)
 
 
 # ----------------------------------------------------------------------------------------------
