@@ -58,17 +58,6 @@ def table(rows):
     return "\n".join(lines)
 
 
-def update_readme(path, text):
-    with open(path) as f:
-        readme = f.read()
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"error: {path} has no results markers")
-    head, rest = readme.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    with open(path, "w") as f:
-        f.write(f"{head}{BEGIN}\n{text}\n{END}{tail}")
-
-
 def plot(rows, path):
     """Bars of images/s per implementation, one panel per (model, dtype, batch)."""
     import matplotlib
@@ -101,7 +90,9 @@ def main(argv=None):
     rows = load(files)
     text = table(rows)
     if args.readme:
-        update_readme(args.readme, text)
+        from fused_resnet.bench import write_between_markers
+
+        write_between_markers(args.readme, BEGIN, END, text)
     else:
         print(text)
     if args.plot:

@@ -224,3 +224,15 @@ def provenance(command: str, device: torch.device) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "path": describe_path(device),
     }
+
+
+def write_between_markers(path, begin, end, text):
+    """Replace what lies between the lines `begin` and `end` of the file at `path` with `text`."""
+    with open(path) as f:
+        content = f.read()
+    if begin not in content or end not in content:
+        raise SystemExit(f"error: {path} has no markers {begin!r} ... {end!r}")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(path, "w") as f:
+        f.write(f"{head}{begin}\n{text}\n{end}{tail}")
