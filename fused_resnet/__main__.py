@@ -2,6 +2,7 @@
 
     fused-resnet verify --arch resnet50 --dtype float16      # same network? errors and top-1 agreement
     fused-resnet bench  --arch resnet50 --impl eager_channels_last compile fused
+    fused-resnet profile --arch resnet50 --batch 256 --dtype float16 --plot roofline.png
     fused-resnet                                              # resnet50: verify, then bench
 """
 
@@ -14,6 +15,7 @@ import sys
 import torch
 
 from . import bench
+from . import profile as fusion_profile
 from .convert import fuse
 from .validate import compare
 
@@ -75,11 +77,20 @@ def build_parser():
     b.add_argument("--impl", nargs="+", default=None, choices=bench.IMPLS, metavar="IMPL",
                    help=f"some of: {', '.join(bench.IMPLS)}")
     b.add_argument("--iters", type=int, default=None, help="timed runs per implementation")
+    p = sub.add_parser("profile", help="per-layer bytes, FLOPs and (on a GPU) time, unfused vs fused; ablation")
+    _common(p)
+    p.add_argument("--plot", default=None, metavar="PATH", help="write a roofline chart (PNG) here")
+    p.add_argument("--iters", type=int, default=20, help="timed runs per layer and per ablation step on a GPU")
+    p.add_argument("--no-ablation", dest="ablation", action="store_false",
+                   help="skip the ablation (one fusion added at a time)")
+    p.add_argument("--readme", default=None, metavar="PATH",
+                   help="write the totals and the ablation between the profile markers of this README")
     return parser
 
 
 def _settings(args, device):
-    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    # The profile's analytic columns cost nothing on any device: it takes the GPU's defaults everywhere.
+    defaults = GPU_DEFAULTS if device.type == "cuda" or args.command == "profile" else CPU_DEFAULTS
     for key in ("batch", "size", "dtype", "iters"):
         if getattr(args, key, None) is None:
             setattr(args, key, defaults[key])
@@ -157,6 +168,40 @@ def run_bench(args, progress, model=None, note=None, command=None):
     return payload
 
 
+def _profile_command(args):
+    """The command that reproduces a profile, as the README quotes it."""
+    return (f"fused-resnet profile --arch {args.arch} --batch {args.batch} --size {args.size} --dtype {args.dtype}"
+            + (" --device cpu" if args.device == "cpu" else ""))
+
+
+def run_profile(args, progress, command=None):
+    device, dtype, model, note = _prepare(args, progress, None, None)
+    result = fusion_profile.profile(model, batch=args.batch, size=args.size, dtype=dtype, device=device,
+                                    iters=args.iters, ablation=args.ablation, progress=progress)
+    progress.done()
+    title = f"{args.arch} {args.dtype} batch {args.batch} {args.size}x{args.size}"
+    print(f"profile {title} on {device}")
+    if result["analytic_only"]:
+        print("  analytic only (no GPU): bytes and FLOPs computed from shapes and dtype; nothing timed")
+    else:
+        print(f"  measured: each layer's kernels timed alone with CUDA events (median of {args.iters}); "
+              f"fused path: {bench.describe_path(device)}")
+    print("  bytes: global-memory reads and writes counted from shapes, each operand once (a lower bound)\n")
+    print(fusion_profile.format_table(result))
+    payload = {"provenance": bench.provenance(command or "fused-resnet profile", device), "arch": args.arch,
+               "dtype": args.dtype, "batch": args.batch, "size": args.size, "weights": note, **result}
+    _write_json(args.json, payload)
+    if args.readme:
+        if not args.ablation:
+            raise SystemExit("error: --readme needs the ablation")
+        bench.write_between_markers(args.readme, fusion_profile.README_BEGIN, fusion_profile.README_END,
+                                    fusion_profile.readme_block(result, _profile_command(args)))
+    if args.plot:
+        fusion_profile.plot_roofline(result, args.plot, title)
+        print(f"\nroofline chart: {args.plot}")
+    return payload
+
+
 def main(argv=None):
     """Entry point of `python -m fused_resnet` and of the `fused-resnet` script."""
     argv = sys.argv[1:] if argv is None else argv
@@ -176,6 +221,8 @@ def main(argv=None):
     progress = Progress(enabled=not args.quiet)
     if args.command == "verify":
         run_verify(args, progress)
+    elif args.command == "profile":
+        run_profile(args, progress, command=command)
     else:
         run_bench(args, progress, command=command)
     return 0

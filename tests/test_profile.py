@@ -1,0 +1,198 @@
+"""The fusion study: the traffic model against hand-computed numbers, the kernel counts against the
+kernels that really run, and `fused-resnet profile` with its JSON and chart on a CPU."""
+
+import json
+
+import pytest
+import torch
+import torchvision
+from conftest import DEVICE, HAS_CUDA
+from torch.profiler import ProfilerActivity, profile
+
+import kernels
+from fused_resnet import __main__ as cli
+from fused_resnet import bench, fuse
+from fused_resnet.profile import (
+    README_BEGIN,
+    README_END,
+    STEPS,
+    _callables,
+    _rates,
+    _totals,
+    format_table,
+    layers,
+    plot_roofline,
+    traffic,
+)
+from fused_resnet.profile import profile as profile_model
+from fused_resnet.validate import synthetic_batchnorm
+
+
+def rows_of(arch, batch, size):
+    rows = layers(getattr(torchvision.models, arch)(num_classes=10), batch, size)
+    return {r.name: r for r in rows}
+
+
+def test_traffic_of_a_basic_block_by_hand():
+    # resnet18, batch 2, 32x32: the stem maps 32 -> 16 -> 8 (maxpool), layer2.0 maps 8x8x64 -> 4x4x128.
+    rows = rows_of("resnet18", 2, 32)
+    conv1, conv2, ds = rows["layer2.0.conv1"], rows["layer2.0.conv2"], rows["layer2.0.downsample"]
+    x1, w1, y = 2 * 64 * 8 * 8, 128 * 64 * 3 * 3, 2 * 128 * 4 * 4  # 8192, 73728, 4096
+    w2, wd = 128 * 128 * 3 * 3, 128 * 64  # 147456, 8192
+    assert (conv1.x, conv1.w, conv1.y, conv2.x, conv2.w, ds.x, ds.w, ds.y) == (x1, w1, y, y, w2, x1, wd, y)
+    # conv + BN + ReLU: the conv writes Y, BN and ReLU read and write it: X + W + 5Y, 3 kernels.
+    assert traffic(conv1, "unfused", rows) == (8192 + 73728 + 5 * 4096, 3) == (102400, 3)
+    assert traffic(conv1, "head", rows) == (8192 + 73728 + 4096, 1) == (86016, 1)
+    # The last conv: conv Y, BN 2Y, add 3Y (two reads, one write), ReLU 2Y: X + W + 8Y, 4 kernels.
+    assert traffic(conv2, "unfused", rows) == (4096 + 147456 + 8 * 4096, 4) == (184320, 4)
+    assert traffic(conv2, "epilogue", rows) == (4096 + 147456 + 4096 + 3 * 4096, 2) == (167936, 2)
+    assert traffic(conv2, "residual", rows) == (4096 + 147456 + 2 * 4096, 1) == (159744, 1)
+    # Merged: the shortcut's input and weight are read by conv2's kernel, its output never exists.
+    assert traffic(conv2, "downsample", rows) == (4096 + 147456 + 4096 + 8192 + 8192, 1) == (172032, 1)
+    # downsample: conv + BN, X + W + 3Y unfused; nothing of its own once merged.
+    assert traffic(ds, "unfused", rows) == (8192 + 8192 + 3 * 4096, 2) == (28672, 2)
+    assert traffic(ds, "residual", rows) == (8192 + 8192 + 4096, 1)
+    assert traffic(ds, "head", rows) == (0, 0)
+    # An identity shortcut (layer1.0.conv2, 8x8x64): the residual is read in the epilogue.
+    last = rows["layer1.0.conv2"]
+    assert traffic(last, "unfused", rows) == (8192 + 36864 + 8 * 8192, 4) == (110592, 4)
+    assert traffic(last, "head", rows) == (8192 + 36864 + 2 * 8192, 1) == (61440, 1)
+
+
+def test_traffic_of_a_bottleneck_by_hand():
+    # resnet50, batch 1, 32x32: layer1.0 takes 8x8x64 and gives 8x8x256, with a projection shortcut.
+    rows = rows_of("resnet50", 1, 32)
+    c1, c2, c3, ds = (rows[f"layer1.0.{n}"] for n in ("conv1", "conv2", "conv3", "downsample"))
+    assert (c1.x, c1.w, c1.y) == (4096, 4096, 4096)
+    assert (c2.x, c2.w, c2.y) == (4096, 36864, 4096)
+    assert (c3.x, c3.w, c3.y) == (4096, 16384, 16384)
+    assert (ds.x, ds.w, ds.y) == (4096, 16384, 16384)
+    assert traffic(c1, "unfused", rows) == (4096 + 4096 + 5 * 4096, 3) == (28672, 3)
+    assert traffic(c2, "head", rows) == (4096 + 36864 + 4096, 1) == (45056, 1)
+    assert traffic(c3, "unfused", rows) == (4096 + 16384 + 8 * 16384, 4) == (151552, 4)
+    assert traffic(c3, "residual", rows) == (4096 + 16384 + 2 * 16384, 1) == (53248, 1)
+    assert traffic(c3, "head", rows) == (4096 + 16384 + 16384 + 4096 + 16384, 1) == (57344, 1)
+    assert traffic(ds, "unfused", rows) == (4096 + 16384 + 3 * 16384, 2) == (69632, 2)
+    # FLOPs: 2 * outputs * reduction.
+    assert c2.flops == 2 * 4096 * 64 * 9 and ds.flops == 2 * 16384 * 64
+
+
+def test_traffic_of_the_stem_and_head_by_hand():
+    rows = rows_of("resnet18", 2, 32)
+    stem, head = rows["conv1"], rows["fc"]
+    x, w, y, pooled = 2 * 3 * 32 * 32, 64 * 3 * 7 * 7, 2 * 64 * 16 * 16, 2 * 64 * 8 * 8  # 6144, 9408, 32768, 8192
+    # conv, BN (2Y), ReLU (2Y), max pool (reads Y, writes the pooled map): X + W + 6Y + pooled.
+    assert traffic(stem, "unfused", rows) == (x + w + 6 * y + pooled, 4) == (220352, 4)
+    assert traffic(stem, "epilogue", rows) == (x + w + 2 * y + pooled, 2)
+    assert traffic(stem, "stem", rows) == (x + w + pooled, 1) == (23744, 1)
+    # 3x3/2 windows over a 16x16 map: 9 taps for each of the 8x8 pooled pixels, 9/4 of the conv.
+    assert stem.recompute == 9 * 64 / 256
+    # avgpool reads the map and writes (N, C); fc reads that and the weight and writes (N, classes).
+    x, pooled, w, out = 2 * 512, 2 * 512, 10 * 512, 2 * 10
+    assert traffic(head, "stem", rows) == (x + 2 * pooled + w + out, 2) == (8212, 2)
+    assert traffic(head, "head", rows) == (x + w + out, 1) == (6164, 1)
+
+
+UNFUSED_TORCH_OPS = ("aten::max_pool2d", "aten::adaptive_avg_pool2d", "aten::linear")
+
+
+@pytest.mark.parametrize("step", STEPS[2:])
+def test_kernel_counts_match_the_kernels_that_run(step):
+    # The model's kernel count at each Triton step against the ops the fused network really launches.
+    model = synthetic_batchnorm(torchvision.models.resnet18(num_classes=10), size=32)
+    _, backend, switches = next(s for s in bench.ABLATION if s[0] == step)
+    fused = fuse(model, **switches).to(DEVICE)
+    rows = layers(model, 1, 32)
+    expected = sum(traffic(r, step, {r.name: r for r in rows})[1] for r in rows)
+    with kernels.use_backend(backend), torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fused(torch.randn(1, 3, 32, 32, device=DEVICE))
+    counts = {e.key: e.count for e in prof.key_averages()}
+    ran = sum(n for k, n in counts.items() if k.startswith("fused_resnet::") or k in UNFUSED_TORCH_OPS)
+    assert ran == expected, counts
+
+
+def test_profile_command_on_cpu(tmp_path, capsys):
+    out, png, readme = tmp_path / "profile.json", tmp_path / "roofline.png", tmp_path / "README.md"
+    readme.write_text(f"# guide\n{README_BEGIN}\nPLACEHOLDER\n{README_END}\nafter\n")
+    cli.main(["profile", "--arch", "resnet18", "--batch", "2", "--size", "32", "--dtype", "float32",
+              "--device", "cpu", "--json", str(out), "--plot", str(png), "--readme", str(readme), "--quiet"])
+    guide = readme.read_text()
+    assert "PLACEHOLDER" not in guide and guide.endswith(f"{README_END}\nafter\n")
+    assert "`fused-resnet profile --arch resnet18 --batch 2 --size 32 --dtype float32 --device cpu`" in guide
+    payload = json.loads(out.read_text())
+    rows = payload["rows"]
+    assert [r["layer"] for r in rows][:3] == ["conv1", "layer1.0.conv1", "layer1.0.conv2"]
+    assert len(rows) == 1 + 16 + 3 + 1  # stem, 8 blocks of 2 convs, 3 downsamples, head
+    assert payload["analytic_only"] and "unfused_ms" not in rows[0]
+    totals = payload["totals"]
+    for key in ("unfused_bytes", "fused_bytes", "unfused_kernels", "fused_kernels", "flops"):
+        assert totals[key] == sum(r[key] for r in rows)
+    assert totals["bytes_saved"] == totals["unfused_bytes"] - totals["fused_bytes"] > 0
+    assert rows[0]["unfused_bytes"] == 220352 * 4  # the hand-computed stem above, in fp32 bytes
+    steps = payload["ablation"]
+    assert [s["step"] for s in steps] == list(STEPS)
+    assert all(a["bytes"] >= b["bytes"] for a, b in zip(steps, steps[1:]))
+    assert steps[0]["bytes"] == totals["unfused_bytes"] and steps[-1]["bytes"] == totals["fused_bytes"]
+    assert steps[-1]["kernels"] == totals["fused_kernels"] and all(s["ms"] is None for s in steps)
+    assert {"gpu", "torch", "command", "date"} <= set(payload["provenance"])
+    printed = capsys.readouterr().out
+    assert "analytic only (no GPU)" in printed and "| head |" in printed
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    height, width, _ = matplotlib.image.imread(str(png)).shape
+    assert height > 100 and width > 100
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_profile_command_measures_on_a_gpu(tmp_path):
+    out = tmp_path / "profile.json"
+    cli.main(["profile", "--arch", "resnet18", "--batch", "8", "--size", "64", "--dtype", "float16", "--iters", "3",
+              "--json", str(out), "--quiet"])
+    payload = json.loads(out.read_text())
+    assert not payload["analytic_only"]
+    assert all(r["unfused_ms"] > 0 for r in payload["rows"])
+    assert all(r["fused_ms"] > 0 for r in payload["rows"] if r["fused_kernels"])
+    assert all(s["ms"] > 0 for s in payload["ablation"])
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_each_rows_unfused_and_fused_kernels_compute_the_same(arch):
+    # What a GPU profile times per row: torchvision's modules and the fused module, on one input.
+    model = synthetic_batchnorm(getattr(torchvision.models, arch)(num_classes=10), size=32)
+    fused = fuse(model)
+    ref = model.to(memory_format=torch.channels_last)
+    checked = 0
+    with kernels.use_backend("reference"), torch.no_grad():
+        for layer in layers(model, 2, 32):
+            unfused_fn, fused_fn = _callables(layer, ref, fused, torch.float32, torch.device("cpu"))
+            expected = unfused_fn()
+            if fused_fn is None:
+                assert layer.kind == "downsample"
+                continue
+            torch.testing.assert_close(fused_fn(), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+            checked += 1
+    assert checked == sum(isinstance(m, torch.nn.Conv2d) for m in model.modules()) + 1 - \
+        sum(getattr(b, "downsample", None) is not None for b in model.modules())
+
+
+def test_measured_columns_table_and_chart(tmp_path):
+    # The GPU-only columns, filled with made-up times: rates, roof share, table and chart.
+    result = profile_model(synthetic_batchnorm(torchvision.models.resnet18(), size=32), batch=2, size=32,
+                           dtype=torch.float16, device=torch.device("cpu"), ablation=False)
+    result["analytic_only"] = False
+    for row in result["rows"]:
+        row["unfused_ms"], row["fused_ms"] = 0.2, (0.1 if row["fused_kernels"] else None)
+        _rates(row, (1e15, 1e12, "test GPU"))
+    result["totals"] = _totals(result["rows"])
+    stem = result["rows"][0]
+    assert stem["fused_tflops"] == pytest.approx(stem["fused_flops"] / 1e-4 / 1e12, rel=1e-2)
+    assert stem["fused_gbps"] == pytest.approx(stem["fused_bytes"] / 1e-4 / 1e9, rel=1e-2)
+    bound = max(stem["fused_flops"] / 1e15, stem["fused_bytes"] / 1e12)
+    assert stem["fused_roof_pct"] == pytest.approx(100 * bound / 1e-4, rel=1e-2)
+    text = format_table(result)
+    assert "ms fused" in text and "merged" in text
+    plot_roofline(result, tmp_path / "measured.png", "made-up times")
+    assert (tmp_path / "measured.png").read_bytes()[:4] == b"\x89PNG"
