@@ -57,8 +57,8 @@ def make_input(n, c, h, w, dtype, layout):
     return x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
 
 
-@given(conv_cases())
-def test_fuzz_against_conv2d_in_float64(case):
+def _fuzz_operands(case):
+    """Input, weight, bias and the float64 conv of them, for a drawn conv case."""
     dtype = case["dtype"]
     x = make_input(case["n"], case["c"], case["h"], case["w"], dtype, case["layout"])
     weight = (torch.randn(case["k"], case["c"] // case["groups"], case["r"], case["s"], device=DEVICE)
@@ -66,6 +66,13 @@ def test_fuzz_against_conv2d_in_float64(case):
     bias = torch.randn(case["k"], device=DEVICE).to(dtype) if case["bias"] else None
     args = (case["stride"], case["padding"], case["dilation"], case["groups"])
     exp = F.conv2d(x.cpu().double(), weight.cpu().double(), None if bias is None else bias.cpu().double(), *args)
+    return x, weight, bias, args, exp
+
+
+@given(conv_cases())
+def test_fuzz_against_conv2d_in_float64(case):
+    dtype = case["dtype"]
+    x, weight, bias, args, exp = _fuzz_operands(case)
     res = torch.randn(exp.shape, device=DEVICE).to(dtype) if case["residual"] else None
     if res is not None:
         exp = exp + res.cpu().double()
@@ -73,6 +80,39 @@ def test_fuzz_against_conv2d_in_float64(case):
         exp = exp.relu()
     out = kernels.conv2d_bias_act(x, weight, bias, *args, residual=res, relu=case["relu"])
     assert out.dtype == dtype
+    scale = max(1.0, exp.abs().max().item()) if exp.numel() else 1.0
+    assert_close(out, exp, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+@given(conv_cases().filter(lambda c: c["groups"] == 1), st.integers(1, 12), st.integers(1, 3), st.booleans())
+def test_fuzz_projection_shortcut_against_conv2d(case, cs, sc_stride, at_edge):
+    dtype = case["dtype"]
+    x, weight, bias, args, exp = _fuzz_operands(case)
+    n, k, p, q = exp.shape
+    # The shortcut's map: any size that a 1x1 conv with this stride maps onto the output's.
+    hs, ws = ((p - 1) * sc_stride + 1, (q - 1) * sc_stride + 1) if at_edge else (p * sc_stride, q * sc_stride)
+    shortcut_in = make_input(n, cs, hs, ws, dtype, case["layout"])
+    shortcut_weight = (torch.randn(k, cs, 1, 1, device=DEVICE) / cs**0.5).to(dtype)
+    exp = exp + F.conv2d(shortcut_in.cpu().double(), shortcut_weight.cpu().double(), None, sc_stride)
+    if case["relu"]:
+        exp = exp.relu()
+    out = kernels.conv2d_bias_act(x, weight, bias, *args, residual=shortcut_in, relu=case["relu"],
+                                  residual_weight=shortcut_weight, residual_stride=sc_stride)
+    scale = max(1.0, exp.abs().max().item()) if exp.numel() else 1.0
+    assert_close(out, exp, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+
+
+@given(conv_cases(), st.integers(1, 3), st.integers(1, 3), st.integers(0, 1))
+def test_fuzz_conv_maxpool_against_torch(case, pool, pool_stride, pool_padding):
+    assume(2 * pool_padding <= pool)
+    dtype = case["dtype"]
+    x, weight, bias, args, exp = _fuzz_operands(case)
+    assume(exp.shape[2] + 2 * pool_padding >= pool and exp.shape[3] + 2 * pool_padding >= pool)
+    if case["relu"]:
+        exp = exp.relu()
+    exp = F.max_pool2d(exp, pool, pool_stride, pool_padding)
+    out = kernels.conv2d_bias_act_maxpool(x, weight, bias, *args, relu=case["relu"], pool_size=pool,
+                                          pool_stride=pool_stride, pool_padding=pool_padding)
     scale = max(1.0, exp.abs().max().item()) if exp.numel() else 1.0
     assert_close(out, exp, rtol=TOL[dtype], atol=TOL[dtype] * scale)
 
