@@ -112,8 +112,8 @@ class FusedConv2dMaxPool(FusedConv2d):
     is never written to memory.
     """
 
-    def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, relu=False,
-                 pool_size=3, pool_stride=2, pool_padding=1):
+    def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, relu=False, *,
+                 pool_size, pool_stride, pool_padding):
         super().__init__(weight, bias, stride, padding, dilation, groups, relu)
         self.pool_size = pool_size
         self.pool_stride = pool_stride
@@ -132,7 +132,7 @@ class FusedConv2dMaxPool(FusedConv2d):
             )
         fused = FusedConv2d.from_conv_bn(conv, bn, relu, dtype=dtype)
         return cls(fused.weight, fused.bias, fused.stride, fused.padding, fused.dilation, fused.groups, relu,
-                   pool.kernel_size, pool.stride, pool.padding)
+                   pool_size=pool.kernel_size, pool_stride=pool.stride, pool_padding=pool.padding)
 
     def forward(self, x, residual=None):
         if residual is not None:

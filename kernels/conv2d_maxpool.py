@@ -24,6 +24,7 @@ from ._checks import pair
 from .conv2d import (
     CONFIGS,
     _check_conv_args,
+    _cudnn_fused,
     _prune_configs,
     conv2d_bias_act_reference,
     conv_tile,
@@ -172,8 +173,11 @@ def _conv2d_bias_act_maxpool_op(
                                   op="conv2d_bias_act_maxpool")
     out_shape = _check_pool_args(conv_shape, pool_size, pool_stride, pool_padding)
     path = backend.resolve(x)
+    if path == "cudnn":
+        # cuDNN fuses conv+bias+ReLU but not the pooling: its best is two kernels.
+        y = _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, None, relu)
+        return F.max_pool2d(y, pool_size, pool_stride, pool_padding).contiguous(memory_format=torch.channels_last)
     if path != "triton" or x.dtype == torch.float64:
-        # cuDNN has no conv+pool fusion: its path is the reference too.
         return conv2d_bias_act_maxpool_reference(x, weight, bias, stride, padding, dilation, groups, relu,
                                                  pool_size, pool_stride, pool_padding)
     y = torch.empty(out_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)

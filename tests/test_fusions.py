@@ -261,3 +261,13 @@ def test_head_module_matches_torchvision(dtype):
         fused(xin.flatten(1))
     with pytest.raises(ValueError, match="FusedAvgPoolLinear: expected an input with 512 channels"):
         fused(xin[:, :8])
+
+
+def test_conv_maxpool_cudnn_backend_falls_back_on_cpu():
+    # The "cudnn" backend (cuDNN's conv+bias+ReLU, then the pool) is the reference on a CPU.
+    x, weight, bias = make_case(1, 3, 9, 9, 8, 3, 3)
+    with kernels.use_backend("cudnn"):
+        out = kernels.conv2d_bias_act_maxpool(x, weight, bias, 2, 1, relu=True, pool_size=3, pool_stride=2,
+                                              pool_padding=1)
+    exp = F.max_pool2d(conv_expected(x, weight, bias, 2, 1, 1, 1, None, True), 3, 2, 1)
+    assert_close(out, exp, rtol=1e-5, atol=1e-5)
