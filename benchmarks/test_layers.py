@@ -1,6 +1,8 @@
 """Every distinct resnet50 conv shape: the fused op against cuDNN conv + separate ops and cuDNN's fused op.
 
-The shortcut add is part of the case for the convs that end a block (conv3 of a Bottleneck).
+The shortcut add is part of the case for the convs that end a block (conv3 of a Bottleneck). The
+deeper fusions follow: conv3 with its projection shortcut merged, the stem with its max pooling,
+and the head's pooling with the fc, each against the same op run as separate kernels.
 """
 
 import pytest
@@ -64,3 +66,76 @@ def test_conv_layer(benchmark, shape, impl):
     benchmark.group = f"conv C{c} K{k} {ksize}x{ksize}/{stride} {h}x{h}" + (" +add" if ends_block else "")
     measure(benchmark, run, model="resnet50-conv", impl=impl, dtype=str(DTYPE).removeprefix("torch."),
             batch=BATCH, size=h, layer=benchmark.group)
+
+
+# The deeper fusions, layer by layer, at resnet50's shapes: under the "reference" and "cudnn" backends
+# the same op runs as separate kernels (cuDNN conv, then pooling / the shortcut conv / the add).
+DEEPER = {
+    # name: (C, K, kernel, stride, padding, H, shortcut (Cs, stride) or None)
+    "conv3+downsample layer1": (64, 256, 1, 1, 0, 56, (64, 1)),
+    "conv3+downsample layer2": (128, 512, 1, 1, 0, 28, (256, 2)),
+    "conv3+downsample layer3": (256, 1024, 1, 1, 0, 14, (512, 2)),
+    "conv3+downsample layer4": (512, 2048, 1, 1, 0, 7, (1024, 2)),
+}
+DEEPER_CASES = list(DEEPER) if HAS_CUDA else list(DEEPER)[:1]
+
+
+def _nhwc(*shape):
+    return torch.randn(*shape, device=DEVICE, dtype=DTYPE).contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("name", DEEPER_CASES)
+def test_merged_shortcut_layer(benchmark, name, impl):
+    c, k, ksize, stride, padding, h, (cs, sc_stride) = DEEPER[name]
+    if impl != "cudnn_separate" and not HAS_CUDA:
+        pytest.skip("timed on a GPU only; on a CPU the reference path alone runs")
+    x, res = _nhwc(BATCH, c, h, h), _nhwc(BATCH, cs, h * sc_stride, h * sc_stride)
+    weight = (_nhwc(k, c, ksize, ksize) * (c * ksize * ksize) ** -0.5)
+    shortcut_weight = _nhwc(k, cs, 1, 1) * cs**-0.5
+    bias = torch.randn(k, device=DEVICE, dtype=DTYPE)
+
+    def run():
+        with kernels.use_backend(IMPLS[impl]):
+            return kernels.conv2d_bias_act(x, weight, bias, stride, padding, residual=res, relu=True,
+                                           residual_weight=shortcut_weight, residual_stride=sc_stride)
+
+    benchmark.group = f"merged shortcut: {name} C{c} K{k} {h}x{h}, shortcut C{cs}/{sc_stride}"
+    measure(benchmark, run, model="resnet50-layer", impl=impl, dtype=str(DTYPE).removeprefix("torch."),
+            batch=BATCH, size=h, layer=benchmark.group)
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_stem_layer(benchmark, impl):
+    if impl != "cudnn_separate" and not HAS_CUDA:
+        pytest.skip("timed on a GPU only; on a CPU the reference path alone runs")
+    size = 224 if HAS_CUDA else 32
+    x = _nhwc(BATCH, 3, size, size)
+    weight = _nhwc(64, 3, 7, 7) * 147**-0.5
+    bias = torch.randn(64, device=DEVICE, dtype=DTYPE)
+
+    def run():
+        with kernels.use_backend(IMPLS[impl]):
+            return kernels.conv2d_bias_act_maxpool(x, weight, bias, 2, 3, relu=True, pool_size=3, pool_stride=2,
+                                                   pool_padding=1)
+
+    benchmark.group = f"stem conv 7x7/2 + ReLU + maxpool 3x3/2 {size}x{size}"
+    measure(benchmark, run, model="resnet50-layer", impl=impl, dtype=str(DTYPE).removeprefix("torch."),
+            batch=BATCH, size=size, layer=benchmark.group)
+
+
+@pytest.mark.parametrize("impl", ["fused", "cudnn_separate"])
+def test_head_layer(benchmark, impl):
+    if impl != "cudnn_separate" and not HAS_CUDA:
+        pytest.skip("timed on a GPU only; on a CPU the reference path alone runs")
+    x = _nhwc(BATCH, 2048, 7, 7)
+    weight = torch.randn(1000, 2048, device=DEVICE, dtype=DTYPE) * 2048**-0.5
+    bias = torch.randn(1000, device=DEVICE, dtype=DTYPE)
+
+    def run():
+        with kernels.use_backend(IMPLS[impl]):
+            return kernels.avgpool_linear(x, weight, bias)
+
+    benchmark.group = "head avgpool 7x7 + fc 2048->1000"
+    measure(benchmark, run, model="resnet50-layer", impl=impl, dtype=str(DTYPE).removeprefix("torch."),
+            batch=BATCH, size=7, layer=benchmark.group)
