@@ -168,14 +168,18 @@ def _cuda_graph(module, static_x):
 
 
 def time_impl(run, x, *, iters, warmup=3, progress=None):
-    """Median and all per-call times in milliseconds; each timed call waits for the GPU."""
-    cuda = x.is_cuda
+    """Median and all per-call times of run(x) in milliseconds; each timed call waits for the GPU."""
+    return time_call(lambda: run(x), cuda=x.is_cuda, iters=iters, warmup=warmup, progress=progress)
+
+
+def time_call(fn, *, cuda, iters, warmup=3, progress=None):
+    """Median and all per-call times of fn() in milliseconds: CUDA events on a GPU, a wall clock elsewhere."""
     times = []
     with torch.no_grad():
         for i in range(warmup):
             if progress:
                 progress(f"warm-up {i + 1}/{warmup} (first calls autotune and compile)")
-            run(x)
+            fn()
         if cuda:
             torch.cuda.synchronize()
         for i in range(iters):
@@ -184,13 +188,13 @@ def time_impl(run, x, *, iters, warmup=3, progress=None):
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                run(x)
+                fn()
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end))
             else:
                 t0 = time.perf_counter()
-                run(x)
+                fn()
                 times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), times
 

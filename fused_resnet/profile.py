@@ -24,7 +24,7 @@ the achieved TFLOP/s and GB/s and the share of the roof of the GPU they ran on.
 
 import copy
 import dataclasses
-import statistics
+import math
 
 import torch
 from torch import nn
@@ -74,22 +74,15 @@ class Layer:
 
     @property
     def x(self):
-        return _numel(self.x_shape)
+        return math.prod(self.x_shape)
 
     @property
     def w(self):
-        return _numel(self.w_shape)
+        return math.prod(self.w_shape)
 
     @property
     def y(self):
-        return _numel(self.y_shape)
-
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+        return math.prod(self.y_shape)
 
 
 def step_on(step, fusion):
@@ -161,14 +154,14 @@ def layers(model, batch, size):
     def conv_row(name, kind, conv, **extra):
         x_shape, y_shape = shapes[name]
         cg = conv.in_channels // conv.groups
-        flops = 2 * _numel(y_shape) * cg * conv.kernel_size[0] * conv.kernel_size[1]
+        flops = 2 * math.prod(y_shape) * cg * conv.kernel_size[0] * conv.kernel_size[1]
         return Layer(name, kind, x_shape, tuple(conv.weight.shape), y_shape, tuple(conv.stride), flops, **extra)
 
     pool_in, pool_out = shapes["maxpool"]
     pool_size = model.maxpool.kernel_size
-    taps = pool_size * pool_size if isinstance(pool_size, int) else _numel(pool_size)
-    rows = [conv_row("conv1", "stem", model.conv1, pooled=_numel(pool_out),
-                     recompute=taps * _numel(pool_out) / _numel(pool_in))]
+    taps = pool_size * pool_size if isinstance(pool_size, int) else math.prod(pool_size)
+    rows = [conv_row("conv1", "stem", model.conv1, pooled=math.prod(pool_out),
+                     recompute=taps * math.prod(pool_out) / math.prod(pool_in))]
     for stage in ("layer1", "layer2", "layer3", "layer4"):
         for i, block in enumerate(getattr(model, stage)):
             prefix = f"{stage}.{i}"
@@ -188,27 +181,16 @@ def layers(model, batch, size):
     _, out = shapes["fc"]
     n, c = head_in[0], head_in[1]
     rows.append(Layer("fc", "head", head_in, tuple(model.fc.weight.shape), out,
-                      flops=2 * n * c * model.fc.out_features + _numel(head_in), pooled=n * c))
+                      flops=2 * n * c * model.fc.out_features + math.prod(head_in), pooled=n * c))
     return rows
 
 
 # ---- timing on a GPU ------------------------------------------------------------------------
 
 
-def time_cuda(fn, iters=20, warmup=3):
-    """Median milliseconds of fn() between two CUDA events (after warm-up: autotuning, compiling)."""
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def _median_ms(fn, iters):
+    """Median milliseconds of fn() between CUDA events, after warm-up (autotuning, compiling)."""
+    return bench.time_call(fn, cuda=True, iters=iters)[0]
 
 
 def _callables(layer, ref, fused, dtype, device):
@@ -293,7 +275,7 @@ def profile(model, *, batch, size, dtype, device, iters=20, ablation=True, progr
             if key not in timed:
                 progress(f"timing layer {i + 1}/{len(rows)}: {layer.name}")
                 unfused_fn, fused_fn = _callables(layer, ref, fused, dtype, device)
-                timed[key] = (time_cuda(unfused_fn, iters), time_cuda(fused_fn, iters) if fused_fn else None)
+                timed[key] = (_median_ms(unfused_fn, iters), _median_ms(fused_fn, iters) if fused_fn else None)
             row["unfused_ms"], row["fused_ms"] = (round(t, 5) if t is not None else None for t in timed[key])
             _rates(row, roof_info)
         out_rows.append(row)
@@ -348,7 +330,7 @@ def run_ablation(model, rows, by_name, element, batch, size, dtype, device, iter
             progress(f"ablation {i + 1}/{len(bench.ABLATION)}: {step}")
             if backend is None:
                 net = copy.deepcopy(model).to(device, dtype).to(memory_format=torch.channels_last).eval()
-                entry["ms"] = round(time_cuda(lambda net=net: net(x), iters), 4)
+                entry["ms"] = round(_median_ms(lambda net=net: net(x), iters), 4)
             else:
                 net = fuse(model, dtype=dtype, **switches).to(device)
 
@@ -356,7 +338,7 @@ def run_ablation(model, rows, by_name, element, batch, size, dtype, device, iter
                     with kernels.use_backend(backend):
                         return net(x)
 
-                entry["ms"] = round(time_cuda(run, iters), 4)
+                entry["ms"] = round(_median_ms(run, iters), 4)
         steps.append(entry)
     return steps
 

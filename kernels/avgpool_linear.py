@@ -17,7 +17,7 @@ from torch.library import triton_op, wrap_triton
 
 from . import backend
 from ._checks import check_same_device, check_supported_dtype
-from .conv2d import tile_ids
+from .conv2d import _interpreter_blocks, tile_ids
 
 # ----------------------------------------------------------------------------------------------
 # Autotune configs
@@ -34,8 +34,6 @@ CONFIGS = [
         (16, 64, 128, 3, 4),
     ]
 ]
-
-INTERPRETER_MAX_BLOCK = 128
 
 # ----------------------------------------------------------------------------------------------
 # Kernel
@@ -146,10 +144,7 @@ def _launch(x, weight, bias, y):
     b_arg = bias if bias is not None else y
     with backend.launch_guard(x):
         if interpret:
-            def fit(v):
-                return min(INTERPRETER_MAX_BLOCK, max(16, triton.next_power_of_2(v)))
-
-            blocks = {"BLOCK_M": fit(n), "BLOCK_N": fit(j), "BLOCK_K": fit(c), "GROUP_M": 8}
+            blocks = _interpreter_blocks(n, j, c)
             wrap_triton(_avgpool_linear_kernel)[grid](x, weight, b_arg, y, **args, **blocks)
         else:
             wrap_triton(_avgpool_linear_autotuned)[grid](x, weight, b_arg, y, **args)
