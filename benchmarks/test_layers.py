@@ -10,7 +10,7 @@ import torch
 import torchvision
 from conftest import DEVICE, HAS_CUDA, measure
 
-import kernels
+from fused_resnet import kernels
 
 BATCH = 32 if HAS_CUDA else 2
 DTYPE = torch.float16 if HAS_CUDA else torch.float32

@@ -8,7 +8,9 @@
 
 import argparse
 import copy
+import importlib.util
 import json
+import os
 import shlex
 import sys
 
@@ -49,16 +51,18 @@ class Progress:
 
 
 def _common(p):
-    p.add_argument("--arch", default="resnet50", help="torchvision architecture (default: resnet50)")
+    p.add_argument("--arch", default="resnet50", choices=bench.ARCHS, metavar="ARCH",
+                   help=f"torchvision architecture, one of: {', '.join(bench.ARCHS)} (default: %(default)s)")
     p.add_argument("--dtype", choices=list(bench.DTYPES), default=None,
                    help="float16 on a GPU, float32 on a CPU unless given")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: 256 on a GPU, 8 on a CPU)")
     p.add_argument("--size", type=int, default=None, help="image height and width (default: 224)")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                   help="where to run: the GPU if there is one ('auto'), or 'cuda' or 'cpu' (default: %(default)s)")
     p.add_argument("--weights", default=None,
                    help="state_dict file, or a torchvision weights name already in the cache "
                         "(default: random weights, BatchNorm statistics from synthetic batches)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON (default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress display")
 
 
@@ -68,6 +72,7 @@ def build_parser():
         description="Fuse a torchvision ResNet (BatchNorm folded, conv+bias+add+ReLU in one Triton kernel), "
                     "check it is the same network, and time it against PyTorch. With no command: "
                     "resnet50, verify then bench, on the best device present.",
+        epilog=f"architectures: {', '.join(bench.ARCHS)}",
     )
     sub = parser.add_subparsers(dest="command")
     verify = sub.add_parser("verify", help="compare the fused network with torchvision's")
@@ -75,17 +80,62 @@ def build_parser():
     b = sub.add_parser("bench", help="time implementations side by side")
     _common(b)
     b.add_argument("--impl", nargs="+", default=None, choices=bench.IMPLS, metavar="IMPL",
-                   help=f"some of: {', '.join(bench.IMPLS)}")
-    b.add_argument("--iters", type=int, default=None, help="timed runs per implementation")
+                   help=f"some of: {', '.join(bench.IMPLS)} (default on a GPU: {' '.join(GPU_DEFAULTS['impls'])}; "
+                        f"on a CPU: {' '.join(CPU_DEFAULTS['impls'])})")
+    b.add_argument("--iters", type=int, default=None,
+                   help=f"timed runs per implementation (default: {GPU_DEFAULTS['iters']} on a GPU, "
+                        f"{CPU_DEFAULTS['iters']} on a CPU)")
     p = sub.add_parser("profile", help="per-layer bytes, FLOPs and (on a GPU) time, unfused vs fused; ablation")
     _common(p)
-    p.add_argument("--plot", default=None, metavar="PATH", help="write a roofline chart (PNG) here")
-    p.add_argument("--iters", type=int, default=20, help="timed runs per layer and per ablation step on a GPU")
+    p.add_argument("--plot", default=None, metavar="PATH", help="write a roofline chart (PNG) here (default: none)")
+    p.add_argument("--iters", type=int, default=20,
+                   help="timed runs per layer and per ablation step on a GPU (default: %(default)s)")
     p.add_argument("--no-ablation", dest="ablation", action="store_false",
                    help="skip the ablation (one fusion added at a time)")
     p.add_argument("--readme", default=None, metavar="PATH",
                    help="write the totals and the ablation between the profile markers of this README")
     return parser
+
+
+def check_args(args):
+    """Every argument checked before any work starts; raises bench.UsageError naming the one at fault."""
+    for key in ("batch", "size", "iters"):
+        value = getattr(args, key, None)
+        if value is not None and value < 1:
+            raise bench.UsageError(f"--{key} must be at least 1, got {value}")
+    bench.resolve_weights(args.arch, args.weights)
+    bench.pick_device(args.device)
+    for option in ("json", "plot"):
+        _check_output_path(f"--{option}", getattr(args, option, None))
+    if getattr(args, "plot", None):
+        if importlib.util.find_spec("matplotlib") is None:
+            raise bench.UsageError("--plot needs matplotlib: pip install 'fused_resnet[plot]'")
+        dtype = bench.DTYPES[args.dtype or GPU_DEFAULTS["dtype"]]
+        if fusion_profile.roof(bench.pick_device(args.device), dtype) is None:
+            raise bench.UsageError("--plot: no roofs are known for this GPU, and the chart needs them")
+    readme = getattr(args, "readme", None)
+    if readme:
+        if not args.ablation:
+            raise bench.UsageError("--readme needs the ablation; drop --no-ablation")
+        if not os.path.isfile(readme) or not os.access(readme, os.W_OK):
+            raise bench.UsageError(f"--readme {readme}: no writable file there")
+        with open(readme) as f:
+            text = f.read()
+        if fusion_profile.README_BEGIN not in text or fusion_profile.README_END not in text:
+            raise bench.UsageError(f"--readme {readme}: the file has no profile markers "
+                                   f"({fusion_profile.README_BEGIN} ... {fusion_profile.README_END})")
+
+
+def _check_output_path(option, path):
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise bench.UsageError(f"{option} {path}: is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise bench.UsageError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise bench.UsageError(f"{option} {path}: the folder {folder} is not writable")
 
 
 def _settings(args, device):
@@ -96,8 +146,6 @@ def _settings(args, device):
             setattr(args, key, defaults[key])
     if getattr(args, "impl", None) is None:
         args.impl = list(defaults["impls"])
-    if args.batch < 1 or args.size < 1:
-        raise SystemExit("error: --batch and --size must be positive")
     return args
 
 
@@ -138,34 +186,57 @@ def run_verify(args, progress, model=None, note=None):
     return payload
 
 
+WARMUP_NOTES = {"compile": "the first call compiles", "fused": "first calls autotune and compile the kernels",
+                "fused_cuda_graph": "first calls autotune, compile and capture the graph"}
+
+
 def run_bench(args, progress, model=None, note=None, command=None):
     device, dtype, model, note = _prepare(args, progress, model, note)
     progress("preparing implementations")
     ready, skipped = bench.build_impls(model, args.impl, dtype, device, args.batch, args.size)
     cases = []
     for i, (name, (fn, x)) in enumerate(ready.items()):
-        median, _ = bench.time_impl(fn, x, iters=args.iters,
-                                    progress=lambda m, n=name, i=i: progress(f"[{i + 1}/{len(ready)}] {n}: {m}"))
+        _, times = bench.time_impl(fn, x, iters=args.iters, warmup_note=_warmup_note(name, device),
+                                   progress=lambda m, n=name, i=i: progress(f"[{i + 1}/{len(ready)}] {n}: {m}"))
+        stats = {k: round(v, 4) for k, v in bench.spread(times).items()}
         cases.append({"model": args.arch, "impl": name, "dtype": args.dtype, "batch": args.batch,
-                      "size": args.size, "median_ms": round(median, 4),
-                      "images_per_s": round(args.batch / median * 1e3, 1)})
+                      "size": args.size, **stats, "iters": len(times),
+                      "images_per_s": round(args.batch / stats["median_ms"] * 1e3, 1)})
     progress.done()
     base = next((c for c in cases if c["impl"] == bench.BASELINE), None)
     print(f"bench {args.arch}  {args.dtype}  batch {args.batch}  {args.size}x{args.size}  on {device}"
-          f"  ({args.iters} timed runs, median)")
+          f"  ({args.iters} timed runs: median, and the middle half of the runs as q1-q3)")
     print(f"  weights: {note}")
     print(f"  fused path: {bench.describe_path(device)}")
-    header = f"  {'implementation':<22}{'median ms':>12}{'images/s':>12}{'vs ' + bench.BASELINE:>26}"
+    header = (f"  {'implementation':<22}{'median ms':>11}{'q1-q3 ms':>19}{'images/s':>11}"
+              f"{'vs ' + bench.BASELINE:>25}")
     print(header)
     print("  " + "-" * (len(header) - 2))
+    noisy = []
     for c in cases:
-        speedup = f"{base['median_ms'] / c['median_ms']:.2f}x" if base else "-"
-        print(f"  {c['impl']:<22}{c['median_ms']:>12.3f}{c['images_per_s']:>12.1f}{speedup:>26}")
+        speedup = "-"
+        if base:
+            speedup = f"{base['median_ms'] / c['median_ms']:.2f}x"
+            if c is not base and bench.within_noise(c, base):
+                speedup += " (noise)"
+                noisy.append(c["impl"])
+        quartiles = f"{c['q1_ms']:.3f}-{c['q3_ms']:.3f}"
+        print(f"  {c['impl']:<22}{c['median_ms']:>11.3f}{quartiles:>19}{c['images_per_s']:>11.1f}{speedup:>25}")
     for name, reason in skipped.items():
         print(f"  {name:<22}{'skipped: ' + reason:>50}")
+    if noisy:
+        print(f"  (noise): {', '.join(noisy)} differ from {bench.BASELINE} by less than the spread of the runs "
+              "(q1-q3); the ratio is not a measured difference. Run with more --iters, on a quieter machine.")
     payload = {"provenance": bench.provenance(command or "fused-resnet bench", device), "cases": cases}
     _write_json(args.json, payload)
     return payload
+
+
+def _warmup_note(name, device):
+    """What the warm-up calls of an implementation do besides warming up: compiling, autotuning."""
+    if name == "compile" or (name.startswith("fused") and device.type == "cuda"):
+        return WARMUP_NOTES[name]
+    return ""
 
 
 def _profile_command(args):
@@ -192,8 +263,6 @@ def run_profile(args, progress, command=None):
                "dtype": args.dtype, "batch": args.batch, "size": args.size, "weights": note, **result}
     _write_json(args.json, payload)
     if args.readme:
-        if not args.ablation:
-            raise SystemExit("error: --readme needs the ablation")
         bench.write_between_markers(args.readme, fusion_profile.README_BEGIN, fusion_profile.README_END,
                                     fusion_profile.readme_block(result, _profile_command(args)))
     if args.plot:
@@ -208,23 +277,30 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     command = "fused-resnet " + shlex.join(argv)
-    if args.command is None:
+    default_run = args.command is None
+    if default_run:
         args = parser.parse_args(["bench"])  # the embedded default: resnet50, verify then bench
-        progress = Progress()
-        device = bench.pick_device("auto")
-        print(f"fused_resnet default run: {args.arch}, verify then bench on {device}\n")
-        model, note = bench.load_model(args.arch, None)
-        run_verify(argparse.Namespace(**{**vars(args), "json": None}), progress, model, note)
-        print()
-        run_bench(args, progress, model, note, command="python -m fused_resnet")
-        return 0
-    progress = Progress(enabled=not args.quiet)
-    if args.command == "verify":
-        run_verify(args, progress)
-    elif args.command == "profile":
-        run_profile(args, progress, command=command)
-    else:
-        run_bench(args, progress, command=command)
+    try:
+        check_args(args)
+        if default_run:
+            progress = Progress()
+            device = bench.pick_device("auto")
+            print(f"fused_resnet default run: {args.arch}, verify then bench on {device}\n")
+            model, note = bench.load_model(args.arch, None)
+            run_verify(argparse.Namespace(**{**vars(args), "json": None}), progress, model, note)
+            print()
+            run_bench(args, progress, model, note, command="python -m fused_resnet")
+            return 0
+        progress = Progress(enabled=not args.quiet)
+        if args.command == "verify":
+            run_verify(args, progress)
+        elif args.command == "profile":
+            run_profile(args, progress, command=command)
+        else:
+            run_bench(args, progress, command=command)
+    except bench.UsageError as err:
+        sys.stderr.write(f"fused-resnet: error: {err}\n")
+        raise SystemExit(2) from None
     return 0
 
 

@@ -21,11 +21,13 @@ import time
 import torch
 import torchvision
 
-import kernels
-
+from . import kernels
 from .convert import fuse
 from .validate import synthetic_batchnorm
 
+# The architectures fuse() covers, as torchvision names them (each also with replace_stride_with_dilation).
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+         "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
 IMPLS = ("eager", "eager_channels_last", "compile", "cudnn_fused", "fused", "fused_cuda_graph")
 
 # The fusion ablation, one step at a time: (step, kernels backend, fuse() switches). "unfused" is
@@ -53,12 +55,17 @@ BASELINE = "eager_channels_last"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+class UsageError(ValueError):
+    """A request that cannot be met as asked (unknown architecture, missing weights, no GPU): the
+    command line prints its message on one line and exits with status 2."""
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' is CUDA when there is a GPU, else the CPU; 'cuda' without a GPU is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but torch sees no CUDA GPU")
+        raise UsageError("--device cuda, but torch sees no CUDA GPU")
     return torch.device(name)
 
 
@@ -73,6 +80,28 @@ def describe_path(device: torch.device) -> str:
     return "CPU: reference path (folded weights, plain torch ops); no Triton kernel and no GPU figure"
 
 
+def resolve_weights(arch: str, weights: str | None):
+    """Check `arch` and `weights` before any work: None, a state_dict path, or a cached torchvision
+    weights enum. Raises UsageError with what was expected."""
+    if arch not in ARCHS:
+        raise UsageError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+    if weights is None:
+        return None
+    if os.path.isfile(weights):
+        return weights
+    builder = getattr(torchvision.models, arch)
+    try:
+        enum = torchvision.models.get_model_weights(builder)[weights]
+    except KeyError:
+        raise UsageError(f"--weights {weights!r} is neither a file nor a torchvision weights name for {arch}") from None
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
+    if not os.path.exists(cached):
+        raise UsageError(f"torchvision weights {arch}.{enum.name} are not cached at {cached}; download them where "
+                         f"there is a network (torchvision.models.{arch}(weights='{enum.name}')) or pass "
+                         "--weights PATH to a state_dict file")
+    return enum
+
+
 def load_model(arch: str, weights: str | None = None, *, seed: int = 0, size: int = 64):
     """A torchvision model in eval mode, and a line that says where its weights came from.
 
@@ -80,29 +109,21 @@ def load_model(arch: str, weights: str | None = None, *, seed: int = 0, size: in
     a torchvision weights name ('DEFAULT', 'IMAGENET1K_V2', ...) if already in the torch hub cache;
     or the path of a state_dict file.
     """
-    if not hasattr(torchvision.models, arch):
-        raise SystemExit(f"error: unknown architecture {arch!r}")
+    source = resolve_weights(arch, weights)
     builder = getattr(torchvision.models, arch)
-    if weights is None:
+    if source is None:
         torch.manual_seed(seed)
         model = synthetic_batchnorm(builder(), seed=seed, size=size)
         return model, "random weights; BatchNorm statistics estimated on synthetic batches"
-    if os.path.exists(weights):
+    if isinstance(source, str):
         model = builder()
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-        return model.eval(), f"state_dict from {weights}"
-    try:
-        enum = torchvision.models.get_model_weights(builder)[weights]
-    except KeyError:
-        raise SystemExit(f"error: --weights {weights!r} is neither a file nor a torchvision weights name "
-                         f"for {arch}") from None
-    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(enum.url))
-    if not os.path.exists(cached):
-        raise SystemExit(f"error: torchvision weights {arch}.{enum.name} are not cached at {cached}; download "
-                         f"them where there is a network (torchvision.models.{arch}(weights='{enum.name}')) "
-                         "or pass --weights PATH to a state_dict file")
-    return builder(weights=enum).eval(), f"torchvision weights {enum.name} from the cache"
+        try:
+            model.load_state_dict(torch.load(source, map_location="cpu", weights_only=True))
+        except Exception as err:  # unpickling and key/shape mismatches raise many kinds
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UsageError(f"--weights {source}: not a {arch} state_dict ({first})") from err
+        return model.eval(), f"state_dict from {source}"
+    return builder(weights=source).eval(), f"torchvision weights {source.name} from the cache"
 
 
 def build_impls(model, names, dtype, device, batch, size):
@@ -114,7 +135,7 @@ def build_impls(model, names, dtype, device, batch, size):
     fused = None
     for name in names:
         if name not in IMPLS:
-            raise SystemExit(f"error: unknown implementation {name!r}; expected some of {', '.join(IMPLS)}")
+            raise UsageError(f"unknown implementation {name!r}; expected some of {', '.join(IMPLS)}")
         if name in ("cudnn_fused", "fused_cuda_graph") and device.type != "cuda":
             skipped[name] = "needs CUDA"
             continue
@@ -167,18 +188,24 @@ def _cuda_graph(module, static_x):
     return replay
 
 
-def time_impl(run, x, *, iters, warmup=3, progress=None):
+def time_impl(run, x, *, iters, warmup=3, progress=None, warmup_note=""):
     """Median and all per-call times of run(x) in milliseconds; each timed call waits for the GPU."""
-    return time_call(lambda: run(x), cuda=x.is_cuda, iters=iters, warmup=warmup, progress=progress)
+    return time_call(lambda: run(x), cuda=x.is_cuda, iters=iters, warmup=warmup, progress=progress,
+                     warmup_note=warmup_note)
 
 
-def time_call(fn, *, cuda, iters, warmup=3, progress=None):
-    """Median and all per-call times of fn() in milliseconds: CUDA events on a GPU, a wall clock elsewhere."""
+def time_call(fn, *, cuda, iters, warmup=3, progress=None, warmup_note=""):
+    """Median and all per-call times of fn() in milliseconds: CUDA events on a GPU, a wall clock elsewhere.
+
+    `warmup_note` says what the warm-up calls do beyond warming up (compiling, autotuning), for the
+    progress line."""
+    if iters < 1:
+        raise UsageError(f"need at least one timed run, got iters={iters}")
     times = []
     with torch.no_grad():
         for i in range(warmup):
             if progress:
-                progress(f"warm-up {i + 1}/{warmup} (first calls autotune and compile)")
+                progress(f"warm-up {i + 1}/{warmup}" + (f" ({warmup_note})" if warmup_note else ""))
             fn()
         if cuda:
             torch.cuda.synchronize()
@@ -197,6 +224,21 @@ def time_call(fn, *, cuda, iters, warmup=3, progress=None):
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times), times
+
+
+def spread(times):
+    """min, quartiles and max of a list of times (ms), as the bench table and JSON report them."""
+    ordered = sorted(times)
+    q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive") if len(ordered) > 1 else ordered * 3
+    return {"min_ms": ordered[0], "q1_ms": q1, "median_ms": statistics.median(ordered), "q3_ms": q3,
+            "max_ms": ordered[-1]}
+
+
+def within_noise(case, base):
+    """True when two timings' medians differ by less than either one's interquartile range: the
+    ratio of their medians is then not a measured difference."""
+    difference = abs(case["median_ms"] - base["median_ms"])
+    return difference < max(case["q3_ms"] - case["q1_ms"], base["q3_ms"] - base["q1_ms"])
 
 
 def provenance(command: str, device: torch.device) -> dict:
@@ -235,7 +277,7 @@ def write_between_markers(path, begin, end, text):
     with open(path) as f:
         content = f.read()
     if begin not in content or end not in content:
-        raise SystemExit(f"error: {path} has no markers {begin!r} ... {end!r}")
+        raise UsageError(f"{path} has no markers {begin!r} ... {end!r}")
     head, rest = content.split(begin, 1)
     _, tail = rest.split(end, 1)
     with open(path, "w") as f:

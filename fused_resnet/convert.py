@@ -64,8 +64,25 @@ def fuse(
     if merge_downsample and not residual_epilogue:
         raise ValueError("fuse: merge_downsample=True needs residual_epilogue=True (the merged shortcut is added "
                          "in the epilogue); pass merge_downsample=False too")
-    fused = copy.deepcopy(model).eval()
+    blocks = [m for m in model.modules() if type(m) in _BLOCKS]
+    if not blocks:
+        raise TypeError(
+            f"fuse: expected a torchvision ResNet (or a module holding torchvision BasicBlock or Bottleneck "
+            f"blocks), got a {type(model).__name__} with none"
+        )
+    training = [name or type(model).__name__ for name, m in model.named_modules()
+                if isinstance(m, nn.BatchNorm2d) and m.training]
+    if training:
+        warnings.warn(
+            f"fuse: the model is in train mode ({len(training)} BatchNorm2d, first '{training[0]}'); fused modules "
+            "always compute eval mode, with the running statistics folded in. Call model.eval() first to say so.",
+            stacklevel=2,
+        )
     options = dict(dtype=dtype, residual_epilogue=residual_epilogue, merge_downsample=merge_downsample)
+    if type(model) in _BLOCKS:  # a single block: its fused equivalent
+        fused = _BLOCKS[type(model)].from_torchvision(copy.deepcopy(model).eval(), **options)
+        return fused if dtype is None else fused.to(dtype)
+    fused = copy.deepcopy(model).eval()
     _swap_children(fused, options, stem_maxpool, avgpool_fc, prefix="")
     if dtype is not None:
         fused.to(dtype)
@@ -87,6 +104,9 @@ def _swap_children(module, options, stem_maxpool, avgpool_fc, prefix):
             module.maxpool = nn.Identity()
         else:
             module.conv1 = FusedConv2d.from_conv_bn(module.conv1, module.bn1, relu=True, dtype=dtype)
+        # A ResNet's forward ends in flatten(x, 1), which needs a batch: refuse an unbatched image
+        # at the first layer, with the caller's shape, rather than deep inside the network.
+        module.conv1.batched_only = True
         module.bn1 = nn.Identity()
         module.relu = nn.Identity()
     if avgpool_fc and _is_resnet_head(module):

@@ -14,13 +14,17 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-import kernels
-
+from . import kernels
 from .folding import fold_bn
 
 
 class InferenceOnly(nn.Module):
-    """Base for fused modules: always in eval mode, no gradients."""
+    """Base for fused modules: always in eval mode, no gradients.
+
+    `batched_only`: refuse 3-D (unbatched) input; fuse() sets it on a network's first layer.
+    """
+
+    batched_only = False
 
     def __init__(self):
         super().__init__()
@@ -187,6 +191,10 @@ def check_input(module, x, channels, weight):
     name = type(module).__name__
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor input, got {type(x).__name__}")
+    if module.batched_only and x.dim() != 4:
+        hint = "; add the batch dimension with x.unsqueeze(0)" if x.dim() == 3 else ""
+        raise ValueError(f"{name} (the network's first layer): expected a batched 4-D (N, C, H, W) input, got shape "
+                         f"{tuple(x.shape)}{hint}")
     if x.dim() not in (3, 4):
         raise ValueError(f"{name}: expected a 4-D (N, C, H, W) or 3-D (C, H, W) input, got shape {tuple(x.shape)}")
     if x.shape[-3] != channels:

@@ -30,9 +30,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-import kernels
-
-from . import bench
+from . import bench, kernels
 from .convert import fuse
 
 STEPS = tuple(step for step, _, _ in bench.ABLATION)
@@ -269,6 +267,8 @@ def profile(model, *, batch, size, dtype, device, iters=20, ablation=True, progr
             "unfused_bytes": unfused_bytes * element, "fused_bytes": fused_bytes * element,
             "bytes_ratio": round(unfused_bytes / fused_bytes, 3) if fused_bytes else None,
             "unfused_kernels": unfused_kernels, "fused_kernels": fused_kernels,
+            # The downsample row whose 1x1 conv this row's kernel runs inside its GEMM, if any.
+            "merged_shortcut": layer.shortcut if layer.kind == "last" else None,
         }
         if measured:
             key = (layer.kind, layer.x_shape, layer.w_shape, layer.y_shape, layer.stride, layer.shortcut is not None)
@@ -358,8 +358,12 @@ def format_table(result):
     if measured:
         head += f"{'ms unfused':>12}{'ms fused':>10}{'TFLOP/s':>9}{'GB/s':>8}{'% roof':>8}"
     lines = [head, "-" * len(head)]
+    merged = []
     for r in rows:
         ratio = f"{r['bytes_ratio']:.2f}" if r["bytes_ratio"] else "-"
+        if r.get("merged_shortcut"):
+            ratio += "*"
+            merged.append(r["merged_shortcut"])
         line = (f"{r['layer']:<22}{'x'.join(map(str, r['output'])):>20}{r['flops'] / 1e9:>9.2f}"
                 f"{_mb(r['unfused_bytes']):>12}{_mb(r['fused_bytes']):>10}{ratio:>7}"
                 f"{str(r['unfused_kernels']) + '->' + str(r['fused_kernels']):>9}")
@@ -368,6 +372,11 @@ def format_table(result):
             line += (f"{r['unfused_ms']:>12.4f}{fused_ms:>10}{r['fused_tflops'] or 0:>9.1f}{r['fused_gbps'] or 0:>8.0f}"
                      f"{r['fused_roof_pct'] or 0:>8.1f}")
         lines.append(line)
+    if merged:
+        lines += ["", f"* the row's kernel also runs the projection shortcut merged into its GEMM ({merged[0]}"
+                      + (f" and {len(merged) - 1} more" if len(merged) > 1 else "") + "): its fused bytes include the "
+                      "shortcut's input and weight, and the shortcut's own row moves nothing. A ratio below 1 there "
+                      "is the shortcut's traffic counted in this row; the saving shows in the shortcut's row."]
     t = result["totals"]
     lines += ["", f"total: {t['flops'] / 1e9:,.1f} GFLOP ({t['fused_flops'] / 1e9:,.1f} executed fused); "
                   f"{_mb(t['unfused_bytes'])} MB unfused, {_mb(t['fused_bytes'])} MB fused, "
@@ -420,7 +429,7 @@ def plot_roofline(result, path, title):
 
     roof_info = result["roof"]
     if roof_info is None:
-        raise SystemExit("error: no roofs known for this GPU; the chart needs them")
+        raise ValueError("plot_roofline: no roofs are known for this GPU, and the chart needs them")
     peak, bandwidth = roof_info["peak_flops"], roof_info["bandwidth_bytes_per_s"]
     measured = not result["analytic_only"]
     fig, ax = plt.subplots(figsize=(8, 5.5))

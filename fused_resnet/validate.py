@@ -32,7 +32,8 @@ class Comparison:
 
     def __str__(self):
         return (f"max abs err {self.max_abs_err:.3e}, max rel err {self.max_rel_err:.3e}, "
-                f"top-1 agreement {self.top1_agreement:.1%} ({self.fused_dtype} vs {self.reference_dtype})")
+                f"top-1 agreement {self.top1_agreement:.1%} "
+                f"(fused {self.fused_dtype} vs reference {self.reference_dtype})")
 
 
 def _dtype_device(model):

@@ -5,7 +5,17 @@ conv2d_bias_act_maxpool: conv + bias (+ ReLU) + max pooling in one kernel (a Res
 avgpool_linear: global average pooling + linear in one kernel (a ResNet head).
 add_relu: residual add + ReLU in one elementwise kernel.
 use_backend: pick Triton, the reference (plain torch ops) or cuDNN for a scope.
+
+Installed as fused_resnet.kernels (`from fused_resnet import kernels`), never as a top-level
+`kernels`: that name belongs to another PyPI package, and importing this folder under two names
+would register the same torch ops twice.
 """
+
+if __name__ != "fused_resnet.kernels":
+    raise ImportError(
+        f"fused_resnet's kernels were imported as {__name__!r}; import them as `from fused_resnet import kernels` "
+        "(install the project with `pip install -e .` so that fused_resnet.kernels resolves)"
+    )
 
 from .add_relu import add_relu, add_relu_reference
 from .avgpool_linear import avgpool_linear, avgpool_linear_reference

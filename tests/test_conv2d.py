@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from conftest import DEVICE, HAS_CUDA, KERNEL_TOL, assert_close, conv_expected, make_case
+from fused_resnet.kernels.conv2d import normalize_padding
 from torch.profiler import ProfilerActivity, profile
 
-import kernels
-from kernels.conv2d import normalize_padding
+from fused_resnet import kernels
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

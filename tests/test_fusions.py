@@ -12,8 +12,7 @@ from conftest import DEVICE, KERNEL_TOL, assert_close, conv_expected, make_case,
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-import kernels
-from fused_resnet import FusedAvgPoolLinear, FusedConv2dMaxPool
+from fused_resnet import FusedAvgPoolLinear, FusedConv2dMaxPool, kernels
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 UNFUSED_OPS = ("conv", "pool", "linear", "addmm", "mean")

@@ -36,3 +36,12 @@ def test_readme_fusion_guide_matches_the_profile_command():
     result = profile(getattr(torchvision.models, args["arch"])(), batch=int(args["batch"]), size=int(args["size"]),
                      dtype=getattr(torch, args["dtype"]), device=torch.device("cpu"))
     assert block == readme_block(result, command), "regenerate with: " + command + " --readme README.md"
+
+
+def test_readme_compare_example_prints_as_compare_does():
+    from fused_resnet.validate import Comparison
+
+    text = (ROOT / "README.md").read_text()
+    example = re.search(r"^# (max abs err .*)$", text, flags=re.M).group(1)
+    printed = str(Comparison(1e-3, 1e-4, 1.0, (0, 0), 0, "torch.float32", "torch.float16"))
+    assert example.split("%", 1)[1] == printed.split("%", 1)[1], (example, printed)
