@@ -73,6 +73,11 @@ def measure(benchmark, fn, *, warmup=3, **case):
     _CASES.append(entry)
 
 
+def record(**case):
+    """Keep a measured case (any keys) for the results file."""
+    _CASES.append(case)
+
+
 def pytest_sessionfinish(session, exitstatus):
     out_dir = session.config.getoption("--results")
     if not out_dir or not _CASES:

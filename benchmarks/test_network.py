@@ -23,7 +23,7 @@ def gpu_cases():
             for batch in (1, LARGE_BATCH):
                 impls = ["eager", "eager_channels_last", "compile", "cudnn_fused", "fused"]
                 if batch == 1:
-                    impls.append("fused_cuda_graph")
+                    impls += ["fused_cuda_graph", "eager_channels_last_cuda_graph"]
                 for impl in impls:
                     yield pytest.param(arch, dtype, batch, impl, marks=pytest.mark.gpu,
                                        id=f"{arch}-{dtype}-b{batch}-{impl}")

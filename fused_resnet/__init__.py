@@ -7,10 +7,12 @@
 
 from .convert import fuse
 from .folding import fold_bn
+from .graphs import CUDAGraphModule
 from .modules import FusedAvgPoolLinear, FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedConv2dMaxPool
 from .validate import Comparison, compare
 
 __all__ = [
+    "CUDAGraphModule",
     "Comparison",
     "FusedAvgPoolLinear",
     "FusedBasicBlock",

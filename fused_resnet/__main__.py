@@ -187,7 +187,8 @@ def run_verify(args, progress, model=None, note=None):
 
 
 WARMUP_NOTES = {"compile": "the first call compiles", "fused": "first calls autotune and compile the kernels",
-                "fused_cuda_graph": "first calls autotune, compile and capture the graph"}
+                "fused_cuda_graph": "the first call autotunes, compiles and captures the graph",
+                "eager_channels_last_cuda_graph": "the first call captures the graph"}
 
 
 def run_bench(args, progress, model=None, note=None, command=None):
@@ -234,9 +235,7 @@ def run_bench(args, progress, model=None, note=None, command=None):
 
 def _warmup_note(name, device):
     """What the warm-up calls of an implementation do besides warming up: compiling, autotuning."""
-    if name == "compile" or (name.startswith("fused") and device.type == "cuda"):
-        return WARMUP_NOTES[name]
-    return ""
+    return WARMUP_NOTES.get(name, "") if name == "compile" or device.type == "cuda" else ""
 
 
 def _profile_command(args):

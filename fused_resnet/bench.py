@@ -7,7 +7,8 @@ An implementation is a name and a callable that runs one batch and returns the l
     compile               torch.compile of the channels_last model (max-autotune on a GPU)
     cudnn_fused           BatchNorm folded, cuDNN's fused conv+bias(+add)+ReLU where it applies
     fused                 fused_resnet: every conv one Triton kernel
-    fused_cuda_graph      fused_resnet replayed from a CUDA graph
+    fused_cuda_graph      fused_resnet replayed from a CUDA graph (fused_resnet.CUDAGraphModule)
+    eager_channels_last_cuda_graph   torchvision NHWC replayed from a CUDA graph, the like-for-like baseline
 """
 
 import copy
@@ -23,12 +24,14 @@ import torchvision
 
 from . import kernels
 from .convert import fuse
+from .graphs import CUDAGraphModule
 from .validate import synthetic_batchnorm
 
 # The architectures fuse() covers, as torchvision names them (each also with replace_stride_with_dilation).
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
          "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
-IMPLS = ("eager", "eager_channels_last", "compile", "cudnn_fused", "fused", "fused_cuda_graph")
+IMPLS = ("eager", "eager_channels_last", "compile", "cudnn_fused", "fused", "fused_cuda_graph",
+         "eager_channels_last_cuda_graph")
 
 # The fusion ablation, one step at a time: (step, kernels backend, fuse() switches). "unfused" is
 # torchvision itself; each later step adds one fusion to the one before it.
@@ -136,13 +139,16 @@ def build_impls(model, names, dtype, device, batch, size):
     for name in names:
         if name not in IMPLS:
             raise UsageError(f"unknown implementation {name!r}; expected some of {', '.join(IMPLS)}")
-        if name in ("cudnn_fused", "fused_cuda_graph") and device.type != "cuda":
+        if name in ("cudnn_fused", "fused_cuda_graph", "eager_channels_last_cuda_graph") and device.type != "cuda":
             skipped[name] = "needs CUDA"
             continue
         if name == "eager":
             ready[name] = (base, x)
         elif name == "eager_channels_last":
             ready[name] = (copy.deepcopy(base).to(memory_format=torch.channels_last), x_cl)
+        elif name == "eager_channels_last_cuda_graph":
+            cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
+            ready[name] = (CUDAGraphModule(cl, copy_output=False), x_cl)
         elif name == "compile":
             mode = "max-autotune" if device.type == "cuda" else None
             cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
@@ -154,7 +160,8 @@ def build_impls(model, names, dtype, device, batch, size):
             elif name == "cudnn_fused":
                 ready[name] = (_with_backend(fused, "cudnn"), x_cl)
             else:
-                ready[name] = (_cuda_graph(fused, x_cl), x_cl)
+                # The graph's own output buffer, as a graph-replay baseline would return it.
+                ready[name] = (CUDAGraphModule(fused, copy_output=False), x_cl)
     return ready, skipped
 
 
@@ -164,28 +171,6 @@ def _with_backend(module, name):
             return module(x)
 
     return run
-
-
-def _cuda_graph(module, static_x):
-    """Capture module(static_x) once; each call replays it on whatever static_x holds then."""
-    with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # autotuning and lazy initialisation happen outside the capture
-                module(static_x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = module(static_x)
-
-    def replay(x):
-        if x.data_ptr() != static_x.data_ptr():
-            static_x.copy_(x)
-        graph.replay()
-        return static_out
-
-    return replay
 
 
 def time_impl(run, x, *, iters, warmup=3, progress=None, warmup_note=""):
@@ -223,6 +208,25 @@ def time_call(fn, *, cuda, iters, warmup=3, progress=None, warmup_note=""):
                 t0 = time.perf_counter()
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), times
+
+
+def host_time(fn, *, cuda, forwards=10, repeats=7):
+    """What one call of fn() costs the CPU, in ms: `forwards` calls issued back to back without
+    waiting for the GPU, wall time divided by their number; the median of `repeats` such runs,
+    each after the GPU has drained. On a CPU the calls do the work too, so it is their whole time."""
+    times = []
+    with torch.no_grad():
+        fn()  # plans, compiled kernels and caches exist before timing
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(forwards):
+                fn()
+            times.append((time.perf_counter() - t0) * 1e3 / forwards)
+        if cuda:
+            torch.cuda.synchronize()
     return statistics.median(times), times
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from .graphs import CUDAGraphModule
 from .modules import FusedAvgPoolLinear, FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedConv2dMaxPool
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -33,6 +34,7 @@ def fuse(
     merge_downsample: bool = True,
     stem_maxpool: bool = True,
     avgpool_fc: bool = True,
+    cuda_graph: bool = False,
 ) -> nn.Module:
     """A fused copy of `model` in eval mode; `model` itself is left untouched.
 
@@ -50,6 +52,10 @@ def fuse(
     stem_maxpool: the stem's conv + ReLU + max pooling run as one kernel (off: conv + ReLU, then
         torch's max pooling).
     avgpool_fc: the head's average pooling and fc run as one kernel (off: torch's modules).
+
+    With `cuda_graph=True` the fused model comes wrapped in a CUDAGraphModule (its `.module`):
+    each input signature is captured once on CUDA and replayed; see that class for what a call
+    returns.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"fuse: expected an nn.Module, got {type(model).__name__}")
@@ -84,6 +90,13 @@ def fuse(
         return fused if dtype is None else fused.to(dtype)
     fused = copy.deepcopy(model).eval()
     _swap_children(fused, options, stem_maxpool, avgpool_fc, prefix="")
+    if cuda_graph:
+        return CUDAGraphModule(_finish(fused, dtype, strict))
+    return _finish(fused, dtype, strict)
+
+
+def _finish(fused, dtype, strict):
+    """Cast what is left to `dtype` and account for BatchNorms no fused module took."""
     if dtype is not None:
         fused.to(dtype)
     leftovers = [name for name, m in fused.named_modules() if isinstance(m, nn.BatchNorm2d)]
@@ -92,7 +105,7 @@ def fuse(
                    f"not a known torchvision block: {', '.join(leftovers[:5])}")
         if strict:
             raise TypeError(message + " (strict=True)")
-        warnings.warn(message + "; they run as torch modules", stacklevel=2)
+        warnings.warn(message + "; they run as torch modules", stacklevel=3)
     return fused
 
 

@@ -10,12 +10,18 @@ The folded weights are buffers, not parameters: these modules are for inference 
 training mode and gradients with an error rather than silently returning wrong gradients.
 """
 
+import functools
+
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from . import kernels
 from .folding import fold_bn
+
+# Plans a fused layer keeps, one per input signature; past this the oldest goes (a server that
+# sees many batch sizes keeps its recent ones).
+MAX_PLANS = 32
 
 
 class InferenceOnly(nn.Module):
@@ -39,7 +45,70 @@ class InferenceOnly(nn.Module):
         return super().train(False)
 
 
-class FusedConv2d(InferenceOnly):
+class PlannedLayer(InferenceOnly):
+    """A fused layer that runs one kernels op, planned once per input signature.
+
+    In eager mode a call looks up the plan for its input's signature (shape, strides, dtype,
+    device, and the residual's; the kernels backend in force) and runs it: the checks, argument
+    normalization, backend choice and launch arguments were all done when that plan was built,
+    on the first call with that signature. Under tracing (torch.compile, torch.export, fake
+    tensors, TorchScript tracing) and for unbatched input, the layer calls the registered torch op
+    instead, so a traced graph holds one op per layer. Plans hold the layer's weights: moving or
+    casting the layer (`.to()`, `.half()`), or assigning a buffer, drops them; copies and pickles
+    start without any.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._plans = {}
+
+    def _planned(self, x, residual=None):
+        """The plan for this input, or None where the registered op must run."""
+        if type(x) is not torch.Tensor or x.dim() != 4 or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            check_input(self, x, self.in_channels, self.weight)
+            return None
+        key = (x.shape, x.stride(), x.dtype, x.device, kernels.current_backend(),
+               None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device))
+        plan = self._plans.get(key)
+        if plan is None:
+            check_input(self, x, self.in_channels, self.weight)
+            plan = self._build_plan(x, residual)
+            if len(self._plans) >= MAX_PLANS:
+                del self._plans[next(iter(self._plans))]
+            self._plans[key] = plan
+        elif x.requires_grad and torch.is_grad_enabled():
+            check_input(self, x, self.in_channels, self.weight)  # raises: no gradients here
+        if torch.autograd.profiler._is_profiler_enabled:
+            # Under the profiler a plan's launch shows under the op's name, as the op's would.
+            return functools.partial(_recorded, self.op_name, plan)
+        return plan
+
+    op_name = ""  # the registered op the layer runs, as the profiler names it
+
+    def _build_plan(self, x, residual):
+        raise NotImplementedError
+
+    def _apply(self, fn, *args, **kwargs):
+        self._plans = {}  # .to(), .cuda(), .half() give the buffers new tensors
+        return super()._apply(fn, *args, **kwargs)
+
+    def __setattr__(self, name, value):
+        if name in self.__dict__.get("_buffers", ()):
+            self.__dict__["_plans"] = {}
+        super().__setattr__(name, value)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_plans"] = {}  # plans hold closures over this object's tensors
+        return state
+
+
+def _recorded(name, plan, *operands):
+    with torch.profiler.record_function(name):
+        return plan(*operands)
+
+
+class FusedConv2d(PlannedLayer):
     """conv2d + bias (+ residual) (+ ReLU) as one kernel (kernels.conv2d_bias_act).
 
     forward(x, residual=None) = relu(conv2d(x, weight, bias) + residual); the add only when a
@@ -49,6 +118,8 @@ class FusedConv2d(InferenceOnly):
     convs' biases. The weights are kept channels_last, the layout the kernel reads, so no call
     permutes them.
     """
+
+    op_name = "fused_resnet::conv2d_bias_act"
 
     def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, relu=False,
                  shortcut_weight=None, shortcut_stride=1):
@@ -88,8 +159,17 @@ class FusedConv2d(InferenceOnly):
         return cls(weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups, relu)
 
     def forward(self, x, residual=None):
-        check_input(self, x, self.in_channels, self.weight)
+        plan = self._planned(x, residual)
+        if plan is not None:
+            return plan(x, residual)
         return kernels.conv2d_bias_act(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+            residual=residual, relu=self.relu,
+            residual_weight=self.shortcut_weight, residual_stride=self.shortcut_stride,
+        )
+
+    def _build_plan(self, x, residual):
+        return kernels.plan_conv2d_bias_act(
             x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
             residual=residual, relu=self.relu,
             residual_weight=self.shortcut_weight, residual_stride=self.shortcut_stride,
@@ -116,6 +196,8 @@ class FusedConv2dMaxPool(FusedConv2d):
     is never written to memory.
     """
 
+    op_name = "fused_resnet::conv2d_bias_act_maxpool"
+
     def __init__(self, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, relu=False, *,
                  pool_size, pool_stride, pool_padding):
         super().__init__(weight, bias, stride, padding, dilation, groups, relu)
@@ -141,22 +223,31 @@ class FusedConv2dMaxPool(FusedConv2d):
     def forward(self, x, residual=None):
         if residual is not None:
             raise ValueError("FusedConv2dMaxPool takes no residual")
-        check_input(self, x, self.in_channels, self.weight)
-        return kernels.conv2d_bias_act_maxpool(
-            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, relu=self.relu,
-            pool_size=self.pool_size, pool_stride=self.pool_stride, pool_padding=self.pool_padding,
-        )
+        plan = self._planned(x)
+        if plan is not None:
+            return plan(x)
+        return kernels.conv2d_bias_act_maxpool(x, **self._op_args())
+
+    def _build_plan(self, x, residual):
+        return kernels.plan_conv2d_bias_act_maxpool(x, **self._op_args())
+
+    def _op_args(self):
+        return dict(weight=self.weight, bias=self.bias, stride=self.stride, padding=self.padding,
+                    dilation=self.dilation, groups=self.groups, relu=self.relu, pool_size=self.pool_size,
+                    pool_stride=self.pool_stride, pool_padding=self.pool_padding)
 
     def extra_repr(self):
         return (f"{super().extra_repr()}, maxpool(kernel_size={self.pool_size}, stride={self.pool_stride}, "
                 f"padding={self.pool_padding})")
 
 
-class FusedAvgPoolLinear(InferenceOnly):
+class FusedAvgPoolLinear(PlannedLayer):
     """Global average pooling + linear as one kernel (kernels.avgpool_linear): (N, C, H, W) -> (N, J).
 
     A ResNet head (avgpool, flatten, fc): the pooled vector never goes to memory.
     """
+
+    op_name = "fused_resnet::avgpool_linear"
 
     def __init__(self, weight, bias=None):
         super().__init__()
@@ -166,6 +257,11 @@ class FusedAvgPoolLinear(InferenceOnly):
         self.out_features, self.in_features = weight.shape
         self.register_buffer("weight", weight.detach().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
+
+    @property
+    def in_channels(self):
+        """The channels of the feature map the head pools: the fc's in_features."""
+        return self.in_features
 
     @classmethod
     def from_linear(cls, fc: nn.Linear, *, dtype=None):
@@ -179,8 +275,13 @@ class FusedAvgPoolLinear(InferenceOnly):
     def forward(self, x):
         if isinstance(x, torch.Tensor) and x.dim() != 4:
             raise ValueError(f"FusedAvgPoolLinear: expected a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
-        check_input(self, x, self.in_features, self.weight)
+        plan = self._planned(x)
+        if plan is not None:
+            return plan(x)
         return kernels.avgpool_linear(x, self.weight, self.bias)
+
+    def _build_plan(self, x, residual):
+        return kernels.plan_avgpool_linear(x, self.weight, self.bias)
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

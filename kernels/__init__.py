@@ -5,6 +5,8 @@ conv2d_bias_act_maxpool: conv + bias (+ ReLU) + max pooling in one kernel (a Res
 avgpool_linear: global average pooling + linear in one kernel (a ResNet head).
 add_relu: residual add + ReLU in one elementwise kernel.
 use_backend: pick Triton, the reference (plain torch ops) or cuDNN for a scope.
+plan_<op>: the op checked and bound once for operands of one signature; the plan takes the tensors
+alone (the fused modules' eager fast path).
 
 Installed as fused_resnet.kernels (`from fused_resnet import kernels`), never as a top-level
 `kernels`: that name belongs to another PyPI package, and importing this folder under two names
@@ -17,11 +19,11 @@ if __name__ != "fused_resnet.kernels":
         "(install the project with `pip install -e .` so that fused_resnet.kernels resolves)"
     )
 
-from .add_relu import add_relu, add_relu_reference
-from .avgpool_linear import avgpool_linear, avgpool_linear_reference
+from .add_relu import add_relu, add_relu_reference, plan_add_relu
+from .avgpool_linear import avgpool_linear, avgpool_linear_reference, plan_avgpool_linear
 from .backend import current_backend, interpreting, use_backend
-from .conv2d import conv2d_bias_act, conv2d_bias_act_reference
-from .conv2d_maxpool import conv2d_bias_act_maxpool, conv2d_bias_act_maxpool_reference
+from .conv2d import conv2d_bias_act, conv2d_bias_act_reference, plan_conv2d_bias_act
+from .conv2d_maxpool import conv2d_bias_act_maxpool, conv2d_bias_act_maxpool_reference, plan_conv2d_bias_act_maxpool
 
 __all__ = [
     "add_relu",
@@ -34,5 +36,9 @@ __all__ = [
     "conv2d_bias_act_reference",
     "current_backend",
     "interpreting",
+    "plan_add_relu",
+    "plan_avgpool_linear",
+    "plan_conv2d_bias_act",
+    "plan_conv2d_bias_act_maxpool",
     "use_backend",
 ]

@@ -9,7 +9,7 @@ Order of this file: configs, @triton.jit kernel, launcher, op registration, refe
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import backend
 from ._checks import check_same_device, check_supported_dtype
@@ -37,40 +37,49 @@ def _add_relu_kernel(
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _dense_like(a, b):
-    """a and b laid out identically and densely, so one flat index addresses both."""
-    fmt = torch.channels_last if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) \
-        and not a.is_contiguous() else torch.contiguous_format
-    return a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)
-
-
-@triton_op("fused_resnet::add_relu", mutates_args=())
-def _add_relu_op(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def plan_add_relu(a, b, *, backend_name=None, traceable=False):
+    """Check the arguments once and return run(a, b) -> relu(a + b) for operands laid out as these
+    (under the backend in force, or `backend_name`)."""
     named = {"a": a, "b": b}
     check_supported_dtype("add_relu", named)
     check_same_device("add_relu", named)
     if a.shape != b.shape:
         raise ValueError(f"add_relu: a and b must have one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if backend.resolve(a) != "triton" or a.dtype == torch.float64:
-        return add_relu_reference(a, b)
-    a, b = _dense_like(a, b)
-    out = torch.empty_like(a)
+    if backend.choose(a, backend_name) == "reference":
+        return add_relu_reference
+    fmt = _dense_format(a)
     numel = a.numel()
-    if numel == 0:
-        return out
     block = INTERPRETER_BLOCK_SIZE if not a.is_cuda else BLOCK_SIZE
+    launch = backend.KernelLaunch(_add_relu_kernel, None, lambda meta: (triton.cdiv(numel, meta["BLOCK_SIZE"]),),
+                                  {"numel": numel}, on_cuda=a.is_cuda, config={"BLOCK_SIZE": block},
+                                  traceable=traceable)
 
-    def grid(meta):
-        return (triton.cdiv(numel, meta["BLOCK_SIZE"]),)
+    def run(a, b):
+        # One flat index addresses a, b and the output when all three share one dense layout.
+        a, b = a.contiguous(memory_format=fmt), b.contiguous(memory_format=fmt)
+        out = torch.empty_like(a)
+        if numel:
+            launch(a, b, out)
+        return out
 
-    with backend.launch_guard(a):
-        wrap_triton(_add_relu_kernel)[grid](a, b, out, numel, BLOCK_SIZE=block)
-    return out
+    return run
+
+
+def _dense_format(a):
+    """channels_last for a 4-D tensor laid out so, else contiguous: the layout add_relu computes in."""
+    if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) and not a.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@triton_op("fused_resnet::add_relu", mutates_args=())
+def _add_relu_op(a: torch.Tensor, b: torch.Tensor, backend_name: str) -> torch.Tensor:
+    return plan_add_relu(a, b, backend_name=backend_name, traceable=True)(a, b)
 
 
 def add_relu(a, b):
     """relu(a + b) in one kernel, accumulated in fp32. Output has a's shape and memory format."""
-    return torch.ops.fused_resnet.add_relu(a, b)
+    return torch.ops.fused_resnet.add_relu(a, b, backend.current_backend())
 
 
 def add_relu_reference(a, b):

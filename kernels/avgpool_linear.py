@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import backend
 from ._checks import check_same_device, check_supported_dtype
@@ -123,7 +123,12 @@ def _check_args(x, weight, bias):
         raise ValueError(f"avgpool_linear: cannot average an empty {tuple(x.shape[2:])} map")
 
 
-def _launch(x, weight, bias, y):
+def plan_avgpool_linear(x, weight, bias=None, *, backend_name=None, traceable=False):
+    """Check the arguments once and return run(x) -> y for inputs laid out as x (under the backend
+    in force, or `backend_name`)."""
+    _check_args(x, weight, bias)
+    if backend.choose(x, backend_name) == "reference":
+        return lambda x: avgpool_linear_reference(x, weight, bias)
     n, c, h, w = x.shape
     j = weight.shape[0]
     interpret = backend.interpreting() and not x.is_cuda
@@ -132,7 +137,7 @@ def _launch(x, weight, bias, y):
         N=n, C=c, H=h, W=w, J=j,
         stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
         stride_wj=weight.stride(0), stride_wc=weight.stride(1),
-        stride_yn=y.stride(0), stride_yj=y.stride(1),
+        stride_yn=j, stride_yj=1,
         HAS_BIAS=bias is not None,
         DOT_FP32=interpret,
         INPUT_PRECISION="tf32" if tf32 else "ieee",
@@ -141,13 +146,13 @@ def _launch(x, weight, bias, y):
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(j, meta["BLOCK_N"]),)
 
-    b_arg = bias if bias is not None else y
-    with backend.launch_guard(x):
-        if interpret:
-            blocks = _interpreter_blocks(n, j, c)
-            wrap_triton(_avgpool_linear_kernel)[grid](x, weight, b_arg, y, **args, **blocks)
-        else:
-            wrap_triton(_avgpool_linear_autotuned)[grid](x, weight, b_arg, y, **args)
+    launch = backend.KernelLaunch(_avgpool_linear_kernel, _avgpool_linear_autotuned, grid, args, on_cuda=x.is_cuda,
+                                  config=_interpreter_blocks(n, j, c) if interpret else None, traceable=traceable)
+
+    def launch_into(y, x):
+        launch(x, weight, y if bias is None else bias, y)
+
+    return backend.output_plan((n, j), x, launch_into)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,14 +161,9 @@ def _launch(x, weight, bias, y):
 
 
 @triton_op("fused_resnet::avgpool_linear", mutates_args=())
-def _avgpool_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    _check_args(x, weight, bias)
-    if backend.resolve(x) != "triton" or x.dtype == torch.float64:
-        return avgpool_linear_reference(x, weight, bias)
-    y = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
-    if y.numel() > 0:
-        _launch(x, weight, bias, y)
-    return y
+def _avgpool_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       backend_name: str) -> torch.Tensor:
+    return plan_avgpool_linear(x, weight, bias, backend_name=backend_name, traceable=True)(x)
 
 
 def avgpool_linear(input, weight, bias=None):
@@ -174,7 +174,7 @@ def avgpool_linear(input, weight, bias=None):
     """
     if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("avgpool_linear: input and weight must be tensors")
-    return torch.ops.fused_resnet.avgpool_linear(input, weight, bias)
+    return torch.ops.fused_resnet.avgpool_linear(input, weight, bias, backend.current_backend())
 
 
 # ----------------------------------------------------------------------------------------------

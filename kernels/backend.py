@@ -12,12 +12,14 @@ environment:
 
 import contextlib
 import contextvars
+import math
 import os
 import threading
 
 import torch
 import triton
 from torch._subclasses.fake_tensor import is_fake
+from torch.library import wrap_triton
 
 BACKENDS = ("auto", "triton", "reference", "cudnn")
 
@@ -59,9 +61,12 @@ def current_backend() -> str:
     return _backend.get()
 
 
-def resolve(tensor: torch.Tensor) -> str:
-    """The concrete backend ("triton", "reference" or "cudnn") for an op on `tensor`."""
-    name = _backend.get()
+def resolve(tensor: torch.Tensor, name: str | None = None) -> str:
+    """The concrete backend ("triton", "reference" or "cudnn") for an op on `tensor` under backend
+    `name` (default: the one in force)."""
+    name = _backend.get() if name is None else name
+    if name not in BACKENDS:
+        raise ValueError(f"kernels: unknown backend {name!r}; expected one of {BACKENDS}")
     on_cuda = tensor.device.type == "cuda"
     if not on_cuda and name in ("auto", "triton") and is_fake(tensor):
         # An interpreted kernel runs eagerly and cannot enter a traced graph (torch.compile,
@@ -82,3 +87,94 @@ def resolve(tensor: torch.Tensor) -> str:
 def launch_guard(tensor: torch.Tensor):
     """A context for one kernel launch on `tensor`: serialized under the interpreter, free on a GPU."""
     return contextlib.nullcontext() if tensor.is_cuda else _interpreter_lock
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch plans: what every op shares
+# ----------------------------------------------------------------------------------------------
+#
+# Every op is planned, then run: `plan_<op>(operands, settings)` checks the arguments, picks the
+# path and binds everything that follows from the operands' signature (shapes, strides, dtype,
+# device, backend); the plan it returns is called with the tensors alone. The registered torch op
+# builds a plan and runs it once per call; the fused modules keep their plans per input signature
+# and call them directly in eager mode, so a known signature costs a dictionary lookup and the
+# launch.
+#
+# The backend reaches a registered op as an argument, read from the context by the op's Python
+# wrapper: torch.compile traces the wrapper, sees the read and guards on it, so switching backends
+# around a compiled model recompiles it rather than running the backend it was traced with.
+
+
+def choose(x: torch.Tensor, name: str | None = None, *, cudnn: bool = False) -> str:
+    """The path of an op on `x` under backend `name` (default: the one in force): "triton",
+    "reference" or "cudnn" (ops with a cuDNN form only).
+
+    float64 never runs the kernel: it accumulates in fp32, and a float64 caller asked for more."""
+    path = resolve(x, name)
+    if path == "triton" and x.dtype == torch.float64:
+        return "reference"
+    if path == "cudnn" and not cudnn:
+        return "reference"
+    return path
+
+
+def output_plan(out_shape, like: torch.Tensor, launch, *, channels_last: bool = True):
+    """A plan that allocates the output (channels_last for 4-D) and launches the kernel into it:
+    run(*operands) -> y, with launch(y, *operands). An empty output launches nothing."""
+    dtype, device = like.dtype, like.device
+    fmt = torch.channels_last if channels_last and len(out_shape) == 4 else torch.contiguous_format
+    if math.prod(out_shape) == 0:
+        return lambda *operands: torch.empty(out_shape, dtype=dtype, device=device, memory_format=fmt)
+
+    def run(*operands):
+        y = torch.empty(out_shape, dtype=dtype, device=device, memory_format=fmt)
+        launch(y, *operands)
+        return y
+
+    return run
+
+
+def channels_last_strides(shape):
+    """The strides of a dense channels_last (N, C, H, W) tensor of `shape`."""
+    n, c, h, w = shape
+    return (c * h * w, 1, w * c, c)
+
+
+_tuning_lock = threading.Lock()
+
+
+class KernelLaunch:
+    """One Triton kernel with its scalar arguments bound: called with the tensor arguments alone.
+
+    `args` are the kernel's keyword arguments (sizes, strides, flags), `grid(meta)` its launch grid.
+    The config (tile sizes, warps, stages) is `config` when the caller knows it (the interpreter's
+    tiles), else the autotuner's choice, read after the first launch and bound from then on, so
+    that later launches skip the autotuner. With `traceable`, every launch goes through
+    wrap_triton, as it must inside a registered op that torch.compile traces.
+    """
+
+    def __init__(self, kernel, autotuned, grid, args, *, on_cuda, config=None, traceable=False):
+        self.kernel, self.autotuned, self.grid, self.args = kernel, autotuned, grid, args
+        self.on_cuda = on_cuda
+        self.traceable = traceable
+        self.bound = None if config is None else (grid(config), {**args, **config})
+
+    def __call__(self, *tensors):
+        if self.bound is not None:
+            grid, kwargs = self.bound
+            kernel = wrap_triton(self.kernel) if self.traceable else self.kernel
+            if self.on_cuda:
+                kernel[grid](*tensors, **kwargs)
+            else:
+                with _interpreter_lock:
+                    kernel[grid](*tensors, **kwargs)
+            return
+        if self.traceable:
+            wrap_triton(self.autotuned)[self.grid](*tensors, **self.args)
+            return
+        with _tuning_lock:  # the autotuner's best_config is shared state
+            self.autotuned[self.grid](*tensors, **self.args)
+            config = getattr(self.autotuned, "best_config", None)
+        if config is not None and hasattr(config, "all_kwargs"):
+            chosen = config.all_kwargs()
+            self.bound = (self.grid(chosen), {**self.args, **chosen})

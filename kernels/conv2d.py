@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from . import backend
 from ._checks import check_same_device, check_supported_dtype, pair
@@ -367,22 +367,21 @@ def _tf32_allowed():
     return bool(torch.backends.cudnn.allow_tf32)
 
 
-def launch_conv_kernel(name, kernel, autotuned, x, weight, bias, y, m, stride, padding, dilation, groups, relu,
-                       pointers=(), extra_reduction=0, **extra):
-    """Launch a kernel built on conv_tile over M = m output rows.
+def conv_launch(name, kernel, autotuned, x, weight, bias, out_shape, m, stride, padding, dilation, groups, relu, *,
+                extra_reduction=0, traceable=False, **extra):
+    """A KernelLaunch of a kernel built on conv_tile over M = m output rows into a channels_last
+    output of `out_shape`, for inputs laid out as `x`: called as launch(x, weight, bias, *pointers, y).
 
-    Passes the conv's own arguments (sizes, strides, padding, epilogue flags) and then the
-    kernel's: `pointers` go between the bias and the output, `extra` are keyword arguments.
+    Binds the conv's own arguments (sizes, strides, padding, epilogue flags) and the kernel's
+    `extra` keyword arguments.
     """
     if m >= 2**31:
         raise ValueError(f"{name}: {m} output rows; at most 2**31 - 1 are supported")
-    if x.stride(1) != 1 and x.is_cuda:
-        # Gathering along a strided channel axis is uncoalesced; one copy to NHWC is cheaper.
-        x = x.contiguous(memory_format=torch.channels_last)
     interpret = backend.interpreting() and not x.is_cuda
     k, cg, r, s = weight.shape
     kg = k // groups
     flat_k = cg < FLAT_K_BELOW
+    y_strides = backend.channels_last_strides(out_shape)
     args = dict(
         M=m, Kg=kg, Cg=cg, H=x.shape[2], W=x.shape[3],
         stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[2],
@@ -390,7 +389,7 @@ def launch_conv_kernel(name, kernel, autotuned, x, weight, bias, y, m, stride, p
         stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
         stride_wk=weight.stride(0), stride_wc=weight.stride(1),
         stride_wr=weight.stride(2), stride_ws=weight.stride(3),
-        stride_yn=y.stride(0), stride_yk=y.stride(1), stride_yp=y.stride(2), stride_yq=y.stride(3),
+        stride_yn=y_strides[0], stride_yk=y_strides[1], stride_yp=y_strides[2], stride_yq=y_strides[3],
         R=r, S=s,
         PADDED=any(v != 0 for v in padding),
         FLAT_K=flat_k,
@@ -404,33 +403,64 @@ def launch_conv_kernel(name, kernel, autotuned, x, weight, bias, y, m, stride, p
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)
 
-    # An unused pointer still needs a tensor of the right device; the kernel never reads it.
-    b_arg = bias if bias is not None else y
-    with backend.launch_guard(x):
-        if interpret:
-            blocks = _interpreter_blocks(m, kg, max(cg * r * s if flat_k else cg, extra_reduction))
-            wrap_triton(kernel)[grid](x, weight, b_arg, *pointers, y, **args, **blocks)
-        else:
-            wrap_triton(autotuned)[grid](x, weight, b_arg, *pointers, y, **args)
+    config = _interpreter_blocks(m, kg, max(cg * r * s if flat_k else cg, extra_reduction)) if interpret else None
+    return backend.KernelLaunch(kernel, autotuned, grid, args, on_cuda=x.is_cuda, config=config,
+                                traceable=traceable)
 
 
-def _launch(x, weight, bias, stride, padding, dilation, groups, residual, relu, y, shortcut_weight, shortcut_stride):
-    n, _, p, q = y.shape
-    shortcut = shortcut_weight is not None
-    cs = shortcut_weight.shape[1] if shortcut else 0
+def gather_layout(x):
+    """How the kernel reads x: as it is, or (a CUDA tensor whose channels are strided) copied to
+    channels_last once per call, since gathering along a strided channel axis is uncoalesced.
+    Returns (to_layout, x as the kernel sees it)."""
+    if x.stride(1) != 1 and x.is_cuda:
+        def to_layout(t):
+            return t.contiguous(memory_format=torch.channels_last)
+    else:
+        def to_layout(t):
+            return t
+    return to_layout, to_layout(x)
+
+
+def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, residual_weight, residual_stride,
+          backend_name, *, traceable=False):
+    """Check the arguments once and return run(x, residual) -> y for operands laid out as these.
+
+    The plan holds weight, bias and residual_weight; x and residual (their shapes, strides, dtype
+    and device as given here) come with each call. With `traceable`, kernels launch through
+    wrap_triton (inside the registered op)."""
+    out_shape = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual,
+                                 residual_weight, residual_stride)
+    path = backend.choose(x, backend_name, cudnn=True)
+    if path == "reference":
+        return reference_plan(weight, bias, stride, padding, dilation, groups, relu, residual_weight,
+                              residual_stride)
+    if path == "cudnn":
+        def run_cudnn(x, residual=None):
+            return _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual, relu, residual_weight,
+                                residual_stride)
+        return run_cudnn
+    to_layout, x = gather_layout(x)
+    n, _, p, q = out_shape
+    shortcut = residual_weight is not None
+    cs = residual_weight.shape[1] if shortcut else 0
     r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
-    ws_strides = shortcut_weight.stride() if shortcut else (0, 0, 0, 0)
-    # Unused pointers still need a tensor of the right device; the kernel never reads them.
-    pointers = (residual if residual is not None else y, shortcut_weight if shortcut else y)
-    launch_conv_kernel(
-        "conv2d_bias_act", _conv2d_bias_act_kernel, _conv2d_bias_act_autotuned, x, weight, bias, y, n * p * q,
-        stride, padding, dilation, groups, relu, pointers, extra_reduction=cs,
-        Cs=cs, P=p, Q=q, sc_stride_h=shortcut_stride[0], sc_stride_w=shortcut_stride[1],
+    ws_strides = residual_weight.stride() if shortcut else (0, 0, 0, 0)
+    launch = conv_launch(
+        "conv2d_bias_act", _conv2d_bias_act_kernel, _conv2d_bias_act_autotuned, x, weight, bias, out_shape, n * p * q,
+        stride, padding, dilation, groups, relu, extra_reduction=cs, traceable=traceable,
+        Cs=cs, P=p, Q=q, sc_stride_h=residual_stride[0], sc_stride_w=residual_stride[1],
         stride_rn=r_strides[0], stride_rk=r_strides[1], stride_rp=r_strides[2], stride_rq=r_strides[3],
         stride_wsk=ws_strides[0], stride_wsc=ws_strides[1],
         HAS_RESIDUAL=residual is not None and not shortcut,
         HAS_SHORTCUT=shortcut,
     )
+
+    def launch_into(y, x, residual=None):
+        # Operands the kernel does not read still need a tensor of the right device: y stands in.
+        launch(to_layout(x), weight, y if bias is None else bias, y if residual is None else residual,
+               residual_weight if shortcut else y, y)
+
+    return backend.output_plan(out_shape, x, launch_into)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -451,23 +481,11 @@ def _conv2d_bias_act_op(
     relu: bool,
     residual_weight: torch.Tensor | None,
     residual_stride: list[int],
+    backend_name: str,
 ) -> torch.Tensor:
-    args = (x, weight, bias, stride, padding, dilation, groups, residual, relu, residual_weight, residual_stride)
-    out_shape = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual,
-                                 residual_weight, residual_stride)
-    path = backend.resolve(x)
-    if x.dtype == torch.float64 and path == "triton":
-        # The kernel accumulates in fp32; a float64 caller asked for more than that.
-        path = "reference"
-    if path == "reference":
-        return conv2d_bias_act_reference(*args)
-    if path == "cudnn":
-        return _cudnn_fused(*args)
-    y = torch.empty(out_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    if y.numel() > 0:
-        _launch(x, weight, bias, stride, padding, dilation, groups, residual, relu, y,
-                residual_weight, residual_stride)
-    return y
+    plan = _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, residual_weight, residual_stride,
+                 backend_name, traceable=True)
+    return plan(x, residual)
 
 
 def normalize_padding(padding, weight_shape, dilation, stride):
@@ -503,14 +521,8 @@ def conv2d_bias_act(input, weight, bias=None, stride=1, padding=0, dilation=1, g
 
     The backend (Triton, reference, cuDNN) follows kernels.backend.
     """
-    if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError("conv2d_bias_act: input and weight must be tensors")
-    if not isinstance(groups, int) or isinstance(groups, bool):
-        raise TypeError(f"conv2d_bias_act: groups must be an int, got {groups!r}")
-    stride = pair("stride", stride)
-    dilation = pair("dilation", dilation)
-    residual_stride = pair("residual_stride", residual_stride)
-    padding = normalize_padding(padding, weight.shape, dilation, stride)
+    stride, padding, dilation, residual_stride = normalize_args(input, weight, stride, padding, dilation, groups,
+                                                                residual_stride)
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
@@ -526,9 +538,38 @@ def conv2d_bias_act(input, weight, bias=None, stride=1, padding=0, dilation=1, g
         )
     out = torch.ops.fused_resnet.conv2d_bias_act(
         input, weight, bias, list(stride), padding, list(dilation), groups, residual, bool(relu),
-        residual_weight, list(residual_stride),
+        residual_weight, list(residual_stride), backend.current_backend(),
     )
     return out.squeeze(0) if unbatched else out
+
+
+def plan_conv2d_bias_act(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                         residual=None, relu=False, residual_weight=None, residual_stride=1):
+    """conv2d_bias_act planned for 4-D operands laid out as `input` and `residual`: run(x, residual) -> y.
+
+    Every check and everything that follows from the operands' shapes, strides, dtype and device
+    and from the backend in force is done here, once; the plan runs the same computation as
+    conv2d_bias_act on further tensors of that signature without checking them again (in eager
+    mode, outside tracing: the plan launches kernels directly, not through the registered op).
+    """
+    stride, padding, dilation, residual_stride = normalize_args(input, weight, stride, padding, dilation, groups,
+                                                                residual_stride)
+    if input.dim() != 4:
+        raise ValueError(f"plan_conv2d_bias_act: input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
+    return _plan(input, weight, bias, list(stride), padding, list(dilation), groups, residual, bool(relu),
+                 residual_weight, list(residual_stride), backend.current_backend())
+
+
+def normalize_args(input, weight, stride, padding, dilation, groups, residual_stride=1, op="conv2d_bias_act"):
+    """F.conv2d's argument forms as (stride, padding (top, bottom, left, right), dilation, residual_stride)."""
+    if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: input and weight must be tensors")
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise TypeError(f"{op}: groups must be an int, got {groups!r}")
+    stride = pair("stride", stride)
+    dilation = pair("dilation", dilation)
+    residual_stride = pair("residual_stride", residual_stride)
+    return stride, normalize_padding(padding, weight.shape, dilation, stride), dilation, residual_stride
 
 
 def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual, relu,
@@ -555,16 +596,29 @@ def _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual, r
 def conv2d_bias_act_reference(x, weight, bias, stride, padding, dilation, groups, residual, relu,
                               residual_weight=None, residual_stride=(1, 1)):
     """The same computation as plain torch ops: conv, (shortcut conv,) add, ReLU, each its own kernel."""
-    if residual_weight is not None:
-        residual = F.conv2d(residual, residual_weight, None, residual_stride)
+    return reference_plan(weight, bias, stride, padding, dilation, groups, relu, residual_weight,
+                          residual_stride)(x, residual)
+
+
+def reference_plan(weight, bias, stride, padding, dilation, groups, relu, residual_weight=None,
+                   residual_stride=(1, 1)):
+    """conv2d_bias_act_reference with everything but x and residual bound: run(x, residual) -> y."""
     top, bottom, left, right = padding
-    if top == bottom and left == right:
-        y = F.conv2d(x, weight, bias, stride, (top, left), dilation, groups)
-    else:
-        y = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride, 0, dilation, groups)
-    # In place: y is a fresh tensor, and on a CPU the extra allocations cost more than the adds.
-    if residual is not None:
-        y.add_(residual)
-    if relu:
-        y.relu_()
-    return y.contiguous(memory_format=torch.channels_last)
+    symmetric = top == bottom and left == right
+    stride, dilation, residual_stride = tuple(stride), tuple(dilation), tuple(residual_stride)
+
+    def run(x, residual=None):
+        if residual_weight is not None:
+            residual = F.conv2d(residual, residual_weight, None, residual_stride)
+        if symmetric:
+            y = F.conv2d(x, weight, bias, stride, (top, left), dilation, groups)
+        else:
+            y = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride, 0, dilation, groups)
+        # In place: y is a fresh tensor, and on a CPU the extra allocations cost more than the adds.
+        if residual is not None:
+            y.add_(residual)
+        if relu:
+            y.relu_()
+        return y.contiguous(memory_format=torch.channels_last)
+
+    return run

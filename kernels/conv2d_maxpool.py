@@ -26,12 +26,13 @@ from .conv2d import (
     _check_conv_args,
     _cudnn_fused,
     _prune_configs,
-    conv2d_bias_act_reference,
+    conv_launch,
     conv_tile,
-    launch_conv_kernel,
-    normalize_padding,
+    gather_layout,
+    normalize_args,
     output_size,
     output_tile,
+    reference_plan,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -138,16 +139,38 @@ def _check_pool_args(conv_shape, pool_size, pool_stride, pool_padding):
     return n, k, ph, pw
 
 
-def _launch(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride, pool_padding, y):
-    n, _, ph, pw = y.shape
-    p, q = output_size(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, padding, dilation)
-    launch_conv_kernel(
+def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride, pool_padding,
+          backend_name, *, traceable=False):
+    """Check the arguments once and return run(x) -> y for inputs laid out as x (see
+    conv2d.plan_conv2d_bias_act)."""
+    conv_shape = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, None, None, None,
+                                  op="conv2d_bias_act_maxpool")
+    out_shape = _check_pool_args(conv_shape, pool_size, pool_stride, pool_padding)
+    path = backend.choose(x, backend_name, cudnn=True)
+    if path == "cudnn":
+        # cuDNN fuses conv+bias+ReLU but not the pooling: its best is two kernels.
+        def run_cudnn(x):
+            y = _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, None, relu)
+            return F.max_pool2d(y, pool_size, pool_stride, pool_padding).contiguous(memory_format=torch.channels_last)
+        return run_cudnn
+    if path == "reference":
+        return reference_maxpool_plan(weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride,
+                                      pool_padding)
+    to_layout, x = gather_layout(x)
+    n, _, ph, pw = out_shape
+    p, q = conv_shape[2:]
+    launch = conv_launch(
         "conv2d_bias_act_maxpool", _conv2d_bias_act_maxpool_kernel, _conv2d_bias_act_maxpool_autotuned,
-        x, weight, bias, y, n * ph * pw, stride, padding, dilation, groups, relu,
+        x, weight, bias, out_shape, n * ph * pw, stride, padding, dilation, groups, relu, traceable=traceable,
         P=p, Q=q, PH=ph, PW=pw, POOL_R=pool_size[0], POOL_S=pool_size[1],
         pool_stride_h=pool_stride[0], pool_stride_w=pool_stride[1],
         pool_pad_h=pool_padding[0], pool_pad_w=pool_padding[1],
     )
+
+    def launch_into(y, x):
+        launch(to_layout(x), weight, y if bias is None else bias, y)
+
+    return backend.output_plan(out_shape, x, launch_into)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,22 +191,10 @@ def _conv2d_bias_act_maxpool_op(
     pool_size: list[int],
     pool_stride: list[int],
     pool_padding: list[int],
+    backend_name: str,
 ) -> torch.Tensor:
-    conv_shape = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, None, None, None,
-                                  op="conv2d_bias_act_maxpool")
-    out_shape = _check_pool_args(conv_shape, pool_size, pool_stride, pool_padding)
-    path = backend.resolve(x)
-    if path == "cudnn":
-        # cuDNN fuses conv+bias+ReLU but not the pooling: its best is two kernels.
-        y = _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, None, relu)
-        return F.max_pool2d(y, pool_size, pool_stride, pool_padding).contiguous(memory_format=torch.channels_last)
-    if path != "triton" or x.dtype == torch.float64:
-        return conv2d_bias_act_maxpool_reference(x, weight, bias, stride, padding, dilation, groups, relu,
-                                                 pool_size, pool_stride, pool_padding)
-    y = torch.empty(out_shape, device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    if y.numel() > 0:
-        _launch(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride, pool_padding, y)
-    return y
+    return _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride, pool_padding,
+                 backend_name, traceable=True)(x)
 
 
 def conv2d_bias_act_maxpool(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
@@ -194,22 +205,34 @@ def conv2d_bias_act_maxpool(input, weight, bias=None, stride=1, padding=0, dilat
     F.max_pool2d's (pool_stride defaults to pool_size; no dilation, no ceil_mode). The ReLU only if
     `relu`. 4-D input gives a channels_last output. The conv's output is never written to memory.
     """
-    if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
-        raise TypeError("conv2d_bias_act_maxpool: input and weight must be tensors")
-    stride = pair("stride", stride)
-    dilation = pair("dilation", dilation)
-    padding = normalize_padding(padding, weight.shape, dilation, stride)
-    pool_size = pair("pool_size", pool_size)
-    pool_stride = pool_size if pool_stride is None else pair("pool_stride", pool_stride)
-    pool_padding = pair("pool_padding", pool_padding)
+    args = _normalize(input, weight, stride, padding, dilation, groups, pool_size, pool_stride, pool_padding)
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
-    out = torch.ops.fused_resnet.conv2d_bias_act_maxpool(
-        input, weight, bias, list(stride), padding, list(dilation), groups, bool(relu),
-        list(pool_size), list(pool_stride), list(pool_padding),
-    )
+    out = torch.ops.fused_resnet.conv2d_bias_act_maxpool(input, weight, bias, *args[:3], groups, bool(relu), *args[3:],
+                                                         backend.current_backend())
     return out.squeeze(0) if unbatched else out
+
+
+def plan_conv2d_bias_act_maxpool(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                                 relu=False, pool_size=3, pool_stride=None, pool_padding=0):
+    """conv2d_bias_act_maxpool planned for 4-D inputs laid out as `input`: run(x) -> y (see
+    kernels.plan_conv2d_bias_act)."""
+    args = _normalize(input, weight, stride, padding, dilation, groups, pool_size, pool_stride, pool_padding)
+    if input.dim() != 4:
+        raise ValueError(f"plan_conv2d_bias_act_maxpool: input must be 4-D (N, C, H, W), got shape "
+                         f"{tuple(input.shape)}")
+    return _plan(input, weight, bias, *args[:3], groups, bool(relu), *args[3:], backend.current_backend())
+
+
+def _normalize(input, weight, stride, padding, dilation, groups, pool_size, pool_stride, pool_padding):
+    """The op's list arguments: stride, padding (4), dilation, pool_size, pool_stride, pool_padding."""
+    stride, padding, dilation, _ = normalize_args(input, weight, stride, padding, dilation, groups,
+                                                  op="conv2d_bias_act_maxpool")
+    pool_size = pair("pool_size", pool_size)
+    pool_stride = pool_size if pool_stride is None else pair("pool_stride", pool_stride)
+    pool_padding = pair("pool_padding", pool_padding)
+    return list(stride), padding, list(dilation), list(pool_size), list(pool_stride), list(pool_padding)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,5 +243,17 @@ def conv2d_bias_act_maxpool(input, weight, bias=None, stride=1, padding=0, dilat
 def conv2d_bias_act_maxpool_reference(x, weight, bias, stride, padding, dilation, groups, relu,
                                       pool_size, pool_stride, pool_padding):
     """The same as torch ops: conv (+ bias + ReLU), then max pooling; the conv's output goes to memory."""
-    y = conv2d_bias_act_reference(x, weight, bias, stride, padding, dilation, groups, None, relu)
-    return F.max_pool2d(y, pool_size, pool_stride, pool_padding).contiguous(memory_format=torch.channels_last)
+    return reference_maxpool_plan(weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride,
+                                  pool_padding)(x)
+
+
+def reference_maxpool_plan(weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride,
+                           pool_padding):
+    """conv2d_bias_act_maxpool_reference with everything but x bound: run(x) -> y."""
+    conv = reference_plan(weight, bias, stride, padding, dilation, groups, relu)
+
+    def run(x):
+        y = F.max_pool2d(conv(x), pool_size, pool_stride, pool_padding)
+        return y.contiguous(memory_format=torch.channels_last)
+
+    return run

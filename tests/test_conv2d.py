@@ -233,13 +233,14 @@ def test_opcheck():
     x, weight, bias = make_case(2, 16, 5, 5, 8, 3, 3)
     res = torch.randn(2, 8, 5, 5, device=DEVICE)
     op = torch.ops.fused_resnet.conv2d_bias_act.default
-    torch.library.opcheck(op, (x, weight, bias, [1, 1], [1, 1, 1, 1], [1, 1], 1, res, True, None, [1, 1]))
-    torch.library.opcheck(op, (x, weight, None, [2, 1], [0, 1, 2, 0], [1, 1], 1, None, False, None, [1, 1]))
+    torch.library.opcheck(op, (x, weight, bias, [1, 1], [1, 1, 1, 1], [1, 1], 1, res, True, None, [1, 1], "auto"))
+    torch.library.opcheck(op, (x, weight, None, [2, 1], [0, 1, 2, 0], [1, 1], 1, None, False, None, [1, 1],
+                               "reference"))
     shortcut_in = torch.randn(2, 4, 10, 9, device=DEVICE)
     shortcut_weight = torch.randn(8, 4, 1, 1, device=DEVICE)
     torch.library.opcheck(op, (x, weight, bias, [1, 1], [1, 1, 1, 1], [1, 1], 1, shortcut_in, True,
-                               shortcut_weight, [2, 2]))
-    torch.library.opcheck(torch.ops.fused_resnet.add_relu.default, (res, res.flip(0)))
+                               shortcut_weight, [2, 2], "triton"))
+    torch.library.opcheck(torch.ops.fused_resnet.add_relu.default, (res, res.flip(0), "auto"))
 
 
 def test_use_backend_switch():

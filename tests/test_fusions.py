@@ -159,7 +159,7 @@ def test_conv_maxpool_bad_inputs():
 def test_conv_maxpool_opcheck():
     x, weight, bias = make_case(2, 3, 9, 8, 8, 3, 3)
     torch.library.opcheck(torch.ops.fused_resnet.conv2d_bias_act_maxpool.default,
-                          (x, weight, bias, [2, 2], [1, 1, 1, 1], [1, 1], 1, True, [3, 3], [2, 2], [1, 1]))
+                          (x, weight, bias, [2, 2], [1, 1, 1, 1], [1, 1], 1, True, [3, 3], [2, 2], [1, 1], "auto"))
 
 
 # ---- global average pooling + linear --------------------------------------------------------
@@ -210,7 +210,7 @@ def test_avgpool_linear_bad_inputs_and_opcheck():
     with pytest.raises(ValueError, match=r"bias must have shape \(10,\)"):
         kernels.avgpool_linear(x, torch.randn(10, 16, device=DEVICE), torch.randn(3, device=DEVICE))
     torch.library.opcheck(torch.ops.fused_resnet.avgpool_linear.default,
-                          (x, torch.randn(10, 16, device=DEVICE), torch.randn(10, device=DEVICE)))
+                          (x, torch.randn(10, 16, device=DEVICE), torch.randn(10, device=DEVICE), "auto"))
 
 
 # ---- the modules against torchvision's stem and head -----------------------------------------

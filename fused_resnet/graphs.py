@@ -1,0 +1,86 @@
+"""CUDA graphs for inference: a module captured once per input signature and replayed.
+
+A replay launches every kernel of the forward with one call and no Python, so what the CPU
+spends per layer (argument handling, launches) disappears: at small batch that is most of the
+time. `fuse(model, cuda_graph=True)` wraps the fused model in a CUDAGraphModule; any module works.
+"""
+
+import torch
+from torch import nn
+
+from . import kernels
+
+
+class CUDAGraphModule(nn.Module):
+    """module(x) replayed from a CUDA graph captured for x's signature (shape, strides, dtype,
+    device and the kernels backend in force).
+
+    The first call with a new signature runs the module a few times on a side stream (autotuning,
+    compilation and lazy initialisation must not happen during capture), captures one forward
+    with a static input buffer, then replays it; later calls copy x into that buffer and replay.
+    Graphs of one module share a memory pool, and at most `max_graphs` are kept (the oldest
+    goes).
+
+    What a call returns: by default a new tensor, a copy of the graph's output, which stays valid
+    whatever happens next. With `copy_output=False` it is the graph's own output buffer: no copy,
+    but the next call with the same signature overwrites it, so use or copy it before then.
+
+    CPU tensors run the module as it is, with no graph. Inference only: calls run under
+    torch.no_grad(), and the module is expected not to change between calls (its weights are read
+    in place, so load_state_dict is seen; a module moved or cast needs a new CUDAGraphModule).
+    """
+
+    def __init__(self, module: nn.Module, *, copy_output: bool = True, warmup: int = 3, max_graphs: int = 8):
+        super().__init__()
+        if warmup < 1 or max_graphs < 1:
+            raise ValueError(f"CUDAGraphModule: warmup and max_graphs must be at least 1, got {warmup}, {max_graphs}")
+        self.module = module
+        self.copy_output = copy_output
+        self.warmup = warmup
+        self.max_graphs = max_graphs
+        self._graphs = {}
+        self._pool = None
+
+    def forward(self, x):
+        if not isinstance(x, torch.Tensor) or not x.is_cuda:
+            with torch.no_grad():
+                return self.module(x)
+        key = (x.shape, x.stride(), x.dtype, x.device, kernels.current_backend())
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(x)
+            if len(self._graphs) >= self.max_graphs:
+                del self._graphs[next(iter(self._graphs))]
+            self._graphs[key] = entry
+        static_x, graph, static_out = entry
+        static_x.copy_(x)
+        graph.replay()
+        return static_out.clone() if self.copy_output else static_out
+
+    @torch.no_grad()
+    def _capture(self, x):
+        static_x = x.clone()
+        stream = torch.cuda.Stream(device=x.device)
+        stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):
+                self.module(static_x)
+        torch.cuda.current_stream(x.device).wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_out = self.module(static_x)
+        return static_x, graph, static_out
+
+    def _apply(self, fn, *args, **kwargs):
+        self._graphs = {}  # the captured graphs hold the old tensors' addresses
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_graphs"], state["_pool"] = {}, None
+        return state
+
+    def extra_repr(self):
+        return f"copy_output={self.copy_output}, graphs={len(self._graphs)}"

@@ -1,0 +1,276 @@
+"""Launch plans: the fused layers' eager fast path against the registered ops, and what must
+invalidate a plan (a new shape, dtype, layout or backend; a layer moved, cast or given new weights).
+
+The Triton cases run interpreted without a GPU, so their maps stay small.
+"""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, randomize_bn
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+from torchvision.models.resnet import Bottleneck
+
+from fused_resnet import FusedAvgPoolLinear, FusedBottleneck, FusedConv2d, FusedConv2dMaxPool, kernels
+
+
+def conv_layer(relu=True, shortcut=False):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, padding=1)
+    bn = randomize_bn(nn.Sequential(nn.BatchNorm2d(8)))[0].eval()
+    layer = FusedConv2d.from_conv_bn(conv, bn, relu=relu)
+    if shortcut:
+        return FusedConv2d(layer.weight, layer.bias, 1, 1, relu=True, shortcut_weight=torch.randn(8, 4, 1, 1) / 2,
+                           shortcut_stride=2)
+    return layer
+
+
+def op_of(layer, x, residual=None):
+    """What the registered op computes for the layer: the path taken under tracing."""
+    if isinstance(layer, FusedConv2dMaxPool):
+        return kernels.conv2d_bias_act_maxpool(x, **layer._op_args())
+    if isinstance(layer, FusedAvgPoolLinear):
+        return kernels.avgpool_linear(x, layer.weight, layer.bias)
+    return kernels.conv2d_bias_act(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation,
+                                   layer.groups, residual=residual, relu=layer.relu,
+                                   residual_weight=layer.shortcut_weight, residual_stride=layer.shortcut_stride)
+
+
+def layers():
+    stem_conv, stem_bn = nn.Conv2d(3, 16, 7, 2, 3), randomize_bn(nn.Sequential(nn.BatchNorm2d(16)))[0].eval()
+    return {
+        "conv": (conv_layer(), lambda: (torch.randn(2, 16, 5, 6), None)),
+        "conv_residual": (conv_layer(), lambda: (torch.randn(2, 16, 5, 6), torch.randn(2, 8, 5, 6))),
+        "conv_shortcut": (conv_layer(shortcut=True), lambda: (torch.randn(2, 16, 5, 6), torch.randn(2, 4, 10, 12))),
+        "stem": (FusedConv2dMaxPool.from_modules(stem_conv, stem_bn, nn.MaxPool2d(3, 2, 1)),
+                 lambda: (torch.randn(2, 3, 17, 15), None)),
+        "head": (FusedAvgPoolLinear.from_linear(nn.Linear(16, 10)), lambda: (torch.randn(3, 16, 3, 2), None)),
+    }
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("name", ["conv", "conv_residual", "conv_shortcut", "stem", "head"])
+def test_plan_and_op_compute_the_same(name, backend):
+    layer, make = layers()[name]
+    layer = layer.to(DEVICE)
+    with kernels.use_backend(backend), torch.no_grad():
+        for _ in range(2):  # the second call runs the plan the first one built
+            x, residual = make()
+            x = x.to(DEVICE).contiguous(memory_format=torch.channels_last)
+            residual = None if residual is None else residual.to(DEVICE)
+            args = (x,) if residual is None else (x, residual)
+            fast = layer(*args)
+            assert len(layer._plans) == 1
+            assert torch.equal(fast, op_of(layer, x, residual)), name
+
+
+def test_a_new_signature_builds_a_new_plan():
+    layer = conv_layer()
+    with kernels.use_backend("reference"), torch.no_grad():
+        x = torch.randn(2, 16, 5, 6)
+        layer(x)
+        layer(x.clone())
+        assert len(layer._plans) == 1
+        layer(torch.randn(3, 16, 5, 6))  # shape
+        layer(x.contiguous(memory_format=torch.channels_last))  # strides
+        layer(x, torch.randn(2, 8, 5, 6))  # a residual
+        assert len(layer._plans) == 4
+        x_odd = torch.randn(2, 16, 7, 3)
+        torch.testing.assert_close(layer(x_odd), op_of(layer, x_odd), rtol=0, atol=0)
+
+
+def test_switching_backends_takes_effect():
+    layer = conv_layer()
+    x = torch.randn(1, 16, 4, 4)
+
+    def ops(backend):
+        with kernels.use_backend(backend), torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            out = layer(x)
+        return out, {e.key for e in prof.key_averages()}
+
+    ref, ref_ops = ops("reference")
+    tri, tri_ops = ops("triton")
+    again, again_ops = ops("reference")
+    assert "aten::conv2d" in ref_ops and "aten::conv2d" in again_ops
+    assert "aten::conv2d" not in tri_ops and "fused_resnet::conv2d_bias_act" in tri_ops
+    torch.testing.assert_close(tri, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(again, ref) and len(layer._plans) == 2
+
+
+def test_a_cast_or_moved_layer_never_runs_a_stale_plan():
+    layer = conv_layer()
+    x = torch.randn(2, 16, 5, 6)
+    with kernels.use_backend("reference"), torch.no_grad():
+        first = layer(x)
+        layer.double()  # new buffers: the old plan held the float32 weights
+        assert layer._plans == {}
+        with pytest.raises(TypeError, match="input is torch.float32 but the module's weights are torch.float64"):
+            layer(x)
+        layer.float()
+        torch.testing.assert_close(layer(x), first, rtol=1e-6, atol=1e-6)
+        layer.weight = layer.weight * 2  # a new weight tensor: the plan must not keep the old one
+        assert torch.allclose(layer(x), op_of(layer, x))
+        assert not torch.allclose(layer(x), first)
+
+
+def test_copies_and_pickles_start_without_plans():
+    layer = conv_layer()
+    x = torch.randn(2, 16, 5, 6)
+    with kernels.use_backend("reference"), torch.no_grad():
+        layer(x)
+        twin = copy.deepcopy(layer)
+        assert twin._plans == {}
+        twin.weight.mul_(-1)  # in place, on the copy's own tensor
+        assert not torch.allclose(twin(x), layer(x))
+        buffer = io.BytesIO()
+        torch.save(layer, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+        assert torch.equal(loaded(x), layer(x))
+        assert pickle.loads(pickle.dumps(layer))._plans == {}
+
+
+def test_load_state_dict_reaches_the_plans():
+    layer = conv_layer()
+    other = conv_layer()
+    with torch.no_grad():
+        other.weight.normal_()
+    x = torch.randn(2, 16, 5, 6)
+    with kernels.use_backend("reference"), torch.no_grad():
+        layer(x)
+        layer.load_state_dict(other.state_dict())  # copied in place into the tensors the plan holds
+        assert torch.equal(layer(x), other(x))
+
+
+def test_the_fast_path_keeps_every_check():
+    layer = conv_layer()
+    x = torch.randn(2, 16, 5, 6)
+    with kernels.use_backend("reference"):
+        with torch.no_grad():
+            layer(x)
+        with pytest.raises(RuntimeError, match="does not compute gradients"):
+            layer(x.clone().requires_grad_())
+        with pytest.raises(ValueError, match="expected an input with 16 channels"):
+            layer(torch.randn(2, 15, 5, 6))
+        with pytest.raises(TypeError, match="input is torch.float16"):
+            layer(x.half())
+        with pytest.raises(ValueError, match="residual must have the output's shape"):
+            layer(x, torch.randn(2, 8, 4, 6))
+
+
+def test_plans_are_bounded():
+    from fused_resnet.modules import MAX_PLANS
+
+    layer = conv_layer()
+    with kernels.use_backend("reference"), torch.no_grad():
+        for h in range(3, 3 + MAX_PLANS + 5):
+            layer(torch.randn(1, 16, h, 4))
+    assert len(layer._plans) == MAX_PLANS
+
+
+def test_a_block_traced_by_torch_compile_calls_the_registered_ops():
+    block = FusedBottleneck.from_torchvision(randomize_bn(Bottleneck(32, 8)).eval())
+    x = torch.randn(2, 32, 6, 6)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(block, backend=record, fullgraph=True)
+    with torch.no_grad():
+        eager = block(x)
+        traced = compiled(x)
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count("fused_resnet.conv2d_bias_act") == 3, targets
+    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_switching_backends_under_torch_compile_takes_effect():
+    # The backend reaches the op as an argument read by the traced wrapper: a switch recompiles.
+    layer = conv_layer()
+    x = torch.randn(1, 16, 4, 4)
+    graphs, calls = [], []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        backend = next(n for n in gm.graph.nodes if "conv2d_bias_act" in str(n.target)).args[-1]
+
+        def run(*args):
+            calls.append(backend)
+            return gm.forward(*args)
+
+        return run
+
+    compiled = torch.compile(layer, backend=record, fullgraph=True)
+    with torch.no_grad():
+        for name in ("reference", "cudnn", "reference"):
+            with kernels.use_backend(name):
+                compiled(x)
+    assert calls == ["reference", "cudnn", "reference"] and len(graphs) == 2
+
+
+def test_cudnn_backend_on_cpu_runs_the_reference():
+    layer = conv_layer()
+    x = torch.randn(2, 16, 5, 6)
+    with torch.no_grad():
+        with kernels.use_backend("cudnn"):
+            got = layer(x)
+        expected = F.relu(F.conv2d(x, layer.weight, layer.bias, 1, 1))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- CUDA graphs ------------------------------------------------------------------------------
+
+
+def test_cuda_graph_module_runs_the_module_on_a_cpu():
+    from conftest import HAS_CUDA
+
+    from fused_resnet import CUDAGraphModule, fuse
+    from fused_resnet.validate import synthetic_batchnorm
+
+    if HAS_CUDA:
+        pytest.skip("the CPU fallback: CUDA tensors are captured (test_cuda_graph_replays_the_fused_model)")
+    import torchvision
+
+    model = synthetic_batchnorm(torchvision.models.resnet18(num_classes=10), size=32)
+    graphed = fuse(model, cuda_graph=True)
+    assert isinstance(graphed, CUDAGraphModule) and graphed.copy_output
+    x = torch.randn(2, 3, 32, 32)
+    with kernels.use_backend("reference"):
+        out = graphed(x)
+        assert torch.equal(out, fuse(model)(x))
+    assert graphed._graphs == {}  # nothing captured on a CPU
+    with pytest.raises(ValueError, match="warmup and max_graphs must be at least 1"):
+        CUDAGraphModule(model, warmup=0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_the_fused_model():
+    import torchvision
+
+    from fused_resnet import CUDAGraphModule, fuse
+    from fused_resnet.validate import synthetic_batchnorm
+
+    model = synthetic_batchnorm(torchvision.models.resnet18(num_classes=10), size=32)
+    fused = fuse(model, dtype=torch.float16).cuda()
+    graphed = CUDAGraphModule(fused)
+    shared = CUDAGraphModule(fused, copy_output=False)
+    x1, x2 = (torch.randn(4, 3, 64, 64, device="cuda", dtype=torch.float16) for _ in range(2))
+    with torch.no_grad():
+        expected1, expected2 = fused(x1), fused(x2)
+        out1 = graphed(x1)
+        out2 = graphed(x2)
+        assert len(graphed._graphs) == 1  # one signature, one graph
+        torch.testing.assert_close(out1, expected1, rtol=0, atol=0)  # the copy survived the second call
+        torch.testing.assert_close(out2, expected2, rtol=0, atol=0)
+        first = shared(x1)
+        shared(x2)
+        torch.testing.assert_close(first, expected2, rtol=0, atol=0)  # the static buffer was overwritten
+        graphed(torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.float16))
+        assert len(graphed._graphs) == 2
