@@ -8,7 +8,7 @@
 from .convert import fuse
 from .folding import fold_bn
 from .graphs import CUDAGraphModule
-from .modules import FusedAvgPoolLinear, FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedConv2dMaxPool
+from .modules import FusedAvgPoolLinear, FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedConv2dMaxPool, warmup
 from .validate import Comparison, compare
 
 __all__ = [
@@ -22,5 +22,6 @@ __all__ = [
     "compare",
     "fold_bn",
     "fuse",
+    "warmup",
 ]
 __version__ = "0.1.0"

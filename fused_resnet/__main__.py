@@ -197,19 +197,23 @@ def run_bench(args, progress, model=None, note=None, command=None):
     ready, skipped = bench.build_impls(model, args.impl, dtype, device, args.batch, args.size)
     cases = []
     for i, (name, (fn, x)) in enumerate(ready.items()):
+        progress(f"[{i + 1}/{len(ready)}] {name}: first call" + (f" ({_warmup_note(name, device)})"
+                                                                  if _warmup_note(name, device) else ""))
+        first_s = bench.first_call(lambda fn=fn, x=x: fn(x), cuda=device.type == "cuda")
         _, times = bench.time_impl(fn, x, iters=args.iters, warmup_note=_warmup_note(name, device),
                                    progress=lambda m, n=name, i=i: progress(f"[{i + 1}/{len(ready)}] {n}: {m}"))
         stats = {k: round(v, 4) for k, v in bench.spread(times).items()}
         cases.append({"model": args.arch, "impl": name, "dtype": args.dtype, "batch": args.batch,
-                      "size": args.size, **stats, "iters": len(times),
+                      "size": args.size, **stats, "iters": len(times), "first_call_s": round(first_s, 3),
                       "images_per_s": round(args.batch / stats["median_ms"] * 1e3, 1)})
     progress.done()
     base = next((c for c in cases if c["impl"] == bench.BASELINE), None)
     print(f"bench {args.arch}  {args.dtype}  batch {args.batch}  {args.size}x{args.size}  on {device}"
-          f"  ({args.iters} timed runs: median, and the middle half of the runs as q1-q3)")
+          f"  ({args.iters} timed runs after the first call and warm-up: median, and the middle half of the "
+          "runs as q1-q3)")
     print(f"  weights: {note}")
     print(f"  fused path: {bench.describe_path(device)}")
-    header = (f"  {'implementation':<22}{'median ms':>11}{'q1-q3 ms':>19}{'images/s':>11}"
+    header = (f"  {'implementation':<31}{'first call s':>13}{'median ms':>11}{'q1-q3 ms':>19}{'images/s':>11}"
               f"{'vs ' + bench.BASELINE:>25}")
     print(header)
     print("  " + "-" * (len(header) - 2))
@@ -222,9 +226,10 @@ def run_bench(args, progress, model=None, note=None, command=None):
                 speedup += " (noise)"
                 noisy.append(c["impl"])
         quartiles = f"{c['q1_ms']:.3f}-{c['q3_ms']:.3f}"
-        print(f"  {c['impl']:<22}{c['median_ms']:>11.3f}{quartiles:>19}{c['images_per_s']:>11.1f}{speedup:>25}")
+        print(f"  {c['impl']:<31}{c['first_call_s']:>13.2f}{c['median_ms']:>11.3f}{quartiles:>19}"
+              f"{c['images_per_s']:>11.1f}{speedup:>25}")
     for name, reason in skipped.items():
-        print(f"  {name:<22}{'skipped: ' + reason:>50}")
+        print(f"  {name:<31}{'skipped: ' + reason:>50}")
     if noisy:
         print(f"  (noise): {', '.join(noisy)} differ from {bench.BASELINE} by less than the spread of the runs "
               "(q1-q3); the ratio is not a measured difference. Run with more --iters, on a quieter machine.")

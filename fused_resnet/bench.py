@@ -211,6 +211,16 @@ def time_call(fn, *, cuda, iters, warmup=3, progress=None, warmup_note=""):
     return statistics.median(times), times
 
 
+def first_call(fn, *, cuda):
+    """Seconds the first call of fn() takes, compiling, tuning and capturing included."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def host_time(fn, *, cuda, forwards=10, repeats=7):
     """What one call of fn() costs the CPU, in ms: `forwards` calls issued back to back without
     waiting for the GPU, wall time divided by their number; the median of `repeats` such runs,

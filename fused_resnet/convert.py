@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .graphs import CUDAGraphModule
-from .modules import FusedAvgPoolLinear, FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedConv2dMaxPool
+from .modules import FusedAvgPoolLinear, FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedConv2dMaxPool, warmup
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -35,6 +35,7 @@ def fuse(
     stem_maxpool: bool = True,
     avgpool_fc: bool = True,
     cuda_graph: bool = False,
+    example: torch.Tensor | None = None,
 ) -> nn.Module:
     """A fused copy of `model` in eval mode; `model` itself is left untouched.
 
@@ -52,6 +53,10 @@ def fuse(
     stem_maxpool: the stem's conv + ReLU + max pooling run as one kernel (off: conv + ReLU, then
         torch's max pooling).
     avgpool_fc: the head's average pooling and fc run as one kernel (off: torch's modules).
+
+    With an `example` input, every kernel the fused model launches for inputs like it is compiled
+    and configured before fuse returns (see fused_resnet.warmup); move the model first, or pass
+    the example on the device the model will run on after `.to()` (the model is moved there).
 
     With `cuda_graph=True` the fused model comes wrapped in a CUDAGraphModule (its `.module`):
     each input signature is captured once on CUDA and replayed; see that class for what a call
@@ -90,9 +95,11 @@ def fuse(
         return fused if dtype is None else fused.to(dtype)
     fused = copy.deepcopy(model).eval()
     _swap_children(fused, options, stem_maxpool, avgpool_fc, prefix="")
-    if cuda_graph:
-        return CUDAGraphModule(_finish(fused, dtype, strict))
-    return _finish(fused, dtype, strict)
+    fused = _finish(fused, dtype, strict)
+    if example is not None:
+        fused.to(example.device)
+        warmup(fused, example)
+    return CUDAGraphModule(fused) if cuda_graph else fused
 
 
 def _finish(fused, dtype, strict):

@@ -11,6 +11,7 @@ training mode and gradients with an error rather than silently returning wrong g
 """
 
 import functools
+import time
 
 import torch
 from torch import nn
@@ -101,6 +102,44 @@ class PlannedLayer(InferenceOnly):
         state = self.__dict__.copy()
         state["_plans"] = {}  # plans hold closures over this object's tensors
         return state
+
+
+def warmup(model: nn.Module, example, *, progress=None) -> float:
+    """Build every launch plan `model` needs for inputs like `example` before the first real call:
+    on a GPU that compiles each kernel and picks its config (from the shipped table or the disk
+    cache, else by timing a few), under the interpreter it interprets each once. Returns the
+    seconds it took.
+
+    `example` is an input tensor, or its shape (N, C, H, W), drawn at random in the model's dtype
+    and on its device. `progress(message)` hears of each fused layer as it is planned.
+    """
+    if not isinstance(example, torch.Tensor):
+        reference = next((t for t in model.buffers() if t.is_floating_point()), None)
+        if reference is None:
+            raise ValueError("warmup: the model has no floating-point buffers; pass an example tensor")
+        example = torch.randn(tuple(example), dtype=reference.dtype, device=reference.device)
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, PlannedLayer)]
+    if not layers:
+        raise TypeError(f"warmup: {type(model).__name__} holds no fused layers; fuse it first")
+    done = []
+
+    def report(module, args):
+        done.append(module)
+        if progress is not None:
+            name = next(n for n, m in layers if m is module)
+            progress(f"warm-up: layer {len(done)}/{len(layers)} {name or type(module).__name__}")
+
+    hooks = [m.register_forward_pre_hook(report) for _, m in layers]
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            model(example.contiguous(memory_format=torch.channels_last) if example.dim() == 4 else example)
+        if example.is_cuda:
+            torch.cuda.synchronize(example.device)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return time.perf_counter() - start
 
 
 def _recorded(name, plan, *operands):

@@ -6,7 +6,7 @@ for each block of channels, averages the feature map in fp32, rounds the mean to
 (as the unfused pool's output is), and multiplies it into the accumulator with tl.dot. Programs
 that share images are ordered to run together, so the repeated reads of a feature map come from L2.
 
-Order of this file: autotune configs, @triton.jit kernel, launcher, op registration, reference.
+Order of this file: @triton.jit kernel, launcher, op registration, reference.
 """
 
 import torch
@@ -15,25 +15,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from . import backend
+from . import backend, configs
 from ._checks import check_same_device, check_supported_dtype
-from .conv2d import _interpreter_blocks, tile_ids
-
-# ----------------------------------------------------------------------------------------------
-# Autotune configs
-# ----------------------------------------------------------------------------------------------
-
-CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=stages, num_warps=warps)
-    for bm, bn, bk, stages, warps in [
-        (16, 128, 64, 3, 4),
-        (32, 128, 64, 3, 4),
-        (64, 128, 64, 3, 4),
-        (32, 256, 64, 3, 8),
-        (64, 64, 64, 3, 4),
-        (16, 64, 128, 3, 4),
-    ]
-]
+from .conv2d import tile_ids
 
 # ----------------------------------------------------------------------------------------------
 # Kernel
@@ -94,13 +78,6 @@ def _avgpool_linear_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_avgpool_linear_autotuned = triton.autotune(
-    configs=CONFIGS,
-    key=["N", "C", "H", "W", "J"],
-    cache_results=True,
-)(_avgpool_linear_kernel)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
@@ -146,8 +123,11 @@ def plan_avgpool_linear(x, weight, bias=None, *, backend_name=None, traceable=Fa
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(j, meta["BLOCK_N"]),)
 
-    launch = backend.KernelLaunch(_avgpool_linear_kernel, _avgpool_linear_autotuned, grid, args, on_cuda=x.is_cuda,
-                                  config=_interpreter_blocks(n, j, c) if interpret else None, traceable=traceable)
+    launch = backend.KernelLaunch(_avgpool_linear_kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable,
+                                  config=configs.interpreter(n, j, c) if interpret else None, op="avgpool_linear",
+                                  key=configs.shape_key(M=n, C=c, H=h, W=w, J=j, prec=args["INPUT_PRECISION"],
+                                                        bias=bias is not None),
+                                  candidates=configs.candidates(n, j, c, x.element_size()))
 
     def launch_into(y, x):
         launch(x, weight, y if bias is None else bias, y)

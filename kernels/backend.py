@@ -12,12 +12,14 @@ environment:
 
 import contextlib
 import contextvars
+import functools
 import math
 import os
 import threading
 
 import torch
 import triton
+import triton.testing
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
@@ -140,41 +142,80 @@ def channels_last_strides(shape):
     return (c * h * w, 1, w * c, c)
 
 
-_tuning_lock = threading.Lock()
-
-
 class KernelLaunch:
     """One Triton kernel with its scalar arguments bound: called with the tensor arguments alone.
 
-    `args` are the kernel's keyword arguments (sizes, strides, flags), `grid(meta)` its launch grid.
-    The config (tile sizes, warps, stages) is `config` when the caller knows it (the interpreter's
-    tiles), else the autotuner's choice, read after the first launch and bound from then on, so
-    that later launches skip the autotuner. With `traceable`, every launch goes through
-    wrap_triton, as it must inside a registered op that torch.compile traces.
+    `args` are the kernel's keyword arguments (sizes, strides, flags), `grid(meta)` its launch
+    grid. The config (tile sizes, warps, stages) is `config` when the caller knows it (the
+    interpreter's tiles, an elementwise block); on a GPU it is chosen at the first launch, by
+    kernels.configs: the shipped table or the disk cache for (GPU, `op`, dtype, `key`), else the
+    fastest of `candidates` timed on the first call's own tensors (stored for later processes),
+    or under tracing, where nothing can be timed, the first candidate. From then on every launch
+    uses it. With `traceable`, launches go through wrap_triton, as they must inside a registered
+    op that torch.compile traces.
     """
 
-    def __init__(self, kernel, autotuned, grid, args, *, on_cuda, config=None, traceable=False):
-        self.kernel, self.autotuned, self.grid, self.args = kernel, autotuned, grid, args
+    def __init__(self, kernel, grid, args, *, on_cuda, config=None, traceable=False, op="", key="", candidates=()):
+        self.kernel, self.grid, self.args = kernel, grid, args
         self.on_cuda = on_cuda
         self.traceable = traceable
-        self.bound = None if config is None else (grid(config), {**args, **config})
+        self.op, self.key, self.candidates = op, key, list(candidates)
+        self.bound = None if config is None else self._bind(config)
+
+    def _bind(self, config):
+        kwargs = {**self.args, **config}
+        if self.traceable:
+            kernel = wrap_triton(_single_config(self.kernel, config) if "num_warps" in config else self.kernel)
+            kwargs = {**self.args, **({} if "num_warps" in config else config)}
+        else:
+            kernel = self.kernel
+        return kernel, self.grid(config), kwargs
 
     def __call__(self, *tensors):
-        if self.bound is not None:
-            grid, kwargs = self.bound
-            kernel = wrap_triton(self.kernel) if self.traceable else self.kernel
-            if self.on_cuda:
+        if self.bound is None:
+            self.bound = self._bind(self._choose(tensors))
+        kernel, grid, kwargs = self.bound
+        if self.on_cuda:
+            kernel[grid](*tensors, **kwargs)
+        else:
+            with _interpreter_lock:
                 kernel[grid](*tensors, **kwargs)
-            else:
-                with _interpreter_lock:
-                    kernel[grid](*tensors, **kwargs)
-            return
-        if self.traceable:
-            wrap_triton(self.autotuned)[self.grid](*tensors, **self.args)
-            return
-        with _tuning_lock:  # the autotuner's best_config is shared state
-            self.autotuned[self.grid](*tensors, **self.args)
-            config = getattr(self.autotuned, "best_config", None)
-        if config is not None and hasattr(config, "all_kwargs"):
-            chosen = config.all_kwargs()
-            self.bound = (self.grid(chosen), {**self.args, **chosen})
+
+    def _choose(self, tensors):
+        from . import configs
+
+        like = next(t for t in tensors if isinstance(t, torch.Tensor))
+        gpu = configs.gpu_family(_device_name(like.device.index or 0))
+        dtype = str(like.dtype).removeprefix("torch.")
+        found = configs.lookup(gpu, self.op, dtype, self.key)
+        if found is not None:
+            return found
+        if any(is_fake(t) for t in tensors if isinstance(t, torch.Tensor)):
+            return self.candidates[0]  # tracing: nothing to time; the real first call tunes
+        best = min(self.candidates, key=lambda config: self._time(config, tensors))
+        configs.remember(gpu, self.op, dtype, self.key, best)
+        return best
+
+    def _time(self, config, tensors):
+        kwargs = {**self.args, **config}
+        grid = self.grid(config)
+        return triton.testing.do_bench(lambda: self.kernel[grid](*tensors, **kwargs), warmup=5, rep=20,
+                                       return_mode="median")
+
+
+@functools.cache
+def _device_name(index):
+    return torch.cuda.get_device_name(index)
+
+
+_single_configs = {}
+
+
+def _single_config(kernel, config):
+    """The kernel as a one-config triton.autotune, which wrap_triton traces with its warps and stages."""
+    key = (kernel, tuple(sorted(config.items())))
+    if key not in _single_configs:
+        meta = {k: v for k, v in config.items() if k not in ("num_warps", "num_stages")}
+        chosen = triton.Config(meta, num_warps=config["num_warps"], num_stages=config["num_stages"])
+        _single_configs[key] = triton.autotune(configs=[chosen], key=[])(kernel)
+    return _single_configs[key]

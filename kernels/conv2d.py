@@ -6,7 +6,7 @@ memory ("implicit" GEMM): each program gathers its tile of the input on the fly 
 activations. The epilogue adds the bias, adds the residual and applies the ReLU to the fp32
 accumulator, then writes the output once.
 
-Order of this file: autotune configs, @triton.jit kernel, launcher, op registration, reference.
+Order of this file: configs, @triton.jit kernel, launcher, op registration, reference.
 """
 
 import functools
@@ -17,49 +17,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from . import backend
+from . import backend, configs
 from ._checks import check_same_device, check_supported_dtype, pair
 
 # ----------------------------------------------------------------------------------------------
-# Autotune configs
+# Configs (chosen per launch by kernels.configs: the shipped table, the disk cache, a few timed)
 # ----------------------------------------------------------------------------------------------
-
-
-def _config(block_m, block_n, block_k, group_m, stages, warps):
-    return triton.Config(
-        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
-        num_stages=stages,
-        num_warps=warps,
-    )
-
-
-# Tile shapes that serve Hopper (228 KB shared memory a block) and Ampere (164 KB); the pruning
-# below drops those that do not fit the device at hand or waste most of a tile on a small layer.
-CONFIGS = [
-    _config(128, 256, 64, 8, 3, 8),
-    _config(256, 128, 64, 8, 3, 8),
-    _config(128, 128, 64, 8, 4, 8),
-    _config(128, 128, 32, 8, 4, 4),
-    _config(128, 64, 64, 8, 4, 4),
-    _config(64, 128, 64, 8, 4, 4),
-    _config(128, 64, 32, 8, 5, 4),
-    _config(64, 64, 64, 8, 4, 4),
-    _config(64, 64, 32, 8, 5, 2),
-    _config(32, 64, 64, 8, 4, 4),
-    _config(64, 32, 64, 8, 4, 2),
-    _config(32, 32, 32, 8, 4, 2),
-]
-
-# Under the interpreter every program and every block op runs in Python, so few large tiles beat
-# many small ones; tiles shrink to the layer so that small groups do not pay for padding.
-INTERPRETER_MAX_BLOCK = 128
-
-
-def _interpreter_blocks(m, kg, reduction):
-    def fit(n):
-        return min(INTERPRETER_MAX_BLOCK, max(16, triton.next_power_of_2(n)))
-
-    return {"BLOCK_M": fit(m), "BLOCK_N": fit(kg), "BLOCK_K": fit(reduction), "GROUP_M": 8}
 
 # Below this many channels a group, the reduction is flattened over (r, s, c) so that tl.dot gets
 # a usable K (the 3-channel 7x7 stem: 147 in one flat reduction instead of 49 reductions of 3).
@@ -70,28 +33,6 @@ FLAT_K_BELOW = 16
 def _max_shared_memory(device_index):
     props = triton.runtime.driver.active.utils.get_device_properties(device_index)
     return props["max_shared_mem"]
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    """Drop tiles that overflow shared memory or are mostly padding for this layer."""
-    args = {**named_args, **kwargs}  # Triton passes positional and keyword arguments apart
-    x = args["x_ptr"]
-    smem = _max_shared_memory(x.device.index if x.device.index is not None else 0)
-    m, kg, cg = args["M"], args["Kg"], args["Cg"]
-    reduction = max(cg * args["R"] * args["S"] if args["FLAT_K"] else cg, args.get("Cs", 0))
-    cap_m = max(32, triton.next_power_of_2(m))
-    cap_n = max(32, triton.next_power_of_2(kg))
-    cap_k = max(32, triton.next_power_of_2(reduction))
-    kept = []
-    for cfg in configs:
-        kw = cfg.kwargs
-        tile_bytes = (kw["BLOCK_M"] + kw["BLOCK_N"]) * kw["BLOCK_K"] * x.element_size()
-        if tile_bytes * cfg.num_stages > smem:
-            continue
-        if kw["BLOCK_M"] > cap_m or kw["BLOCK_N"] > cap_n or kw["BLOCK_K"] > cap_k:
-            continue
-        kept.append(cfg)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -272,15 +213,6 @@ def _conv2d_bias_act_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
-_conv2d_bias_act_autotuned = triton.autotune(
-    configs=CONFIGS,
-    key=["M", "Kg", "Cg", "H", "W", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w",
-         "PADDED", "FLAT_K", "HAS_RESIDUAL", "Cs", "sc_stride_h", "sc_stride_w", "HAS_SHORTCUT"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-    cache_results=True,
-)(_conv2d_bias_act_kernel)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
@@ -367,7 +299,7 @@ def _tf32_allowed():
     return bool(torch.backends.cudnn.allow_tf32)
 
 
-def conv_launch(name, kernel, autotuned, x, weight, bias, out_shape, m, stride, padding, dilation, groups, relu, *,
+def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, dilation, groups, relu, *,
                 extra_reduction=0, traceable=False, **extra):
     """A KernelLaunch of a kernel built on conv_tile over M = m output rows into a channels_last
     output of `out_shape`, for inputs laid out as `x`: called as launch(x, weight, bias, *pointers, y).
@@ -403,9 +335,16 @@ def conv_launch(name, kernel, autotuned, x, weight, bias, out_shape, m, stride, 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)
 
-    config = _interpreter_blocks(m, kg, max(cg * r * s if flat_k else cg, extra_reduction)) if interpret else None
-    return backend.KernelLaunch(kernel, autotuned, grid, args, on_cuda=x.is_cuda, config=config,
-                                traceable=traceable)
+    reduction = max(cg * r * s if flat_k else cg, extra_reduction)
+    if interpret:
+        return backend.KernelLaunch(kernel, grid, args, on_cuda=False, traceable=traceable,
+                                    config=configs.interpreter(m, kg, reduction))
+    # The key: every size and flag of the launch (the batch only through M, bucketed), no strides.
+    sizes = {k: v for k, v in args.items() if not k.startswith("stride_") and k != "DOT_FP32"}
+    smem = _max_shared_memory(x.device.index or 0) if x.is_cuda else 228 * 1024
+    return backend.KernelLaunch(kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable, op=name,
+                                key=configs.shape_key(groups=groups, **sizes),
+                                candidates=configs.candidates(m, kg, reduction, x.element_size(), smem))
 
 
 def gather_layout(x):
@@ -446,7 +385,7 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, re
     r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     ws_strides = residual_weight.stride() if shortcut else (0, 0, 0, 0)
     launch = conv_launch(
-        "conv2d_bias_act", _conv2d_bias_act_kernel, _conv2d_bias_act_autotuned, x, weight, bias, out_shape, n * p * q,
+        "conv2d_bias_act", _conv2d_bias_act_kernel, x, weight, bias, out_shape, n * p * q,
         stride, padding, dilation, groups, relu, extra_reduction=cs, traceable=traceable,
         Cs=cs, P=p, Q=q, sc_stride_h=residual_stride[0], sc_stride_w=residual_stride[1],
         stride_rn=r_strides[0], stride_rk=r_strides[1], stride_rp=r_strides[2], stride_rq=r_strides[3],

@@ -9,7 +9,7 @@ pool computes the conv 9/4 = 2.25 times over: compute traded for memory traffic.
 commute with the maximum (one constant per channel, a monotone function), so they are applied once
 to the pooled tile.
 
-Order of this file: autotune configs (conv2d.py's), @triton.jit kernel, launcher, op registration,
+Order of this file: @triton.jit kernel, launcher, op registration,
 reference.
 """
 
@@ -22,10 +22,8 @@ from torch.library import triton_op
 from . import backend
 from ._checks import pair
 from .conv2d import (
-    CONFIGS,
     _check_conv_args,
     _cudnn_fused,
-    _prune_configs,
     conv_launch,
     conv_tile,
     gather_layout,
@@ -103,15 +101,6 @@ def _conv2d_bias_act_maxpool_kernel(
     tl.store(y_ptrs, best.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-_conv2d_bias_act_maxpool_autotuned = triton.autotune(
-    configs=CONFIGS,
-    key=["M", "Kg", "Cg", "H", "W", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w",
-         "POOL_R", "POOL_S", "pool_stride_h", "pool_stride_w", "PADDED", "FLAT_K"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-    cache_results=True,
-)(_conv2d_bias_act_maxpool_kernel)
-
-
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
@@ -160,8 +149,8 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, p
     n, _, ph, pw = out_shape
     p, q = conv_shape[2:]
     launch = conv_launch(
-        "conv2d_bias_act_maxpool", _conv2d_bias_act_maxpool_kernel, _conv2d_bias_act_maxpool_autotuned,
-        x, weight, bias, out_shape, n * ph * pw, stride, padding, dilation, groups, relu, traceable=traceable,
+        "conv2d_bias_act_maxpool", _conv2d_bias_act_maxpool_kernel, x, weight, bias, out_shape, n * ph * pw,
+        stride, padding, dilation, groups, relu, traceable=traceable,
         P=p, Q=q, PH=ph, PW=pw, POOL_R=pool_size[0], POOL_S=pool_size[1],
         pool_stride_h=pool_stride[0], pool_stride_w=pool_stride[1],
         pool_pad_h=pool_padding[0], pool_pad_w=pool_padding[1],

@@ -9,7 +9,7 @@ from fused_resnet import __main__ as cli
 from fused_resnet import kernels
 
 CASE_KEYS = {"model", "impl", "dtype", "batch", "size", "min_ms", "q1_ms", "median_ms", "q3_ms", "max_ms", "iters",
-             "images_per_s"}
+             "first_call_s", "images_per_s"}
 PROVENANCE_KEYS = {"gpu", "driver", "cuda", "torch", "triton", "commit", "command", "date"}
 
 
@@ -127,6 +127,7 @@ def test_bench_says_when_the_spread_hides_the_difference(monkeypatch, capsys):
     monkeypatch.setattr(cli.bench, "build_impls",
                         lambda model, names, *a: ({n: (n, None) for n in names}, {}))
     monkeypatch.setattr(cli.bench, "time_impl", fake_time)
+    monkeypatch.setattr(cli.bench, "first_call", lambda fn, cuda: 0.5)
     status = cli.main(["bench", "--arch", "resnet18", "--batch", "1", "--size", "32", "--iters", "5", "--impl",
                         "eager", "eager_channels_last", "fused", "--quiet"])
     assert status == 0

@@ -286,3 +286,26 @@ def test_compare_reports_errors_and_top1(reference_backend):
     result = compare(ref, other, images(4))
     assert result.max_abs_err > 0 and result.top1_agreement < 1.0
     assert set(result.as_dict()) >= {"max_abs_err", "max_rel_err", "top1_agreement"}
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["float16", "bfloat16", "float32", "tf32"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_compiles_and_runs_on_the_gpu(arch, precision):
+    # Compiled kernels in every dtype, TF32 on and off: the fused error against float64 at most
+    # twice torchvision's own in that precision (plus a small atol).
+    dtype = torch.float32 if precision == "tf32" else getattr(torch, precision)
+    prev = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    try:
+        ref = model(arch)
+        exact = copy.deepcopy(ref).double()
+        x = images()
+        fused_err = compare(exact, fuse(ref, dtype=dtype).cuda(), x)
+        torchvision_err = compare(exact, copy.deepcopy(ref).to("cuda", dtype), x)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
+    atol = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-5, "tf32": 2e-3}[precision]
+    assert fused_err.nonfinite_mismatch == 0
+    assert fused_err.max_abs_err <= 2 * torchvision_err.max_abs_err + atol, (fused_err, torchvision_err)

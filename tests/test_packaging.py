@@ -17,6 +17,7 @@ def test_the_wheel_holds_no_top_level_kernels(tmp_path):
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith((".dist-info", ".data"))}
     assert top_level == {"fused_resnet"}, sorted(top_level)
     assert "fused_resnet/kernels/conv2d.py" in names and "fused_resnet/kernels/__init__.py" in names
+    assert "fused_resnet/kernels/tuned_configs.json" in names  # the tuned configs ship with the kernels
 
 
 def test_kernels_import_under_the_package_only():

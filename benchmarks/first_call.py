@@ -1,0 +1,84 @@
+"""Time the first forward of a fused model in a fresh process, with cold and then warm caches.
+
+    python benchmarks/first_call.py [--arch resnet50 ...] [--dtype float16 ...] [--batch 256] [--json PATH]
+
+For each (arch, dtype) a child process builds the fused model and times its first forward
+(compiling and choosing every kernel's config) with empty caches: Triton's kernel cache and
+fused_resnet's config cache both point into a new temporary folder ("cold"). A second child
+process with the same folders times it again ("warm"). fp32 runs twice, with TF32 off and on.
+Needs a CUDA GPU. Cases: {"model", "impl": "fused", "dtype", "batch", "first_call_s", "cache"}.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+CHILD = """
+import sys, time, torch
+from fused_resnet import bench, fuse
+arch, dtype, batch, tf32 = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+model, _ = bench.load_model(arch)
+fused = fuse(model, dtype=bench.DTYPES[dtype]).cuda()
+x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=bench.DTYPES[dtype]).contiguous(
+    memory_format=torch.channels_last)
+torch.cuda.synchronize()
+print(bench.first_call(lambda: fused(x), cuda=True))
+"""
+
+
+def first_call(arch, dtype, batch, tf32, cache_root, timeout):
+    env = {**os.environ, "TRITON_CACHE_DIR": os.path.join(cache_root, "triton"),
+           "FUSED_RESNET_CACHE_DIR": os.path.join(cache_root, "fused_resnet")}
+    try:
+        done = subprocess.run([sys.executable, "-c", CHILD, arch, dtype, str(batch), "1" if tf32 else "0"], env=env,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"did not finish within {timeout} s"
+    if done.returncode != 0:
+        return None, done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
+    return float(done.stdout.strip().splitlines()[-1]), None
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", default=["resnet50"])
+    parser.add_argument("--dtype", nargs="+", default=["float16", "bfloat16", "float32"])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--timeout", type=int, default=300, help="seconds a child may take (default: %(default)s)")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("first_call.py: needs a CUDA GPU (the first call's cost is compiling for one)")
+    from fused_resnet import bench
+
+    cases = []
+    for arch in args.arch:
+        for dtype in args.dtype:
+            for tf32 in ([False, True] if dtype == "float32" else [False]):
+                with tempfile.TemporaryDirectory() as root:
+                    for cache in ("cold", "warm"):
+                        seconds, error = first_call(arch, dtype, args.batch, tf32, root, args.timeout)
+                        case = {"model": arch, "impl": "fused", "dtype": dtype, "batch": args.batch, "cache": cache,
+                                "first_call_s": None if seconds is None else round(seconds, 2)}
+                        if dtype == "float32":
+                            case["tf32"] = tf32
+                        if error:
+                            case["error"] = error
+                        cases.append(case)
+                        print(json.dumps(case), flush=True)
+    if args.json:
+        payload = {"provenance": bench.provenance("python benchmarks/first_call.py " + " ".join(sys.argv[1:]),
+                                                  torch.device("cuda")), "cases": cases}
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

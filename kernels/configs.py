@@ -1,0 +1,157 @@
+"""Kernel configs without minutes of autotuning: a tuned table shipped beside the kernels, a small
+candidate set for what the table lacks, and a disk cache of what was tuned on this machine.
+
+A config is the tile and launch shape of one kernel launch, e.g. {"BLOCK_M", "BLOCK_N", "BLOCK_K",
+"GROUP_M", "num_warps", "num_stages"} for the GEMM-shaped kernels. It is looked up by (GPU family,
+op, dtype, shape key):
+
+1. tuned_configs.json beside this file, made by the conv sweep on the GPUs named there: a hit
+   compiles one config and benchmarks nothing;
+2. the disk cache, configs.json under $FUSED_RESNET_CACHE_DIR (default
+   ~/.cache/fused_resnet), where earlier processes stored what they tuned;
+3. otherwise `candidates()` gives at most four configs for the shape class, each is timed once,
+   and the fastest is stored in the disk cache for every later process.
+
+Shape keys hold the layer's sizes (channels, kernel, strides, map) exactly and the batch only
+through M, the GEMM's rows, rounded up to a power of two: a served model that sees a new batch
+size reuses the configs of its neighbours instead of tuning every layer again. Delete the cache
+folder, or call clear_cache(), to tune afresh.
+"""
+
+import json
+import os
+import pathlib
+import tempfile
+import threading
+
+import triton
+
+TABLE_PATH = pathlib.Path(__file__).with_name("tuned_configs.json")
+GPU_FAMILIES = ("H200", "H100", "A100", "L40S", "L4")
+
+_lock = threading.Lock()
+_table = None  # {(gpu, op, dtype, key): config}, read once
+_cache = None  # the disk cache, read once per process and written through
+
+
+def gpu_family(device_name: str) -> str:
+    """The table's name for a GPU: "H100" for "NVIDIA H100 80GB HBM3", the full name otherwise."""
+    return next((family for family in GPU_FAMILIES if family in device_name), device_name)
+
+
+def bucket(m: int) -> int:
+    """M rounded up to a power of two (at least 16), as the shape keys hold it."""
+    return max(16, triton.next_power_of_2(m))
+
+
+def shape_key(**sizes) -> str:
+    """A stable text key from a layer's sizes; pass M as `M`, which is bucketed."""
+    if "M" in sizes:
+        sizes = {**sizes, "M": bucket(sizes["M"])}
+    return ",".join(f"{name}={_text(value)}" for name, value in sorted(sizes.items()))
+
+
+def _text(value):
+    if isinstance(value, (tuple, list)):
+        return "x".join(str(v) for v in value)
+    return str(int(value)) if isinstance(value, bool) else str(value)
+
+
+def cache_dir() -> pathlib.Path:
+    """Where tuned configs are kept across processes."""
+    return pathlib.Path(os.environ.get("FUSED_RESNET_CACHE_DIR") or pathlib.Path.home() / ".cache" / "fused_resnet")
+
+
+def lookup(gpu: str, op: str, dtype: str, key: str):
+    """The config for this launch from the shipped table or the disk cache, or None."""
+    entry = (gpu, op, dtype, key)
+    with _lock:
+        found = _load_table().get(entry)
+        return found if found is not None else _load_cache().get(entry)
+
+
+def remember(gpu: str, op: str, dtype: str, key: str, config: dict):
+    """Store a tuned config in the disk cache (written at once, atomically)."""
+    config = {k: int(v) for k, v in config.items()}
+    with _lock:
+        cache = _load_cache()
+        cache[(gpu, op, dtype, key)] = config
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        entries = [dict(zip(("gpu", "op", "dtype", "key"), e), config=c) for e, c in sorted(cache.items())]
+        with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as f:
+            json.dump({"version": 1, "entries": entries}, f, indent=1)
+        os.replace(f.name, folder / "configs.json")
+
+
+def clear_cache():
+    """Forget every config tuned on this machine (the shipped table stays)."""
+    global _cache
+    with _lock:
+        path = cache_dir() / "configs.json"
+        if path.exists():
+            path.unlink()
+        _cache = None
+
+
+def _read(path):
+    if not path.exists():
+        return {}
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+        return {(e["gpu"], e["op"], e["dtype"], e["key"]): {k: int(v) for k, v in e["config"].items()}
+                for e in payload["entries"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # a damaged cache is tuned again, not trusted
+
+
+def _load_table():
+    global _table
+    if _table is None:
+        _table = _read(TABLE_PATH)
+    return _table
+
+
+def _load_cache():
+    global _cache
+    if _cache is None:
+        _cache = _read(cache_dir() / "configs.json")
+    return _cache
+
+
+# Under the interpreter every program and every block op runs in Python, so few large tiles beat
+# many small ones; tiles shrink to the layer so that small groups do not pay for padding.
+INTERPRETER_MAX_BLOCK = 128
+
+
+def interpreter(m: int, n: int, reduction: int) -> dict:
+    """The tiles of a GEMM-shaped launch under the Triton interpreter (CPU tests), no tuning."""
+    def fit(size):
+        return min(INTERPRETER_MAX_BLOCK, max(16, triton.next_power_of_2(size)))
+
+    return {"BLOCK_M": fit(m), "BLOCK_N": fit(n), "BLOCK_K": fit(reduction), "GROUP_M": 8}
+
+
+def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory: int = 228 * 1024):
+    """At most four configs for a GEMM of m rows, n columns and a reduction this long, from its
+    shape class: wide tiles for large memory-bound layers, small ones where few tiles exist,
+    smaller K tiles and fewer stages for 4-byte (fp32) operands. Each fits `shared_memory`."""
+    fp32 = element_size >= 4
+    if fp32:
+        shapes = [(128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4), (32, 64, 32, 2, 4)]
+    elif m >= 65536:
+        shapes = [(128, 128, 64, 3, 8), (128, 64, 64, 4, 4), (256, 64, 32, 3, 8), (64, 128, 64, 4, 4)]
+    else:
+        shapes = [(64, 64, 64, 4, 4), (128, 64, 64, 3, 4), (64, 128, 32, 4, 4), (32, 64, 64, 4, 4)]
+    cap_m, cap_n, cap_k = (max(16, triton.next_power_of_2(v)) for v in (m, n, reduction))
+    kept = []
+    for bm, bn, bk, stages, warps in shapes:
+        bm, bn, bk = min(bm, cap_m), min(bn, cap_n), min(bk, cap_k)
+        while (bm + bn) * bk * element_size * stages > shared_memory and stages > 1:
+            stages -= 1
+        config = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
+                  "num_stages": stages}
+        if config not in kept:
+            kept.append(config)
+    return kept

@@ -1,0 +1,167 @@
+"""Kernel configs without long autotuning: the shipped table, the disk cache, the bucketed keys, the
+small candidate sets, the choice at a plan's first launch, and fused_resnet.warmup.
+
+Without a GPU the choice runs against a table written for the test, a made-up GPU name and
+made-up timings; the launches themselves run interpreted.
+"""
+
+import json
+
+import pytest
+import torch
+import torchvision
+from conftest import DEVICE, HAS_CUDA
+from fused_resnet.kernels import backend, configs
+from fused_resnet.kernels.add_relu import _add_relu_kernel
+
+from fused_resnet import fuse, kernels, warmup
+from fused_resnet.validate import synthetic_batchnorm
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+@pytest.fixture
+def fresh(tmp_path, monkeypatch):
+    """An empty disk cache in tmp_path and a shipped table written by the test."""
+    table = tmp_path / "tuned_configs.json"
+    table.write_text(json.dumps({"version": 1, "entries": [
+        {"gpu": "H100", "op": "add_relu_test", "dtype": "float32", "key": "shipped",
+         "config": {"BLOCK_SIZE": 512, "num_warps": 4}},
+    ]}))
+    monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(configs, "TABLE_PATH", table)
+    monkeypatch.setattr(configs, "_table", None)
+    monkeypatch.setattr(configs, "_cache", None)
+    yield tmp_path
+
+
+def test_gpu_families():
+    assert configs.gpu_family(H100) == "H100"
+    assert configs.gpu_family("NVIDIA H200") == "H200"
+    assert configs.gpu_family("NVIDIA GeForce RTX 4090") == "NVIDIA GeForce RTX 4090"
+
+
+def test_keys_bucket_the_batch_but_not_the_layer():
+    layer = dict(Kg=64, Cg=64, R=3, S=3, H=56, W=56, stride_h=1, HAS_RESIDUAL=False)
+    # M = batch * 3136 rows: batches 180 to 334 share the bucket 2**20, 400 is in the next one.
+    by_batch = {b: configs.shape_key(M=b * 56 * 56, **layer) for b in (180, 256, 400)}
+    assert by_batch[180] == by_batch[256] != by_batch[400]
+    assert "M=1048576" in by_batch[256] and "M=2097152" in by_batch[400]
+    assert configs.shape_key(M=256 * 3136, **{**layer, "Cg": 128}) != by_batch[256]
+    assert "HAS_RESIDUAL=0" in by_batch[256]
+    assert configs.bucket(1) == 16 and configs.bucket(17) == 32
+
+
+def test_table_then_cache_then_nothing(fresh):
+    assert configs.lookup("H100", "add_relu_test", "float32", "shipped") == {"BLOCK_SIZE": 512, "num_warps": 4}
+    assert configs.lookup("H100", "add_relu_test", "float32", "tuned") is None
+    configs.remember("H100", "add_relu_test", "float32", "tuned", {"BLOCK_SIZE": 256, "num_warps": 2})
+    stored = json.loads((fresh / "cache" / "configs.json").read_text())
+    assert stored["entries"] == [{"gpu": "H100", "op": "add_relu_test", "dtype": "float32", "key": "tuned",
+                                  "config": {"BLOCK_SIZE": 256, "num_warps": 2}}]
+    configs._cache = None  # as a new process would start
+    assert configs.lookup("H100", "add_relu_test", "float32", "tuned") == {"BLOCK_SIZE": 256, "num_warps": 2}
+    configs.clear_cache()
+    assert not (fresh / "cache" / "configs.json").exists()
+    assert configs.lookup("H100", "add_relu_test", "float32", "tuned") is None
+    assert configs.lookup("H100", "add_relu_test", "float32", "shipped") is not None  # the table stays
+
+
+def test_a_damaged_cache_is_ignored(fresh):
+    (fresh / "cache").mkdir()
+    (fresh / "cache" / "configs.json").write_text("{not json")
+    assert configs.lookup("H100", "add_relu_test", "float32", "tuned") is None
+    configs.remember("H100", "add_relu_test", "float32", "tuned", {"BLOCK_SIZE": 128})
+    assert json.loads((fresh / "cache" / "configs.json").read_text())["entries"][0]["key"] == "tuned"
+
+
+@pytest.mark.parametrize("m,n,reduction,element", [(802816, 64, 64, 2), (6272, 2048, 512, 2), (49, 512, 4608, 2),
+                                                   (802816, 64, 147, 4), (8, 10, 3, 2)])
+def test_candidates_are_few_and_fit(m, n, reduction, element):
+    found = configs.candidates(m, n, reduction, element, shared_memory=160 * 1024)
+    assert 1 <= len(found) <= 4
+    for c in found:
+        assert (c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * element * c["num_stages"] <= 160 * 1024
+        assert c["BLOCK_M"] <= max(16, 2 ** (m - 1).bit_length()) and c["BLOCK_K"] <= max(16, 2 ** (reduction - 1)
+                                                                                           .bit_length())
+    if element == 4:
+        assert max(c["BLOCK_K"] for c in found) <= 32  # fp32 gets its own, smaller tiles
+
+
+def launch_of(key, timings, monkeypatch):
+    """A KernelLaunch of the add_relu kernel that must choose its config, on a made-up H100."""
+    monkeypatch.setattr(backend, "_device_name", lambda index: H100)
+    timed = []
+
+    def fake_time(self, config, tensors):
+        timed.append(config["BLOCK_SIZE"])
+        return timings[config["BLOCK_SIZE"]]
+
+    monkeypatch.setattr(backend.KernelLaunch, "_time", fake_time)
+    launch = backend.KernelLaunch(
+        _add_relu_kernel, lambda meta: (triton_cdiv(1000, meta["BLOCK_SIZE"]),), {"numel": 1000}, on_cuda=False,
+        op="add_relu_test", key=key,
+        candidates=[{"BLOCK_SIZE": b, "num_warps": 4, "num_stages": 2} for b in sorted(timings)])
+    return launch, timed
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def run_launch(launch):
+    a, b, out = torch.randn(1000), torch.randn(1000), torch.empty(1000)
+    launch(a, b, out)
+    torch.testing.assert_close(out, torch.relu(a + b))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreted launches with a made-up GPU name")
+def test_a_table_hit_times_nothing(fresh, monkeypatch):
+    launch, timed = launch_of("shipped", {128: 1.0, 256: 2.0}, monkeypatch)
+    run_launch(launch)
+    assert timed == [] and launch.bound[2]["BLOCK_SIZE"] == 512
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreted launches with a made-up GPU name")
+def test_a_miss_times_the_candidates_once_and_caches_the_fastest(fresh, monkeypatch):
+    launch, timed = launch_of("new-layer", {128: 3.0, 256: 1.0, 1024: 2.0}, monkeypatch)
+    run_launch(launch)
+    assert sorted(timed) == [128, 256, 1024] and launch.bound[2]["BLOCK_SIZE"] == 256
+    run_launch(launch)
+    assert len(timed) == 3  # bound: the second launch chooses nothing
+    configs._cache = None  # a new process: the choice comes from the disk cache
+    again, timed_again = launch_of("new-layer", {128: 3.0, 256: 1.0, 1024: 2.0}, monkeypatch)
+    run_launch(again)
+    assert timed_again == [] and again.bound[2]["BLOCK_SIZE"] == 256
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreted launches with a made-up GPU name")
+def test_tracing_takes_the_first_candidate_without_timing(fresh, monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    launch, timed = launch_of("traced-layer", {128: 3.0, 256: 1.0}, monkeypatch)
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(torch.randn(1000))
+        assert launch._choose((fake, fake, fake)) == {"BLOCK_SIZE": 128, "num_warps": 4, "num_stages": 2}
+    assert timed == []
+
+
+def test_warmup_plans_every_layer_before_the_first_call():
+    model = fuse(synthetic_batchnorm(torchvision.models.resnet18(num_classes=10), size=32)).to(DEVICE)
+    messages = []
+    with kernels.use_backend("reference"):
+        seconds = warmup(model, (2, 3, 32, 32), progress=messages.append)
+        planned = {name: len(m._plans) for name, m in model.named_modules() if hasattr(m, "_plans")}
+        assert seconds > 0 and set(planned.values()) == {1}, planned
+        assert len(messages) == len(planned) and messages[-1].startswith(f"warm-up: layer {len(planned)}/")
+        model(torch.randn(2, 3, 32, 32, device=DEVICE).contiguous(memory_format=torch.channels_last))
+        assert {len(m._plans) for m in model.modules() if hasattr(m, "_plans")} == {1}  # no new plan
+    with pytest.raises(TypeError, match="holds no fused layers"):
+        warmup(torchvision.models.resnet18(), (1, 3, 32, 32))
+
+
+def test_fuse_with_an_example_warms_up():
+    model = synthetic_batchnorm(torchvision.models.resnet18(num_classes=10), size=32)
+    with kernels.use_backend("reference"):
+        fused = fuse(model, example=torch.randn(1, 3, 32, 32))
+    assert all(len(m._plans) == 1 for m in fused.modules() if hasattr(m, "_plans"))
