@@ -133,10 +133,11 @@ def interpreter(m: int, n: int, reduction: int) -> dict:
     return {"BLOCK_M": fit(m), "BLOCK_N": fit(n), "BLOCK_K": fit(reduction), "GROUP_M": 8}
 
 
-def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory: int = 228 * 1024):
+def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory: int = 228 * 1024, extra=None):
     """At most four configs for a GEMM of m rows, n columns and a reduction this long, from its
     shape class: wide tiles for large memory-bound layers, small ones where few tiles exist,
-    smaller K tiles and fewer stages for 4-byte (fp32) operands. Each fits `shared_memory`."""
+    smaller K tiles and fewer stages for 4-byte (fp32) operands. Each fits `shared_memory`;
+    `extra` (a kernel's own switches) is added to each."""
     fp32 = element_size >= 4
     if fp32:
         shapes = [(128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4), (32, 64, 32, 2, 4)]
@@ -150,7 +151,7 @@ def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory:
         bm, bn, bk = min(bm, cap_m), min(bn, cap_n), min(bk, cap_k)
         while (bm + bn) * bk * element_size * stages > shared_memory and stages > 1:
             stages -= 1
-        config = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "num_warps": warps,
+        config = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **(extra or {}), "num_warps": warps,
                   "num_stages": stages}
         if config not in kept:
             kept.append(config)

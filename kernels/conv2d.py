@@ -28,6 +28,9 @@ from ._checks import check_same_device, check_supported_dtype, pair
 # a usable K (the 3-channel 7x7 stem: 147 in one flat reduction instead of 49 reductions of 3).
 FLAT_K_BELOW = 16
 
+# The main loop under the interpreter (a config's FLAT_LOOP on a GPU): the tests run both.
+INTERPRETER_FLAT_LOOP = 1
+
 
 @functools.cache
 def _max_shared_memory(device_index):
@@ -88,6 +91,8 @@ def conv_tile(
     S: tl.constexpr,
     PADDED: tl.constexpr,
     FLAT_K: tl.constexpr,
+    C_PAD: tl.constexpr,  # FLAT_K: Cg rounded up to a power of two, so (r, s, c) decodes with shifts
+    FLAT_LOOP: tl.constexpr,  # one loop over (tap, channel block) that the compiler can pipeline
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -95,24 +100,52 @@ def conv_tile(
     """The main loop of an implicit-GEMM conv: acc += the (BLOCK_M, BLOCK_N) tile of conv(x, w).
 
     Shared by every kernel that computes a conv tile: the plain conv, its projection shortcut
-    and the conv+maxpool stem."""
+    and the conv+maxpool stem. Three schedules of the same reduction:
+    FLAT_K     few channels (the stem's 3): one reduction over (r, s, c) with c padded to C_PAD,
+               each element gathered on its own; the padding channels load as zeros.
+    FLAT_LOOP  one loop over (tap, channel block) pairs: every iteration is alike, so the compiler
+               software-pipelines the loads of the next taps behind the current dot.
+    otherwise  a loop over channel blocks inside an unrolled loop over the R*S taps.
+    """
     offs_k = tl.arange(0, BLOCK_K)
     if FLAT_K:
-        # Reduction index j runs over (r, s, c) with c fastest, gathered per element.
-        RSC = R * S * Cg
+        RSC = R * S * C_PAD
         for j0 in range(0, RSC, BLOCK_K):
             j = j0 + offs_k
-            c = j % Cg
-            s = (j // Cg) % S
-            r = j // (Cg * S)
+            c = j % C_PAD
+            s = (j // C_PAD) % S
+            r = j // (C_PAD * S)
+            valid_k = (j < RSC) & (c < Cg)
             ih = h0[:, None] + (r * dil_h)[None, :]
             iw = w0[:, None] + (s * dil_w)[None, :]
-            mask_a = (j < RSC)[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            mask_a = valid_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             a_ptrs = (x_ptr + x_row[:, None] + ih.to(tl.int64) * stride_xh
                       + iw.to(tl.int64) * stride_xw + (c * stride_xc)[None, :])
             a = tl.load(a_ptrs, mask=mask_a, other=0.0)
             b_ptrs = w_ptr + w_col[None, :] + (c * stride_wc + r * stride_wr + s * stride_ws)[:, None]
-            b = tl.load(b_ptrs, mask=(j < RSC)[:, None] & mask_n[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=valid_k[:, None] & mask_n[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    elif FLAT_LOOP:
+        k_blocks = tl.cdiv(Cg, BLOCK_K)
+        for i in range(0, R * S * k_blocks):
+            rs = i // k_blocks
+            c = (i % k_blocks) * BLOCK_K + offs_k
+            ih = h0 + (rs // S) * dil_h
+            iw = w0 + (rs % S) * dil_w
+            mask_c = c < Cg
+            a_ptrs = x_ptr + (x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] \
+                + (c * stride_xc)[None, :]
+            if PADDED:
+                inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(a_ptrs, mask=inside[:, None] & mask_c[None, :], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=mask_c[None, :], other=0.0)
+            b_ptrs = w_ptr + (w_col + (rs // S) * stride_wr + (rs % S) * stride_ws)[None, :] \
+                + (c * stride_wc)[:, None]
+            b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
             if DOT_FP32:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -167,6 +200,7 @@ def _conv2d_bias_act_kernel(
     S: tl.constexpr,
     PADDED: tl.constexpr,  # some taps fall outside the input: mask them
     FLAT_K: tl.constexpr,  # one reduction over (r, s, c) instead of one per (r, s)
+    C_PAD: tl.constexpr,  # FLAT_K: the channels rounded up to a power of two
     HAS_BIAS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     HAS_SHORTCUT: tl.constexpr,  # the residual passes through a 1x1 conv inside this GEMM
@@ -177,6 +211,7 @@ def _conv2d_bias_act_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    FLAT_LOOP: tl.constexpr,  # config: one pipelined loop over (tap, channel block)
 ):
     mask_m, mask_n, n, p, q, group, k_glob = output_tile(M, Kg, P, Q, BLOCK_M, BLOCK_N, GROUP_M)
     # 64-bit row offsets: one tensor may pass 2**31 elements even when M does not.
@@ -185,7 +220,7 @@ def _conv2d_bias_act_kernel(
     acc = conv_tile(acc, x_ptr, w_ptr, x_row, p * stride_h - pad_h, q * stride_w - pad_w,
                     k_glob.to(tl.int64) * stride_wk, mask_n, Cg, H, W, dil_h, dil_w,
                     stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
-                    R, S, PADDED, FLAT_K, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+                    R, S, PADDED, FLAT_K, C_PAD, FLAT_LOOP, DOT_FP32, INPUT_PRECISION, BLOCK_K)
     if HAS_SHORTCUT:
         # A projection shortcut relu(W x + Wd x_s + b) is one GEMM over the concatenated reduction
         # [x ; x_s]: its 1x1 strided conv continues the same accumulator, so its output is never
@@ -193,7 +228,7 @@ def _conv2d_bias_act_kernel(
         acc = conv_tile(acc, r_ptr, ws_ptr, n.to(tl.int64) * stride_rn, p * sc_stride_h, q * sc_stride_w,
                         k_glob.to(tl.int64) * stride_wsk, mask_n, Cs, 0, 0, 1, 1,
                         stride_rk, stride_rp, stride_rq, stride_wsc, 0, 0,
-                        1, 1, False, False, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+                        1, 1, False, False, 1, FLAT_LOOP, DOT_FP32, INPUT_PRECISION, BLOCK_K)
 
     # Epilogue on the fp32 accumulator, then one store in the output dtype.
     mask_y = mask_m[:, None] & mask_n[None, :]
@@ -325,6 +360,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
         R=r, S=s,
         PADDED=any(v != 0 for v in padding),
         FLAT_K=flat_k,
+        C_PAD=triton.next_power_of_2(cg) if flat_k else 1,
         HAS_BIAS=bias is not None,
         APPLY_RELU=relu,
         DOT_FP32=interpret,
@@ -337,14 +373,15 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
 
     reduction = max(cg * r * s if flat_k else cg, extra_reduction)
     if interpret:
-        return backend.KernelLaunch(kernel, grid, args, on_cuda=False, traceable=traceable,
-                                    config=configs.interpreter(m, kg, reduction))
+        config = {**configs.interpreter(m, kg, reduction), "FLAT_LOOP": INTERPRETER_FLAT_LOOP}
+        return backend.KernelLaunch(kernel, grid, args, on_cuda=False, traceable=traceable, config=config)
     # The key: every size and flag of the launch (the batch only through M, bucketed), no strides.
     sizes = {k: v for k, v in args.items() if not k.startswith("stride_") and k != "DOT_FP32"}
     smem = _max_shared_memory(x.device.index or 0) if x.is_cuda else 228 * 1024
     return backend.KernelLaunch(kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable, op=name,
                                 key=configs.shape_key(groups=groups, **sizes),
-                                candidates=configs.candidates(m, kg, reduction, x.element_size(), smem))
+                                candidates=configs.candidates(m, kg, reduction, x.element_size(), smem,
+                                                              extra={"FLAT_LOOP": 1}))
 
 
 def gather_layout(x):

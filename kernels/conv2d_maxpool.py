@@ -60,6 +60,7 @@ def _conv2d_bias_act_maxpool_kernel(
     POOL_S: tl.constexpr,
     PADDED: tl.constexpr,
     FLAT_K: tl.constexpr,
+    C_PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     APPLY_RELU: tl.constexpr,
     DOT_FP32: tl.constexpr,
@@ -68,6 +69,7 @@ def _conv2d_bias_act_maxpool_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    FLAT_LOOP: tl.constexpr,
 ):
     # Rows are pooled pixels (n, ph, pw).
     mask_m, mask_n, n, ph, pw, group, k_glob = output_tile(M, Kg, PH, PW, BLOCK_M, BLOCK_N, GROUP_M)
@@ -86,7 +88,7 @@ def _conv2d_bias_act_maxpool_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = conv_tile(acc, x_ptr, w_ptr, x_row, cp * stride_h - pad_h, cq * stride_w - pad_w, w_col, mask_n,
                         Cg, H, W, dil_h, dil_w, stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
-                        R, S, PADDED, FLAT_K, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+                        R, S, PADDED, FLAT_K, C_PAD, FLAT_LOOP, DOT_FP32, INPUT_PRECISION, BLOCK_K)
         acc = tl.where(valid[:, None], acc, float("-inf"))
         # NaN wins, as in torch's max pooling (a plain maximum may drop it).
         best = tl.where((acc > best) | (acc != acc), acc, best)

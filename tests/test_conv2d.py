@@ -79,6 +79,21 @@ def test_resnet_conv_shapes(shape, residual, relu, dtype):
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's loop choice; on a GPU each config names its loop")
+@pytest.mark.parametrize("shape", [(64, 64, 3, 1, 1, 1, 1), (128, 128, 3, 2, 1, 1, 1), (256, 128, 3, 1, 2, 2, 32),
+                                   (64, 256, 1, 1, 0, 1, 1)], ids=lambda s: "C{}-K{}-k{}-s{}-p{}-d{}-g{}".format(*s))
+def test_the_per_tap_loop_too(shape, monkeypatch):
+    # The default main loop runs over (tap, channel block) pairs; the loop nested per tap stays a
+    # config choice (FLAT_LOOP=0) for the sweep to weigh, so it stays correct too.
+    from fused_resnet.kernels import conv2d
+
+    monkeypatch.setattr(conv2d, "INTERPRETER_FLAT_LOOP", 0)
+    c, k, ksize, stride, padding, dilation, groups = shape
+    x, weight, bias = make_case(2, c, 7, 7, k, ksize, ksize, groups, torch.float16)
+    p = (7 + 2 * padding - dilation * (ksize - 1) - 1) // stride + 1
+    check(x, weight, bias, stride, padding, dilation, groups, torch.randn(2, k, p, p).half(), True)
+
+
 ODD_SHAPES = [
     # n, c, h, w, k, r, s, stride, padding, dilation, groups
     (1, 3, 5, 7, 8, 3, 3, 1, 1, 1, 1),  # C=3, 5x7 map
