@@ -18,6 +18,7 @@ size reuses the configs of its neighbours instead of tuning every layer again. D
 folder, or call clear_cache(), to tune afresh.
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -32,6 +33,7 @@ GPU_FAMILIES = ("H200", "H100", "A100", "L40S", "L4")
 _lock = threading.Lock()
 _table = None  # {(gpu, op, dtype, key): config}, read once
 _cache = None  # the disk cache, read once per process and written through
+_forced = None  # (config, entries asked for) inside override()
 
 
 def gpu_family(device_name: str) -> str:
@@ -65,6 +67,9 @@ def cache_dir() -> pathlib.Path:
 def lookup(gpu: str, op: str, dtype: str, key: str):
     """The config for this launch from the shipped table or the disk cache, or None."""
     entry = (gpu, op, dtype, key)
+    if _forced is not None:
+        _forced[1].append(entry)
+        return _forced[0]
     with _lock:
         found = _load_table().get(entry)
         return found if found is not None else _load_cache().get(entry)
@@ -82,6 +87,32 @@ def remember(gpu: str, op: str, dtype: str, key: str, config: dict):
         with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as f:
             json.dump({"version": 1, "entries": entries}, f, indent=1)
         os.replace(f.name, folder / "configs.json")
+
+
+@contextlib.contextmanager
+def override(config: dict):
+    """Within the `with` block every lookup answers `config`: how a sweep builds a plan with the
+    config it wants to time. Yields the list of (gpu, op, dtype, key) entries looked up, which
+    are the table entries a winning config belongs under. Not thread-safe: for sweeps."""
+    global _forced
+    previous, _forced = _forced, (dict(config), [])
+    try:
+        yield _forced[1]
+    finally:
+        _forced = previous
+
+
+def write_table(entries, path=TABLE_PATH):
+    """Merge {(gpu, op, dtype, key): config} into the shipped table at `path` (the sweep's output)."""
+    global _table
+    with _lock:
+        table = _read(pathlib.Path(path))
+        table.update({entry: {k: int(v) for k, v in config.items()} for entry, config in entries.items()})
+        rows = [dict(zip(("gpu", "op", "dtype", "key"), e), config=c) for e, c in sorted(table.items())]
+        with open(path, "w") as f:
+            json.dump({"version": 1, "entries": rows}, f, indent=1)
+            f.write("\n")
+        _table = None
 
 
 def clear_cache():
@@ -155,4 +186,31 @@ def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory:
                   "num_stages": stages}
         if config not in kept:
             kept.append(config)
+    return kept
+
+
+# The sweep's wider lists (benchmarks/sweep_convs.py): PyTorch Inductor's conv configs and the
+# Triton Hopper matmul tutorial's, as (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); fp32 has its own.
+SWEEP_16BIT = [
+    (64, 256, 16, 2, 4), (256, 64, 16, 2, 4), (128, 128, 32, 2, 8), (64, 64, 32, 2, 4), (64, 256, 32, 2, 8),
+    (256, 64, 32, 2, 8), (128, 128, 64, 3, 8), (128, 256, 64, 3, 8), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4), (256, 128, 64, 3, 8), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4),
+]
+SWEEP_FP32 = [(128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4), (128, 128, 16, 3, 8), (32, 64, 32, 2, 4)]
+
+
+def sweep_candidates(m, n, reduction, element_size, shared_memory=228 * 1024, loops=(1,)):
+    """Every config of the sweep's list for this GEMM: tiles capped to the layer, pruned to what
+    fits `shared_memory`, once per main loop in `loops` (FLAT_LOOP values)."""
+    cap_m, cap_n, cap_k = (max(16, triton.next_power_of_2(v)) for v in (m, n, reduction))
+    kept = []
+    for bm, bn, bk, stages, warps in (SWEEP_FP32 if element_size >= 4 else SWEEP_16BIT):
+        bm, bn, bk = min(bm, cap_m), min(bn, cap_n), min(bk, cap_k)
+        if (bm + bn) * bk * element_size * stages > shared_memory:
+            continue
+        for loop in loops:
+            config = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "FLAT_LOOP": loop,
+                      "num_warps": warps, "num_stages": stages}
+            if config not in kept:
+                kept.append(config)
     return kept

@@ -165,3 +165,36 @@ def test_fuse_with_an_example_warms_up():
     with kernels.use_backend("reference"):
         fused = fuse(model, example=torch.randn(1, 3, 32, 32))
     assert all(len(m._plans) == 1 for m in fused.modules() if hasattr(m, "_plans"))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreted launches with a made-up GPU name")
+def test_override_forces_a_config_and_names_its_table_entry(fresh, monkeypatch):
+    launch, timed = launch_of("swept-layer", {128: 1.0, 256: 2.0}, monkeypatch)
+    with configs.override({"BLOCK_SIZE": 64, "num_warps": 2}) as asked:
+        run_launch(launch)
+    assert timed == [] and launch.bound[2]["BLOCK_SIZE"] == 64
+    assert asked == [("H100", "add_relu_test", "float32", "swept-layer")]
+    table = fresh / "written.json"
+    configs.write_table({asked[0]: {"BLOCK_SIZE": 64, "num_warps": 2}}, path=table)
+    configs.write_table({("H200", "add_relu_test", "float32", "other"): {"BLOCK_SIZE": 32}}, path=table)
+    rows = json.loads(table.read_text())["entries"]
+    assert [(r["gpu"], r["key"], r["config"]["BLOCK_SIZE"]) for r in rows] == [("H100", "swept-layer", 64),
+                                                                               ("H200", "other", 32)]
+
+
+def test_the_shipped_table_reads():
+    # The file that ships beside the kernels parses, and every entry names a known op and dtype.
+    entries = configs._read(configs.TABLE_PATH)
+    assert json.loads(configs.TABLE_PATH.read_text())["version"] == 1
+    for _gpu, op, dtype, key in entries:
+        assert op in ("conv2d_bias_act", "conv2d_bias_act_maxpool", "avgpool_linear") and dtype in (
+            "float16", "bfloat16", "float32") and "M=" in key
+
+
+def test_sweep_candidates_cover_both_loops_and_fit():
+    found = configs.sweep_candidates(256 * 3136, 64, 64, 2, shared_memory=228 * 1024, loops=(0, 1))
+    assert {c["FLAT_LOOP"] for c in found} == {0, 1} and len(found) >= 10
+    assert all((c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * 2 * c["num_stages"] <= 228 * 1024 for c in found)
+    assert max(c["BLOCK_N"] for c in found) == 64  # capped to the layer's 64 output channels
+    fp32 = configs.sweep_candidates(256 * 3136, 64, 64, 4)
+    assert len(fp32) < len(found) / 2 and max(c["BLOCK_K"] for c in fp32) <= 32

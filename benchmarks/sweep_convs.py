@@ -1,0 +1,276 @@
+"""Sweep the conv kernel's configs over every distinct conv of a fused ResNet-50, against cuDNN.
+
+    python benchmarks/sweep_convs.py --json benchmarks/results/NAME.json [--write-table] [--budget 420]
+
+On a GPU (the default: batch 256, fp16, channels_last, random data) for each distinct fused conv
+layer (the stem conv+maxpool, each block's convs with their epilogues, the merged projection
+shortcuts), in the shapes the fused model launches:
+
+1. every config of kernels.configs.sweep_candidates (Inductor's conv configs and the Hopper
+   matmul tutorial's, both main loops, pruned to the layer and to shared memory) is compiled in
+   parallel by worker processes that share Triton's kernel cache with this one;
+2. each is timed here by CUDA-graph replay (10 launches in a graph, kernel time = replay / 10),
+   as is cuDNN's fused op on the same operands (`cudnn_convolution_relu` or `_add_relu`; for a
+   merged shortcut, cuDNN's shortcut conv then its conv+add+ReLU; for the stem, cuDNN's
+   conv+bias+ReLU then max pooling, and eager's conv, BatchNorm, ReLU and pooling);
+3. a table of the best config against cuDNN per layer is printed, and the cases
+   {"model": "resnet50-conv", "layer", "impl": "fused" | "cudnn_fused" | "eager", "dtype", "batch",
+   "kernel_ms", "config"} are written with the run's provenance; `--write-table` merges the
+   winners into kernels/tuned_configs.json, so that plans on this GPU find them;
+4. with `--network`, the whole resnet50 is timed (median of CUDA-event timings) with the table in
+   force, for the implementations named there.
+
+`--device cpu` runs the same harness under the Triton interpreter at a tiny size, with one config
+per layer and wall-clock times: a check of the harness, not a measurement.
+"""
+
+import argparse
+import concurrent.futures
+import copy
+import json
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from fused_resnet.kernels import configs
+
+from fused_resnet import FusedConv2d, FusedConv2dMaxPool, bench, fuse, kernels
+from fused_resnet.validate import synthetic_batchnorm
+
+
+def distinct_layers(model, batch, size, dtype, device):
+    """[(name, layer, x shape, residual shape or None)] of every distinct fused conv the fused
+    model launches at this batch and size, first occurrence first."""
+    fused = fuse(model)
+    seen, found = set(), []
+
+    def hook(name):
+        def record(module, args, kwargs):
+            x = args[0]
+            residual = args[1] if len(args) > 1 else kwargs.get("residual")
+            key = (tuple(module.weight.shape), module.stride, module.padding, module.dilation, module.groups,
+                   type(module).__name__, tuple(x.shape), None if residual is None else tuple(residual.shape),
+                   None if module.shortcut_weight is None else tuple(module.shortcut_weight.shape))
+            if key not in seen:
+                seen.add(key)
+                found.append((name, module, tuple(x.shape), None if residual is None else tuple(residual.shape)))
+        return record
+
+    hooks = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in fused.named_modules()
+             if isinstance(m, FusedConv2d)]
+    with torch.no_grad(), kernels.use_backend("reference"):
+        fused(torch.randn(1, 3, size, size))
+    for h in hooks:
+        h.remove()
+    return [(name, copy.deepcopy(module).to(device, dtype), (batch,) + x[1:], None if r is None else (batch,) + r[1:])
+            for name, module, x, r in found]
+
+
+def describe(layer, x_shape):
+    k, c, r, s = layer.weight.shape
+    c *= layer.groups
+    text = f"C{c} K{k} {r}x{s}/{layer.stride[0]} {x_shape[2]}x{x_shape[3]}"
+    if layer.groups > 1:
+        text += f" g{layer.groups}"
+    if isinstance(layer, FusedConv2dMaxPool):
+        text += " +maxpool"
+    elif layer.shortcut_weight is not None:
+        text += f" +shortcut C{layer.shortcut_weight.shape[1]}"
+    return text
+
+
+def operands(layer, x_shape, r_shape, dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(x_shape, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+    r = None if r_shape is None else torch.randn(r_shape, generator=g).to(device, dtype).contiguous(
+        memory_format=torch.channels_last)
+    return x, r
+
+
+def plan_of(layer, x, r):
+    if isinstance(layer, FusedConv2dMaxPool):
+        plan = kernels.plan_conv2d_bias_act_maxpool(x, **layer._op_args())
+        return lambda: plan(x)
+    plan = layer._build_plan(x, r)
+    return lambda: plan(x, r)
+
+
+def sweep_configs(layer, x_shape, dtype, cuda):
+    """The configs the sweep times for a layer (one interpreter config on a CPU)."""
+    if not cuda:
+        return [None]
+    k, cg, rr, ss = layer.weight.shape
+    n, _, h, w = x_shape
+    m = n * h * w // (layer.stride[0] * layer.stride[1])
+    if isinstance(layer, FusedConv2dMaxPool):
+        m //= 4
+    flat_k = cg < 16
+    reduction = cg * rr * ss if flat_k else cg
+    loops = (1,) if flat_k or rr * ss == 1 else (0, 1)
+    element = torch.empty((), dtype=dtype).element_size()
+    return configs.sweep_candidates(m, k // layer.groups, reduction, element, loops=loops)
+
+
+def kernel_ms(fn, cuda, reps=10):
+    """Kernel time of fn: replay of `reps` calls captured in a CUDA graph, per call; wall clock on a CPU."""
+    if not cuda:
+        return bench.time_call(fn, cuda=False, iters=3, warmup=1)[0]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
+
+
+def baselines(layer, x, r):
+    """{impl: callable} of what cuDNN (and for the stem, eager) runs for this layer."""
+    with kernels.use_backend("cudnn"):
+        plan = plan_of(layer, x, r)
+    out = {"cudnn_fused": plan}
+    if isinstance(layer, FusedConv2dMaxPool):
+        weight = layer.weight
+        bn = torch.nn.BatchNorm2d(weight.shape[0]).to(x.device, x.dtype).eval()
+        out["eager"] = lambda: F.max_pool2d(torch.relu(bn(F.conv2d(x, weight, None, layer.stride, layer.padding))),
+                                            layer.pool_size, layer.pool_stride, layer.pool_padding)
+    return out
+
+
+def _compile_worker(task):
+    """In a worker process: build and launch each config once, so that Triton's cache holds them."""
+    spec, chosen = task
+    layer, x_shape, r_shape, dtype = spec
+    layer = layer.to("cuda")
+    x, r = operands(layer, x_shape, r_shape, dtype, "cuda")
+    failed = []
+    for config in chosen:
+        try:
+            with configs.override(config):
+                plan_of(layer, x, r)()
+        except Exception as err:  # a config that does not compile is skipped, and said so
+            failed.append((config, f"{type(err).__name__}: {err}"[:200]))
+    torch.cuda.synchronize()
+    return failed
+
+
+def precompile(tasks, workers):
+    if workers <= 1 or not tasks:
+        return [_compile_worker(t) for t in tasks]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        return list(pool.map(_compile_worker, tasks))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--batch", type=int, default=None, help="default: 256 on a GPU, 1 on a CPU")
+    parser.add_argument("--size", type=int, default=None, help="default: 224 on a GPU, 32 on a CPU")
+    parser.add_argument("--dtype", choices=list(bench.DTYPES), default="float16")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N distinct layers")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--budget", type=float, default=420, help="seconds for the conv sweep (default: 420)")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--write-table", action="store_true", help="merge the winners into kernels/tuned_configs.json")
+    parser.add_argument("--network", nargs="*", default=[], metavar="IMPL",
+                        help="also time the whole resnet50 for these implementations (e.g. fused cudnn_fused)")
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("sweep_convs.py: no CUDA GPU; --device cpu checks the harness under the interpreter")
+    batch = args.batch or (256 if cuda else 1)
+    size = args.size or (224 if cuda else 32)
+    dtype = bench.DTYPES[args.dtype]
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = synthetic_batchnorm(torchvision.models.resnet50(), size=32)
+    layers = distinct_layers(model, batch, size, dtype, device)[: args.limit]
+    started = time.perf_counter()
+    plans = [(name, layer, x_shape, r_shape, sweep_configs(layer, x_shape, dtype, cuda))
+             for name, layer, x_shape, r_shape in layers]
+    if cuda:
+        tasks = [((layer, x_shape, r_shape, dtype), chosen) for _, layer, x_shape, r_shape, chosen in plans]
+        failures = precompile(tasks, args.workers)
+        print(f"compiled {sum(len(c) for *_, c in plans)} configs in {time.perf_counter() - started:.0f} s",
+              file=sys.stderr)
+    else:
+        failures = [[] for _ in plans]
+    cases, winners, rows = [], {}, []
+    for (name, layer, x_shape, r_shape, chosen), failed in zip(plans, failures):
+        if time.perf_counter() - started > args.budget:
+            print(f"budget of {args.budget:.0f} s spent: {name} and the layers after it were not timed",
+                  file=sys.stderr)
+            break
+        x, r = operands(layer, x_shape, r_shape, dtype, device)
+        bad = [c for c, _ in failed]
+        best = None
+        for config in chosen:
+            if config in bad:
+                continue
+            with configs.override(config or {}) as asked:
+                fn = plan_of(layer, x, r)
+                fn()  # binds the config
+            ms = kernel_ms(fn, cuda)
+            if best is None or ms < best[0]:
+                best = (ms, config, list(asked))
+        label = describe(layer, x_shape)
+        common = {"model": "resnet50-conv", "layer": label, "dtype": args.dtype, "batch": batch}
+        cases.append({**common, "impl": "fused", "kernel_ms": round(best[0], 5), "config": best[1],
+                      "configs_timed": len(chosen) - len(bad), "name": name})
+        for entry in best[2]:
+            winners[entry] = best[1]
+        base = {impl: kernel_ms(fn, cuda) for impl, fn in baselines(layer, x, r).items()}
+        for impl, ms in base.items():
+            cases.append({**common, "impl": impl, "kernel_ms": round(ms, 5), "name": name})
+        rows.append((label, best[0], base))
+    if args.write_table and cuda and winners:
+        configs.write_table(winners)
+    network = []
+    if args.network:
+        ready, skipped = bench.build_impls(model, args.network, dtype, device, batch, size)
+        for impl, (fn, x) in ready.items():
+            median, _ = bench.time_impl(fn, x, iters=20)
+            network.append({"model": "resnet50", "impl": impl, "dtype": args.dtype, "batch": batch, "size": size,
+                            "median_ms": round(median, 4)})
+        cases += network
+    print(f"{'layer':<34}{'fused ms':>10}{'cuDNN ms':>10}{'fused/cuDNN speed':>19}")
+    ratios = []
+    for label, fused_ms, base in rows:
+        ratio = base["cudnn_fused"] / fused_ms
+        ratios.append(ratio)
+        extra = f"  (eager {base['eager']:.4f} ms: {base['eager'] / fused_ms:.2f}x)" if "eager" in base else ""
+        print(f"{label:<34}{fused_ms:>10.4f}{base['cudnn_fused']:>10.4f}{ratio:>18.2f}x{extra}")
+    if ratios:
+        geomean = statistics.geometric_mean(ratios)
+        print(f"geomean over {len(ratios)} layers: fused at {geomean:.2f}x cuDNN's speed"
+              + ("" if cuda else " (CPU, interpreted: a check of the harness, not a measurement)"))
+    for c in network:
+        print(f"network {c['impl']:<24}{c['median_ms']:>10.3f} ms")
+    if args.json:
+        payload = {"provenance": bench.provenance("python benchmarks/sweep_convs.py " + " ".join(argv or sys.argv[1:]),
+                                                  device), "cases": cases}
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+    return cases
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""benchmarks/sweep_convs.py on a CPU: the harness runs the distinct resnet50 convs through the
+interpreted kernels, times them beside the cuDNN/reference path and writes the results schema."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+from conftest import HAS_CUDA
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_sweep():
+    spec = importlib.util.spec_from_file_location("sweep_convs", ROOT / "benchmarks" / "sweep_convs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU check of the harness; on a GPU run the sweep itself")
+def test_sweep_harness_on_a_cpu(tmp_path, capsys):
+    sweep = load_sweep()
+    out = tmp_path / "sweep.json"
+    cases = sweep.main(["--device", "cpu", "--limit", "4", "--size", "32", "--json", str(out)])
+    payload = json.loads(out.read_text())
+    assert payload["cases"] == json.loads(json.dumps(cases))
+    assert {"gpu", "torch", "triton", "commit", "command", "date"} <= set(payload["provenance"])
+    layers = [c["layer"] for c in cases if c["impl"] == "fused"]
+    # The stem (conv + max pooling), then layer1.0's three convs; the third carries the shortcut.
+    assert layers == ["C3 K64 7x7/2 32x32 +maxpool", "C64 K64 1x1/1 8x8", "C64 K64 3x3/1 8x8",
+                      "C64 K256 1x1/1 8x8 +shortcut C64"]
+    for c in cases:
+        assert c["model"] == "resnet50-conv" and c["dtype"] == "float16" and c["batch"] == 1 and c["kernel_ms"] > 0
+    assert {c["impl"] for c in cases if c["layer"].endswith("+maxpool")} == {"fused", "cudnn_fused", "eager"}
+    printed = capsys.readouterr().out
+    assert "geomean over 4 layers" in printed and "not a measurement" in printed
+
+
+def test_sweep_needs_a_gpu_unless_told_cpu(capsys):
+    if HAS_CUDA:
+        pytest.skip("there is a GPU here")
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        load_sweep().main(["--limit", "1"])
