@@ -98,7 +98,7 @@ def test_merged_shortcut_layer(benchmark, name, impl):
     def run():
         with kernels.use_backend(IMPLS[impl]):
             return kernels.conv2d_bias_act(x, weight, bias, stride, padding, residual=res, relu=True,
-                                           residual_weight=shortcut_weight, residual_stride=sc_stride)
+                                           shortcut_weight=shortcut_weight, shortcut_stride=sc_stride)
 
     benchmark.group = f"merged shortcut: {name} C{c} K{k} {h}x{h}, shortcut C{cs}/{sc_stride}"
     measure(benchmark, run, model="resnet50-layer", impl=impl, dtype=str(DTYPE).removeprefix("torch."),

@@ -204,14 +204,14 @@ class FusedConv2d(PlannedLayer):
         return kernels.conv2d_bias_act(
             x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
             residual=residual, relu=self.relu,
-            residual_weight=self.shortcut_weight, residual_stride=self.shortcut_stride,
+            shortcut_weight=self.shortcut_weight, shortcut_stride=self.shortcut_stride,
         )
 
     def _build_plan(self, x, residual):
         return kernels.plan_conv2d_bias_act(
             x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
             residual=residual, relu=self.relu,
-            residual_weight=self.shortcut_weight, residual_stride=self.shortcut_stride,
+            shortcut_weight=self.shortcut_weight, shortcut_stride=self.shortcut_stride,
         )
 
     def extra_repr(self):

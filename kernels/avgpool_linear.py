@@ -17,7 +17,7 @@ from torch.library import triton_op
 
 from . import backend, configs
 from ._checks import check_same_device, check_supported_dtype
-from .conv2d import tile_ids
+from .igemm import tile_ids
 
 # ----------------------------------------------------------------------------------------------
 # Kernel
@@ -28,13 +28,12 @@ from .conv2d import tile_ids
 def _avgpool_linear_kernel(
     x_ptr,  # (N, C, H, W), any strides; channels_last keeps C contiguous
     w_ptr,  # (J, C)
-    b_ptr,  # (J,), read only if HAS_BIAS
+    b_ptr,  # (J,), or None
     y_ptr,  # (N, J)
     N, C, H, W, J,
     stride_xn, stride_xc, stride_xh, stride_xw,
     stride_wj, stride_wc,
     stride_yn, stride_yj,
-    HAS_BIAS: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast operands before tl.dot (the interpreter's bf16 dot is wrong)
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -71,7 +70,7 @@ def _avgpool_linear_kernel(
             b = b.to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
-    if HAS_BIAS:
+    if b_ptr is not None:
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
     y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_yn + offs_n[None, :] * stride_yj
@@ -115,7 +114,6 @@ def plan_avgpool_linear(x, weight, bias=None, *, backend_name=None, traceable=Fa
         stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
         stride_wj=weight.stride(0), stride_wc=weight.stride(1),
         stride_yn=j, stride_yj=1,
-        HAS_BIAS=bias is not None,
         DOT_FP32=interpret,
         INPUT_PRECISION="tf32" if tf32 else "ieee",
     )
@@ -130,7 +128,7 @@ def plan_avgpool_linear(x, weight, bias=None, *, backend_name=None, traceable=Fa
                                   candidates=configs.candidates(n, j, c, x.element_size()))
 
     def launch_into(y, x):
-        launch(x, weight, y if bias is None else bias, y)
+        launch(x, weight, bias, y)
 
     return backend.output_plan((n, j), x, launch_into)
 

@@ -86,11 +86,6 @@ def resolve(tensor: torch.Tensor, name: str | None = None) -> str:
     return name
 
 
-def launch_guard(tensor: torch.Tensor):
-    """A context for one kernel launch on `tensor`: serialized under the interpreter, free on a GPU."""
-    return contextlib.nullcontext() if tensor.is_cuda else _interpreter_lock
-
-
 # ----------------------------------------------------------------------------------------------
 # Launch plans: what every op shares
 # ----------------------------------------------------------------------------------------------

@@ -21,16 +21,16 @@ from torch.library import triton_op
 
 from . import backend
 from ._checks import pair
-from .conv2d import (
-    _check_conv_args,
-    _cudnn_fused,
+from .conv2d import cudnn_fused, reference_plan
+from .igemm import (
+    check_conv_args,
     conv_launch,
     conv_tile,
+    epilogue,
     gather_layout,
     normalize_args,
     output_size,
     output_tile,
-    reference_plan,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +42,7 @@ from .conv2d import (
 def _conv2d_bias_act_maxpool_kernel(
     x_ptr,  # (N, C, H, W), any strides
     w_ptr,  # (K, C // groups, R, S), any strides
-    b_ptr,  # (K,), read only if HAS_BIAS
+    b_ptr,  # (K,), or None
     y_ptr,  # (N, K, PH, PW) pooled output, written once
     M,  # N * PH * PW: GEMM rows are pooled pixels
     Kg,  # K // groups
@@ -61,7 +61,6 @@ def _conv2d_bias_act_maxpool_kernel(
     PADDED: tl.constexpr,
     FLAT_K: tl.constexpr,
     C_PAD: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
     APPLY_RELU: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -93,11 +92,7 @@ def _conv2d_bias_act_maxpool_kernel(
         # NaN wins, as in torch's max pooling (a plain maximum may drop it).
         best = tl.where((acc > best) | (acc != acc), acc, best)
 
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + k_glob, mask=mask_n, other=0.0)
-        best += bias.to(tl.float32)[None, :]
-    if APPLY_RELU:
-        best = tl.where(best < 0.0, 0.0, best)
+    best = epilogue(best, b_ptr, None, None, 0, k_glob, mask_n, mask_m[:, None] & mask_n[None, :], False, APPLY_RELU)
     y_row = n.to(tl.int64) * stride_yn + ph.to(tl.int64) * stride_yp + pw.to(tl.int64) * stride_yq
     y_ptrs = y_ptr + y_row[:, None] + (k_glob.to(tl.int64) * stride_yk)[None, :]
     tl.store(y_ptrs, best.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -134,14 +129,14 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, p
           backend_name, *, traceable=False):
     """Check the arguments once and return run(x) -> y for inputs laid out as x (see
     conv2d.plan_conv2d_bias_act)."""
-    conv_shape = _check_conv_args(x, weight, bias, stride, padding, dilation, groups, None, None, None,
+    conv_shape = check_conv_args(x, weight, bias, stride, padding, dilation, groups, None, None, None,
                                   op="conv2d_bias_act_maxpool")
     out_shape = _check_pool_args(conv_shape, pool_size, pool_stride, pool_padding)
     path = backend.choose(x, backend_name, cudnn=True)
     if path == "cudnn":
         # cuDNN fuses conv+bias+ReLU but not the pooling: its best is two kernels.
         def run_cudnn(x):
-            y = _cudnn_fused(x, weight, bias, stride, padding, dilation, groups, None, relu)
+            y = cudnn_fused(x, weight, bias, stride, padding, dilation, groups, None, relu)
             return F.max_pool2d(y, pool_size, pool_stride, pool_padding).contiguous(memory_format=torch.channels_last)
         return run_cudnn
     if path == "reference":
@@ -159,7 +154,7 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, p
     )
 
     def launch_into(y, x):
-        launch(to_layout(x), weight, y if bias is None else bias, y)
+        launch(to_layout(x), weight, bias, y)
 
     return backend.output_plan(out_shape, x, launch_into)
 

@@ -42,13 +42,13 @@ def test_gpu_families():
 
 
 def test_keys_bucket_the_batch_but_not_the_layer():
-    layer = dict(Kg=64, Cg=64, R=3, S=3, H=56, W=56, stride_h=1, HAS_RESIDUAL=False)
+    layer = dict(Kg=64, Cg=64, R=3, S=3, H=56, W=56, stride_h=1, EPILOGUE="residual")
     # M = batch * 3136 rows: batches 180 to 334 share the bucket 2**20, 400 is in the next one.
     by_batch = {b: configs.shape_key(M=b * 56 * 56, **layer) for b in (180, 256, 400)}
     assert by_batch[180] == by_batch[256] != by_batch[400]
     assert "M=1048576" in by_batch[256] and "M=2097152" in by_batch[400]
     assert configs.shape_key(M=256 * 3136, **{**layer, "Cg": 128}) != by_batch[256]
-    assert "HAS_RESIDUAL=0" in by_batch[256]
+    assert "EPILOGUE=residual" in by_batch[256]
     assert configs.bucket(1) == 16 and configs.bucket(17) == 32
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from conftest import DEVICE, HAS_CUDA, KERNEL_TOL, assert_close, conv_expected, make_case
-from fused_resnet.kernels.conv2d import normalize_padding
+from fused_resnet.kernels.igemm import normalize_padding
 from torch.profiler import ProfilerActivity, profile
 
 from fused_resnet import kernels
@@ -85,9 +85,9 @@ def test_resnet_conv_shapes(shape, residual, relu, dtype):
 def test_the_per_tap_loop_too(shape, monkeypatch):
     # The default main loop runs over (tap, channel block) pairs; the loop nested per tap stays a
     # config choice (FLAT_LOOP=0) for the sweep to weigh, so it stays correct too.
-    from fused_resnet.kernels import conv2d
+    from fused_resnet.kernels import igemm
 
-    monkeypatch.setattr(conv2d, "INTERPRETER_FLAT_LOOP", 0)
+    monkeypatch.setattr(igemm, "INTERPRETER_FLAT_LOOP", 0)
     c, k, ksize, stride, padding, dilation, groups = shape
     x, weight, bias = make_case(2, c, 7, 7, k, ksize, ksize, groups, torch.float16)
     p = (7 + 2 * padding - dilation * (ksize - 1) - 1) // stride + 1

@@ -62,7 +62,7 @@ def test_conv_with_projection_shortcut(case, dtype):
     shortcut_in, shortcut_weight, _ = make_case(2, cs, hw * stride, (hw - 1) * stride + 1, k, 1, 1, dtype=dtype)
     out = run_fused("conv2d_bias_act", lambda: kernels.conv2d_bias_act(
         x, weight, bias, 1, padding, residual=shortcut_in, relu=True,
-        residual_weight=shortcut_weight, residual_stride=stride))
+        shortcut_weight=shortcut_weight, shortcut_stride=stride))
     projected = F.conv2d(shortcut_in.cpu().double(), shortcut_weight.cpu().double(), None, stride)
     exp = conv_expected(x, weight, bias, 1, padding, 1, 1, projected, True)
     check_close(out, exp, dtype)
@@ -73,11 +73,11 @@ def test_projection_shortcut_reference_and_float64():
     shortcut_in, shortcut_weight, _ = make_case(1, 4, 8, 8, 16, 1, 1, dtype=torch.float64)
     exp = conv_expected(x, weight, bias, 1, 1, 1, 1, F.conv2d(shortcut_in, shortcut_weight, None, 2), True)
     out = kernels.conv2d_bias_act(x, weight, bias, 1, 1, residual=shortcut_in, relu=True,
-                                  residual_weight=shortcut_weight, residual_stride=2)
+                                  shortcut_weight=shortcut_weight, shortcut_stride=2)
     assert_close(out, exp, rtol=1e-12, atol=1e-12)
     with kernels.use_backend("reference"):
         out = kernels.conv2d_bias_act(x.float(), weight.float(), bias.float(), 1, 1, residual=shortcut_in.float(),
-                                      relu=True, residual_weight=shortcut_weight.float(), residual_stride=2)
+                                      relu=True, shortcut_weight=shortcut_weight.float(), shortcut_stride=2)
     assert_close(out, exp, rtol=1e-5, atol=1e-5)
 
 
@@ -86,18 +86,18 @@ def test_projection_shortcut_bad_inputs():
     shortcut_in, shortcut_weight, _ = make_case(2, 4, 8, 8, 16, 1, 1)
 
     def bad(match, **kwargs):
-        args = dict(residual=shortcut_in, residual_weight=shortcut_weight, residual_stride=2) | kwargs
+        args = dict(residual=shortcut_in, shortcut_weight=shortcut_weight, shortcut_stride=2) | kwargs
         with pytest.raises(ValueError, match=match):
             kernels.conv2d_bias_act(x, weight, bias, 1, 1, **args)
 
-    bad("residual_weight needs a residual", residual=None)
-    bad(r"must be a 1x1 conv weight \(16, C, 1, 1\)", residual_weight=torch.randn(16, 4, 3, 3))
+    bad("shortcut_weight needs a residual", residual=None)
+    bad(r"must be a 1x1 conv weight \(16, C, 1, 1\)", shortcut_weight=torch.randn(16, 4, 3, 3))
     bad(r"residual must be \(2, 4, H, W\)", residual=torch.randn(2, 5, 8, 8))
-    bad("maps the .* residual to", residual_stride=1)
+    bad("maps the .* residual to", shortcut_stride=1)
     x8, w8, _ = make_case(2, 8, 4, 4, 16, 3, 3, groups=2)
     with pytest.raises(ValueError, match="needs groups=1"):
-        kernels.conv2d_bias_act(x8, w8, None, 1, 1, groups=2, residual=shortcut_in, residual_weight=shortcut_weight,
-                                residual_stride=2)
+        kernels.conv2d_bias_act(x8, w8, None, 1, 1, groups=2, residual=shortcut_in, shortcut_weight=shortcut_weight,
+                                shortcut_stride=2)
 
 
 # ---- conv + bias + ReLU + max pooling ------------------------------------------------------

@@ -96,7 +96,7 @@ def test_fuzz_projection_shortcut_against_conv2d(case, cs, sc_stride, at_edge):
     if case["relu"]:
         exp = exp.relu()
     out = kernels.conv2d_bias_act(x, weight, bias, *args, residual=shortcut_in, relu=case["relu"],
-                                  residual_weight=shortcut_weight, residual_stride=sc_stride)
+                                  shortcut_weight=shortcut_weight, shortcut_stride=sc_stride)
     scale = max(1.0, exp.abs().max().item()) if exp.numel() else 1.0
     assert_close(out, exp, rtol=TOL[dtype], atol=TOL[dtype] * scale)
 

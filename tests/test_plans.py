@@ -38,7 +38,7 @@ def op_of(layer, x, residual=None):
         return kernels.avgpool_linear(x, layer.weight, layer.bias)
     return kernels.conv2d_bias_act(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation,
                                    layer.groups, residual=residual, relu=layer.relu,
-                                   residual_weight=layer.shortcut_weight, residual_stride=layer.shortcut_stride)
+                                   shortcut_weight=layer.shortcut_weight, shortcut_stride=layer.shortcut_stride)
 
 
 def layers():

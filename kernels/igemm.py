@@ -1,0 +1,376 @@
+"""The implicit-GEMM core that every conv kernel here is built on.
+
+A convolution is a GEMM whose rows are output pixels (N*P*Q), whose columns are output channels
+(K / groups per group) and whose reduction runs over R*S*(C / groups). Nothing is unfolded in
+memory ("implicit" GEMM): each program gathers its tile of the input on the fly from the NHWC
+activations. This module holds what the conv kernels share:
+
+    tile_ids, output_tile   which output tile a program owns (grouped order, for L2 reuse)
+    conv_tile               the main loop: acc += one tile of conv(x, w)
+    epilogue                bias, residual, ReLU on the fp32 accumulator
+    conv_launch             the host side: a KernelLaunch with the conv's sizes, strides and flags
+    check_conv_args, normalize_args, output_size   argument checks and F.conv2d's argument forms
+
+kernels/conv2d.py (conv + epilogue, with an optional projection shortcut in the same GEMM) and
+kernels/conv2d_maxpool.py (conv + max pooling) are kernels built from these pieces.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import backend, configs
+from ._checks import check_same_device, check_supported_dtype, pair
+
+# ----------------------------------------------------------------------------------------------
+# Constants
+# ----------------------------------------------------------------------------------------------
+
+# Below this many channels a group, the reduction is flattened over (r, s, c) so that tl.dot gets
+# a usable K (the 3-channel 7x7 stem: 147 in one flat reduction instead of 49 reductions of 3).
+FLAT_K_BELOW = 16
+
+# The main loop under the interpreter (a config's FLAT_LOOP on a GPU): the tests run both.
+INTERPRETER_FLAT_LOOP = 1
+
+
+@functools.cache
+def max_shared_memory(device_index):
+    props = triton.runtime.driver.active.utils.get_device_properties(device_index)
+    return props["max_shared_mem"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The GEMM core (@triton.jit helpers)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of this program in grouped order (Triton matmul tutorial): programs that
+    run together share rows of the input, so the gathered activations stay in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def output_tile(M, Kg, P, Q, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's tile of a conv's output, whose rows are (n, p, q) pixels of a P x Q map and whose
+    columns are output channels of group program_id(1): (mask_m, mask_n, n, p, q, group, channel)."""
+    group = tl.program_id(1)
+    pid_m, pid_n = tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows past M wrap onto valid pixels, so unpadded loads need no row mask; the store masks them.
+    rows = offs_m % M
+    q = rows % Q
+    p = (rows // Q) % P
+    n = rows // (P * Q)
+    return offs_m < M, offs_n < Kg, n, p, q, group, group * Kg + offs_n
+
+
+@triton.jit
+def conv_tile(
+    acc,  # (BLOCK_M, BLOCK_N) fp32, accumulated into and returned
+    x_ptr,
+    w_ptr,
+    x_row,  # (BLOCK_M,) int64 offset of each row's image (and group) in x
+    h0,  # (BLOCK_M,) top input row of each output pixel's window (may be negative: padding)
+    w0,  # (BLOCK_M,) left input column of each output pixel's window
+    w_col,  # (BLOCK_N,) int64 offset of each output channel's filter in w
+    mask_n,  # (BLOCK_N,) valid output channels
+    Cg, H, W, dil_h, dil_w,
+    stride_xc, stride_xh, stride_xw,
+    stride_wc, stride_wr, stride_ws,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    PADDED: tl.constexpr,
+    FLAT_K: tl.constexpr,
+    C_PAD: tl.constexpr,  # FLAT_K: Cg rounded up to a power of two, so (r, s, c) decodes with shifts
+    FLAT_LOOP: tl.constexpr,  # one loop over (tap, channel block) that the compiler can pipeline
+    DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """The main loop of an implicit-GEMM conv: acc += the (BLOCK_M, BLOCK_N) tile of conv(x, w).
+
+    Shared by every kernel that computes a conv tile: the plain conv, its projection shortcut
+    and the conv+maxpool stem. Three schedules of the same reduction:
+    FLAT_K     few channels (the stem's 3): one reduction over (r, s, c) with c padded to C_PAD,
+               each element gathered on its own; the padding channels load as zeros.
+    FLAT_LOOP  one loop over (tap, channel block) pairs: every iteration is alike, so the compiler
+               software-pipelines the loads of the next taps behind the current dot.
+    otherwise  a loop over channel blocks inside an unrolled loop over the R*S taps.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    if FLAT_K:
+        RSC = R * S * C_PAD
+        for j0 in range(0, RSC, BLOCK_K):
+            j = j0 + offs_k
+            c = j % C_PAD
+            s = (j // C_PAD) % S
+            r = j // (C_PAD * S)
+            valid_k = (j < RSC) & (c < Cg)
+            ih = h0[:, None] + (r * dil_h)[None, :]
+            iw = w0[:, None] + (s * dil_w)[None, :]
+            mask_a = valid_k[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = (x_ptr + x_row[:, None] + ih.to(tl.int64) * stride_xh
+                      + iw.to(tl.int64) * stride_xw + (c * stride_xc)[None, :])
+            a = tl.load(a_ptrs, mask=mask_a, other=0.0)
+            b_ptrs = w_ptr + w_col[None, :] + (c * stride_wc + r * stride_wr + s * stride_ws)[:, None]
+            b = tl.load(b_ptrs, mask=valid_k[:, None] & mask_n[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    elif FLAT_LOOP:
+        k_blocks = tl.cdiv(Cg, BLOCK_K)
+        for i in range(0, R * S * k_blocks):
+            rs = i // k_blocks
+            c = (i % k_blocks) * BLOCK_K + offs_k
+            ih = h0 + (rs // S) * dil_h
+            iw = w0 + (rs % S) * dil_w
+            mask_c = c < Cg
+            a_ptrs = x_ptr + (x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] \
+                + (c * stride_xc)[None, :]
+            if PADDED:
+                inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                a = tl.load(a_ptrs, mask=inside[:, None] & mask_c[None, :], other=0.0)
+            else:
+                a = tl.load(a_ptrs, mask=mask_c[None, :], other=0.0)
+            b_ptrs = w_ptr + (w_col + (rs // S) * stride_wr + (rs % S) * stride_ws)[None, :] \
+                + (c * stride_wc)[:, None]
+            b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    else:
+        # One (r, s) tap at a time: its input rows and bounds mask are fixed over the channel loop.
+        for rs in tl.static_range(R * S):
+            ih = h0 + (rs // S) * dil_h
+            iw = w0 + (rs % S) * dil_w
+            a_row = x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw
+            b_tap = w_col + (rs // S) * stride_wr + (rs % S) * stride_ws
+            if PADDED:
+                inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            for c0 in range(0, Cg, BLOCK_K):
+                c = c0 + offs_k
+                mask_c = c < Cg
+                a_ptrs = x_ptr + a_row[:, None] + (c * stride_xc)[None, :]
+                if PADDED:
+                    a = tl.load(a_ptrs, mask=inside[:, None] & mask_c[None, :], other=0.0)
+                else:
+                    a = tl.load(a_ptrs, mask=mask_c[None, :], other=0.0)
+                b_ptrs = w_ptr + b_tap[None, :] + (c * stride_wc)[:, None]
+                b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+                if DOT_FP32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def epilogue(acc, b_ptr, r_ptr, r_rows, stride_rk, cols, mask_n, mask_y, ADD_RESIDUAL: tl.constexpr,
+             APPLY_RELU: tl.constexpr):
+    """A conv's epilogue on its fp32 accumulator: + bias (b_ptr None: none), + the residual tile
+    at r_ptr + r_rows + cols * stride_rk (if ADD_RESIDUAL), then ReLU (if APPLY_RELU)."""
+    if b_ptr is not None:
+        acc += tl.load(b_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if ADD_RESIDUAL:
+        res = tl.load(r_ptr + r_rows[:, None] + (cols.to(tl.int64) * stride_rk)[None, :], mask=mask_y, other=0.0)
+        acc += res.to(tl.float32)
+    if APPLY_RELU:
+        # Not tl.maximum: it may turn NaN into 0, and torch.relu keeps NaN.
+        acc = tl.where(acc < 0.0, 0.0, acc)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+
+def output_size(h, w, r, s, stride, padding, dilation):
+    """(P, Q) of a conv over an (h, w) map; padding is (top, bottom, left, right)."""
+    p = (h + padding[0] + padding[1] - dilation[0] * (r - 1) - 1) // stride[0] + 1
+    q = (w + padding[2] + padding[3] - dilation[1] * (s - 1) - 1) // stride[1] + 1
+    return p, q
+
+
+def check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual, shortcut_weight, shortcut_stride,
+                     op="conv2d_bias_act"):
+    if x.dim() != 4:
+        raise ValueError(f"{op}: input must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(
+            f"{op}: weight must be 4-D (K, C // groups, R, S), got shape {tuple(weight.shape)}"
+        )
+    named = {"input": x, "weight": weight, "bias": bias, "residual": residual, "shortcut_weight": shortcut_weight}
+    check_supported_dtype(op, named)
+    check_same_device(op, named)
+    if len(stride) != 2 or len(dilation) != 2 or len(padding) != 4:
+        raise ValueError(f"{op}: stride and dilation take 2 values, padding 4 (top, bottom, left, right)")
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"{op}: stride {tuple(stride)} and dilation {tuple(dilation)} must be >= 1")
+    if min(padding) < 0:
+        raise ValueError(f"{op}: padding {tuple(padding)} must be >= 0")
+    if groups < 1:
+        raise ValueError(f"{op}: groups must be >= 1, got {groups}")
+    k, cg, r, s = weight.shape
+    if k % groups != 0:
+        raise ValueError(f"{op}: out_channels {k} must be divisible by groups={groups}")
+    if x.shape[1] != cg * groups:
+        raise ValueError(
+            f"{op}: input has {x.shape[1]} channels, but weight {tuple(weight.shape)} "
+            f"with groups={groups} expects {cg * groups}"
+        )
+    if bias is not None and tuple(bias.shape) != (k,):
+        raise ValueError(f"{op}: bias must have shape ({k},), got {tuple(bias.shape)}")
+    p, q = output_size(x.shape[2], x.shape[3], r, s, stride, padding, dilation)
+    if p < 1 or q < 1:
+        raise ValueError(
+            f"{op}: a {r}x{s} kernel with dilation {tuple(dilation)} does not fit the "
+            f"{x.shape[2]}x{x.shape[3]} input padded by {tuple(padding)}"
+        )
+    out_shape = (x.shape[0], k, p, q)
+    if shortcut_weight is not None:
+        check_shortcut(residual, shortcut_weight, shortcut_stride, groups, out_shape)
+    elif residual is not None and tuple(residual.shape) != out_shape:
+        raise ValueError(
+            f"{op}: residual must have the output's shape {out_shape}, got {tuple(residual.shape)}"
+        )
+    return out_shape
+
+
+def check_shortcut(residual, weight, stride, groups, out_shape):
+    n, k, p, q = out_shape
+    if residual is None:
+        raise ValueError("conv2d_bias_act: shortcut_weight needs a residual (the shortcut conv's input)")
+    if groups != 1:
+        raise ValueError(f"conv2d_bias_act: shortcut_weight needs groups=1 for the main conv, got groups={groups}")
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1) or weight.shape[0] != k:
+        raise ValueError(
+            f"conv2d_bias_act: shortcut_weight must be a 1x1 conv weight ({k}, C, 1, 1), got {tuple(weight.shape)}"
+        )
+    if len(stride) != 2 or min(stride) < 1:
+        raise ValueError(f"conv2d_bias_act: shortcut_stride must be 2 values >= 1, got {tuple(stride)}")
+    if residual.dim() != 4 or residual.shape[0] != n or residual.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"conv2d_bias_act: residual must be ({n}, {weight.shape[1]}, H, W) for shortcut_weight "
+            f"{tuple(weight.shape)}, got {tuple(residual.shape)}"
+        )
+    projected = output_size(residual.shape[2], residual.shape[3], 1, 1, stride, (0, 0, 0, 0), (1, 1))
+    if projected != (p, q):
+        raise ValueError(
+            f"conv2d_bias_act: the shortcut conv maps the {tuple(residual.shape[2:])} residual to {projected} "
+            f"with stride {tuple(stride)}, but the output is {(p, q)}"
+        )
+
+
+def tf32_allowed():
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
+def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, dilation, groups, relu, *,
+                extra_reduction=0, traceable=False, **extra):
+    """A KernelLaunch of a kernel built on conv_tile over M = m output rows into a channels_last
+    output of `out_shape`, for inputs laid out as `x`: called as launch(x, weight, bias, *pointers, y).
+
+    Binds the conv's own arguments (sizes, strides, padding, epilogue flags) and the kernel's
+    `extra` keyword arguments.
+    """
+    if m >= 2**31:
+        raise ValueError(f"{name}: {m} output rows; at most 2**31 - 1 are supported")
+    interpret = backend.interpreting() and not x.is_cuda
+    k, cg, r, s = weight.shape
+    kg = k // groups
+    flat_k = cg < FLAT_K_BELOW
+    y_strides = backend.channels_last_strides(out_shape)
+    args = dict(
+        M=m, Kg=kg, Cg=cg, H=x.shape[2], W=x.shape[3],
+        stride_h=stride[0], stride_w=stride[1], pad_h=padding[0], pad_w=padding[2],
+        dil_h=dilation[0], dil_w=dilation[1],
+        stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
+        stride_wk=weight.stride(0), stride_wc=weight.stride(1),
+        stride_wr=weight.stride(2), stride_ws=weight.stride(3),
+        stride_yn=y_strides[0], stride_yk=y_strides[1], stride_yp=y_strides[2], stride_yq=y_strides[3],
+        R=r, S=s,
+        PADDED=any(v != 0 for v in padding),
+        FLAT_K=flat_k,
+        C_PAD=triton.next_power_of_2(cg) if flat_k else 1,
+        APPLY_RELU=relu,
+        DOT_FP32=interpret,
+        INPUT_PRECISION="tf32" if x.dtype == torch.float32 and x.is_cuda and tf32_allowed() else "ieee",
+        **extra,
+    )
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)
+
+    reduction = max(cg * r * s if flat_k else cg, extra_reduction)
+    if interpret:
+        config = {**configs.interpreter(m, kg, reduction), "FLAT_LOOP": INTERPRETER_FLAT_LOOP}
+        return backend.KernelLaunch(kernel, grid, args, on_cuda=False, traceable=traceable, config=config)
+    # The key: every size and flag of the launch (the batch only through M, bucketed), no strides.
+    sizes = {k: v for k, v in args.items() if not k.startswith("stride_") and k != "DOT_FP32"}
+    smem = max_shared_memory(x.device.index or 0) if x.is_cuda else 228 * 1024
+    return backend.KernelLaunch(kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable, op=name,
+                                key=configs.shape_key(groups=groups, bias=bias is not None, **sizes),
+                                candidates=configs.candidates(m, kg, reduction, x.element_size(), smem,
+                                                              extra={"FLAT_LOOP": 1}))
+
+
+def gather_layout(x):
+    """How the kernel reads x: as it is, or (a CUDA tensor whose channels are strided) copied to
+    channels_last once per call, since gathering along a strided channel axis is uncoalesced.
+    Returns (to_layout, x as the kernel sees it)."""
+    if x.stride(1) != 1 and x.is_cuda:
+        def to_layout(t):
+            return t.contiguous(memory_format=torch.channels_last)
+    else:
+        def to_layout(t):
+            return t
+    return to_layout, to_layout(x)
+
+
+def normalize_padding(padding, weight_shape, dilation, stride):
+    """F.conv2d's padding forms (int, pair, 'same', 'valid') as (top, bottom, left, right)."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0, 0, 0, 0]
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError("conv2d_bias_act: padding='same' is not supported for strided convolutions")
+            pads = []
+            for d, ksize in zip(dilation, weight_shape[2:]):
+                total = d * (ksize - 1)
+                pads += [total // 2, total - total // 2]  # the extra pixel goes last, as in F.conv2d
+            return pads
+        raise ValueError(f"conv2d_bias_act: padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    ph, pw = pair("padding", padding)
+    return [ph, ph, pw, pw]
+
+
+def normalize_args(input, weight, stride, padding, dilation, groups, shortcut_stride=1, op="conv2d_bias_act"):
+    """F.conv2d's argument forms as (stride, padding (top, bottom, left, right), dilation, shortcut_stride)."""
+    if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{op}: input and weight must be tensors")
+    if not isinstance(groups, int) or isinstance(groups, bool):
+        raise TypeError(f"{op}: groups must be an int, got {groups!r}")
+    stride = pair("stride", stride)
+    dilation = pair("dilation", dilation)
+    shortcut_stride = pair("shortcut_stride", shortcut_stride)
+    return stride, normalize_padding(padding, weight.shape, dilation, stride), dilation, shortcut_stride
+
+
