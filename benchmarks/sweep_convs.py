@@ -206,7 +206,9 @@ def main(argv=None):
     plans = [(name, layer, x_shape, r_shape, sweep_configs(layer, x_shape, dtype, cuda))
              for name, layer, x_shape, r_shape in layers]
     if cuda:
-        tasks = [((layer, x_shape, r_shape, dtype), chosen) for _, layer, x_shape, r_shape, chosen in plans]
+        # Layers travel to the workers on the CPU (plain pickles); each worker moves its own to the GPU.
+        tasks = [((copy.deepcopy(layer).cpu(), x_shape, r_shape, dtype), chosen)
+                 for _, layer, x_shape, r_shape, chosen in plans]
         failures = precompile(tasks, args.workers)
         print(f"compiled {sum(len(c) for *_, c in plans)} configs in {time.perf_counter() - started:.0f} s",
               file=sys.stderr)
