@@ -17,8 +17,8 @@ shortcuts), in the shapes the fused model launches:
    {"model": "resnet50-conv", "layer", "impl": "fused" | "cudnn_fused" | "eager", "dtype", "batch",
    "kernel_ms", "config"} are written with the run's provenance; `--write-table` merges the
    winners into kernels/tuned_configs.json, so that plans on this GPU find them;
-4. with `--network`, the whole resnet50 is timed (median of CUDA-event timings) with the table in
-   force, for the implementations named there.
+4. with `--network`, the whole resnet50 is timed (median of CUDA-event timings) for the
+   implementations named there, before the sweep and after it (with the table it wrote in force).
 
 `--device cpu` runs the same harness under the Triton interpreter at a tiny size, with one config
 per layer and wall-clock times: a check of the harness, not a measurement.
@@ -178,6 +178,20 @@ def precompile(tasks, workers):
         return list(pool.map(_compile_worker, tasks))
 
 
+def time_network(model, impls, dtype, device, batch, size, when):
+    """Whole-network cases (median of 20 CUDA-event timings) for `impls`, tagged before or after
+    the sweep's table is written."""
+    cases = []
+    if not impls:
+        return cases
+    ready, _ = bench.build_impls(model, impls, dtype, device, batch, size)
+    for impl, (fn, x) in ready.items():
+        median, _ = bench.time_impl(fn, x, iters=20)
+        cases.append({"model": "resnet50", "impl": impl, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
+                      "size": size, "median_ms": round(median, 4), "when": when})
+    return cases
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -202,6 +216,7 @@ def main(argv=None):
     torch.manual_seed(0)
     model = synthetic_batchnorm(torchvision.models.resnet50(), size=32)
     layers = distinct_layers(model, batch, size, dtype, device)[: args.limit]
+    before = time_network(model, args.network, dtype, device, batch, size, "before")
     started = time.perf_counter()
     plans = [(name, layer, x_shape, r_shape, sweep_configs(layer, x_shape, dtype, cuda))
              for name, layer, x_shape, r_shape in layers]
@@ -244,14 +259,8 @@ def main(argv=None):
         rows.append((label, best[0], base))
     if args.write_table and cuda and winners:
         configs.write_table(winners)
-    network = []
-    if args.network:
-        ready, skipped = bench.build_impls(model, args.network, dtype, device, batch, size)
-        for impl, (fn, x) in ready.items():
-            median, _ = bench.time_impl(fn, x, iters=20)
-            network.append({"model": "resnet50", "impl": impl, "dtype": args.dtype, "batch": batch, "size": size,
-                            "median_ms": round(median, 4)})
-        cases += network
+    network = before + time_network(model, args.network, dtype, device, batch, size, "after")
+    cases += network
     print(f"{'layer':<34}{'fused ms':>10}{'cuDNN ms':>10}{'fused/cuDNN speed':>19}")
     ratios = []
     for label, fused_ms, base in rows:
@@ -264,7 +273,7 @@ def main(argv=None):
         print(f"geomean over {len(ratios)} layers: fused at {geomean:.2f}x cuDNN's speed"
               + ("" if cuda else " (CPU, interpreted: a check of the harness, not a measurement)"))
     for c in network:
-        print(f"network {c['impl']:<24}{c['median_ms']:>10.3f} ms")
+        print(f"network {c['impl']:<24}{c['when']:<8}{c['median_ms']:>10.3f} ms")
     if args.json:
         payload = {"provenance": bench.provenance("python benchmarks/sweep_convs.py " + " ".join(argv or sys.argv[1:]),
                                                   device), "cases": cases}

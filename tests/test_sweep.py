@@ -22,7 +22,8 @@ def load_sweep():
 def test_sweep_harness_on_a_cpu(tmp_path, capsys):
     sweep = load_sweep()
     out = tmp_path / "sweep.json"
-    cases = sweep.main(["--device", "cpu", "--limit", "4", "--size", "32", "--json", str(out)])
+    cases = sweep.main(["--device", "cpu", "--limit", "4", "--size", "32", "--json", str(out), "--network",
+                        "eager_channels_last"])
     payload = json.loads(out.read_text())
     assert payload["cases"] == json.loads(json.dumps(cases))
     assert {"gpu", "torch", "triton", "commit", "command", "date"} <= set(payload["provenance"])
@@ -30,9 +31,15 @@ def test_sweep_harness_on_a_cpu(tmp_path, capsys):
     # The stem (conv + max pooling), then layer1.0's three convs; the third carries the shortcut.
     assert layers == ["C3 K64 7x7/2 32x32 +maxpool", "C64 K64 1x1/1 8x8", "C64 K64 3x3/1 8x8",
                       "C64 K256 1x1/1 8x8 +shortcut C64"]
+    network = [c for c in cases if c["model"] == "resnet50"]
+    assert [(c["impl"], c["when"]) for c in network] == [("eager_channels_last", "before"),
+                                                         ("eager_channels_last", "after")]
+    assert all(c["median_ms"] > 0 and c["batch"] == 1 and c["dtype"] == "float16" for c in network)
     for c in cases:
+        if c["model"] == "resnet50":
+            continue
         assert c["model"] == "resnet50-conv" and c["dtype"] == "float16" and c["batch"] == 1 and c["kernel_ms"] > 0
-    assert {c["impl"] for c in cases if c["layer"].endswith("+maxpool")} == {"fused", "cudnn_fused", "eager"}
+    assert {c["impl"] for c in cases if c.get("layer", "").endswith("+maxpool")} == {"fused", "cudnn_fused", "eager"}
     printed = capsys.readouterr().out
     assert "geomean over 4 layers" in printed and "not a measurement" in printed
 
