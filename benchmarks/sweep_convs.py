@@ -7,8 +7,9 @@ layer (the stem conv+maxpool, each block's convs with their epilogues, the merge
 shortcuts), in the shapes the fused model launches:
 
 1. every config of kernels.configs.sweep_candidates (Inductor's conv configs and the Hopper
-   matmul tutorial's, both main loops, pruned to the layer and to shared memory) is compiled in
-   parallel by worker processes that share Triton's kernel cache with this one;
+   matmul tutorial's, both main loops, and for dense 1x1 convs the tensor-descriptor read,
+   pruned to the layer and to shared memory) is compiled in parallel by worker processes that
+   share Triton's kernel cache with this one;
 2. each is timed here by CUDA-graph replay (10 launches in a graph, kernel time = replay / 10),
    as is cuDNN's fused op on the same operands (`cudnn_convolution_relu` or `_add_relu`; for a
    merged shortcut, cuDNN's shortcut conv then its conv+add+ReLU; for the stem, cuDNN's
@@ -113,7 +114,14 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     reduction = cg * rr * ss if flat_k else cg
     loops = (1,) if flat_k or rr * ss == 1 else (0, 1)
     element = torch.empty((), dtype=dtype).element_size()
-    return configs.sweep_candidates(m, k // layer.groups, reduction, element, loops=loops)
+    if isinstance(layer, FusedConv2dMaxPool):
+        variants = [{"FLAT_LOOP": loop} for loop in loops]
+    else:
+        variants = [{"FLAT_LOOP": loop, "USE_TMA": 0} for loop in loops]
+        dense = (rr, ss) == (1, 1) and tuple(layer.stride) == (1, 1) and layer.groups == 1 and (cg * element) % 16 == 0
+        if dense:  # the sweep's inputs are dense channels_last: descriptors can read them
+            variants.append({"FLAT_LOOP": 1, "USE_TMA": 1})
+    return configs.sweep_candidates(m, k // layer.groups, reduction, element, variants=variants)
 
 
 def kernel_ms(fn, cuda, reps=10):

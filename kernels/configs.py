@@ -199,17 +199,18 @@ SWEEP_16BIT = [
 SWEEP_FP32 = [(128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4), (128, 128, 16, 3, 8), (32, 64, 32, 2, 4)]
 
 
-def sweep_candidates(m, n, reduction, element_size, shared_memory=228 * 1024, loops=(1,)):
+def sweep_candidates(m, n, reduction, element_size, shared_memory=228 * 1024, variants=({"FLAT_LOOP": 1},)):
     """Every config of the sweep's list for this GEMM: tiles capped to the layer, pruned to what
-    fits `shared_memory`, once per main loop in `loops` (FLAT_LOOP values)."""
+    fits `shared_memory`, once per kernel variant in `variants` (the kernel's own switches, such
+    as FLAT_LOOP and USE_TMA)."""
     cap_m, cap_n, cap_k = (max(16, triton.next_power_of_2(v)) for v in (m, n, reduction))
     kept = []
     for bm, bn, bk, stages, warps in (SWEEP_FP32 if element_size >= 4 else SWEEP_16BIT):
         bm, bn, bk = min(bm, cap_m), min(bn, cap_n), min(bk, cap_k)
         if (bm + bn) * bk * element_size * stages > shared_memory:
             continue
-        for loop in loops:
-            config = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "FLAT_LOOP": loop,
+        for variant in variants:
+            config = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **variant,
                       "num_warps": warps, "num_stages": stages}
             if config not in kept:
                 kept.append(config)

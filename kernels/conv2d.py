@@ -19,10 +19,13 @@ from .igemm import (
     check_conv_args,
     conv_launch,
     conv_tile,
+    dense_1x1,
+    dense_tile,
     epilogue,
     gather_layout,
     normalize_args,
     output_tile,
+    tile_ids,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -68,15 +71,22 @@ def _conv2d_bias_act_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     FLAT_LOOP: tl.constexpr,  # config: one pipelined loop over (tap, channel block)
+    USE_TMA: tl.constexpr,  # config, dense 1x1 convs only: read x and w through tensor descriptors
 ):
     mask_m, mask_n, n, p, q, group, k_glob = output_tile(M, Kg, P, Q, BLOCK_M, BLOCK_N, GROUP_M)
-    # 64-bit row offsets: one tensor may pass 2**31 elements even when M does not.
-    x_row = n.to(tl.int64) * stride_xn + group.to(tl.int64) * Cg * stride_xc
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = conv_tile(acc, x_ptr, w_ptr, x_row, p * stride_h - pad_h, q * stride_w - pad_w,
-                    k_glob.to(tl.int64) * stride_wk, mask_n, Cg, H, W, dil_h, dil_w,
-                    stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
-                    R, S, PADDED, FLAT_K, C_PAD, FLAT_LOOP, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+    if USE_TMA:
+        # A dense 1x1 stride-1 conv: the NHWC activations are the matrix [M, C], one row a pixel.
+        pid_m, pid_n = tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
+        acc = dense_tile(acc, x_ptr, w_ptr, M, Kg, Cg, stride_xw, stride_wk, pid_m, pid_n, DOT_FP32,
+                         INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    else:
+        # 64-bit row offsets: one tensor may pass 2**31 elements even when M does not.
+        x_row = n.to(tl.int64) * stride_xn + group.to(tl.int64) * Cg * stride_xc
+        acc = conv_tile(acc, x_ptr, w_ptr, x_row, p * stride_h - pad_h, q * stride_w - pad_w,
+                        k_glob.to(tl.int64) * stride_wk, mask_n, Cg, H, W, dil_h, dil_w,
+                        stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
+                        R, S, PADDED, FLAT_K, C_PAD, FLAT_LOOP, DOT_FP32, INPUT_PRECISION, BLOCK_K)
     if EPILOGUE == "shortcut":
         # A projection shortcut relu(W x + W_sc x_sc + b) is one GEMM over the concatenated
         # reduction [x ; x_sc]: its 1x1 strided conv continues the same accumulator, so its output
@@ -122,9 +132,10 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
     c_sc = shortcut_weight.shape[1] if kind == "shortcut" else 0
     r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     sw_strides = shortcut_weight.stride() if kind == "shortcut" else (0, 0, 0, 0)
+    dense = dense_1x1(x, weight, stride, padding, dilation, groups)
     launch = conv_launch(
         "conv2d_bias_act", _conv2d_bias_act_kernel, x, weight, bias, out_shape, n * p * q,
-        stride, padding, dilation, groups, relu, extra_reduction=c_sc, traceable=traceable,
+        stride, padding, dilation, groups, relu, extra_reduction=c_sc, traceable=traceable, dense=dense,
         C_sc=c_sc, P=p, Q=q, shortcut_stride_h=shortcut_stride[0], shortcut_stride_w=shortcut_stride[1],
         stride_rn=r_strides[0], stride_rk=r_strides[1], stride_rp=r_strides[2], stride_rq=r_strides[3],
         stride_swk=sw_strides[0], stride_swc=sw_strides[1],
@@ -132,7 +143,10 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
     )
 
     def launch_into(y, x, residual=None):
-        launch(to_layout(x), weight, bias, residual, shortcut_weight, y)
+        x = to_layout(x)
+        if dense and x.data_ptr() % 16:
+            x = x.clone(memory_format=torch.channels_last)  # descriptors need 16-byte aligned rows
+        launch(x, weight, bias, residual, shortcut_weight, y)
 
     return backend.output_plan(out_shape, x, launch_into)
 

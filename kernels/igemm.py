@@ -34,6 +34,9 @@ FLAT_K_BELOW = 16
 
 # The main loop under the interpreter (a config's FLAT_LOOP on a GPU): the tests run both.
 INTERPRETER_FLAT_LOOP = 1
+# Whether a dense 1x1 conv reads through tensor descriptors under the interpreter (a config's
+# USE_TMA on a GPU): the tests run both.
+INTERPRETER_TMA = 0
 
 
 @functools.cache
@@ -181,6 +184,24 @@ def conv_tile(
 
 
 @triton.jit
+def dense_tile(acc, x_ptr, w_ptr, M, N, Cg, stride_xm, stride_wn, pid_m, pid_n, DOT_FP32: tl.constexpr,
+               INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += the (pid_m, pid_n) tile of the dense GEMM x[M, Cg] @ w[N, Cg]^T, both read through
+    tensor descriptors (the TMA copy engine on Hopper; zeros past the edges): a 1x1 stride-1
+    conv over dense NHWC rows, whose activations are exactly that matrix."""
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, Cg], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, Cg], strides=[stride_wn, 1], block_shape=[BLOCK_N, BLOCK_K])
+    for k0 in range(0, Cg, BLOCK_K):
+        a = x_desc.load([pid_m * BLOCK_M, k0])
+        b = w_desc.load([pid_n * BLOCK_N, k0])
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def epilogue(acc, b_ptr, r_ptr, r_rows, stride_rk, cols, mask_n, mask_y, ADD_RESIDUAL: tl.constexpr,
              APPLY_RELU: tl.constexpr):
     """A conv's epilogue on its fp32 accumulator: + bias (b_ptr None: none), + the residual tile
@@ -282,13 +303,39 @@ def tf32_allowed():
     return bool(torch.backends.cudnn.allow_tf32)
 
 
+def dense_1x1(x, weight, stride, padding, dilation, groups):
+    """True when the conv is a dense GEMM that tensor descriptors can read: 1x1, stride 1, no
+    padding, ungrouped, x dense channels_last and the weight (K, 1, 1, C) in memory, rows of a
+    multiple of 16 bytes."""
+    k, c, r, s = weight.shape
+    n, _, h, w = x.shape
+    return ((r, s) == (1, 1) and tuple(stride) == (1, 1) and not any(padding) and tuple(dilation) == (1, 1)
+            and groups == 1 and x.stride() == (h * w * c, 1, w * c, c) and weight.stride()[:2] == (c, 1)
+            and (c * x.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0)
+
+
+_allocator_set = False
+
+
+def _ensure_descriptor_allocator():
+    """In-kernel tensor descriptors need scratch memory from an allocator Triton is given once."""
+    global _allocator_set
+    if not _allocator_set:
+        def alloc(size, alignment, stream):
+            return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+        triton.set_allocator(alloc)
+        _allocator_set = True
+
+
 def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, dilation, groups, relu, *,
-                extra_reduction=0, traceable=False, **extra):
+                extra_reduction=0, traceable=False, dense=None, **extra):
     """A KernelLaunch of a kernel built on conv_tile over M = m output rows into a channels_last
     output of `out_shape`, for inputs laid out as `x`: called as launch(x, weight, bias, *pointers, y).
 
     Binds the conv's own arguments (sizes, strides, padding, epilogue flags) and the kernel's
-    `extra` keyword arguments.
+    `extra` keyword arguments. `dense`: None for kernels without a descriptor path; else whether
+    this conv may take it (dense_1x1), which adds the config switch USE_TMA.
     """
     if m >= 2**31:
         raise ValueError(f"{name}: {m} output rows; at most 2**31 - 1 are supported")
@@ -321,14 +368,23 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     reduction = max(cg * r * s if flat_k else cg, extra_reduction)
     if interpret:
         config = {**configs.interpreter(m, kg, reduction), "FLAT_LOOP": INTERPRETER_FLAT_LOOP}
+        if dense is not None:
+            config["USE_TMA"] = int(bool(dense and INTERPRETER_TMA))
+            if config["USE_TMA"]:
+                _ensure_descriptor_allocator()
         return backend.KernelLaunch(kernel, grid, args, on_cuda=False, traceable=traceable, config=config)
     # The key: every size and flag of the launch (the batch only through M, bucketed), no strides.
     sizes = {k: v for k, v in args.items() if not k.startswith("stride_") and k != "DOT_FP32"}
+    if dense is not None:
+        sizes["dense"] = bool(dense)  # a config that reads through descriptors fits dense layouts only
+        if dense:
+            _ensure_descriptor_allocator()
     smem = max_shared_memory(x.device.index or 0) if x.is_cuda else 228 * 1024
     return backend.KernelLaunch(kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable, op=name,
                                 key=configs.shape_key(groups=groups, bias=bias is not None, **sizes),
                                 candidates=configs.candidates(m, kg, reduction, x.element_size(), smem,
-                                                              extra={"FLAT_LOOP": 1}))
+                                                              extra={"FLAT_LOOP": 1} if dense is None else
+                                                              {"FLAT_LOOP": 1, "USE_TMA": 0}))
 
 
 def gather_layout(x):

@@ -192,8 +192,9 @@ def test_the_shipped_table_reads():
 
 
 def test_sweep_candidates_cover_both_loops_and_fit():
-    found = configs.sweep_candidates(256 * 3136, 64, 64, 2, shared_memory=228 * 1024, loops=(0, 1))
-    assert {c["FLAT_LOOP"] for c in found} == {0, 1} and len(found) >= 10
+    variants = ({"FLAT_LOOP": 0, "USE_TMA": 0}, {"FLAT_LOOP": 1, "USE_TMA": 0}, {"FLAT_LOOP": 1, "USE_TMA": 1})
+    found = configs.sweep_candidates(256 * 3136, 64, 64, 2, shared_memory=228 * 1024, variants=variants)
+    assert {(c["FLAT_LOOP"], c["USE_TMA"]) for c in found} == {(0, 0), (1, 0), (1, 1)} and len(found) >= 10
     assert all((c["BLOCK_M"] + c["BLOCK_N"]) * c["BLOCK_K"] * 2 * c["num_stages"] <= 228 * 1024 for c in found)
     assert max(c["BLOCK_N"] for c in found) == 64  # capped to the layer's 64 output channels
     fp32 = configs.sweep_candidates(256 * 3136, 64, 64, 4)

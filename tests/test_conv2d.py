@@ -94,6 +94,53 @@ def test_the_per_tap_loop_too(shape, monkeypatch):
     check(x, weight, bias, stride, padding, dilation, groups, torch.randn(2, k, p, p).half(), True)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's descriptor switch; on a GPU each config names it")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(2, 64, 7, 5, 256, "residual"), (1, 24, 3, 3, 40, "none"),
+                                  (3, 256, 5, 5, 64, "shortcut"), (2, 2048, 2, 2, 24, "residual")],
+                         ids=lambda c: "N{}-C{}-{}x{}-K{}-{}".format(*c))
+def test_dense_1x1_through_tensor_descriptors(case, dtype, monkeypatch):
+    # A 1x1 stride-1 conv over dense NHWC rows read as the matrix [M, C] through tensor
+    # descriptors (USE_TMA): zeros past every edge, the epilogue as in the gathered path.
+    import triton
+    from fused_resnet.kernels import igemm
+
+    n, c, h, w, k, kind = case
+    monkeypatch.setattr(igemm, "INTERPRETER_TMA", 1)
+    monkeypatch.setattr(igemm, "_allocator_set", False)
+    allocators = []
+    real = triton.set_allocator
+    monkeypatch.setattr(triton, "set_allocator", lambda fn: (allocators.append(fn), real(fn)))
+    x, weight, bias = make_case(n, c, h, w, k, 1, 1, 1, dtype)
+    if kind == "shortcut":
+        shortcut_in = torch.randn(n, 16, 2 * h, 2 * w).to(dtype).contiguous(memory_format=torch.channels_last)
+        shortcut_w = (torch.randn(k, 16, 1, 1) / 4).to(dtype)
+        out = assert_kernel_ran(lambda: kernels.conv2d_bias_act(x, weight, bias, residual=shortcut_in, relu=True,
+                                                                shortcut_weight=shortcut_w, shortcut_stride=2))
+        exp = torch.relu(conv_expected(x, weight, bias, 1, 0, 1, 1, None, False)
+                         + F.conv2d(shortcut_in.double(), shortcut_w.double(), None, 2))
+    else:
+        res = torch.randn(n, k, h, w).to(dtype) if kind == "residual" else None
+        out = check(x, weight, bias, residual=res, relu=True)
+        exp = conv_expected(x, weight, bias, 1, 0, 1, 1, res, True)
+    assert_close(out, exp, rtol=TOL[dtype], atol=TOL[dtype] * max(1.0, exp.abs().max().item()))
+    assert allocators, "the descriptor path did not run"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's descriptor switch")
+def test_dense_1x1_takes_misaligned_and_strided_inputs(monkeypatch):
+    from fused_resnet.kernels import igemm
+
+    monkeypatch.setattr(igemm, "INTERPRETER_TMA", 1)
+    x, weight, bias = make_case(2, 32, 4, 4, 16, 1, 1, 1, torch.float16)
+    storage = torch.empty(x.numel() + 1, dtype=torch.float16)
+    shifted = storage[1:].view(2, 4, 4, 32).permute(0, 3, 1, 2)  # dense NHWC strides, pointer 2 bytes off
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 16 and shifted.stride() == x.stride()
+    check(shifted, weight, bias, relu=True)
+    check(x[:, :, ::2, ::2], weight, bias)  # strided: not a dense matrix, so the gathered path
+
+
 ODD_SHAPES = [
     # n, c, h, w, k, r, s, stride, padding, dilation, groups
     (1, 3, 5, 7, 8, 3, 3, 1, 1, 1, 1),  # C=3, 5x7 map
