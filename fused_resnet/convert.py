@@ -54,9 +54,9 @@ def fuse(
         torch's max pooling).
     avgpool_fc: the head's average pooling and fc run as one kernel (off: torch's modules).
 
-    With an `example` input, every kernel the fused model launches for inputs like it is compiled
-    and configured before fuse returns (see fused_resnet.warmup); move the model first, or pass
-    the example on the device the model will run on after `.to()` (the model is moved there).
+    With an `example` input, the fused model is moved to the example's device and run on it once,
+    so that every kernel it launches for inputs like it is compiled and configured before fuse
+    returns (see fused_resnet.warmup).
 
     With `cuda_graph=True` the fused model comes wrapped in a CUDAGraphModule (its `.module`):
     each input signature is captured once on CUDA and replayed; see that class for what a call
@@ -75,8 +75,7 @@ def fuse(
     if merge_downsample and not residual_epilogue:
         raise ValueError("fuse: merge_downsample=True needs residual_epilogue=True (the merged shortcut is added "
                          "in the epilogue); pass merge_downsample=False too")
-    blocks = [m for m in model.modules() if type(m) in _BLOCKS]
-    if not blocks:
+    if not any(type(m) in _BLOCKS for m in model.modules()):
         raise TypeError(
             f"fuse: expected a torchvision ResNet (or a module holding torchvision BasicBlock or Bottleneck "
             f"blocks), got a {type(model).__name__} with none"

@@ -59,6 +59,8 @@ class PlannedLayer(InferenceOnly):
     start without any.
     """
 
+    op_name = ""  # the registered op the layer runs, as the profiler names it
+
     def __init__(self):
         super().__init__()
         self._plans = {}
@@ -83,8 +85,6 @@ class PlannedLayer(InferenceOnly):
             # Under the profiler a plan's launch shows under the op's name, as the op's would.
             return functools.partial(_recorded, self.op_name, plan)
         return plan
-
-    op_name = ""  # the registered op the layer runs, as the profiler names it
 
     def _build_plan(self, x, residual):
         raise NotImplementedError
