@@ -186,8 +186,8 @@ def run_verify(args, progress, model=None, note=None):
     return payload
 
 
-WARMUP_NOTES = {"compile": "the first call compiles", "fused": "first calls autotune and compile the kernels",
-                "fused_cuda_graph": "the first call autotunes, compiles and captures the graph",
+WARMUP_NOTES = {"compile": "the first call compiles", "fused": "the first call compiles and configures the kernels",
+                "fused_cuda_graph": "the first call compiles, configures and captures the graph",
                 "eager_channels_last_cuda_graph": "the first call captures the graph"}
 
 
