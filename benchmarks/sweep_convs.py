@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from fused_resnet.kernels import configs
+from fused_resnet.kernels.igemm import FLAT_K_BELOW, dense_1x1
 
 from fused_resnet import FusedConv2d, FusedConv2dMaxPool, bench, fuse, kernels
 from fused_resnet.validate import synthetic_batchnorm
@@ -110,7 +111,7 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     m = n * h * w // (layer.stride[0] * layer.stride[1])
     if isinstance(layer, FusedConv2dMaxPool):
         m //= 4
-    flat_k = cg < 16
+    flat_k = cg < FLAT_K_BELOW
     reduction = cg * rr * ss if flat_k else cg
     loops = (1,) if flat_k or rr * ss == 1 else (0, 1)
     element = torch.empty((), dtype=dtype).element_size()
@@ -118,8 +119,9 @@ def sweep_configs(layer, x_shape, dtype, cuda):
         variants = [{"FLAT_LOOP": loop} for loop in loops]
     else:
         variants = [{"FLAT_LOOP": loop, "USE_TMA": 0} for loop in loops]
-        dense = (rr, ss) == (1, 1) and tuple(layer.stride) == (1, 1) and layer.groups == 1 and (cg * element) % 16 == 0
-        if dense:  # the sweep's inputs are dense channels_last: descriptors can read them
+        # The sweep's inputs are dense channels_last, as these are.
+        x = torch.empty(x_shape, dtype=dtype, device="meta", memory_format=torch.channels_last)
+        if dense_1x1(x, layer.weight, layer.stride, layer.padding, layer.dilation, layer.groups):
             variants.append({"FLAT_LOOP": 1, "USE_TMA": 1})
     return configs.sweep_candidates(m, k // layer.groups, reduction, element, variants=variants)
 

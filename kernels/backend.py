@@ -23,6 +23,8 @@ import triton.testing
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
+from . import configs
+
 BACKENDS = ("auto", "triton", "reference", "cudnn")
 
 _backend = contextvars.ContextVar("fused_resnet_kernels_backend", default="auto")
@@ -158,12 +160,11 @@ class KernelLaunch:
         self.bound = None if config is None else self._bind(config)
 
     def _bind(self, config):
-        kwargs = {**self.args, **config}
+        kernel, kwargs = self.kernel, {**self.args, **config}
         if self.traceable:
-            kernel = wrap_triton(_single_config(self.kernel, config) if "num_warps" in config else self.kernel)
-            kwargs = {**self.args, **({} if "num_warps" in config else config)}
-        else:
-            kernel = self.kernel
+            if "num_warps" in config:  # a traced launch takes warps and stages from a one-config autotuner
+                kernel, kwargs = _single_config(self.kernel, config), self.args
+            kernel = wrap_triton(kernel)
         return kernel, self.grid(config), kwargs
 
     def __call__(self, *tensors):
@@ -177,8 +178,6 @@ class KernelLaunch:
                 kernel[grid](*tensors, **kwargs)
 
     def _choose(self, tensors):
-        from . import configs
-
         like = next(t for t in tensors if isinstance(t, torch.Tensor))
         gpu = configs.gpu_family(_device_name(like.device.index or 0))
         dtype = str(like.dtype).removeprefix("torch.")

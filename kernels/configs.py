@@ -164,11 +164,23 @@ def interpreter(m: int, n: int, reduction: int) -> dict:
     return {"BLOCK_M": fit(m), "BLOCK_N": fit(n), "BLOCK_K": fit(reduction), "GROUP_M": 8}
 
 
-def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory: int = 228 * 1024, extra=None):
+def _capped(shapes, m, n, reduction):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps) shapes with each tile capped to the GEMM's sizes."""
+    cap_m, cap_n, cap_k = (max(16, triton.next_power_of_2(v)) for v in (m, n, reduction))
+    for bm, bn, bk, stages, warps in shapes:
+        yield min(bm, cap_m), min(bn, cap_n), min(bk, cap_k), stages, warps
+
+
+def _config(bm, bn, bk, stages, warps, switches):
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **switches, "num_warps": warps,
+            "num_stages": stages}
+
+
+def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory: int = 228 * 1024, switches=None):
     """At most four configs for a GEMM of m rows, n columns and a reduction this long, from its
     shape class: wide tiles for large memory-bound layers, small ones where few tiles exist,
     smaller K tiles and fewer stages for 4-byte (fp32) operands. Each fits `shared_memory`;
-    `extra` (a kernel's own switches) is added to each."""
+    `switches` (the kernel's own, such as FLAT_LOOP) are added to each."""
     fp32 = element_size >= 4
     if fp32:
         shapes = [(128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4), (32, 64, 32, 2, 4)]
@@ -176,14 +188,11 @@ def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory:
         shapes = [(128, 128, 64, 3, 8), (128, 64, 64, 4, 4), (256, 64, 32, 3, 8), (64, 128, 64, 4, 4)]
     else:
         shapes = [(64, 64, 64, 4, 4), (128, 64, 64, 3, 4), (64, 128, 32, 4, 4), (32, 64, 64, 4, 4)]
-    cap_m, cap_n, cap_k = (max(16, triton.next_power_of_2(v)) for v in (m, n, reduction))
     kept = []
-    for bm, bn, bk, stages, warps in shapes:
-        bm, bn, bk = min(bm, cap_m), min(bn, cap_n), min(bk, cap_k)
+    for bm, bn, bk, stages, warps in _capped(shapes, m, n, reduction):
         while (bm + bn) * bk * element_size * stages > shared_memory and stages > 1:
             stages -= 1
-        config = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **(extra or {}), "num_warps": warps,
-                  "num_stages": stages}
+        config = _config(bm, bn, bk, stages, warps, switches or {})
         if config not in kept:
             kept.append(config)
     return kept
@@ -203,15 +212,12 @@ def sweep_candidates(m, n, reduction, element_size, shared_memory=228 * 1024, va
     """Every config of the sweep's list for this GEMM: tiles capped to the layer, pruned to what
     fits `shared_memory`, once per kernel variant in `variants` (the kernel's own switches, such
     as FLAT_LOOP and USE_TMA)."""
-    cap_m, cap_n, cap_k = (max(16, triton.next_power_of_2(v)) for v in (m, n, reduction))
     kept = []
-    for bm, bn, bk, stages, warps in (SWEEP_FP32 if element_size >= 4 else SWEEP_16BIT):
-        bm, bn, bk = min(bm, cap_m), min(bn, cap_n), min(bk, cap_k)
+    for bm, bn, bk, stages, warps in _capped(SWEEP_FP32 if element_size >= 4 else SWEEP_16BIT, m, n, reduction):
         if (bm + bn) * bk * element_size * stages > shared_memory:
             continue
         for variant in variants:
-            config = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, **variant,
-                      "num_warps": warps, "num_stages": stages}
+            config = _config(bm, bn, bk, stages, warps, variant)
             if config not in kept:
                 kept.append(config)
     return kept

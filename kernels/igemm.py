@@ -308,9 +308,8 @@ def dense_1x1(x, weight, stride, padding, dilation, groups):
     padding, ungrouped, x dense channels_last and the weight (K, 1, 1, C) in memory, rows of a
     multiple of 16 bytes."""
     k, c, r, s = weight.shape
-    n, _, h, w = x.shape
     return ((r, s) == (1, 1) and tuple(stride) == (1, 1) and not any(padding) and tuple(dilation) == (1, 1)
-            and groups == 1 and x.stride() == (h * w * c, 1, w * c, c) and weight.stride()[:2] == (c, 1)
+            and groups == 1 and x.stride() == backend.channels_last_strides(x.shape) and weight.stride()[:2] == (c, 1)
             and (c * x.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0)
 
 
@@ -383,7 +382,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     return backend.KernelLaunch(kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable, op=name,
                                 key=configs.shape_key(groups=groups, bias=bias is not None, **sizes),
                                 candidates=configs.candidates(m, kg, reduction, x.element_size(), smem,
-                                                              extra={"FLAT_LOOP": 1} if dense is None else
+                                                              switches={"FLAT_LOOP": 1} if dense is None else
                                                               {"FLAT_LOOP": 1, "USE_TMA": 0}))
 
 
