@@ -19,6 +19,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from . import kernels
 from .folding import fold_bn
+from .kernels import precompile
 
 # Plans a fused layer keeps, one per input signature; past this the oldest goes (a server that
 # sees many batch sizes keeps its recent ones).
@@ -70,7 +71,7 @@ class PlannedLayer(InferenceOnly):
         if type(x) is not torch.Tensor or x.dim() != 4 or torch.compiler.is_compiling() or torch.jit.is_tracing():
             check_input(self, x, self.in_channels, self.weight)
             return None
-        key = (x.shape, x.stride(), x.dtype, x.device, kernels.current_backend(),
+        key = (x.shape, x.stride(), x.dtype, x.device, kernels.current_backend(), precompile.target_gpu(),
                None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device))
         plan = self._plans.get(key)
         if plan is None:

@@ -49,7 +49,7 @@ def plan_add_relu(a, b, *, backend_name=None, traceable=False):
         return add_relu_reference
     fmt = _dense_format(a)
     numel = a.numel()
-    block = INTERPRETER_BLOCK_SIZE if not a.is_cuda else BLOCK_SIZE
+    block = BLOCK_SIZE if backend.on_gpu(a) else INTERPRETER_BLOCK_SIZE
     launch = backend.KernelLaunch(_add_relu_kernel, lambda meta: (triton.cdiv(numel, meta["BLOCK_SIZE"]),),
                                   {"numel": numel}, on_cuda=a.is_cuda, config={"BLOCK_SIZE": block},
                                   traceable=traceable)

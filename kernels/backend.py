@@ -23,7 +23,7 @@ import triton.testing
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
 
-from . import configs
+from . import configs, precompile
 
 BACKENDS = ("auto", "triton", "reference", "cudnn")
 
@@ -72,6 +72,8 @@ def resolve(tensor: torch.Tensor, name: str | None = None) -> str:
     if name not in BACKENDS:
         raise ValueError(f"kernels: unknown backend {name!r}; expected one of {BACKENDS}")
     on_cuda = tensor.device.type == "cuda"
+    if not on_cuda and name in ("auto", "triton") and precompile.target_gpu() is not None:
+        return "triton"  # planned for the GPU that precompile.compile_only names
     if not on_cuda and name in ("auto", "triton") and is_fake(tensor):
         # An interpreted kernel runs eagerly and cannot enter a traced graph (torch.compile,
         # torch.export, fake-tensor shape checks on CPU): trace the reference instead.
@@ -133,6 +135,12 @@ def output_plan(out_shape, like: torch.Tensor, launch, *, channels_last: bool = 
     return run
 
 
+def on_gpu(x: torch.Tensor) -> bool:
+    """Whether a Triton launch on `x` is compiled for a GPU (x on CUDA, or CPU tensors inside
+    precompile.compile_only(gpu=...)) rather than interpreted."""
+    return x.is_cuda or precompile.target_gpu() is not None
+
+
 def channels_last_strides(shape):
     """The strides of a dense channels_last (N, C, H, W) tensor of `shape`."""
     n, c, h, w = shape
@@ -157,6 +165,7 @@ class KernelLaunch:
         self.on_cuda = on_cuda
         self.traceable = traceable
         self.op, self.key, self.candidates = op, key, list(candidates)
+        self.config = config
         self.bound = None if config is None else self._bind(config)
 
     def _bind(self, config):
@@ -168,6 +177,10 @@ class KernelLaunch:
         return kernel, self.grid(config), kwargs
 
     def __call__(self, *tensors):
+        compiling = precompile.session()
+        if compiling is not None:  # inside precompile.compile_only: record, launch nothing
+            compiling.record(self, tensors)
+            return
         if self.bound is None:
             self.bound = self._bind(self._choose(tensors))
         kernel, grid, kwargs = self.bound
@@ -177,9 +190,13 @@ class KernelLaunch:
             with _interpreter_lock:
                 kernel[grid](*tensors, **kwargs)
 
+    def gpu(self, like):
+        """The config table's name for the GPU `like` is on."""
+        return configs.gpu_family(_device_name(like.device.index or 0))
+
     def _choose(self, tensors):
         like = next(t for t in tensors if isinstance(t, torch.Tensor))
-        gpu = configs.gpu_family(_device_name(like.device.index or 0))
+        gpu = self.gpu(like)
         dtype = str(like.dtype).removeprefix("torch.")
         found = configs.lookup(gpu, self.op, dtype, self.key)
         if found is not None:

@@ -338,7 +338,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     """
     if m >= 2**31:
         raise ValueError(f"{name}: {m} output rows; at most 2**31 - 1 are supported")
-    interpret = backend.interpreting() and not x.is_cuda
+    interpret = not backend.on_gpu(x)
     k, cg, r, s = weight.shape
     kg = k // groups
     flat_k = cg < FLAT_K_BELOW
@@ -357,7 +357,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
         C_PAD=triton.next_power_of_2(cg) if flat_k else 1,
         APPLY_RELU=relu,
         DOT_FP32=interpret,
-        INPUT_PRECISION="tf32" if x.dtype == torch.float32 and x.is_cuda and tf32_allowed() else "ieee",
+        INPUT_PRECISION="tf32" if x.dtype == torch.float32 and backend.on_gpu(x) and tf32_allowed() else "ieee",
         **extra,
     )
 
@@ -390,7 +390,7 @@ def gather_layout(x):
     """How the kernel reads x: as it is, or (a CUDA tensor whose channels are strided) copied to
     channels_last once per call, since gathering along a strided channel axis is uncoalesced.
     Returns (to_layout, x as the kernel sees it)."""
-    if x.stride(1) != 1 and x.is_cuda:
+    if x.stride(1) != 1 and backend.on_gpu(x):
         def to_layout(t):
             return t.contiguous(memory_format=torch.channels_last)
     else:

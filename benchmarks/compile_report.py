@@ -1,0 +1,109 @@
+"""What a fused network's first forward compiles, compiled here: seconds, shared memory, and
+whether each kernel's loads are pipelined, for a GPU this machine need not have.
+
+    python benchmarks/compile_report.py --arch resnet50 --dtype float16 --batch 256 --gpu H100 \
+        [--every-candidate] [--workers 2] [--json benchmarks/results/NAME.json]
+
+The fused network runs once inside kernels.precompile.compile_only(gpu): every launch records the
+kernels its first call would compile (the config table's entry, else each candidate it would
+time) and nothing runs. The jobs are then compiled for that GPU's architecture into an empty Triton
+cache, timed one by one, and each compiled kernel's PTX is searched for the markers of
+kernels.precompile.ASM_MARKERS: asynchronous copies (software-pipelined loads), tensor-descriptor
+(TMA) copies, and the tensor-core instruction.
+
+Compile seconds are this machine's CPU, one job a process: a cold first forward on a GPU pays
+about their sum (plus the timing of candidates) when it compiles serially.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torchvision
+from fused_resnet.kernels import precompile
+
+from fused_resnet import bench, fuse
+from fused_resnet.validate import synthetic_batchnorm
+
+OP_NAMES = {"conv2d_bias_act": "conv", "conv2d_bias_act_maxpool": "conv+pool"}
+
+
+def describe(job):
+    """A short name of the launch: op and the sizes that tell layers apart."""
+    sizes = dict(part.split("=", 1) for part in job.key.split(",") if "=" in part)
+    if "Cg" in sizes:
+        text = f"C{sizes['Cg']} K{sizes.get('Kg', '?')} {sizes.get('R', '?')}x{sizes.get('S', '?')}"
+        text += f" {sizes.get('H', '?')}->{sizes.get('P', '?')}"
+        if sizes.get("EPILOGUE", "none") != "none":
+            text += f" +{sizes['EPILOGUE']}"
+        return f"{OP_NAMES.get(job.op, job.op)}: {text}"
+    return job.op or job.kernel[1]
+
+
+def config_text(config):
+    short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s",
+             "FLAT_LOOP": "flat", "USE_TMA": "tma", "BLOCK_SIZE": "block"}
+    return " ".join(f"{short[k]}{v}" for k, v in config.items() if k in short)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", choices=bench.ARCHS, default="resnet50")
+    parser.add_argument("--dtype", choices=list(bench.DTYPES), default="float16")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--gpu", choices=sorted(precompile.CAPABILITY), default="H100")
+    parser.add_argument("--every-candidate", action="store_true",
+                        help="compile every candidate config, even where the table holds one")
+    parser.add_argument("--workers", type=int, default=1, help="compile in this many processes (default: 1)")
+    parser.add_argument("--limit", type=int, default=None, help="compile only the first N jobs")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    dtype = bench.DTYPES[args.dtype]
+    torch.manual_seed(0)
+    model = fuse(synthetic_batchnorm(getattr(torchvision.models, args.arch)(), size=32), dtype=dtype)
+    x = torch.empty(args.batch, 3, args.size, args.size, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with precompile.compile_only(args.gpu, every_candidate=args.every_candidate) as jobs, torch.no_grad():
+        model(x)
+    jobs = jobs[: args.limit]
+    # An empty Triton cache of its own, so that every compile is a cold one.
+    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fused_resnet_compile_report_")
+    start = time.perf_counter()
+    results = precompile.compile_jobs(jobs, workers=args.workers)
+    wall = time.perf_counter() - start
+    cases = []
+    print(f"{'launch':<40}{'config':<34}{'s':>6}{'smem KB':>9}{'async':>7}{'tma':>5}{'wgmma':>7}{'mma':>5}")
+    for job, result in zip(jobs, results):
+        case = {"arch": args.arch, "dtype": args.dtype, "batch": args.batch, "target": args.gpu,
+                "launch": describe(job), "op": job.op, "key": job.key, "config": job.config, **result}
+        cases.append(case)
+        if "error" in result:
+            print(f"{describe(job):<40}{config_text(job.config):<34}  failed: {result['error'][:80]}")
+            continue
+        print(f"{describe(job):<40}{config_text(job.config):<34}{result['seconds']:>6.1f}"
+              f"{result['shared'] / 1024:>9.0f}{result['async_copies']:>7}{result['tma_loads']:>5}"
+              f"{result['wgmma']:>7}{result['mma']:>5}")
+    seconds = [r["seconds"] for r in results if "error" not in r]
+    failed = len(results) - len(seconds)
+    if seconds:
+        print(f"{len(jobs)} kernels for {args.gpu} ({args.arch}, {args.dtype}, batch {args.batch}): "
+              f"{sum(seconds):.0f} s of compiling, median {statistics.median(seconds):.1f} s, "
+              f"max {max(seconds):.1f} s; {wall:.0f} s wall with {args.workers} worker(s); {failed} failed")
+    if args.json:
+        command = "python benchmarks/compile_report.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        payload = {"provenance": bench.provenance(command, torch.device("cpu")), "cases": cases,
+                   "summary": {"jobs": len(jobs), "compile_s": round(sum(seconds), 2), "wall_s": round(wall, 2),
+                               "workers": args.workers, "failed": failed}}
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2, default=str)
+            f.write("\n")
+    return cases
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Compile the kernels a model will launch before it launches them: in parallel, or for a GPU
+that is not there.
+
+A model's first forward on a GPU compiles each Triton kernel it launches, one after another, as
+each launch meets it. Inside `compile_only()` the launches run nothing instead: each one's first
+call records a CompileJob for every config that call would compile (the config the shipped table
+or the disk cache holds; without one, each candidate it would time), and the outputs are left
+uninitialized. `compile_jobs` then compiles the jobs, in worker processes where asked, into
+Triton's on-disk cache, where the model's real first forward finds them:
+
+    with precompile.compile_only() as jobs:
+        model(x)                                # CUDA tensors: nothing runs
+    precompile.compile_jobs(jobs, workers=8)    # Triton's cache now holds every kernel
+    model(x)                                    # compiles nothing
+
+With `gpu` named ("H100", ...), CPU tensors plan as they would on that GPU (Triton path, its
+configs, its table entries), so a machine without a GPU compiles what the GPU would run; this is
+how the compile report (benchmarks/compile_report.py) and the tests look at compiled code.
+
+Compiling needs triton's compiler, not its interpreter: with TRITON_INTERPRET=1 the jobs can be
+recorded but not compiled in this process.
+"""
+
+import concurrent.futures
+import contextlib
+import contextvars
+import dataclasses
+import importlib
+import multiprocessing
+import re
+import time
+
+import torch
+
+from . import configs
+
+# The compute capability of each GPU family in the config table.
+CAPABILITY = {"H200": 90, "H100": 90, "A100": 80, "L40S": 89, "L4": 89}
+
+_session = contextvars.ContextVar("fused_resnet_compile_only", default=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileJob:
+    """One kernel compile: a Triton kernel (by module and name), its launch arguments as the
+    compiler sees them (each tensor as its dtype and 16-byte alignment), and the config."""
+
+    op: str  # the launch's op in the config table ("" for fixed-config kernels)
+    key: str  # its shape key
+    config: dict
+    kernel: tuple  # (module, name) of the @triton.jit function
+    args: tuple  # positional: ("tensor", dtype, aligned) or ("none",)
+    kwargs: dict  # scalars and constexprs, without the config
+    capability: int  # the target's compute capability, e.g. 90
+
+
+class _Session:
+    def __init__(self, gpu, every_candidate):
+        self.gpu = gpu
+        self.every_candidate = every_candidate
+        self.jobs = []
+        self._seen = set()
+
+    def record(self, launch, tensors):
+        """The jobs of `launch`'s first call on `tensors` (a KernelLaunch)."""
+        like = next(t for t in tensors if isinstance(t, torch.Tensor))
+        if like.is_cuda:
+            major, minor = torch.cuda.get_device_capability(like.device)
+            capability, gpu = 10 * major + minor, launch.gpu(like)
+        elif self.gpu is not None:
+            capability, gpu = CAPABILITY[self.gpu], self.gpu
+        else:
+            return  # interpreted: nothing to compile
+        if launch.config is not None:
+            chosen = [launch.config]
+        else:
+            found = configs.lookup(gpu, launch.op, _dtype_name(like.dtype), launch.key)
+            chosen = launch.candidates if found is None or self.every_candidate else [found]
+        fn = getattr(launch.kernel, "fn", launch.kernel)
+        kernel = (fn.__module__, fn.__name__)
+        args = tuple(("none",) if t is None else ("tensor", t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
+        for config in chosen:
+            job = CompileJob(launch.op, launch.key, dict(config), kernel, args, dict(launch.args), capability)
+            identity = (kernel, args, tuple(sorted(job.kwargs.items())), tuple(sorted(job.config.items())), capability)
+            if identity not in self._seen:
+                self._seen.add(identity)
+                self.jobs.append(job)
+
+
+def session():
+    """The compile_only session in force, or None."""
+    return _session.get()
+
+
+def target_gpu():
+    """The GPU family CPU tensors plan for inside compile_only(gpu=...), or None."""
+    current = _session.get()
+    return None if current is None else current.gpu
+
+
+@contextlib.contextmanager
+def compile_only(gpu: str | None = None, *, every_candidate: bool = False):
+    """Inside the `with` block Triton launches record what they would compile instead of running.
+
+    Yields the list of CompileJobs, filled as the block runs. Outputs of launches inside are
+    uninitialized. `gpu` (a family of CAPABILITY): CPU tensors plan for that GPU. With
+    `every_candidate`, a launch records each of its candidate configs even where the table or the
+    cache holds one. Plans built inside are kept apart from those built outside it.
+    """
+    if gpu is not None and gpu not in CAPABILITY:
+        raise ValueError(f"compile_only: unknown GPU {gpu!r}; expected one of {sorted(CAPABILITY)}")
+    current = _Session(gpu, every_candidate)
+    token = _session.set(current)
+    try:
+        yield current.jobs
+    finally:
+        _session.reset(token)
+
+
+def _dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+class _Pointer:
+    """A tensor argument as the compiler sees it: its element type and whether it is 16-byte aligned."""
+
+    def __init__(self, dtype, aligned):
+        self.dtype = dtype
+        self._ptr = 0 if aligned else 8
+
+    def data_ptr(self):
+        return self._ptr
+
+
+ASM_MARKERS = {
+    "tma_loads": "cp.async.bulk.tensor",  # tensor-descriptor (TMA) copies
+    "async_copies": "cp.async.cg",  # asynchronous gathered copies: software-pipelined loads
+    "wgmma": "wgmma.mma_async",  # Hopper's asynchronous tensor-core MMA
+    "mma": "mma.sync",  # Ampere-style tensor-core MMA
+}
+
+
+def compile_job(job: CompileJob) -> dict:
+    """Compile `job` in this process, into Triton's cache (a hit if it is there already).
+
+    Returns {"seconds", "shared", "num_warps", "num_stages"} and counts of the PTX markers in
+    ASM_MARKERS: whether the loads are asynchronous (pipelined), through tensor descriptors,
+    and which tensor-core instruction the dot became."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    from .backend import interpreting
+
+    fn = getattr(importlib.import_module(job.kernel[0]), job.kernel[1])
+    if interpreting():
+        raise RuntimeError("precompile: Triton's interpreter is on (TRITON_INTERPRET=1); kernels cannot be compiled")
+    target = GPUTarget("cuda", job.capability, 32)
+    backend = make_backend(target)
+    args = [None if a[0] == "none" else _Pointer(a[1], a[2]) for a in job.args]
+    kwargs = {**job.kwargs, **job.config}
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    start = time.perf_counter()
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    seconds = time.perf_counter() - start
+    ptx = compiled.asm.get("ptx", "")
+    result = {"seconds": seconds, "shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
+              "num_stages": compiled.metadata.num_stages}
+    result.update({name: len(re.findall(re.escape(marker), ptx)) for name, marker in ASM_MARKERS.items()})
+    return result
+
+
+def compile_jobs(jobs, *, workers: int = 1, progress=None) -> list:
+    """Compile every job (in `workers` processes when more than one), each into Triton's cache.
+
+    Returns compile_job's result per job, in order; a job that fails to compile gives
+    {"error": message} instead of raising, and the others go on. `progress(message)` hears of
+    each job as it finishes."""
+    jobs = list(jobs)
+    results = [None] * len(jobs)
+
+    def done(i, result):
+        results[i] = result
+        if progress is not None:
+            finished = sum(r is not None for r in results)
+            progress(f"compiled {finished}/{len(jobs)}: {jobs[i].op or jobs[i].kernel[1]} {jobs[i].config}")
+
+    if workers <= 1 or len(jobs) <= 1:
+        for i, job in enumerate(jobs):
+            done(i, _compile_or_error(job))
+        return results
+    # spawn: a forked child would inherit this process's CUDA state.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+        futures = {pool.submit(_compile_or_error, job): i for i, job in enumerate(jobs)}
+        for future in concurrent.futures.as_completed(futures):
+            done(futures[future], future.result())
+    return results
+
+
+def _compile_or_error(job):
+    try:
+        return compile_job(job)
+    except Exception as err:  # one config that does not compile must not stop the others
+        return {"error": f"{type(err).__name__}: {err}"[:500]}

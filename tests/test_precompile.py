@@ -1,0 +1,154 @@
+"""Compiling ahead of the first launch (kernels.precompile): recording what a forward would compile,
+and compiling it for a GPU on a machine without one.
+
+The recording runs here, under the interpreter. Compiling needs Triton's compiler, which the
+interpreter replaces, so those tests run in a child process without TRITON_INTERPRET; they compile
+for an H100 (sm_90) with the ptxas that ships with Triton, no GPU needed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import assert_close
+from fused_resnet.kernels import backend, configs, precompile
+from fused_resnet.kernels.precompile import CompileJob
+from torch import nn
+
+from fused_resnet import FusedConv2d
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(configs, "_cache", None)
+    monkeypatch.setattr(configs, "_table", {})
+
+
+def layer(c, k, r, dtype=torch.float16):
+    conv = nn.Conv2d(c, k, r, padding=r // 2, bias=False)
+    bn = nn.BatchNorm2d(k).eval()
+    return FusedConv2d.from_conv_bn(conv, bn, relu=True, dtype=dtype)
+
+
+def test_records_each_candidate_and_launches_nothing(empty_cache, monkeypatch):
+    fused = layer(64, 128, 1)
+    x = torch.randn(2, 64, 8, 8).half().contiguous(memory_format=torch.channels_last)
+
+    def no_launch(self, config):
+        raise AssertionError("a launch was bound inside compile_only")
+
+    monkeypatch.setattr(backend.KernelLaunch, "_bind", no_launch)
+    with precompile.compile_only("H100") as jobs:
+        y = fused(x)
+    assert y.shape == (2, 128, 8, 8) and y.dtype == torch.float16
+    expected = configs.candidates(2 * 8 * 8, 128, 64, 2, switches={"FLAT_LOOP": 1, "USE_TMA": 0})
+    assert [job.config for job in jobs] == expected
+    job = jobs[0]
+    assert job.op == "conv2d_bias_act" and job.capability == 90
+    assert job.kernel == ("fused_resnet.kernels.conv2d", "_conv2d_bias_act_kernel")
+    # x, weight, bias, residual, shortcut weight, y: 16-byte aligned fp16 tensors and two Nones.
+    assert [a[0] for a in job.args] == ["tensor", "tensor", "tensor", "none", "none", "tensor"]
+    assert job.kwargs["DOT_FP32"] is False  # compiled for the GPU, not interpreted
+    assert job.kwargs["Cg"] == 64 and job.kwargs["R"] == 1
+
+
+def test_table_entry_records_one_config_unless_every_candidate(empty_cache):
+    fused = layer(16, 32, 3)
+    x = torch.randn(1, 16, 6, 6).half().contiguous(memory_format=torch.channels_last)
+    chosen = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8, "FLAT_LOOP": 0, "USE_TMA": 0,
+              "num_warps": 2, "num_stages": 2}
+    with configs.override(chosen) as asked, precompile.compile_only("H100") as jobs:
+        fused(x)
+    assert [job.config for job in jobs] == [chosen]
+    assert asked[0][:3] == ("H100", "conv2d_bias_act", "float16")
+    with configs.override(chosen), precompile.compile_only("H100", every_candidate=True) as jobs:
+        fused(x)
+    assert len(jobs) > 1 and chosen not in [job.config for job in jobs]
+
+
+def test_plans_made_inside_stay_inside(empty_cache):
+    fused = layer(8, 8, 3, dtype=torch.float32)
+    x = torch.randn(1, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    with precompile.compile_only("H100") as jobs:
+        fused(x)
+    assert jobs
+    # The same signature outside runs the interpreted kernel (the plan recorded above would launch
+    # nothing, or the GPU build on CPU tensors), and gives the conv's answer.
+    with torch.no_grad():
+        expected = torch.relu(nn.functional.conv2d(x, fused.weight, fused.bias, padding=1))
+    assert_close(fused(x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_interpreted_launches_record_nothing():
+    fused = layer(8, 8, 3, dtype=torch.float32)
+    x = torch.randn(1, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    with precompile.compile_only() as jobs:
+        fused(x)
+    assert jobs == []
+
+
+def test_refusals():
+    with pytest.raises(ValueError, match="unknown GPU 'H800'"):
+        with precompile.compile_only("H800"):
+            pass
+    job = CompileJob("", "", {"BLOCK_SIZE": 1024}, ("fused_resnet.kernels.add_relu", "_add_relu_kernel"),
+                     (("tensor", torch.float32, True),) * 3, {"numel": 10}, 90)
+    if backend.interpreting():
+        with pytest.raises(RuntimeError, match="interpreter is on"):
+            precompile.compile_job(job)
+        assert "interpreter is on" in precompile.compile_jobs([job])[0]["error"]
+    broken = CompileJob("", "", {}, ("fused_resnet.kernels.add_relu", "no_such_kernel"), (), {}, 90)
+    assert "no_such_kernel" in precompile.compile_jobs([broken])[0]["error"]
+
+
+# A child process without the interpreter: records a bottleneck's launches for an H100, compiles
+# one job per kernel in two worker processes, then compiles them again here.
+COMPILE_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import torch, torchvision
+    from fused_resnet import fuse
+    from fused_resnet.kernels import precompile, configs
+
+    torch.manual_seed(0)
+    block = torchvision.models.resnet50().layer1[0].eval()  # compiled, not run: its numbers do not matter
+    fused = fuse(block, dtype=torch.float16)
+    x = torch.randn(2, 64, 8, 8).half().contiguous(memory_format=torch.channels_last)
+    with precompile.compile_only("H100") as jobs:
+        fused(x)
+    first = {}
+    for job in jobs:
+        first.setdefault((job.op, job.key), job)  # one config per launch
+    jobs = list(first.values())
+    cache = os.environ["TRITON_CACHE_DIR"]
+    cold = precompile.compile_jobs(jobs, workers=2)
+    files = sum(len(f) for _, _, f in os.walk(cache))
+    warm = precompile.compile_jobs(jobs)
+    again = sum(len(f) for _, _, f in os.walk(cache))
+    print(json.dumps({"launches": [[j.kernel[1], j.kwargs["R"], j.kwargs["EPILOGUE"]] for j in jobs],
+                      "cold": cold, "warm": warm, "files": [files, again]}))
+""")
+
+
+def test_compiles_for_an_h100_without_one(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), FUSED_RESNET_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    # The bottleneck's three convs: 1x1, 3x3, and the last 1x1 with its merged projection shortcut.
+    assert out["launches"] == [["_conv2d_bias_act_kernel", 1, "none"], ["_conv2d_bias_act_kernel", 3, "none"],
+                               ["_conv2d_bias_act_kernel", 1, "shortcut"]]
+    for result in out["cold"]:
+        assert "error" not in result, result
+        # fp16 dots on Hopper's asynchronous tensor cores, fed by asynchronous (pipelined) copies.
+        assert result["wgmma"] > 0 and result["async_copies"] > 0, result
+        assert result["shared"] > 0
+    # The workers' compiles landed in Triton's cache: compiling again adds nothing to it.
+    assert out["files"][0] > 0 and out["files"][0] == out["files"][1]
+    assert all("error" not in r for r in out["warm"])
