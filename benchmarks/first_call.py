@@ -1,15 +1,19 @@
 """Time the first forward of a fused model in a fresh process, with cold and then warm caches.
 
-    python benchmarks/first_call.py [--arch resnet50 ...] [--dtype float16 ...] [--batch 256] [--json PATH]
+    python benchmarks/first_call.py [--arch resnet50 ...] [--dtype float16 ...] [--batch 256]
+                                    [--how forward warmup] [--json PATH]
 
-For each (arch, dtype) a child process builds the fused model and times its first forward
+For each (arch, dtype, how) a child process builds the fused model and times its first forward
 (compiling and choosing every kernel's config) with empty caches: Triton's kernel cache and
 fused_resnet's config cache both point into a new temporary folder ("cold"). A second child
-process with the same folders times it again ("warm"). fp32 runs twice, with TF32 off and on.
-Needs a CUDA GPU. Cases: {"model", "impl": "fused", "dtype", "batch", "first_call_s", "cache"}.
+process with the same folders times it again ("warm"). `how`: "forward" is a plain first call,
+which compiles each kernel as it meets it; "warmup" is fused_resnet.warmup followed by that call,
+which compiles them all first, in parallel. fp32 runs twice, with TF32 off and on. Needs a CUDA
+GPU. Cases: {"model", "impl": "fused", "dtype", "batch", "first_call_s", "cache", "how"}.
 """
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -18,23 +22,28 @@ import tempfile
 
 CHILD = """
 import sys, time, torch
-from fused_resnet import bench, fuse
-arch, dtype, batch, tf32 = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+from fused_resnet import bench, fuse, warmup
+arch, dtype, batch, tf32, how = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
 model, _ = bench.load_model(arch)
 fused = fuse(model, dtype=bench.DTYPES[dtype]).cuda()
 x = torch.randn(batch, 3, 224, 224, device="cuda", dtype=bench.DTYPES[dtype]).contiguous(
     memory_format=torch.channels_last)
 torch.cuda.synchronize()
-print(bench.first_call(lambda: fused(x), cuda=True))
+def first():
+    if how == "warmup":
+        warmup(fused, x)
+    return fused(x)
+print(bench.first_call(first, cuda=True))
 """
 
 
-def first_call(arch, dtype, batch, tf32, cache_root, timeout):
+def first_call(arch, dtype, batch, tf32, how, cache_root, timeout):
     env = {**os.environ, "TRITON_CACHE_DIR": os.path.join(cache_root, "triton"),
            "FUSED_RESNET_CACHE_DIR": os.path.join(cache_root, "fused_resnet")}
     try:
-        done = subprocess.run([sys.executable, "-c", CHILD, arch, dtype, str(batch), "1" if tf32 else "0"], env=env,
+        done = subprocess.run([sys.executable, "-c", CHILD, arch, dtype, str(batch), "1" if tf32 else "0", how],
+                              env=env,
                               capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, f"did not finish within {timeout} s"
@@ -48,6 +57,7 @@ def main():
     parser.add_argument("--arch", nargs="+", default=["resnet50"])
     parser.add_argument("--dtype", nargs="+", default=["float16", "bfloat16", "float32"])
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--how", nargs="+", choices=["forward", "warmup"], default=["forward", "warmup"])
     parser.add_argument("--timeout", type=int, default=300, help="seconds a child may take (default: %(default)s)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -60,12 +70,12 @@ def main():
     cases = []
     for arch in args.arch:
         for dtype in args.dtype:
-            for tf32 in ([False, True] if dtype == "float32" else [False]):
+            for tf32, how in itertools.product([False, True] if dtype == "float32" else [False], args.how):
                 with tempfile.TemporaryDirectory() as root:
                     for cache in ("cold", "warm"):
-                        seconds, error = first_call(arch, dtype, args.batch, tf32, root, args.timeout)
+                        seconds, error = first_call(arch, dtype, args.batch, tf32, how, root, args.timeout)
                         case = {"model": arch, "impl": "fused", "dtype": dtype, "batch": args.batch, "cache": cache,
-                                "first_call_s": None if seconds is None else round(seconds, 2)}
+                                "how": how, "first_call_s": None if seconds is None else round(seconds, 2)}
                         if dtype == "float32":
                             case["tf32"] = tf32
                         if error:

@@ -11,6 +11,7 @@ training mode and gradients with an error rather than silently returning wrong g
 """
 
 import functools
+import os
 import time
 
 import torch
@@ -105,14 +106,20 @@ class PlannedLayer(InferenceOnly):
         return state
 
 
-def warmup(model: nn.Module, example, *, progress=None) -> float:
+def warmup(model: nn.Module, example, *, progress=None, workers=None) -> float:
     """Build every launch plan `model` needs for inputs like `example` before the first real call:
     on a GPU that compiles each kernel and picks its config (from the shipped table or the disk
     cache, else by timing a few), under the interpreter it interprets each once. Returns the
     seconds it took.
 
+    On a GPU the kernels are compiled first, all at once, in `workers` processes (default: one a
+    CPU core, at most 16; 1 compiles here, one after another): a forward inside
+    kernels.precompile.compile_only lists them, and the real forward that follows finds each in
+    Triton's cache.
+
     `example` is an input tensor, or its shape (N, C, H, W), drawn at random in the model's dtype
-    and on its device. `progress(message)` hears of each fused layer as it is planned.
+    and on its device. `progress(message)` hears of each kernel compiled and each fused layer as
+    it is planned.
     """
     if not isinstance(example, torch.Tensor):
         reference = next((t for t in model.buffers() if t.is_floating_point()), None)
@@ -122,6 +129,11 @@ def warmup(model: nn.Module, example, *, progress=None) -> float:
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, PlannedLayer)]
     if not layers:
         raise TypeError(f"warmup: {type(model).__name__} holds no fused layers; fuse it first")
+    if example.dim() == 4:
+        example = example.contiguous(memory_format=torch.channels_last)
+    start = time.perf_counter()
+    if example.is_cuda:
+        _compile_ahead(model, example, workers, progress)
     done = []
 
     def report(module, args):
@@ -131,16 +143,28 @@ def warmup(model: nn.Module, example, *, progress=None) -> float:
             progress(f"warm-up: layer {len(done)}/{len(layers)} {name or type(module).__name__}")
 
     hooks = [m.register_forward_pre_hook(report) for _, m in layers]
-    start = time.perf_counter()
     try:
         with torch.no_grad():
-            model(example.contiguous(memory_format=torch.channels_last) if example.dim() == 4 else example)
+            model(example)
         if example.is_cuda:
             torch.cuda.synchronize(example.device)
     finally:
         for hook in hooks:
             hook.remove()
     return time.perf_counter() - start
+
+
+def _compile_ahead(model, example, workers, progress):
+    """Compile in parallel every kernel the model's forward on `example` will compile."""
+    with torch.no_grad(), precompile.compile_only() as jobs:
+        model(example)
+    if not jobs:
+        return
+    if workers is None:
+        workers = min(16, os.cpu_count() or 1, len(jobs))
+    if progress is not None:
+        progress(f"warm-up: compiling {len(jobs)} kernels in {workers} process(es)")
+    precompile.compile_jobs(jobs, workers=workers, progress=progress)
 
 
 def _recorded(name, plan, *operands):

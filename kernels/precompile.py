@@ -17,17 +17,20 @@ With `gpu` named ("H100", ...), CPU tensors plan as they would on that GPU (Trit
 configs, its table entries), so a machine without a GPU compiles what the GPU would run; this is
 how the compile report (benchmarks/compile_report.py) and the tests look at compiled code.
 
-Compiling needs triton's compiler, not its interpreter: with TRITON_INTERPRET=1 the jobs can be
-recorded but not compiled in this process.
+Compiling needs Triton's compiler, not its interpreter: with TRITON_INTERPRET=1 the jobs can be
+recorded here but compiled only in worker processes, which start without it.
 """
 
-import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
 import importlib
-import multiprocessing
+import os
+import pickle
 import re
+import subprocess
+import sys
+import threading
 import time
 
 import torch
@@ -174,31 +177,64 @@ def compile_job(job: CompileJob) -> dict:
 
 
 def compile_jobs(jobs, *, workers: int = 1, progress=None) -> list:
-    """Compile every job (in `workers` processes when more than one), each into Triton's cache.
+    """Compile every job (in `workers` child processes when more than one), each into Triton's cache.
 
     Returns compile_job's result per job, in order; a job that fails to compile gives
     {"error": message} instead of raising, and the others go on. `progress(message)` hears of
-    each job as it finishes."""
+    each job as it finishes.
+
+    The children are fresh Python processes (`python -c`, not multiprocessing), so that nothing
+    of the caller's script runs again in them, and without TRITON_INTERPRET, so that they compile
+    even where this process interprets."""
     jobs = list(jobs)
     results = [None] * len(jobs)
+    lock = threading.Lock()
 
     def done(i, result):
-        results[i] = result
-        if progress is not None:
-            finished = sum(r is not None for r in results)
-            progress(f"compiled {finished}/{len(jobs)}: {jobs[i].op or jobs[i].kernel[1]} {jobs[i].config}")
+        with lock:
+            results[i] = result
+            if progress is not None:
+                finished = sum(r is not None for r in results)
+                progress(f"compiled {finished}/{len(jobs)}: {jobs[i].op or jobs[i].kernel[1]} {jobs[i].config}")
 
     if workers <= 1 or len(jobs) <= 1:
         for i, job in enumerate(jobs):
             done(i, _compile_or_error(job))
         return results
-    # spawn: a forked child would inherit this process's CUDA state.
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
-        futures = {pool.submit(_compile_or_error, job): i for i, job in enumerate(jobs)}
-        for future in concurrent.futures.as_completed(futures):
-            done(futures[future], future.result())
+    shares = [list(enumerate(jobs))[w::workers] for w in range(min(workers, len(jobs)))]
+    threads = [threading.Thread(target=_run_worker, args=(share, done)) for share in shares]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i in range(len(jobs)):
+        if results[i] is None:
+            results[i] = {"error": "the compile worker stopped before this job"}
     return results
+
+
+def _run_worker(share, done):
+    """One child process compiling `share` ([(index, job)]), each result reported to done(index, result)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-c", "from fused_resnet.kernels.precompile import _serve; _serve()"]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) as child:
+        pickle.dump(share, child.stdin)
+        child.stdin.close()
+        for _ in share:
+            try:
+                index, result = pickle.load(child.stdout)
+            except EOFError:
+                break
+            done(index, result)
+
+
+def _serve():
+    """A compile worker's main: [(index, job)] pickled on stdin, one (index, result) pickled on stdout per job."""
+    out = sys.stdout.buffer
+    sys.stdout = sys.stderr  # anything else printed must not mix with the results
+    for index, job in pickle.load(sys.stdin.buffer):
+        pickle.dump((index, _compile_or_error(job)), out)
+        out.flush()
 
 
 def _compile_or_error(job):

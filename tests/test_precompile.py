@@ -152,3 +152,31 @@ def test_compiles_for_an_h100_without_one(tmp_path):
     # The workers' compiles landed in Triton's cache: compiling again adds nothing to it.
     assert out["files"][0] > 0 and out["files"][0] == out["files"][1]
     assert all("error" not in r for r in out["warm"])
+
+
+WARMUP_SCRIPT = textwrap.dedent("""
+    import json, os, pathlib
+    import torch, torchvision
+    from fused_resnet import fuse
+    from fused_resnet.modules import _compile_ahead
+
+    torch.manual_seed(0)
+    fused = fuse(torchvision.models.resnet18().eval(), dtype=torch.float16).cuda()
+    x = torch.randn(4, 3, 64, 64, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    cubins = lambda: len(list(pathlib.Path(os.environ["TRITON_CACHE_DIR"]).rglob("*.cubin")))
+    _compile_ahead(fused, x, 2, None)
+    ahead = cubins()
+    fused(x)
+    torch.cuda.synchronize()
+    print(json.dumps([ahead, cubins()]))
+""")
+
+
+@pytest.mark.gpu
+def test_warmup_compiles_ahead_everything_the_forward_compiles(tmp_path):
+    env = {**os.environ, "TRITON_CACHE_DIR": str(tmp_path / "triton"), "FUSED_RESNET_CACHE_DIR": str(tmp_path / "c")}
+    done = subprocess.run([sys.executable, "-c", WARMUP_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ahead, after = json.loads(done.stdout.strip().splitlines()[-1])
+    # The forward (which times each launch's candidates) found every kernel compiled: the cache keys match.
+    assert ahead > 0 and after == ahead
