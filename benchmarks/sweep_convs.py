@@ -7,9 +7,10 @@ layer (the stem conv+maxpool, each block's convs with their epilogues, the merge
 shortcuts), in the shapes the fused model launches:
 
 1. every config of kernels.configs.sweep_candidates (Inductor's conv configs and the Hopper
-   matmul tutorial's, both main loops, and for dense 1x1 convs the tensor-descriptor read,
-   pruned to the layer and to shared memory) is compiled in parallel by worker processes that
-   share Triton's kernel cache with this one;
+   matmul tutorial's, both main loops, and for dense 1x1 convs the tensor-descriptor read, for
+   the 3-channel stem the row and the gathered schedules, pruned to the layer and to shared
+   memory) is compiled in parallel by worker processes that share Triton's kernel cache with
+   this one;
 2. each is timed here by CUDA-graph replay (10 launches in a graph, kernel time = replay / 10),
    as is cuDNN's fused op on the same operands (`cudnn_convolution_relu` or `_add_relu`; for a
    merged shortcut, cuDNN's shortcut conv then its conv+add+ReLU; for the stem, cuDNN's
@@ -39,7 +40,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from fused_resnet.kernels import configs
-from fused_resnet.kernels.igemm import FLAT_K_BELOW, dense_1x1
+from fused_resnet.kernels.igemm import FLAT_K_BELOW, dense_1x1, row_weight
 
 from fused_resnet import FusedConv2d, FusedConv2dMaxPool, bench, fuse, kernels
 from fused_resnet.validate import synthetic_batchnorm
@@ -115,12 +116,14 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     reduction = cg * rr * ss if flat_k else cg
     loops = (1,) if flat_k or rr * ss == 1 else (0, 1)
     element = torch.empty((), dtype=dtype).element_size()
-    if isinstance(layer, FusedConv2dMaxPool):
-        variants = [{"FLAT_LOOP": loop} for loop in loops]
-    else:
-        variants = [{"FLAT_LOOP": loop, "USE_TMA": 0} for loop in loops]
-        # The sweep's inputs are dense channels_last, as these are.
-        x = torch.empty(x_shape, dtype=dtype, device="meta", memory_format=torch.channels_last)
+    # The sweep's inputs are dense channels_last, as these are.
+    x = torch.empty(x_shape, dtype=dtype, device="meta", memory_format=torch.channels_last)
+    variants = [{"FLAT_LOOP": loop} for loop in loops]
+    if row_weight(x, layer.weight.to("meta"), layer.dilation, layer.groups) is not None:
+        # The few-channel stem: its reduction per filter row over contiguous runs, or gathered.
+        variants = [{"FLAT_LOOP": 1, "ROWS": rows} for rows in (1, 0)]
+    if not isinstance(layer, FusedConv2dMaxPool):
+        variants = [{**v, "USE_TMA": 0} for v in variants]
         if dense_1x1(x, layer.weight, layer.stride, layer.padding, layer.dilation, layer.groups):
             variants.append({"FLAT_LOOP": 1, "USE_TMA": 1})
     return configs.sweep_candidates(m, k // layer.groups, reduction, element, variants=variants)

@@ -25,6 +25,7 @@ from .igemm import (
     gather_layout,
     normalize_args,
     output_tile,
+    row_weight,
     tile_ids,
 )
 
@@ -62,6 +63,8 @@ def _conv2d_bias_act_kernel(
     PADDED: tl.constexpr,  # some taps fall outside the input: mask them
     FLAT_K: tl.constexpr,  # one reduction over (r, s, c) instead of one per (r, s)
     C_PAD: tl.constexpr,  # FLAT_K: the channels rounded up to a power of two
+    ROWS: tl.constexpr,  # config, few-channel convs over dense NHWC rows: the row schedule
+    ROW_PAD: tl.constexpr,
     EPILOGUE: tl.constexpr,  # "none", "residual" or "shortcut" (EPILOGUES)
     APPLY_RELU: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast operands before tl.dot (the interpreter's bf16 dot is wrong)
@@ -86,7 +89,7 @@ def _conv2d_bias_act_kernel(
         acc = conv_tile(acc, x_ptr, w_ptr, x_row, p * stride_h - pad_h, q * stride_w - pad_w,
                         k_glob.to(tl.int64) * stride_wk, mask_n, Cg, H, W, dil_h, dil_w,
                         stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
-                        R, S, PADDED, FLAT_K, C_PAD, FLAT_LOOP, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+                        R, S, PADDED, FLAT_K, C_PAD, ROWS, ROW_PAD, FLAT_LOOP, DOT_FP32, INPUT_PRECISION, BLOCK_K)
     if EPILOGUE == "shortcut":
         # A projection shortcut relu(W x + W_sc x_sc + b) is one GEMM over the concatenated
         # reduction [x ; x_sc]: its 1x1 strided conv continues the same accumulator, so its output
@@ -94,7 +97,7 @@ def _conv2d_bias_act_kernel(
         acc = conv_tile(acc, r_ptr, shortcut_w_ptr, n.to(tl.int64) * stride_rn, p * shortcut_stride_h,
                         q * shortcut_stride_w, k_glob.to(tl.int64) * stride_swk, mask_n, C_sc, 0, 0, 1, 1,
                         stride_rk, stride_rp, stride_rq, stride_swc, 0, 0,
-                        1, 1, False, False, 1, FLAT_LOOP, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+                        1, 1, False, False, 1, False, 1, FLAT_LOOP, DOT_FP32, INPUT_PRECISION, BLOCK_K)
 
     mask_y = mask_m[:, None] & mask_n[None, :]
     r_rows = n.to(tl.int64) * stride_rn + p.to(tl.int64) * stride_rp + q.to(tl.int64) * stride_rq
@@ -133,9 +136,13 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
     r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     sw_strides = shortcut_weight.stride() if kind == "shortcut" else (0, 0, 0, 0)
     dense = dense_1x1(x, weight, stride, padding, dilation, groups)
+    packed = row_weight(x, weight, dilation, groups)
+    if packed is not None:
+        weight = packed
     launch = conv_launch(
         "conv2d_bias_act", _conv2d_bias_act_kernel, x, weight, bias, out_shape, n * p * q,
         stride, padding, dilation, groups, relu, extra_reduction=c_sc, traceable=traceable, dense=dense,
+        rows=packed is not None,
         C_sc=c_sc, P=p, Q=q, shortcut_stride_h=shortcut_stride[0], shortcut_stride_w=shortcut_stride[1],
         stride_rn=r_strides[0], stride_rk=r_strides[1], stride_rp=r_strides[2], stride_rq=r_strides[3],
         stride_swk=sw_strides[0], stride_swc=sw_strides[1],

@@ -31,6 +31,7 @@ from .igemm import (
     normalize_args,
     output_size,
     output_tile,
+    row_weight,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -61,6 +62,8 @@ def _conv2d_bias_act_maxpool_kernel(
     PADDED: tl.constexpr,
     FLAT_K: tl.constexpr,
     C_PAD: tl.constexpr,
+    ROWS: tl.constexpr,  # config, few-channel convs over dense NHWC rows: the row schedule
+    ROW_PAD: tl.constexpr,
     APPLY_RELU: tl.constexpr,
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -87,7 +90,7 @@ def _conv2d_bias_act_maxpool_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = conv_tile(acc, x_ptr, w_ptr, x_row, cp * stride_h - pad_h, cq * stride_w - pad_w, w_col, mask_n,
                         Cg, H, W, dil_h, dil_w, stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
-                        R, S, PADDED, FLAT_K, C_PAD, FLAT_LOOP, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+                        R, S, PADDED, FLAT_K, C_PAD, ROWS, ROW_PAD, FLAT_LOOP, DOT_FP32, INPUT_PRECISION, BLOCK_K)
         acc = tl.where(valid[:, None], acc, float("-inf"))
         # NaN wins, as in torch's max pooling (a plain maximum may drop it).
         best = tl.where((acc > best) | (acc != acc), acc, best)
@@ -145,9 +148,12 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, p
     to_layout, x = gather_layout(x)
     n, _, ph, pw = out_shape
     p, q = conv_shape[2:]
+    packed = row_weight(x, weight, dilation, groups)
+    if packed is not None:
+        weight = packed
     launch = conv_launch(
         "conv2d_bias_act_maxpool", _conv2d_bias_act_maxpool_kernel, x, weight, bias, out_shape, n * ph * pw,
-        stride, padding, dilation, groups, relu, traceable=traceable,
+        stride, padding, dilation, groups, relu, traceable=traceable, rows=packed is not None,
         P=p, Q=q, PH=ph, PW=pw, POOL_R=pool_size[0], POOL_S=pool_size[1],
         pool_stride_h=pool_stride[0], pool_stride_w=pool_stride[1],
         pool_pad_h=pool_padding[0], pool_pad_w=pool_padding[1],

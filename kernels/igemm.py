@@ -34,6 +34,9 @@ FLAT_K_BELOW = 16
 
 # The main loop under the interpreter (a config's FLAT_LOOP on a GPU): the tests run both.
 INTERPRETER_FLAT_LOOP = 1
+# Whether a few-channel conv over dense NHWC rows takes the row schedule under the interpreter (a
+# config's ROWS on a GPU): the tests run both.
+INTERPRETER_ROWS = 1
 # Whether a dense 1x1 conv reads through tensor descriptors under the interpreter (a config's
 # USE_TMA on a GPU): the tests run both.
 INTERPRETER_TMA = 0
@@ -99,6 +102,8 @@ def conv_tile(
     PADDED: tl.constexpr,
     FLAT_K: tl.constexpr,
     C_PAD: tl.constexpr,  # FLAT_K: Cg rounded up to a power of two, so (r, s, c) decodes with shifts
+    ROWS: tl.constexpr,  # FLAT_K over dense NHWC rows: one reduction per filter row (see below)
+    ROW_PAD: tl.constexpr,  # ROWS: S * Cg rounded up to a power of two; the weight's row length
     FLAT_LOOP: tl.constexpr,  # one loop over (tap, channel block) that the compiler can pipeline
     DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -110,12 +115,31 @@ def conv_tile(
     and the conv+maxpool stem. Three schedules of the same reduction:
     FLAT_K     few channels (the stem's 3): one reduction over (r, s, c) with c padded to C_PAD,
                each element gathered on its own; the padding channels load as zeros.
+      + ROWS   the same over dense NHWC rows (x's channels contiguous, pixels C apart): a filter
+               row's S taps x Cg channels are S*Cg consecutive elements of x, so each output
+               pixel reads one contiguous run per filter row, R loads of (BLOCK_M, ROW_PAD) in all;
+               the weight comes packed as rows of ROW_PAD (zeros past S*Cg; row_weight()).
     FLAT_LOOP  one loop over (tap, channel block) pairs: every iteration is alike, so the compiler
                software-pipelines the loads of the next taps behind the current dot.
     otherwise  a loop over channel blocks inside an unrolled loop over the R*S taps.
     """
     offs_k = tl.arange(0, BLOCK_K)
-    if FLAT_K:
+    if FLAT_K and ROWS:
+        j = tl.arange(0, ROW_PAD)
+        col = w0 * Cg  # the window's first element within its image row (stride_xw == Cg)
+        # Elements past S*Cg, and taps left or right of the map (the horizontal padding), load as zeros.
+        in_row = (j[None, :] < S * Cg) & (col[:, None] + j[None, :] >= 0) & (col[:, None] + j[None, :] < W * Cg)
+        start = x_row + w0.to(tl.int64) * stride_xw
+        for r in range(R):
+            ih = h0 + r * dil_h
+            a_ptrs = x_ptr + (start + ih.to(tl.int64) * stride_xh)[:, None] + j[None, :]
+            a = tl.load(a_ptrs, mask=in_row & ((ih >= 0) & (ih < H))[:, None], other=0.0)
+            b = tl.load(w_ptr + w_col[None, :] + (r * stride_wr + j)[:, None], mask=mask_n[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    elif FLAT_K:
         RSC = R * S * C_PAD
         for j0 in range(0, RSC, BLOCK_K):
             j = j0 + offs_k
@@ -313,6 +337,26 @@ def dense_1x1(x, weight, stride, padding, dilation, groups):
             and (c * x.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0)
 
 
+def row_pad(weight):
+    """ROW_PAD of the row schedule: a filter row's S*C elements rounded up to a power of two (>= 16)."""
+    return max(16, triton.next_power_of_2(weight.shape[3] * weight.shape[1]))
+
+
+def row_weight(x, weight, dilation, groups):
+    """For a few-channel conv (the stem) whose x is dense NHWC rows, the weight packed for the row
+    schedule: (K, R, ROW_PAD) in memory, each filter row's (s, c) elements first and zeros after,
+    viewed as a (K, C, R, S) tensor (so the gathered schedule reads it too). None where the row
+    schedule does not apply: many channels, groups, a dilated or 1-wide filter, other layouts."""
+    k, cg, r, s = weight.shape
+    if not (cg < FLAT_K_BELOW and groups == 1 and dilation[1] == 1 and s > 1 and x.stride(1) == 1
+            and x.stride(3) == cg):
+        return None
+    pad = row_pad(weight)
+    packed = torch.zeros(k, r, pad, dtype=weight.dtype, device=weight.device)
+    packed[:, :, : s * cg] = weight.permute(0, 2, 3, 1).reshape(k, r, s * cg)
+    return packed.as_strided((k, cg, r, s), (r * pad, 1, pad, cg))
+
+
 _allocator_set = False
 
 
@@ -328,13 +372,14 @@ def _ensure_descriptor_allocator():
 
 
 def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, dilation, groups, relu, *,
-                extra_reduction=0, traceable=False, dense=None, **extra):
+                extra_reduction=0, traceable=False, dense=None, rows=False, **extra):
     """A KernelLaunch of a kernel built on conv_tile over M = m output rows into a channels_last
     output of `out_shape`, for inputs laid out as `x`: called as launch(x, weight, bias, *pointers, y).
 
     Binds the conv's own arguments (sizes, strides, padding, epilogue flags) and the kernel's
     `extra` keyword arguments. `dense`: None for kernels without a descriptor path; else whether
-    this conv may take it (dense_1x1), which adds the config switch USE_TMA.
+    this conv may take it (dense_1x1), which adds the config switch USE_TMA. `rows`: `weight` is
+    row_weight()'s packing, and the config switch ROWS picks the row schedule.
     """
     if m >= 2**31:
         raise ValueError(f"{name}: {m} output rows; at most 2**31 - 1 are supported")
@@ -355,6 +400,8 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
         PADDED=any(v != 0 for v in padding),
         FLAT_K=flat_k,
         C_PAD=triton.next_power_of_2(cg) if flat_k else 1,
+        ROWS=0,  # a config switch where `rows`
+        ROW_PAD=row_pad(weight) if rows else 1,
         APPLY_RELU=relu,
         DOT_FP32=interpret,
         INPUT_PRECISION="tf32" if x.dtype == torch.float32 and backend.on_gpu(x) and tf32_allowed() else "ieee",
@@ -366,7 +413,8 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
 
     reduction = max(cg * r * s if flat_k else cg, extra_reduction)
     if interpret:
-        config = {**configs.interpreter(m, kg, reduction), "FLAT_LOOP": INTERPRETER_FLAT_LOOP}
+        config = {**configs.interpreter(m, kg, reduction), "FLAT_LOOP": INTERPRETER_FLAT_LOOP,
+                  "ROWS": int(rows and INTERPRETER_ROWS)}
         if dense is not None:
             config["USE_TMA"] = int(bool(dense and INTERPRETER_TMA))
             if config["USE_TMA"]:
@@ -374,16 +422,20 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
         return backend.KernelLaunch(kernel, grid, args, on_cuda=False, traceable=traceable, config=config)
     # The key: every size and flag of the launch (the batch only through M, bucketed), no strides.
     sizes = {k: v for k, v in args.items() if not k.startswith("stride_") and k != "DOT_FP32"}
+    switches = {"FLAT_LOOP": 1}
     if dense is not None:
         sizes["dense"] = bool(dense)  # a config that reads through descriptors fits dense layouts only
+        switches["USE_TMA"] = 0
         if dense:
             _ensure_descriptor_allocator()
+    if rows:
+        sizes["rows"] = True  # a config with ROWS fits row-packed weights only
+        switches["ROWS"] = 1
     smem = max_shared_memory(x.device.index or 0) if x.is_cuda else 228 * 1024
     return backend.KernelLaunch(kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable, op=name,
                                 key=configs.shape_key(groups=groups, bias=bias is not None, **sizes),
                                 candidates=configs.candidates(m, kg, reduction, x.element_size(), smem,
-                                                              switches={"FLAT_LOOP": 1} if dense is None else
-                                                              {"FLAT_LOOP": 1, "USE_TMA": 0}))
+                                                              switches=switches))
 
 
 def gather_layout(x):

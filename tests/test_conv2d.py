@@ -410,3 +410,38 @@ def test_tf32_follows_cudnn_flag():
     err_ieee = (ieee.cpu().double() - exact).abs().max().item()
     err_tf32 = (tf32.cpu().double() - exact).abs().max().item()
     assert err_ieee < err_tf32, (err_ieee, err_tf32)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's schedule switch; on a GPU each config names it")
+@pytest.mark.parametrize("rows", [1, 0], ids=["rows", "gathered"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(3, 64, 7, 2, 3, 13), (3, 16, 3, 1, 1, 6), (4, 8, 5, 2, 0, 11), (8, 24, 3, 1, 2, 5)],
+                         ids=lambda c: "C{}-K{}-k{}-s{}-p{}-hw{}".format(*c))
+def test_few_channel_convs_in_both_schedules(case, dtype, rows, monkeypatch):
+    # The stem's reduction over (r, s, c): per filter row over contiguous NHWC runs (ROWS, the
+    # weight packed by row_weight), or gathered element by element; padding on every edge.
+    from fused_resnet.kernels import conv2d, igemm
+
+    monkeypatch.setattr(igemm, "INTERPRETER_ROWS", rows)
+    packed = []
+    real = conv2d.row_weight
+    monkeypatch.setattr(conv2d, "row_weight", lambda *a: packed.append(real(*a)) or packed[-1])
+    c, k, ksize, stride, padding, hw = case
+    x, weight, bias = make_case(2, c, hw, hw, k, ksize, ksize, 1, dtype)
+    p = (hw + 2 * padding - ksize) // stride + 1
+    check(x, weight, bias, stride, padding, 1, 1, torch.randn(2, k, p, p).to(dtype), True)
+    assert packed and packed[0] is not None and packed[0].shape == weight.shape
+    torch.testing.assert_close(packed[0], weight, rtol=0, atol=0)  # the same values, laid out by rows
+
+
+def test_row_schedule_only_for_dense_rows():
+    from fused_resnet.kernels.igemm import row_weight
+
+    x, weight, _ = make_case(1, 3, 8, 8, 16, 7, 7, 1, torch.float32)
+    assert row_weight(x, weight, (1, 1), 1) is not None
+    assert row_weight(x.contiguous(), weight, (1, 1), 1) is None  # NCHW: channels strided
+    assert row_weight(x, weight, (1, 2), 1) is None  # dilated along the row
+    wide = make_case(1, 32, 8, 8, 16, 3, 3, 1, torch.float32)
+    assert row_weight(wide[0], wide[1], (1, 1), 1) is None  # enough channels for the per-tap loop
+    one = make_case(1, 3, 8, 8, 16, 1, 1, 1, torch.float32)
+    assert row_weight(one[0], one[1], (1, 1), 1) is None  # a 1-wide filter row gains nothing
