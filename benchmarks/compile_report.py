@@ -62,9 +62,12 @@ def main(argv=None):
                         help="compile every candidate config, even where the table holds one")
     parser.add_argument("--workers", type=int, default=1, help="compile in this many processes (default: 1)")
     parser.add_argument("--limit", type=int, default=None, help="compile only the first N jobs")
+    parser.add_argument("--no-tf32", action="store_true", help="fp32 dots in IEEE precision, not TF32")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     dtype = bench.DTYPES[args.dtype]
+    if args.no_tf32:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     model = fuse(synthetic_batchnorm(getattr(torchvision.models, args.arch)(), size=32), dtype=dtype)
     x = torch.empty(args.batch, 3, args.size, args.size, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -80,6 +83,7 @@ def main(argv=None):
     print(f"{'launch':<40}{'config':<34}{'s':>6}{'smem KB':>9}{'async':>7}{'tma':>5}{'wgmma':>7}{'mma':>5}")
     for job, result in zip(jobs, results):
         case = {"arch": args.arch, "dtype": args.dtype, "batch": args.batch, "target": args.gpu,
+                "tf32": not args.no_tf32 if args.dtype == "float32" else None,
                 "launch": describe(job), "op": job.op, "key": job.key, "config": job.config, **result}
         cases.append(case)
         if "error" in result:

@@ -180,3 +180,21 @@ def test_warmup_compiles_ahead_everything_the_forward_compiles(tmp_path):
     ahead, after = json.loads(done.stdout.strip().splitlines()[-1])
     # The forward (which times each launch's candidates) found every kernel compiled: the cache keys match.
     assert ahead > 0 and after == ahead
+
+
+def test_compile_report(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FUSED_RESNET_CACHE_DIR"] = str(tmp_path / "cache")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compile_report.py")
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, script, "--arch", "resnet18", "--batch", "1", "--size", "32", "--limit", "2",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    cases = payload["cases"]
+    # The stem conv+maxpool comes first, in the row schedule, compiled twice (two candidate configs).
+    assert [c["op"] for c in cases] == ["conv2d_bias_act_maxpool"] * 2
+    assert all(c["config"]["ROWS"] == 1 and c["seconds"] > 0 and c["wgmma"] > 0 for c in cases), cases
+    assert payload["summary"]["jobs"] == 2 and payload["summary"]["failed"] == 0
+    assert "compile_report.py --arch resnet18" in payload["provenance"]["command"]
+    assert "2 kernels for H100 (resnet18, float16, batch 1)" in done.stdout
