@@ -79,7 +79,9 @@ def _conv2d_bias_act_maxpool_kernel(
     w_col = k_glob.to(tl.int64) * stride_wk
 
     best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), dtype=tl.float32)
-    for t in tl.static_range(POOL_R * POOL_S):
+    # A loop, not unrolled: nine copies of the conv's pipelined main loop made the stem the slowest
+    # kernel to compile by far (24 s against 3 s for fp32 on an sm_90 target; compile_report.py).
+    for t in range(POOL_R * POOL_S):
         # The conv pixel under pooling tap t; taps in the pool's padding count as -inf. Their
         # index is clamped into the map so that the conv tile's loads stay in bounds.
         cp = ph * pool_stride_h - pool_pad_h + t // POOL_S
