@@ -43,8 +43,7 @@ def first_call(arch, dtype, batch, tf32, how, cache_root, timeout):
            "FUSED_RESNET_CACHE_DIR": os.path.join(cache_root, "fused_resnet")}
     try:
         done = subprocess.run([sys.executable, "-c", CHILD, arch, dtype, str(batch), "1" if tf32 else "0", how],
-                              env=env,
-                              capture_output=True, text=True, timeout=timeout)
+                              env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return None, f"did not finish within {timeout} s"
     if done.returncode != 0:

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from fused_resnet.kernels import configs
-from fused_resnet.kernels.igemm import FLAT_K_BELOW, dense_1x1, row_weight
+from fused_resnet.kernels.igemm import FLAT_K_BELOW, dense_1x1, row_schedule
 
 from fused_resnet import FusedConv2d, FusedConv2dMaxPool, bench, fuse, kernels
 from fused_resnet.validate import synthetic_batchnorm
@@ -119,7 +119,7 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     # The sweep's inputs are dense channels_last, as these are.
     x = torch.empty(x_shape, dtype=dtype, device="meta", memory_format=torch.channels_last)
     variants = [{"FLAT_LOOP": loop} for loop in loops]
-    if row_weight(x, layer.weight.to("meta"), layer.dilation, layer.groups) is not None:
+    if row_schedule(x, layer.weight, layer.dilation, layer.groups):
         # The few-channel stem: its reduction per filter row over contiguous runs, or gathered.
         variants = [{"FLAT_LOOP": 1, "ROWS": rows} for rows in (1, 0)]
     if not isinstance(layer, FusedConv2dMaxPool):

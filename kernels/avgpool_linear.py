@@ -108,7 +108,7 @@ def plan_avgpool_linear(x, weight, bias=None, *, backend_name=None, traceable=Fa
     n, c, h, w = x.shape
     j = weight.shape[0]
     interpret = not backend.on_gpu(x)
-    tf32 = x.dtype == torch.float32 and backend.on_gpu(x) and torch.backends.cuda.matmul.allow_tf32
+    tf32 = x.dtype == torch.float32 and not interpret and torch.backends.cuda.matmul.allow_tf32
     args = dict(
         N=n, C=c, H=h, W=w, J=j,
         stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),

@@ -190,21 +190,22 @@ class KernelLaunch:
             with _interpreter_lock:
                 kernel[grid](*tensors, **kwargs)
 
-    def gpu(self, like):
-        """The config table's name for the GPU `like` is on."""
-        return configs.gpu_family(_device_name(like.device.index or 0))
+    def table_entry(self, like, gpu=None):
+        """(gpu, op, dtype, key): where this launch's config is looked up and stored, for operands
+        like `like` on the GPU family `gpu` (default: the one `like` is on)."""
+        if gpu is None:
+            gpu = configs.gpu_family(_device_name(like.device.index or 0))
+        return gpu, self.op, str(like.dtype).removeprefix("torch."), self.key
 
     def _choose(self, tensors):
-        like = next(t for t in tensors if isinstance(t, torch.Tensor))
-        gpu = self.gpu(like)
-        dtype = str(like.dtype).removeprefix("torch.")
-        found = configs.lookup(gpu, self.op, dtype, self.key)
+        entry = self.table_entry(next(t for t in tensors if isinstance(t, torch.Tensor)))
+        found = configs.lookup(*entry)
         if found is not None:
             return found
         if any(is_fake(t) for t in tensors if isinstance(t, torch.Tensor)):
             return self.candidates[0]  # tracing: nothing to time; the real first call tunes
         best = min(self.candidates, key=lambda config: self._time(config, tensors))
-        configs.remember(gpu, self.op, dtype, self.key, best)
+        configs.remember(*entry, best)
         return best
 
     def _time(self, config, tensors):

@@ -25,6 +25,7 @@ from .igemm import (
     gather_layout,
     normalize_args,
     output_tile,
+    row_schedule,
     row_weight,
     tile_ids,
 )
@@ -136,13 +137,13 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
     r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     sw_strides = shortcut_weight.stride() if kind == "shortcut" else (0, 0, 0, 0)
     dense = dense_1x1(x, weight, stride, padding, dilation, groups)
-    packed = row_weight(x, weight, dilation, groups)
-    if packed is not None:
-        weight = packed
+    rows = row_schedule(x, weight, dilation, groups)
+    if rows:
+        weight = row_weight(weight)
     launch = conv_launch(
         "conv2d_bias_act", _conv2d_bias_act_kernel, x, weight, bias, out_shape, n * p * q,
         stride, padding, dilation, groups, relu, extra_reduction=c_sc, traceable=traceable, dense=dense,
-        rows=packed is not None,
+        rows=rows,
         C_sc=c_sc, P=p, Q=q, shortcut_stride_h=shortcut_stride[0], shortcut_stride_w=shortcut_stride[1],
         stride_rn=r_strides[0], stride_rk=r_strides[1], stride_rp=r_strides[2], stride_rq=r_strides[3],
         stride_swk=sw_strides[0], stride_swc=sw_strides[1],

@@ -31,6 +31,7 @@ from .igemm import (
     normalize_args,
     output_size,
     output_tile,
+    row_schedule,
     row_weight,
 )
 
@@ -150,12 +151,12 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, p
     to_layout, x = gather_layout(x)
     n, _, ph, pw = out_shape
     p, q = conv_shape[2:]
-    packed = row_weight(x, weight, dilation, groups)
-    if packed is not None:
-        weight = packed
+    rows = row_schedule(x, weight, dilation, groups)
+    if rows:
+        weight = row_weight(weight)
     launch = conv_launch(
         "conv2d_bias_act_maxpool", _conv2d_bias_act_maxpool_kernel, x, weight, bias, out_shape, n * ph * pw,
-        stride, padding, dilation, groups, relu, traceable=traceable, rows=packed is not None,
+        stride, padding, dilation, groups, relu, traceable=traceable, rows=rows,
         P=p, Q=q, PH=ph, PW=pw, POOL_R=pool_size[0], POOL_S=pool_size[1],
         pool_stride_h=pool_stride[0], pool_stride_w=pool_stride[1],
         pool_pad_h=pool_padding[0], pool_pad_w=pool_padding[1],

@@ -342,15 +342,19 @@ def row_pad(weight):
     return max(16, triton.next_power_of_2(weight.shape[3] * weight.shape[1]))
 
 
-def row_weight(x, weight, dilation, groups):
-    """For a few-channel conv (the stem) whose x is dense NHWC rows, the weight packed for the row
-    schedule: (K, R, ROW_PAD) in memory, each filter row's (s, c) elements first and zeros after,
-    viewed as a (K, C, R, S) tensor (so the gathered schedule reads it too). None where the row
-    schedule does not apply: many channels, groups, a dilated or 1-wide filter, other layouts."""
+def row_schedule(x, weight, dilation, groups):
+    """Whether the row schedule applies: a few-channel conv (the stem) whose x is dense NHWC rows,
+    ungrouped, with a filter row wider than 1 and not dilated along it."""
     k, cg, r, s = weight.shape
-    if not (cg < FLAT_K_BELOW and groups == 1 and dilation[1] == 1 and s > 1 and x.stride(1) == 1
-            and x.stride(3) == cg):
-        return None
+    return (cg < FLAT_K_BELOW and groups == 1 and dilation[1] == 1 and s > 1 and x.stride(1) == 1
+            and x.stride(3) == cg)
+
+
+def row_weight(weight):
+    """The weight packed for the row schedule: (K, R, ROW_PAD) in memory, each filter row's (s, c)
+    elements first and zeros after, viewed as a (K, C, R, S) tensor (so the gathered schedule
+    reads it too)."""
+    k, cg, r, s = weight.shape
     pad = row_pad(weight)
     packed = torch.zeros(k, r, pad, dtype=weight.dtype, device=weight.device)
     packed[:, :, : s * cg] = weight.permute(0, 2, 3, 1).reshape(k, r, s * cg)
@@ -379,7 +383,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     Binds the conv's own arguments (sizes, strides, padding, epilogue flags) and the kernel's
     `extra` keyword arguments. `dense`: None for kernels without a descriptor path; else whether
     this conv may take it (dense_1x1), which adds the config switch USE_TMA. `rows`: `weight` is
-    row_weight()'s packing, and the config switch ROWS picks the row schedule.
+    row_weight()'s packing (row_schedule applies), and the config switch ROWS picks the row schedule.
     """
     if m >= 2**31:
         raise ValueError(f"{name}: {m} output rows; at most 2**31 - 1 are supported")
@@ -404,7 +408,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
         ROW_PAD=row_pad(weight) if rows else 1,
         APPLY_RELU=relu,
         DOT_FP32=interpret,
-        INPUT_PRECISION="tf32" if x.dtype == torch.float32 and backend.on_gpu(x) and tf32_allowed() else "ieee",
+        INPUT_PRECISION="tf32" if x.dtype == torch.float32 and not interpret and tf32_allowed() else "ieee",
         **extra,
     )
 

@@ -69,7 +69,7 @@ class _Session:
         like = next(t for t in tensors if isinstance(t, torch.Tensor))
         if like.is_cuda:
             major, minor = torch.cuda.get_device_capability(like.device)
-            capability, gpu = 10 * major + minor, launch.gpu(like)
+            capability, gpu = 10 * major + minor, None
         elif self.gpu is not None:
             capability, gpu = CAPABILITY[self.gpu], self.gpu
         else:
@@ -77,7 +77,7 @@ class _Session:
         if launch.config is not None:
             chosen = [launch.config]
         else:
-            found = configs.lookup(gpu, launch.op, _dtype_name(like.dtype), launch.key)
+            found = configs.lookup(*launch.table_entry(like, gpu))
             chosen = launch.candidates if found is None or self.every_candidate else [found]
         fn = getattr(launch.kernel, "fn", launch.kernel)
         kernel = (fn.__module__, fn.__name__)
@@ -118,10 +118,6 @@ def compile_only(gpu: str | None = None, *, every_candidate: bool = False):
         yield current.jobs
     finally:
         _session.reset(token)
-
-
-def _dtype_name(dtype):
-    return str(dtype).removeprefix("torch.")
 
 
 class _Pointer:

@@ -425,23 +425,23 @@ def test_few_channel_convs_in_both_schedules(case, dtype, rows, monkeypatch):
     monkeypatch.setattr(igemm, "INTERPRETER_ROWS", rows)
     packed = []
     real = conv2d.row_weight
-    monkeypatch.setattr(conv2d, "row_weight", lambda *a: packed.append(real(*a)) or packed[-1])
+    monkeypatch.setattr(conv2d, "row_weight", lambda w: packed.append(real(w)) or packed[-1])
     c, k, ksize, stride, padding, hw = case
     x, weight, bias = make_case(2, c, hw, hw, k, ksize, ksize, 1, dtype)
     p = (hw + 2 * padding - ksize) // stride + 1
     check(x, weight, bias, stride, padding, 1, 1, torch.randn(2, k, p, p).to(dtype), True)
-    assert packed and packed[0] is not None and packed[0].shape == weight.shape
+    assert packed and packed[0].shape == weight.shape  # the row schedule applied and packed the weight
     torch.testing.assert_close(packed[0], weight, rtol=0, atol=0)  # the same values, laid out by rows
 
 
 def test_row_schedule_only_for_dense_rows():
-    from fused_resnet.kernels.igemm import row_weight
+    from fused_resnet.kernels.igemm import row_schedule
 
     x, weight, _ = make_case(1, 3, 8, 8, 16, 7, 7, 1, torch.float32)
-    assert row_weight(x, weight, (1, 1), 1) is not None
-    assert row_weight(x.contiguous(), weight, (1, 1), 1) is None  # NCHW: channels strided
-    assert row_weight(x, weight, (1, 2), 1) is None  # dilated along the row
+    assert row_schedule(x, weight, (1, 1), 1)
+    assert not row_schedule(x.contiguous(), weight, (1, 1), 1)  # NCHW: channels strided
+    assert not row_schedule(x, weight, (1, 2), 1)  # dilated along the row
     wide = make_case(1, 32, 8, 8, 16, 3, 3, 1, torch.float32)
-    assert row_weight(wide[0], wide[1], (1, 1), 1) is None  # enough channels for the per-tap loop
+    assert not row_schedule(wide[0], wide[1], (1, 1), 1)  # enough channels for the per-tap loop
     one = make_case(1, 3, 8, 8, 16, 1, 1, 1, torch.float32)
-    assert row_weight(one[0], one[1], (1, 1), 1) is None  # a 1-wide filter row gains nothing
+    assert not row_schedule(one[0], one[1], (1, 1), 1)  # a 1-wide filter row gains nothing
