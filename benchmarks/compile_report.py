@@ -47,7 +47,7 @@ def describe(job):
 
 def config_text(config):
     short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s",
-             "FLAT_LOOP": "flat", "USE_TMA": "tma", "BLOCK_SIZE": "block"}
+             "FLAT_LOOP": "flat", "USE_TMA": "tma", "BOX_W": "box", "ROWS": "rows", "BLOCK_SIZE": "block"}
     return " ".join(f"{short[k]}{v}" for k, v in config.items() if k in short)
 
 

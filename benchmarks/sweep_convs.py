@@ -8,9 +8,9 @@ shortcuts), in the shapes the fused model launches:
 
 1. every config of kernels.configs.sweep_candidates (Inductor's conv configs and the Hopper
    matmul tutorial's, both main loops, and for dense 1x1 convs the tensor-descriptor read, for
-   the 3-channel stem the row and the gathered schedules, pruned to the layer and to shared
-   memory) is compiled in parallel by worker processes that share Triton's kernel cache with
-   this one;
+   stride-1 convs with taps box tiles read through 4-D descriptors, for the 3-channel stem the
+   row and the gathered schedules, pruned to the layer and to shared memory) is compiled in
+   parallel by worker processes that share Triton's kernel cache with this one;
 2. each is timed here by CUDA-graph replay (10 launches in a graph, kernel time = replay / 10),
    as is cuDNN's fused op on the same operands (`cudnn_convolution_relu` or `_add_relu`; for a
    merged shortcut, cuDNN's shortcut conv then its conv+add+ReLU; for the stem, cuDNN's
@@ -40,7 +40,15 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from fused_resnet.kernels import configs
-from fused_resnet.kernels.igemm import FLAT_K_BELOW, dense_1x1, row_schedule
+from fused_resnet.kernels.igemm import (
+    FLAT_K_BELOW,
+    box_schedule,
+    box_width,
+    dense_1x1,
+    normalize_args,
+    output_size,
+    row_schedule,
+)
 
 from fused_resnet import FusedConv2d, FusedConv2dMaxPool, bench, fuse, kernels
 from fused_resnet.validate import synthetic_batchnorm
@@ -122,11 +130,20 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     if row_schedule(x, layer.weight, layer.dilation, layer.groups):
         # The few-channel stem: its reduction per filter row over contiguous runs, or gathered.
         variants = [{"FLAT_LOOP": 1, "ROWS": rows} for rows in (1, 0)]
-    if not isinstance(layer, FusedConv2dMaxPool):
-        variants = [{**v, "USE_TMA": 0} for v in variants]
-        if dense_1x1(x, layer.weight, layer.stride, layer.padding, layer.dilation, layer.groups):
-            variants.append({"FLAT_LOOP": 1, "USE_TMA": 1})
-    return configs.sweep_candidates(m, k // layer.groups, reduction, element, variants=variants)
+    if isinstance(layer, FusedConv2dMaxPool):
+        return configs.sweep_candidates(m, k // layer.groups, reduction, element, variants=variants)
+    variants = [{**v, "USE_TMA": 0, "BOX_W": 0} for v in variants]
+    if dense_1x1(x, layer.weight, layer.stride, layer.padding, layer.dilation, layer.groups):
+        variants.append({"FLAT_LOOP": 1, "USE_TMA": 1, "BOX_W": 0})
+    chosen = configs.sweep_candidates(m, k // layer.groups, reduction, element, variants=variants)
+    if box_schedule(x, layer.weight, layer.stride, layer.groups):
+        # Box tiles through 4-D descriptors, each tile size in the box that fits the map best.
+        stride, padding, dilation, _ = normalize_args(x, layer.weight, layer.stride, layer.padding, layer.dilation,
+                                                      layer.groups)
+        p, q = output_size(h, w, rr, ss, stride, padding, dilation)
+        for config in configs.sweep_candidates(m, k, reduction, element, variants=[{"FLAT_LOOP": 1, "USE_TMA": 0}]):
+            chosen.append({**config, "BOX_W": box_width(p, q, config["BLOCK_M"])})
+    return chosen
 
 
 def kernel_ms(fn, cuda, reps=10):

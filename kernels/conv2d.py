@@ -16,6 +16,8 @@ from torch.library import triton_op
 
 from . import backend
 from .igemm import (
+    box_schedule,
+    box_tile,
     check_conv_args,
     conv_launch,
     conv_tile,
@@ -24,6 +26,7 @@ from .igemm import (
     epilogue,
     gather_layout,
     normalize_args,
+    output_box,
     output_tile,
     row_schedule,
     row_weight,
@@ -76,21 +79,31 @@ def _conv2d_bias_act_kernel(
     GROUP_M: tl.constexpr,
     FLAT_LOOP: tl.constexpr,  # config: one pipelined loop over (tap, channel block)
     USE_TMA: tl.constexpr,  # config, dense 1x1 convs only: read x and w through tensor descriptors
+    BOX_W: tl.constexpr,  # config, stride-1 convs only: > 0 for box tiles (BLOCK_M // BOX_W x BOX_W pixels)
 ):
-    mask_m, mask_n, n, p, q, group, k_glob = output_tile(M, Kg, P, Q, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if USE_TMA:
-        # A dense 1x1 stride-1 conv: the NHWC activations are the matrix [M, C], one row a pixel.
-        pid_m, pid_n = tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
-        acc = dense_tile(acc, x_ptr, w_ptr, M, Kg, Cg, stride_xw, stride_wk, pid_m, pid_n, DOT_FP32,
-                         INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+    if BOX_W > 0:
+        # Box tiles: every tap's input is a box of the output box's shape, read through a descriptor.
+        mask_m, mask_n, n, p, q, k_glob, p0, q0, k0 = output_box(M, Kg, P, Q, BLOCK_M // BOX_W, BOX_W, BLOCK_N,
+                                                                  GROUP_M)
+        acc = box_tile(acc, x_ptr, w_ptr, n, p0 - pad_h, q0 - pad_w, k0, M // (P * Q), H, W, Cg, Kg, dil_h, dil_w,
+                       stride_xn, stride_xh, stride_xw, stride_wk, stride_ws, R, S, DOT_FP32, INPUT_PRECISION,
+                       BLOCK_M // BOX_W, BOX_W, BLOCK_N, BLOCK_K)
     else:
-        # 64-bit row offsets: one tensor may pass 2**31 elements even when M does not.
-        x_row = n.to(tl.int64) * stride_xn + group.to(tl.int64) * Cg * stride_xc
-        acc = conv_tile(acc, x_ptr, w_ptr, x_row, p * stride_h - pad_h, q * stride_w - pad_w,
-                        k_glob.to(tl.int64) * stride_wk, mask_n, Cg, H, W, dil_h, dil_w,
-                        stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
-                        R, S, PADDED, FLAT_K, C_PAD, ROWS, ROW_PAD, FLAT_LOOP, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+        mask_m, mask_n, n, p, q, group, k_glob = output_tile(M, Kg, P, Q, BLOCK_M, BLOCK_N, GROUP_M)
+        if USE_TMA:
+            # A dense 1x1 stride-1 conv: the NHWC activations are the matrix [M, C], one row a pixel.
+            pid_m, pid_n = tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = dense_tile(acc, x_ptr, w_ptr, M, Kg, Cg, stride_xw, stride_wk, pid_m, pid_n, DOT_FP32,
+                             INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            # 64-bit row offsets: one tensor may pass 2**31 elements even when M does not.
+            x_row = n.to(tl.int64) * stride_xn + group.to(tl.int64) * Cg * stride_xc
+            acc = conv_tile(acc, x_ptr, w_ptr, x_row, p * stride_h - pad_h, q * stride_w - pad_w,
+                            k_glob.to(tl.int64) * stride_wk, mask_n, Cg, H, W, dil_h, dil_w,
+                            stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
+                            R, S, PADDED, FLAT_K, C_PAD, ROWS, ROW_PAD, FLAT_LOOP, DOT_FP32, INPUT_PRECISION,
+                            BLOCK_K)
     if EPILOGUE == "shortcut":
         # A projection shortcut relu(W x + W_sc x_sc + b) is one GEMM over the concatenated
         # reduction [x ; x_sc]: its 1x1 strided conv continues the same accumulator, so its output
@@ -103,9 +116,16 @@ def _conv2d_bias_act_kernel(
     mask_y = mask_m[:, None] & mask_n[None, :]
     r_rows = n.to(tl.int64) * stride_rn + p.to(tl.int64) * stride_rp + q.to(tl.int64) * stride_rq
     acc = epilogue(acc, b_ptr, r_ptr, r_rows, stride_rk, k_glob, mask_n, mask_y, EPILOGUE == "residual", APPLY_RELU)
-    y_row = n.to(tl.int64) * stride_yn + p.to(tl.int64) * stride_yp + q.to(tl.int64) * stride_yq
-    y_ptrs = y_ptr + y_row[:, None] + (k_glob.to(tl.int64) * stride_yk)[None, :]
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+    if BOX_W > 0:
+        # The box written whole through a descriptor: its parts past the map are not stored.
+        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M // (P * Q), P, Q, Kg],
+                                           strides=[stride_yn, stride_yp, stride_yq, 1],
+                                           block_shape=[1, BLOCK_M // BOX_W, BOX_W, BLOCK_N])
+        y_desc.store([n, p0, q0, k0], acc.to(y_ptr.dtype.element_ty).reshape(1, BLOCK_M // BOX_W, BOX_W, BLOCK_N))
+    else:
+        y_row = n.to(tl.int64) * stride_yn + p.to(tl.int64) * stride_yp + q.to(tl.int64) * stride_yq
+        y_ptrs = y_ptr + y_row[:, None] + (k_glob.to(tl.int64) * stride_yk)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,13 +157,14 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
     r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     sw_strides = shortcut_weight.stride() if kind == "shortcut" else (0, 0, 0, 0)
     dense = dense_1x1(x, weight, stride, padding, dilation, groups)
+    boxes = box_schedule(x, weight, stride, groups)
     rows = row_schedule(x, weight, dilation, groups)
     if rows:
         weight = row_weight(weight)
     launch = conv_launch(
         "conv2d_bias_act", _conv2d_bias_act_kernel, x, weight, bias, out_shape, n * p * q,
         stride, padding, dilation, groups, relu, extra_reduction=c_sc, traceable=traceable, dense=dense,
-        rows=rows,
+        boxes=boxes, rows=rows,
         C_sc=c_sc, P=p, Q=q, shortcut_stride_h=shortcut_stride[0], shortcut_stride_w=shortcut_stride[1],
         stride_rn=r_strides[0], stride_rk=r_strides[1], stride_rp=r_strides[2], stride_rq=r_strides[3],
         stride_swk=sw_strides[0], stride_swc=sw_strides[1],
@@ -152,7 +173,7 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
 
     def launch_into(y, x, residual=None):
         x = to_layout(x)
-        if dense and x.data_ptr() % 16:
+        if (dense or boxes) and x.data_ptr() % 16:
             x = x.clone(memory_format=torch.channels_last)  # descriptors need 16-byte aligned rows
         launch(x, weight, bias, residual, shortcut_weight, y)
 

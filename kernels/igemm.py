@@ -6,7 +6,9 @@ memory ("implicit" GEMM): each program gathers its tile of the input on the fly 
 activations. This module holds what the conv kernels share:
 
     tile_ids, output_tile   which output tile a program owns (grouped order, for L2 reuse)
-    conv_tile               the main loop: acc += one tile of conv(x, w)
+    output_box              the same as a box of pixels of one image (box tiles)
+    conv_tile               the main loop: acc += one tile of conv(x, w), gathered by pointers
+    dense_tile, box_tile    the main loop read through tensor descriptors (1x1; stride-1 boxes)
     epilogue                bias, residual, ReLU on the fp32 accumulator
     conv_launch             the host side: a KernelLaunch with the conv's sizes, strides and flags
     check_conv_args, normalize_args, output_size   argument checks and F.conv2d's argument forms
@@ -40,6 +42,9 @@ INTERPRETER_ROWS = 1
 # Whether a dense 1x1 conv reads through tensor descriptors under the interpreter (a config's
 # USE_TMA on a GPU): the tests run both.
 INTERPRETER_TMA = 0
+# The box width of a stride-1 conv's box tiles under the interpreter (a config's BOX_W on a GPU;
+# 0: rows of the flattened output, gathered): the tests run both.
+INTERPRETER_BOX_W = 0
 
 
 @functools.cache
@@ -82,6 +87,25 @@ def output_tile(M, Kg, P, Q, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     p = (rows // Q) % P
     n = rows // (P * Q)
     return offs_m < M, offs_n < Kg, n, p, q, group, group * Kg + offs_n
+
+
+@triton.jit
+def output_box(M, Kg, P, Q, BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's tile of a conv's output as a box of BOX_H x BOX_W pixels of one image (rows
+    in row-major order) by BLOCK_N output channels: (mask_m, mask_n, n, p, q, cols, p0, q0, k0),
+    where (p0, q0) is the box's top-left pixel and k0 its first channel. One group only."""
+    boxes_p = tl.cdiv(P, BOX_H)
+    boxes_q = tl.cdiv(Q, BOX_W)
+    pid_box, pid_n = tile_ids((M // (P * Q)) * boxes_p * boxes_q, Kg, 1, BLOCK_N, GROUP_M)
+    n = pid_box // (boxes_p * boxes_q)
+    p0 = (pid_box // boxes_q) % boxes_p * BOX_H
+    q0 = pid_box % boxes_q * BOX_W
+    i = tl.arange(0, BOX_H * BOX_W)
+    p = p0 + i // BOX_W
+    q = q0 + i % BOX_W
+    k0 = pid_n * BLOCK_N
+    cols = k0 + tl.arange(0, BLOCK_N)
+    return (p < P) & (q < Q), cols < Kg, n, p, q, cols, p0, q0, k0
 
 
 @triton.jit
@@ -226,6 +250,35 @@ def dense_tile(acc, x_ptr, w_ptr, M, N, Cg, stride_xm, stride_wn, pid_m, pid_n, 
 
 
 @triton.jit
+def box_tile(acc, x_ptr, w_ptr, n, h0, w0, k0, N, H, W, Cg, Kg, dil_h, dil_w,
+             stride_xn, stride_xh, stride_xw, stride_wk, stride_ws,
+             R: tl.constexpr, S: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+             BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += the tile of a stride-1 conv whose output box starts at pixel (h0 + pad_h, w0 + pad_w)
+    of image n and at channel k0, read through tensor descriptors (the TMA copy engine on Hopper).
+
+    For stride 1, tap (r, s) of a BOX_H x BOX_W output box reads an input box of the same size,
+    shifted by (r * dil_h, s * dil_w): one 4-D [N, H, W, C] descriptor load per tap and channel
+    block, whose parts outside the map (the padding) and past the channels come back as zeros, so
+    no mask is computed. The weight (K, R, S, C) in memory is read as [K, R*S, C]."""
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, Cg], strides=[stride_xn, stride_xh, stride_xw, 1],
+                                       block_shape=[1, BOX_H, BOX_W, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[Kg, R * S, Cg], strides=[stride_wk, stride_ws, 1],
+                                       block_shape=[BLOCK_N, 1, BLOCK_K])
+    k_blocks = tl.cdiv(Cg, BLOCK_K)
+    for i in range(0, R * S * k_blocks):
+        rs = i // k_blocks
+        c0 = (i % k_blocks) * BLOCK_K
+        a = x_desc.load([n, h0 + (rs // S) * dil_h, w0 + (rs % S) * dil_w, c0]).reshape(BOX_H * BOX_W, BLOCK_K)
+        b = w_desc.load([k0, rs, c0]).reshape(BLOCK_N, BLOCK_K)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def epilogue(acc, b_ptr, r_ptr, r_rows, stride_rk, cols, mask_n, mask_y, ADD_RESIDUAL: tl.constexpr,
              APPLY_RELU: tl.constexpr):
     """A conv's epilogue on its fp32 accumulator: + bias (b_ptr None: none), + the residual tile
@@ -337,6 +390,28 @@ def dense_1x1(x, weight, stride, padding, dilation, groups):
             and (c * x.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0)
 
 
+def box_schedule(x, weight, stride, groups):
+    """True when box tiles through 4-D tensor descriptors apply (box_tile): a stride-1 conv with
+    more than one tap, ungrouped, x dense channels_last and the weight dense (K, R, S, C) in
+    memory, channel rows (input and output) a multiple of 16 bytes."""
+    k, c, r, s = weight.shape
+    size = x.element_size()
+    return (r * s > 1 and tuple(stride) == (1, 1) and groups == 1
+            and x.stride() == backend.channels_last_strides(x.shape)
+            and weight.stride() == backend.channels_last_strides(weight.shape)
+            and (c * size) % 16 == 0 and (k * size) % 16 == 0 and weight.data_ptr() % 16 == 0)
+
+
+def box_width(p, q, block_m):
+    """The width of the BLOCK_M-pixel box (a power of two) that covers a P x Q map with the fewest
+    pixels computed in vain; among equals the squarest (the least input read around it)."""
+    def cost(w):
+        h = block_m // w
+        return triton.cdiv(p, h) * h * triton.cdiv(q, w) * w, abs(h - w)
+
+    return min((1 << i for i in range(block_m.bit_length())), key=cost)
+
+
 def row_pad(weight):
     """ROW_PAD of the row schedule: a filter row's S*C elements rounded up to a power of two (>= 16)."""
     return max(16, triton.next_power_of_2(weight.shape[3] * weight.shape[1]))
@@ -376,13 +451,14 @@ def _ensure_descriptor_allocator():
 
 
 def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, dilation, groups, relu, *,
-                extra_reduction=0, traceable=False, dense=None, rows=False, **extra):
+                extra_reduction=0, traceable=False, dense=None, boxes=None, rows=False, **extra):
     """A KernelLaunch of a kernel built on conv_tile over M = m output rows into a channels_last
     output of `out_shape`, for inputs laid out as `x`: called as launch(x, weight, bias, *pointers, y).
 
     Binds the conv's own arguments (sizes, strides, padding, epilogue flags) and the kernel's
     `extra` keyword arguments. `dense`: None for kernels without a descriptor path; else whether
-    this conv may take it (dense_1x1), which adds the config switch USE_TMA. `rows`: `weight` is
+    this conv may take it (dense_1x1), which adds the config switch USE_TMA. `boxes` likewise for
+    box tiles (box_schedule; the config's BOX_W, 0 for rows of the flattened output). `rows`: `weight` is
     row_weight()'s packing (row_schedule applies), and the config switch ROWS picks the row schedule.
     """
     if m >= 2**31:
@@ -405,6 +481,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
         FLAT_K=flat_k,
         C_PAD=triton.next_power_of_2(cg) if flat_k else 1,
         ROWS=0,  # a config switch where `rows`
+        **({} if boxes is None else {"BOX_W": 0}),  # a config switch where `boxes`
         ROW_PAD=row_pad(weight) if rows else 1,
         APPLY_RELU=relu,
         DOT_FP32=interpret,
@@ -413,7 +490,13 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     )
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(kg, meta["BLOCK_N"]), groups)
+        box_w = meta.get("BOX_W", 0)
+        if box_w:  # box tiles: one program per box of the output map (and per BLOCK_N channels)
+            n, _, p, q = out_shape
+            tiles = n * triton.cdiv(p, meta["BLOCK_M"] // box_w) * triton.cdiv(q, box_w)
+        else:
+            tiles = triton.cdiv(m, meta["BLOCK_M"])
+        return (tiles * triton.cdiv(kg, meta["BLOCK_N"]), groups)
 
     reduction = max(cg * r * s if flat_k else cg, extra_reduction)
     if interpret:
@@ -423,14 +506,23 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
             config["USE_TMA"] = int(bool(dense and INTERPRETER_TMA))
             if config["USE_TMA"]:
                 _ensure_descriptor_allocator()
+        if boxes and INTERPRETER_BOX_W:
+            config["BOX_W"] = min(INTERPRETER_BOX_W, config["BLOCK_M"])
+            _ensure_descriptor_allocator()
         return backend.KernelLaunch(kernel, grid, args, on_cuda=False, traceable=traceable, config=config)
     # The key: every size and flag of the launch (the batch only through M, bucketed), no strides.
-    sizes = {k: v for k, v in args.items() if not k.startswith("stride_") and k != "DOT_FP32"}
+    # (ROWS and BOX_W in args are the defaults of config switches, which the config overrides.)
+    sizes = {k: v for k, v in args.items() if not k.startswith("stride_") and k not in ("DOT_FP32", "ROWS", "BOX_W")}
     switches = {"FLAT_LOOP": 1}
     if dense is not None:
         sizes["dense"] = bool(dense)  # a config that reads through descriptors fits dense layouts only
         switches["USE_TMA"] = 0
         if dense:
+            _ensure_descriptor_allocator()
+    if boxes is not None:
+        sizes["boxes"] = bool(boxes)  # a config with BOX_W fits box_schedule's layouts only
+        switches["BOX_W"] = 0
+        if boxes:
             _ensure_descriptor_allocator()
     if rows:
         sizes["rows"] = True  # a config with ROWS fits row-packed weights only

@@ -96,3 +96,18 @@ def conv_expected(x, weight, bias, stride, padding, dilation, groups, residual, 
     if residual is not None:
         y = y + residual.cpu().double()
     return torch.relu(y) if relu else y
+
+
+# Each variant of the conv kernel that a config can name, as (C, K, kernel, stride, padding, hw,
+# config switches): the candidates a first call times cover few of them, the sweep may pick any,
+# so tests compile each (for an H100 on any machine; run on a GPU where there is one).
+COMPILED_VARIANTS = [
+    (64, 64, 3, 1, 1, 14, {"FLAT_LOOP": 0, "USE_TMA": 0, "BOX_W": 0}),
+    (64, 64, 3, 1, 1, 14, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}),
+    (64, 64, 3, 1, 1, 14, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 8}),
+    (128, 64, 3, 1, 2, 9, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 4}),
+    (64, 256, 1, 1, 0, 14, {"FLAT_LOOP": 1, "USE_TMA": 1, "BOX_W": 0}),
+    (3, 64, 7, 2, 3, 29, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0, "ROWS": 1}),
+    (3, 64, 7, 2, 3, 29, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0, "ROWS": 0}),
+]
+VARIANT_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}

@@ -10,7 +10,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from conftest import DEVICE, HAS_CUDA, KERNEL_TOL, assert_close, conv_expected, make_case
+from conftest import (
+    COMPILED_VARIANTS,
+    DEVICE,
+    HAS_CUDA,
+    KERNEL_TOL,
+    VARIANT_TILES,
+    assert_close,
+    conv_expected,
+    make_case,
+)
 from fused_resnet.kernels.igemm import normalize_padding
 from torch.profiler import ProfilerActivity, profile
 
@@ -139,6 +148,56 @@ def test_dense_1x1_takes_misaligned_and_strided_inputs(monkeypatch):
     assert shifted.data_ptr() % 16 and shifted.stride() == x.stride()
     check(shifted, weight, bias, relu=True)
     check(x[:, :, ::2, ::2], weight, bias)  # strided: not a dense matrix, so the gathered path
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's box switch; on a GPU each config names it")
+@pytest.mark.parametrize("box_w", [1, 4, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(2, 64, 7, 5, 64, 3, 1, 1, "residual"), (1, 32, 9, 9, 48, 3, 2, 2, "none"),
+                                  (2, 16, 6, 6, 32, 3, 0, 1, "none"), (1, 40, 3, 2, 16, 3, 1, 1, "residual"),
+                                  (1, 24, 4, 6, 24, 5, 2, 1, "none")],
+                         ids=lambda c: "N{}-C{}-{}x{}-K{}-k{}-p{}-d{}-{}".format(*c))
+def test_box_tiles_through_tensor_descriptors(case, dtype, box_w, monkeypatch):
+    # A stride-1 conv whose output tile is a box of pixels: each tap's input box is read through a
+    # 4-D descriptor, zero-filled past every edge (the padding, channels past a block), the
+    # output box stored through one, clipped to the map. Boxes overhang maps of every size here.
+    import triton
+    from fused_resnet.kernels import igemm
+
+    n, c, h, w, k, ksize, padding, dilation, kind = case
+    monkeypatch.setattr(igemm, "INTERPRETER_BOX_W", box_w)
+    monkeypatch.setattr(igemm, "_allocator_set", False)
+    allocators = []
+    real = triton.set_allocator
+    monkeypatch.setattr(triton, "set_allocator", lambda fn: (allocators.append(fn), real(fn)))
+    x, weight, bias = make_case(n, c, h, w, k, ksize, ksize, 1, dtype)
+    p = h + 2 * padding - dilation * (ksize - 1)
+    q = w + 2 * padding - dilation * (ksize - 1)
+    res = torch.randn(n, k, p, q).to(dtype) if kind == "residual" else None
+    check(x, weight, bias, 1, padding, dilation, 1, res, True)
+    assert allocators, "the descriptor path did not run"
+
+
+def test_box_schedule_only_for_dense_stride_1_convs():
+    from fused_resnet.kernels.igemm import box_schedule, box_width
+
+    x, weight, _ = make_case(1, 64, 8, 8, 32, 3, 3, 1, torch.float16)
+    assert box_schedule(x, weight, (1, 1), 1)
+    assert not box_schedule(x, weight, (2, 2), 1)  # strided: the taps' input boxes are not boxes
+    assert not box_schedule(x.contiguous(), weight, (1, 1), 1)  # NCHW
+    assert not box_schedule(x, weight.contiguous(), (1, 1), 1)  # weight not (K, R, S, C) in memory
+    grouped = make_case(1, 64, 8, 8, 32, 3, 3, 2, torch.float16)
+    assert not box_schedule(grouped[0], grouped[1], (1, 1), 2)
+    one = make_case(1, 64, 8, 8, 32, 1, 1, 1, torch.float16)
+    assert not box_schedule(one[0], one[1], (1, 1), 1)  # 1x1: the dense GEMM's business
+    narrow = make_case(1, 4, 8, 8, 32, 3, 3, 1, torch.float16)
+    assert not box_schedule(narrow[0], narrow[1], (1, 1), 1)  # 8-byte channel rows: below the copy unit
+    # Widths: a 56x56 map in exact 8x8 boxes; 28x28 in 16x4 (32x28 computed, not 32x32);
+    # a 1x1 map in the squarest box, since any box wastes the same.
+    assert box_width(56, 56, 64) == 8
+    assert box_width(28, 28, 64) == 4
+    assert box_width(1, 1, 64) == 8
+    assert box_width(3, 200, 16) == 16
 
 
 ODD_SHAPES = [
@@ -397,6 +456,22 @@ def test_tensor_over_2_31_elements():
     for rows in (slice(0, 8), slice(h - 8, h)):
         exp = torch.relu(F.conv2d(x[:, :, rows].float(), weight.float()) + res[:, :, rows].float())
         assert_close(out[:, :, rows], exp, rtol=2e-3, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", COMPILED_VARIANTS, ids=lambda c: "C{}-K{}-k{}-s{}-p{}-hw{}-{}".format(
+    *c[:6], "-".join(f"{k}{v}" for k, v in c[6].items())))
+def test_every_kernel_variant_compiled(case, dtype):
+    from fused_resnet.kernels import configs
+
+    c, k, ksize, stride, padding, hw, switches = case
+    x, weight, bias = make_case(2, c, hw, hw, k, ksize, ksize, 1, dtype)
+    p = (hw + 2 * padding - ksize) // stride + 1
+    res = torch.randn(2, k, p, p, device="cuda").to(dtype)
+    with configs.override({**VARIANT_TILES, **switches}) as asked:
+        check(x, weight, bias, stride, padding, 1, 1, res, True)
+    assert asked, "the forced config was not looked up"
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

@@ -46,7 +46,7 @@ def test_records_each_candidate_and_launches_nothing(empty_cache, monkeypatch):
     with precompile.compile_only("H100") as jobs:
         y = fused(x)
     assert y.shape == (2, 128, 8, 8) and y.dtype == torch.float16
-    expected = configs.candidates(2 * 8 * 8, 128, 64, 2, switches={"FLAT_LOOP": 1, "USE_TMA": 0})
+    expected = configs.candidates(2 * 8 * 8, 128, 64, 2, switches={"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0})
     assert [job.config for job in jobs] == expected
     job = jobs[0]
     assert job.op == "conv2d_bias_act" and job.capability == 90
@@ -60,7 +60,7 @@ def test_records_each_candidate_and_launches_nothing(empty_cache, monkeypatch):
 def test_table_entry_records_one_config_unless_every_candidate(empty_cache):
     fused = layer(16, 32, 3)
     x = torch.randn(1, 16, 6, 6).half().contiguous(memory_format=torch.channels_last)
-    chosen = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8, "FLAT_LOOP": 0, "USE_TMA": 0,
+    chosen = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8, "FLAT_LOOP": 0, "USE_TMA": 0, "BOX_W": 0,
               "num_warps": 2, "num_stages": 2}
     with configs.override(chosen) as asked, precompile.compile_only("H100") as jobs:
         fused(x)
@@ -152,6 +152,46 @@ def test_compiles_for_an_h100_without_one(tmp_path):
     # The workers' compiles landed in Triton's cache: compiling again adds nothing to it.
     assert out["files"][0] > 0 and out["files"][0] == out["files"][1]
     assert all("error" not in r for r in out["warm"])
+
+
+VARIANTS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch
+    from conftest import COMPILED_VARIANTS, VARIANT_TILES, make_case
+    from fused_resnet import kernels
+    from fused_resnet.kernels import configs, precompile
+
+    found = []
+    for dtype in (torch.float16, torch.float32):
+        for c, k, ksize, stride, padding, hw, switches in COMPILED_VARIANTS:
+            x, weight, bias = make_case(2, c, hw, hw, k, ksize, ksize, 1, dtype, device="cpu")
+            with precompile.compile_only("H100") as jobs, configs.override({**VARIANT_TILES, **switches}):
+                kernels.plan_conv2d_bias_act(x, weight, bias, stride, padding, relu=True)(x, None)
+            found += jobs
+    print(json.dumps(precompile.compile_jobs(found, workers=2)))
+""")
+
+
+def test_every_kernel_variant_compiles_for_an_h100(tmp_path):
+    # What each config switch asks of the compiler, checked without a GPU: the fp16 dots become
+    # wgmma (fp32: TF32 wgmma), fed by asynchronous copies or by tensor-descriptor (TMA) copies.
+    from conftest import COMPILED_VARIANTS
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), FUSED_RESNET_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", VARIANTS_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == 2 * len(COMPILED_VARIANTS)
+    for (*_, switches), result in zip(COMPILED_VARIANTS * 2, results):
+        assert "error" not in result, (switches, result)
+        assert result["wgmma"] > 0, (switches, result)
+        if switches["USE_TMA"] or switches["BOX_W"]:
+            assert result["tma_loads"] > 0, (switches, result)
+        elif switches["FLAT_LOOP"] and switches.get("ROWS", 1):
+            assert result["async_copies"] > 0, (switches, result)
 
 
 WARMUP_SCRIPT = textwrap.dedent("""
