@@ -147,6 +147,11 @@ def channels_last_strides(shape):
     return (c * h * w, 1, w * c, c)
 
 
+# Whether compiled launches with a known signature go straight to the compiled kernel
+# (KernelLaunch._direct); tests and benchmarks switch it off to compare the two.
+DIRECT_LAUNCH = True
+
+
 class KernelLaunch:
     """One Triton kernel with its scalar arguments bound: called with the tensor arguments alone.
 
@@ -158,6 +163,14 @@ class KernelLaunch:
     or under tracing, where nothing can be timed, the first candidate. From then on every launch
     uses it. With `traceable`, launches go through wrap_triton, as they must inside a registered
     op that torch.compile traces.
+
+    A compiled launch through `kernel[grid](...)` costs Triton's per-call work: it binds and
+    specializes every one of the kernel's (about 50) arguments, hashes a cache key and looks the
+    kernel up. For a plan, all but the tensors are fixed, so after the first launch the plan
+    calls the compiled kernel itself with the same arguments (Triton's `compiled[grid](*args)`,
+    all arguments in the kernel's order), as long as the tensors' 16-byte alignment, the one
+    thing about them Triton specializes on, is what it was compiled for; otherwise, and where
+    this Triton's compiled kernels take their arguments in another form, the plain launch.
     """
 
     def __init__(self, kernel, grid, args, *, on_cuda, config=None, traceable=False, op="", key="", candidates=()):
@@ -167,6 +180,7 @@ class KernelLaunch:
         self.op, self.key, self.candidates = op, key, list(candidates)
         self.config = config
         self.bound = None if config is None else self._bind(config)
+        self.direct = None  # (compiled[grid], the arguments after the tensors, alignment), or False
 
     def _bind(self, config):
         kernel, kwargs = self.kernel, {**self.args, **config}
@@ -184,11 +198,20 @@ class KernelLaunch:
         if self.bound is None:
             self.bound = self._bind(self._choose(tensors))
         kernel, grid, kwargs = self.bound
-        if self.on_cuda:
-            kernel[grid](*tensors, **kwargs)
-        else:
+        if not self.on_cuda:
             with _interpreter_lock:
                 kernel[grid](*tensors, **kwargs)
+            return
+        direct = self.direct
+        if direct and direct[2] == _alignment(tensors):
+            try:
+                direct[0](*tensors, *direct[1])
+                return
+            except TypeError:  # this Triton's compiled kernels take other arguments: plain launches
+                self.direct = False
+        compiled = kernel[grid](*tensors, **kwargs)
+        if self.direct is None:
+            self.direct = DIRECT_LAUNCH and not self.traceable and _direct(kernel, compiled, grid, tensors, kwargs)
 
     def table_entry(self, like, gpu=None):
         """(gpu, op, dtype, key): where this launch's config is looked up and stored, for operands
@@ -213,6 +236,23 @@ class KernelLaunch:
         grid = self.grid(config)
         return triton.testing.do_bench(lambda: self.kernel[grid](*tensors, **kwargs), warmup=5, rep=20,
                                        return_mode="median")
+
+
+def _alignment(tensors):
+    return tuple(t is None or t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _direct(kernel, compiled, grid, tensors, kwargs):
+    """What a direct launch of `compiled` needs, or False where the kernel objects lack it."""
+    names = getattr(kernel, "arg_names", None)
+    if names is None or not callable(getattr(compiled, "__getitem__", None)):
+        return False
+    try:
+        rest = tuple(kwargs[name] for name in names[len(tensors):])
+    except KeyError:  # an argument left to its default: not worth the bookkeeping
+        return False
+    grid = tuple(grid) + (1,) * (3 - len(grid))  # the compiled kernel's launcher takes all three
+    return compiled[grid], rest, _alignment(tensors)
 
 
 @functools.cache

@@ -274,3 +274,122 @@ def test_cuda_graph_replays_the_fused_model():
         torch.testing.assert_close(first, expected2, rtol=0, atol=0)  # the static buffer was overwritten
         graphed(torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.float16))
         assert len(graphed._graphs) == 2
+
+
+class _FakeCompiled:
+    """Stands in for Triton's compiled kernel: compiled[grid](*args) records the launch."""
+
+    def __init__(self, launches, fail=False):
+        self.launches, self.fail = launches, fail
+
+    def __getitem__(self, grid):
+        def run(*args):
+            if self.fail:
+                raise TypeError("function takes exactly 3 arguments")
+            self.launches.append(("direct", grid, args))
+        return run
+
+
+class _FakeKernel:
+    """Stands in for a @triton.jit function: kernel[grid](*tensors, **kwargs) records the launch and
+    returns the compiled kernel, as JITFunction.run does."""
+
+    arg_names = ["x_ptr", "y_ptr", "n", "BLOCK"]
+
+    def __init__(self, fail=False):
+        self.launches = []
+        self.compiled = _FakeCompiled(self.launches, fail)
+
+    def __getitem__(self, grid):
+        def run(*tensors, **kwargs):
+            self.launches.append(("plain", grid, tensors, kwargs))
+            return self.compiled
+        return run
+
+
+def test_a_compiled_launch_goes_direct_once_the_kernel_is_known(monkeypatch):
+    # The argument bookkeeping of direct launches, on a stand-in kernel (the real one needs a GPU):
+    # every argument in the kernel's order, the grid in three dimensions, and the plain launch
+    # again wherever the tensors' alignment differs from what the kernel was compiled for.
+    from fused_resnet.kernels import backend
+
+    kernel = _FakeKernel()
+    launch = backend.KernelLaunch(kernel, lambda meta: (4,), {"n": 7}, on_cuda=True,
+                                  config={"BLOCK": 32, "num_warps": 4})
+    x, y = torch.zeros(64), torch.zeros(64)
+    launch(x, y)
+    launch(x, y)
+    launch(x[1:], y)  # 4 bytes off: not 16-byte aligned
+    launch(x, y)
+    kinds = [entry[0] for entry in kernel.launches]
+    assert kinds == ["plain", "direct", "plain", "direct"]
+    assert kernel.launches[0][3] == {"n": 7, "BLOCK": 32, "num_warps": 4}
+    _, grid, args = kernel.launches[1]
+    assert grid == (4, 1, 1) and args[:2] == (x, y) and args[2:] == (7, 32)
+
+    monkeypatch.setattr(backend, "DIRECT_LAUNCH", False)
+    plain = _FakeKernel()
+    launch = backend.KernelLaunch(plain, lambda meta: (4,), {"n": 7}, on_cuda=True, config={"BLOCK": 32})
+    for _ in range(3):
+        launch(x, y)
+    assert [entry[0] for entry in plain.launches] == ["plain"] * 3
+
+
+def test_a_compiled_kernel_that_refuses_direct_arguments_gets_plain_launches():
+    from fused_resnet.kernels import backend
+
+    kernel = _FakeKernel(fail=True)
+    launch = backend.KernelLaunch(kernel, lambda meta: (4, 2), {"n": 7}, on_cuda=True, config={"BLOCK": 32})
+    x, y = torch.zeros(64), torch.zeros(64)
+    for _ in range(3):
+        launch(x, y)
+    assert [entry[0] for entry in kernel.launches] == ["plain"] * 3
+    assert launch.direct is False
+
+
+@pytest.mark.gpu
+def test_direct_launches_compute_what_plain_launches_do(monkeypatch):
+    import torchvision
+    from conftest import make_case
+    from fused_resnet.kernels import backend
+
+    from fused_resnet import fuse
+    from fused_resnet.validate import synthetic_batchnorm
+
+    direct = []
+    real = backend._direct
+
+    def counted(*args):
+        found = real(*args)
+        if found:
+            run, rest, alignment = found
+            found = (lambda *a: (direct.append(1), run(*a)), rest, alignment)
+        return found
+
+    monkeypatch.setattr(backend, "_direct", counted)
+    model = synthetic_batchnorm(torchvision.models.resnet18(num_classes=10), size=32)
+    x = torch.randn(4, 3, 64, 64, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        monkeypatch.setattr(backend, "DIRECT_LAUNCH", False)
+        plain = fuse(model, dtype=torch.float16).cuda()
+        expected = [plain(x), plain(x[:2])]
+        assert not direct
+        monkeypatch.setattr(backend, "DIRECT_LAUNCH", True)
+        fused = fuse(model, dtype=torch.float16).cuda()
+        for _ in range(3):
+            out = fused(x)
+        torch.testing.assert_close(out, expected[0], rtol=0, atol=0)
+        torch.testing.assert_close(fused(x[:2]), expected[1], rtol=0, atol=0)
+    assert len(direct) >= 2 * 20, len(direct)  # two forwards' worth of launches went direct
+
+    # A residual 2 bytes off 16-byte alignment: the kernel compiled for aligned ones must not run.
+    x, weight, bias = make_case(2, 64, 8, 8, 64, 3, 3, dtype=torch.float16)
+    residual = torch.randn(2, 64, 8, 8, device="cuda", dtype=torch.float16)
+    plan = kernels.plan_conv2d_bias_act(x, weight, bias, 1, 1, residual=residual, relu=True)
+    expected = torch.relu(F.conv2d(x.float(), weight.float(), bias.float(), 1, 1) + residual.float())
+    for _ in range(3):
+        torch.testing.assert_close(plan(x, residual).float(), expected, rtol=2e-3, atol=2e-2)
+    shifted = torch.empty(residual.numel() + 1, device="cuda", dtype=torch.float16)[1:].view_as(residual)
+    shifted.copy_(residual)
+    assert shifted.data_ptr() % 16
+    torch.testing.assert_close(plan(x, shifted).float(), expected, rtol=2e-3, atol=2e-2)
