@@ -5,6 +5,9 @@ On a GPU: resnet50 fp16 at batch 256 and 1 (the batch-1 latencies, with and with
 are in test_network.py). On a CPU: the same harness on the reference path (folded weights, plain
 torch ops) at 1x3x32x32 on one thread, where the convs cost little and what is left is the Python
 around them: the fused model runs fewer ops than eager, so it should cost no more.
+
+`fused_plain_launch` is the fused model with every kernel launched through Triton's own per-call
+binding (kernels.backend.DIRECT_LAUNCH off): what direct launches save.
 """
 
 import pytest
@@ -17,7 +20,7 @@ from fused_resnet import bench, kernels
 
 def gpu_cases():
     for batch in (1, 256):
-        for impl in ("eager_channels_last", "fused"):
+        for impl in ("eager_channels_last", "fused", "fused_plain_launch"):
             yield pytest.param("float16", batch, impl, 224, marks=pytest.mark.gpu, id=f"float16-b{batch}-{impl}")
 
 
@@ -26,9 +29,12 @@ CPU_CASES = [pytest.param("float32", 1, impl, 32, id=f"cpu-float32-b1-{impl}") f
 
 
 @pytest.mark.parametrize("dtype,batch,impl,size", list(gpu_cases()) if HAS_CUDA else CPU_CASES)
-def test_host_time_per_forward(benchmark, dtype, batch, impl, size):
-    ready, _ = bench.build_impls(model("resnet50"), [impl], bench.DTYPES[dtype], DEVICE, batch, size)
-    fn, x = ready[impl]
+def test_host_time_per_forward(benchmark, dtype, batch, impl, size, monkeypatch):
+    built = impl.removesuffix("_plain_launch")
+    if built != impl:
+        monkeypatch.setattr(kernels.backend, "DIRECT_LAUNCH", False)
+    ready, _ = bench.build_impls(model("resnet50"), [built], bench.DTYPES[dtype], DEVICE, batch, size)
+    fn, x = ready[built]
     threads = torch.get_num_threads()
     if not HAS_CUDA:
         torch.set_num_threads(1)

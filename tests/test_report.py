@@ -24,7 +24,10 @@ def case(impl, ms, model="resnet50"):
 def results(tmp_path):
     gpu = tmp_path / "gpu.json"
     gpu.write_text(json.dumps({"provenance": PROV, "cases": [
-        case("eager_channels_last", 10.0), case("fused", 8.0), case("fused", 1.0, model="resnet50-conv")]}))
+        case("eager_channels_last", 10.0), case("fused", 8.0), case("fused", 1.0, model="resnet50-conv"),
+        {"model": "resnet50", "impl": "fused", "dtype": "float16", "batch": 256, "host_ms": 2.0},
+        {"model": "resnet50", "impl": "fused", "dtype": "float16", "batch": 256, "first_call_s": 20.0, "cache": "cold"},
+        {"model": "resnet50", "impl": "fused", "dtype": "float16", "batch": 256, "median_ms": 4.0, "when": "after"}]}))
     cpu = tmp_path / "cpu.json"
     cpu.write_text(json.dumps({"provenance": {**PROV, "gpu": None}, "cases": [case("fused", 500.0)]}))
     return [str(gpu), str(cpu)]
@@ -33,8 +36,9 @@ def results(tmp_path):
 def test_table_reports_gpu_network_cases_with_speedups(results):
     text = report.table(report.load(results))
     rows = [line for line in text.splitlines() if line.startswith("| NVIDIA")]
-    assert len(rows) == 2  # the CPU run and the per-layer case are left out
+    assert len(rows) == 3  # the CPU run, the per-layer case, host and first-call times are left out
     assert "| fused | 8.000 | 32000 | 1.25x | gpu.json |" in rows[1]
+    assert "| fused | 4.000 | 64000 | 2.50x | gpu.json |" in rows[2]  # images/s from the batch where not given
     assert "driver 550.1" in text and "`pytest benchmarks/`" in text
 
 
