@@ -78,7 +78,7 @@ def _conv2d_bias_act_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     FLAT_LOOP: tl.constexpr,  # config: one pipelined loop over (tap, channel block)
-    USE_TMA: tl.constexpr,  # config, dense 1x1 convs only: read x and w through tensor descriptors
+    USE_TMA: tl.constexpr,  # config, dense 1x1 convs only: x, w and y through tensor descriptors
     BOX_W: tl.constexpr,  # config, stride-1 convs only: > 0 for box tiles (BLOCK_M // BOX_W x BOX_W pixels)
 ):
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -122,6 +122,10 @@ def _conv2d_bias_act_kernel(
                                            strides=[stride_yn, stride_yp, stride_yq, 1],
                                            block_shape=[1, BLOCK_M // BOX_W, BOX_W, BLOCK_N])
         y_desc.store([n, p0, q0, k0], acc.to(y_ptr.dtype.element_ty).reshape(1, BLOCK_M // BOX_W, BOX_W, BLOCK_N))
+    elif USE_TMA:
+        # The output of a dense 1x1 conv is the matrix [M, K] as well: the tile stored whole, clipped at M.
+        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M, Kg], strides=[stride_yq, 1], block_shape=[BLOCK_M, BLOCK_N])
+        y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_ptr.dtype.element_ty))
     else:
         y_row = n.to(tl.int64) * stride_yn + p.to(tl.int64) * stride_yp + q.to(tl.int64) * stride_yq
         y_ptrs = y_ptr + y_row[:, None] + (k_glob.to(tl.int64) * stride_yk)[None, :]

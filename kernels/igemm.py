@@ -381,13 +381,13 @@ def tf32_allowed():
 
 
 def dense_1x1(x, weight, stride, padding, dilation, groups):
-    """True when the conv is a dense GEMM that tensor descriptors can read: 1x1, stride 1, no
-    padding, ungrouped, x dense channels_last and the weight (K, 1, 1, C) in memory, rows of a
-    multiple of 16 bytes."""
+    """True when the conv is a dense GEMM that tensor descriptors can read and write: 1x1, stride 1,
+    no padding, ungrouped, x dense channels_last and the weight (K, 1, 1, C) in memory, rows (C in,
+    K out) of a multiple of 16 bytes."""
     k, c, r, s = weight.shape
     return ((r, s) == (1, 1) and tuple(stride) == (1, 1) and not any(padding) and tuple(dilation) == (1, 1)
             and groups == 1 and x.stride() == backend.channels_last_strides(x.shape) and weight.stride()[:2] == (c, 1)
-            and (c * x.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0)
+            and (c * x.element_size()) % 16 == 0 and (k * x.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0)
 
 
 def box_schedule(x, weight, stride, groups):
