@@ -17,7 +17,7 @@ from torch.library import triton_op
 
 from . import backend, configs
 from ._checks import check_same_device, check_supported_dtype
-from .igemm import tile_ids
+from .igemm import dot, tile_ids
 
 # ----------------------------------------------------------------------------------------------
 # Kernel
@@ -65,10 +65,7 @@ def _avgpool_linear_kernel(
         a = (pooled * inv_hw).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + w_col[None, :] + (c * stride_wc)[:, None], mask=mask_c[:, None] & mask_n[None, :],
                     other=0.0)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        acc = dot(acc, a, b, DOT_FP32, INPUT_PRECISION)
 
     if b_ptr is not None:
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0)

@@ -5,6 +5,7 @@ A convolution is a GEMM whose rows are output pixels (N*P*Q), whose columns are 
 memory ("implicit" GEMM): each program gathers its tile of the input on the fly from the NHWC
 activations. This module holds what the conv kernels share:
 
+    dot                     acc += a @ b, the one place the interpreter's operand upcast is written
     tile_ids, output_tile   which output tile a program owns (grouped order, for L2 reuse)
     output_box              the same as a box of pixels of one image (box tiles)
     conv_tile               the main loop: acc += one tile of conv(x, w), gathered by pointers
@@ -56,6 +57,15 @@ def max_shared_memory(device_index):
 # ----------------------------------------------------------------------------------------------
 # The GEMM core (@triton.jit helpers)
 # ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def dot(acc, a, b, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b in fp32. DOT_FP32 upcasts the operands first: the interpreter's bf16 dot is wrong."""
+    if DOT_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit
@@ -159,10 +169,7 @@ def conv_tile(
             a_ptrs = x_ptr + (start + ih.to(tl.int64) * stride_xh)[:, None] + j[None, :]
             a = tl.load(a_ptrs, mask=in_row & ((ih >= 0) & (ih < H))[:, None], other=0.0)
             b = tl.load(w_ptr + w_col[None, :] + (r * stride_wr + j)[:, None], mask=mask_n[None, :], other=0.0)
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = dot(acc, a, b, DOT_FP32, INPUT_PRECISION)
     elif FLAT_K:
         RSC = R * S * C_PAD
         for j0 in range(0, RSC, BLOCK_K):
@@ -179,10 +186,7 @@ def conv_tile(
             a = tl.load(a_ptrs, mask=mask_a, other=0.0)
             b_ptrs = w_ptr + w_col[None, :] + (c * stride_wc + r * stride_wr + s * stride_ws)[:, None]
             b = tl.load(b_ptrs, mask=valid_k[:, None] & mask_n[None, :], other=0.0)
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = dot(acc, a, b, DOT_FP32, INPUT_PRECISION)
     elif FLAT_LOOP:
         k_blocks = tl.cdiv(Cg, BLOCK_K)
         for i in range(0, R * S * k_blocks):
@@ -201,10 +205,7 @@ def conv_tile(
             b_ptrs = w_ptr + (w_col + (rs // S) * stride_wr + (rs % S) * stride_ws)[None, :] \
                 + (c * stride_wc)[:, None]
             b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+            acc = dot(acc, a, b, DOT_FP32, INPUT_PRECISION)
     else:
         # One (r, s) tap at a time: its input rows and bounds mask are fixed over the channel loop.
         for rs in tl.static_range(R * S):
@@ -224,10 +225,7 @@ def conv_tile(
                     a = tl.load(a_ptrs, mask=mask_c[None, :], other=0.0)
                 b_ptrs = w_ptr + b_tap[None, :] + (c * stride_wc)[:, None]
                 b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-                if DOT_FP32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+                acc = dot(acc, a, b, DOT_FP32, INPUT_PRECISION)
     return acc
 
 
@@ -242,10 +240,7 @@ def dense_tile(acc, x_ptr, w_ptr, M, N, Cg, stride_xm, stride_wn, pid_m, pid_n, 
     for k0 in range(0, Cg, BLOCK_K):
         a = x_desc.load([pid_m * BLOCK_M, k0])
         b = w_desc.load([pid_n * BLOCK_N, k0])
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+        acc = dot(acc, a, tl.trans(b), DOT_FP32, INPUT_PRECISION)
     return acc
 
 
@@ -271,10 +266,7 @@ def box_tile(acc, x_ptr, w_ptr, n, h0, w0, k0, N, H, W, Cg, Kg, dil_h, dil_w,
         c0 = (i % k_blocks) * BLOCK_K
         a = x_desc.load([n, h0 + (rs // S) * dil_h, w0 + (rs % S) * dil_w, c0]).reshape(BOX_H * BOX_W, BLOCK_K)
         b = w_desc.load([k0, rs, c0]).reshape(BLOCK_N, BLOCK_K)
-        if DOT_FP32:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION)
+        acc = dot(acc, a, tl.trans(b), DOT_FP32, INPUT_PRECISION)
     return acc
 
 
