@@ -137,12 +137,12 @@ def sweep_configs(layer, x_shape, dtype, cuda):
         variants.append({"FLAT_LOOP": 1, "USE_TMA": 1, "BOX_W": 0})
     chosen = configs.sweep_candidates(m, k // layer.groups, reduction, element, variants=variants)
     if box_schedule(x, layer.weight, layer.stride, layer.groups):
-        # Box tiles through 4-D descriptors, each tile size in the box that fits the map best.
+        # Box tiles through 4-D descriptors: each pipelined pointer config again, as the box that fits the map best.
         stride, padding, dilation, _ = normalize_args(x, layer.weight, layer.stride, layer.padding, layer.dilation,
                                                       layer.groups)
         p, q = output_size(h, w, rr, ss, stride, padding, dilation)
-        for config in configs.sweep_candidates(m, k, reduction, element, variants=[{"FLAT_LOOP": 1, "USE_TMA": 0}]):
-            chosen.append({**config, "BOX_W": box_width(p, q, config["BLOCK_M"])})
+        chosen += [{**c, "BOX_W": box_width(p, q, c["BLOCK_M"])} for c in chosen
+                   if c["FLAT_LOOP"] == 1 and c["USE_TMA"] == 0]
     return chosen
 
 

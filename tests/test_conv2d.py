@@ -103,6 +103,19 @@ def test_the_per_tap_loop_too(shape, monkeypatch):
     check(x, weight, bias, stride, padding, dilation, groups, torch.randn(2, k, p, p).half(), True)
 
 
+def watch_descriptor_allocator(monkeypatch):
+    """A list that records each scratch allocator the kernels hand Triton: one appears when a
+    kernel with tensor descriptors is launched for the first time in the test."""
+    import triton
+    from fused_resnet.kernels import igemm
+
+    monkeypatch.setattr(igemm, "_allocator_set", False)
+    allocators = []
+    real = triton.set_allocator
+    monkeypatch.setattr(triton, "set_allocator", lambda fn: (allocators.append(fn), real(fn)))
+    return allocators
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter's descriptor switch; on a GPU each config names it")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", [(2, 64, 7, 5, 256, "residual"), (1, 24, 3, 3, 40, "none"),
@@ -111,15 +124,11 @@ def test_the_per_tap_loop_too(shape, monkeypatch):
 def test_dense_1x1_through_tensor_descriptors(case, dtype, monkeypatch):
     # A 1x1 stride-1 conv over dense NHWC rows read as the matrix [M, C] through tensor
     # descriptors (USE_TMA): zeros past every edge, the epilogue as in the gathered path.
-    import triton
     from fused_resnet.kernels import igemm
 
     n, c, h, w, k, kind = case
     monkeypatch.setattr(igemm, "INTERPRETER_TMA", 1)
-    monkeypatch.setattr(igemm, "_allocator_set", False)
-    allocators = []
-    real = triton.set_allocator
-    monkeypatch.setattr(triton, "set_allocator", lambda fn: (allocators.append(fn), real(fn)))
+    allocators = watch_descriptor_allocator(monkeypatch)
     x, weight, bias = make_case(n, c, h, w, k, 1, 1, 1, dtype)
     if kind == "shortcut":
         shortcut_in = torch.randn(n, 16, 2 * h, 2 * w).to(dtype).contiguous(memory_format=torch.channels_last)
@@ -161,15 +170,11 @@ def test_box_tiles_through_tensor_descriptors(case, dtype, box_w, monkeypatch):
     # A stride-1 conv whose output tile is a box of pixels: each tap's input box is read through a
     # 4-D descriptor, zero-filled past every edge (the padding, channels past a block), the
     # output box stored through one, clipped to the map. Boxes overhang maps of every size here.
-    import triton
     from fused_resnet.kernels import igemm
 
     n, c, h, w, k, ksize, padding, dilation, kind = case
     monkeypatch.setattr(igemm, "INTERPRETER_BOX_W", box_w)
-    monkeypatch.setattr(igemm, "_allocator_set", False)
-    allocators = []
-    real = triton.set_allocator
-    monkeypatch.setattr(triton, "set_allocator", lambda fn: (allocators.append(fn), real(fn)))
+    allocators = watch_descriptor_allocator(monkeypatch)
     x, weight, bias = make_case(n, c, h, w, k, ksize, ksize, 1, dtype)
     p = h + 2 * padding - dilation * (ksize - 1)
     q = w + 2 * padding - dilation * (ksize - 1)
