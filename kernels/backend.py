@@ -42,6 +42,29 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+def _release(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+@functools.cache
+def check_interpreter() -> None:
+    """Raise a clear error where this Triton's interpreter cannot run the kernels.
+
+    Triton 3.6's interpreter keeps a kernel's scalars as one-element arrays and takes their value
+    with int(array) wherever they bound a loop; NumPy 2.4 refuses that (its deprecation of
+    converting arrays with ndim > 0 expired), so every conv would fail deep inside the interpreter
+    with "only 0-dimensional arrays can be converted" (triton-lang/triton#9171, fixed after 3.6).
+    """
+    import numpy
+
+    if _release(triton.__version__) < (3, 7) and _release(numpy.__version__) >= (2, 4):
+        raise RuntimeError(
+            f"the Triton interpreter of triton {triton.__version__} cannot run these kernels with numpy "
+            f"{numpy.__version__}: install numpy<2.4, or a newer triton"
+        )
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run every kernels op inside the `with` block on backend `name`.
@@ -199,6 +222,7 @@ class KernelLaunch:
             self.bound = self._bind(self._choose(tensors))
         kernel, grid, kwargs = self.bound
         if not self.on_cuda:
+            check_interpreter()
             with _interpreter_lock:
                 kernel[grid](*tensors, **kwargs)
             return

@@ -189,3 +189,25 @@ def test_two_threads_give_the_same_answers_as_one():
     for tid in range(2):
         for got, want in zip(results[tid], single):
             assert torch.equal(got, want)
+
+
+def test_an_interpreter_that_cannot_run_the_kernels_says_so(monkeypatch):
+    import numpy
+    import triton
+    from fused_resnet.kernels import backend
+
+    check = backend.check_interpreter.__wrapped__  # uncached
+    for triton_version, numpy_version, fails in [("3.6.0", "2.4.6", True), ("3.6.1+git4f2a", "2.5.0rc1", True),
+                                                 ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False),
+                                                 ("3.10.0", "2.4.0", False), ("2.3.1", "1.26.4", False)]:
+        monkeypatch.setattr(triton, "__version__", triton_version)
+        monkeypatch.setattr(numpy, "__version__", numpy_version)
+        if fails:
+            try:
+                check()
+            except RuntimeError as err:
+                assert f"triton {triton_version}" in str(err) and "numpy<2.4" in str(err)
+            else:
+                raise AssertionError(f"triton {triton_version} with numpy {numpy_version} passed the check")
+        else:
+            check()
