@@ -9,16 +9,19 @@ shortcuts), in the shapes the fused model launches:
 1. every config of kernels.configs.sweep_candidates (Inductor's conv configs and the Hopper
    matmul tutorial's, both main loops, and for dense 1x1 convs the tensor-descriptor read, for
    stride-1 convs with taps box tiles read through 4-D descriptors, for the 3-channel stem the
-   row and the gathered schedules, pruned to the layer and to shared memory) is compiled in
-   parallel by worker processes that share Triton's kernel cache with this one;
+   row and the gathered schedules, and the same again for its space-to-depth plan (a 4x4/1 conv
+   over 16 channels: kernels.igemm.space_to_depth), pruned to the layer and to shared memory) is
+   compiled in parallel by worker processes that share Triton's kernel cache with this one;
 2. each is timed here by CUDA-graph replay (10 launches in a graph, kernel time = replay / 10),
    as is cuDNN's fused op on the same operands (`cudnn_convolution_relu` or `_add_relu`; for a
    merged shortcut, cuDNN's shortcut conv then its conv+add+ReLU; for the stem, cuDNN's
    conv+bias+ReLU then max pooling, and eager's conv, BatchNorm, ReLU and pooling);
-3. a table of the best config against cuDNN per layer is printed, and the cases
+3. a table of the best config against cuDNN per layer is printed (for the stem, the best of each
+   plan too, which settles igemm.SPACE_TO_DEPTH), and the cases
    {"model": "resnet50-conv", "layer", "impl": "fused" | "cudnn_fused" | "eager", "dtype", "batch",
-   "kernel_ms", "config"} are written with the run's provenance; `--write-table` merges the
-   winners into kernels/tuned_configs.json, so that plans on this GPU find them;
+   "kernel_ms", "config"} are written with the run's provenance (the stem's fused case adds
+   "by_plan"); `--write-table` merges the winners (of each plan) into kernels/tuned_configs.json,
+   so that plans on this GPU find them;
 4. with `--network`, the whole resnet50 is timed (median of CUDA-event timings) for the
    implementations named there, before the sweep and after it (with the table it wrote in force).
 
@@ -28,6 +31,7 @@ per layer and wall-clock times: a check of the harness, not a measurement.
 
 import argparse
 import concurrent.futures
+import contextlib
 import copy
 import json
 import multiprocessing
@@ -39,7 +43,9 @@ import time
 import torch
 import torch.nn.functional as F
 import torchvision
-from fused_resnet.kernels import configs
+import triton
+from fused_resnet.kernels import configs, igemm
+from fused_resnet.kernels._checks import pair
 from fused_resnet.kernels.igemm import (
     FLAT_K_BELOW,
     box_schedule,
@@ -48,6 +54,7 @@ from fused_resnet.kernels.igemm import (
     normalize_args,
     output_size,
     row_schedule,
+    space_to_depth_fits,
 )
 
 from fused_resnet import FusedConv2d, FusedConv2dMaxPool, bench, fuse, kernels
@@ -112,9 +119,13 @@ def plan_of(layer, x, r):
 
 
 def sweep_configs(layer, x_shape, dtype, cuda):
-    """The configs the sweep times for a layer (one interpreter config on a CPU)."""
+    """The configs the sweep times for a layer (one interpreter config on a CPU). For the stem, also
+    the configs of its space-to-depth plan, marked {"SPACE_TO_DEPTH": 1} (see `forced`)."""
+    fits = space_to_depth_fits(layer.weight, pair("stride", layer.stride), pair("dilation", layer.dilation),
+                               layer.groups)
+    blocked = [{"SPACE_TO_DEPTH": 1}] if fits else []
     if not cuda:
-        return [None]
+        return [None] + blocked
     k, cg, rr, ss = layer.weight.shape
     n, _, h, w = x_shape
     m = n * h * w // (layer.stride[0] * layer.stride[1])
@@ -130,8 +141,15 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     if row_schedule(x, layer.weight, layer.dilation, layer.groups):
         # The few-channel stem: its reduction per filter row over contiguous runs, or gathered.
         variants = [{"FLAT_LOOP": 1, "ROWS": rows} for rows in (1, 0)]
+    if blocked:
+        # The space-to-depth plan: 16 channels over ceil(R/2) x ceil(S/2) taps, in either schedule.
+        rows = [{"FLAT_LOOP": 1, "ROWS": rows} for rows in (1, 0)]
+        if not isinstance(layer, FusedConv2dMaxPool):
+            rows = [{**v, "USE_TMA": 0, "BOX_W": 0} for v in rows]
+        blocked = [{**c, "SPACE_TO_DEPTH": 1} for c in configs.sweep_candidates(
+            m, k, 16 * triton.cdiv(rr, 2) * triton.cdiv(ss, 2), element, variants=rows)]
     if isinstance(layer, FusedConv2dMaxPool):
-        return configs.sweep_candidates(m, k // layer.groups, reduction, element, variants=variants)
+        return configs.sweep_candidates(m, k // layer.groups, reduction, element, variants=variants) + blocked
     variants = [{**v, "USE_TMA": 0, "BOX_W": 0} for v in variants]
     if dense_1x1(x, layer.weight, layer.stride, layer.padding, layer.dilation, layer.groups):
         variants.append({"FLAT_LOOP": 1, "USE_TMA": 1, "BOX_W": 0})
@@ -143,7 +161,22 @@ def sweep_configs(layer, x_shape, dtype, cuda):
         p, q = output_size(h, w, rr, ss, stride, padding, dilation)
         chosen += [{**c, "BOX_W": box_width(p, q, c["BLOCK_M"])} for c in chosen
                    if c["FLAT_LOOP"] == 1 and c["USE_TMA"] == 0]
-    return chosen
+    return chosen + blocked
+
+
+@contextlib.contextmanager
+def forced(config):
+    """configs.override(config) for the plans built inside, with the plan-level switch that the
+    sweep's configs may carry, SPACE_TO_DEPTH (igemm's, not a kernel argument), set meanwhile.
+    Yields the table entries the plans looked up."""
+    config = dict(config or {})
+    saved = igemm.SPACE_TO_DEPTH
+    igemm.SPACE_TO_DEPTH = bool(config.pop("SPACE_TO_DEPTH", 0))
+    try:
+        with configs.override(config) as asked:
+            yield asked
+    finally:
+        igemm.SPACE_TO_DEPTH = saved
 
 
 def kernel_ms(fn, cuda, reps=10):
@@ -192,7 +225,7 @@ def _compile_worker(task):
     failed = []
     for config in chosen:
         try:
-            with configs.override(config):
+            with forced(config):
                 plan_of(layer, x, r)()
         except Exception as err:  # a config that does not compile is skipped, and said so
             failed.append((config, f"{type(err).__name__}: {err}"[:200]))
@@ -267,26 +300,35 @@ def main(argv=None):
             break
         x, r = operands(layer, x_shape, r_shape, dtype, device)
         bad = [c for c, _ in failed]
-        best = None
+        by_plan = {}  # the best (ms, config, table entries) of each plan: "direct", or "space_to_depth"
         for config in chosen:
             if config in bad:
                 continue
-            with configs.override(config or {}) as asked:
+            with forced(config) as asked:
                 fn = plan_of(layer, x, r)
                 fn()  # binds the config
             ms = kernel_ms(fn, cuda)
-            if best is None or ms < best[0]:
-                best = (ms, config, list(asked))
+            plan = "space_to_depth" if (config or {}).get("SPACE_TO_DEPTH") else "direct"
+            if plan not in by_plan or ms < by_plan[plan][0]:
+                by_plan[plan] = (ms, config, list(asked))
+        best = min(by_plan.values(), key=lambda b: b[0])
         label = describe(layer, x_shape)
         common = {"model": "resnet50-conv", "layer": label, "dtype": args.dtype, "batch": batch}
-        cases.append({**common, "impl": "fused", "kernel_ms": round(best[0], 5), "config": best[1],
-                      "configs_timed": len(chosen) - len(bad), "name": name})
-        for entry in best[2]:
-            winners[entry] = best[1]
+        fused = {**common, "impl": "fused", "kernel_ms": round(best[0], 5), "config": best[1],
+                 "configs_timed": len(chosen) - len(bad), "name": name}
+        if len(by_plan) > 1:
+            fused["by_plan"] = {plan: round(b[0], 5) for plan, b in by_plan.items()}
+        cases.append(fused)
+        for _, config, entries in by_plan.values():  # each plan's winner, under its own key
+            for entry in entries:
+                winners[entry] = {k: v for k, v in (config or {}).items() if k != "SPACE_TO_DEPTH"}
         base = {impl: kernel_ms(fn, cuda) for impl, fn in baselines(layer, x, r).items()}
         for impl, ms in base.items():
             cases.append({**common, "impl": impl, "kernel_ms": round(ms, 5), "name": name})
-        rows.append((label, best[0], base))
+        rows.append((label + (" (space-to-depth)" if (best[1] or {}).get("SPACE_TO_DEPTH") else ""), best[0], base))
+        if len(by_plan) > 1:
+            print(f"{label}: " + ", ".join(f"{plan} {b[0]:.4f} ms" for plan, b in by_plan.items())
+                  + f"; igemm.SPACE_TO_DEPTH is {igemm.SPACE_TO_DEPTH}", file=sys.stderr)
     if args.write_table and cuda and winners:
         configs.write_table(winners)
     network = before + time_network(model, args.network, dtype, device, batch, size, "after")

@@ -30,6 +30,8 @@ from .igemm import (
     output_tile,
     row_schedule,
     row_weight,
+    space_to_depth,
+    space_to_depth_schedule,
     tile_ids,
 )
 
@@ -154,15 +156,19 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
             return cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual, relu, shortcut_weight,
                                shortcut_stride)
         return run_cudnn
-    to_layout, x = gather_layout(x)
     n, _, p, q = out_shape
     kind = "none" if residual is None else ("residual" if shortcut_weight is None else "shortcut")
+    if space_to_depth_schedule(weight, stride, dilation, groups):  # the epilogue reads no x: any kind
+        to_layout, x, weight, padding = space_to_depth(x, weight, padding, (p, q))
+        stride, blocks = (1, 1), True
+    else:
+        (to_layout, x), blocks = gather_layout(x), False
     c_sc = shortcut_weight.shape[1] if kind == "shortcut" else 0
     r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     sw_strides = shortcut_weight.stride() if kind == "shortcut" else (0, 0, 0, 0)
     dense = dense_1x1(x, weight, stride, padding, dilation, groups)
-    boxes = box_schedule(x, weight, stride, groups)
-    rows = row_schedule(x, weight, dilation, groups)
+    boxes = not blocks and box_schedule(x, weight, stride, groups)
+    rows = blocks or row_schedule(x, weight, dilation, groups)
     if rows:
         weight = row_weight(weight)
     launch = conv_launch(

@@ -33,6 +33,8 @@ from .igemm import (
     output_tile,
     row_schedule,
     row_weight,
+    space_to_depth,
+    space_to_depth_schedule,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -148,10 +150,14 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, p
     if path == "reference":
         return reference_maxpool_plan(weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride,
                                       pool_padding)
-    to_layout, x = gather_layout(x)
     n, _, ph, pw = out_shape
     p, q = conv_shape[2:]
-    rows = row_schedule(x, weight, dilation, groups)
+    if space_to_depth_schedule(weight, stride, dilation, groups):
+        to_layout, x, weight, padding = space_to_depth(x, weight, padding, (p, q))
+        stride, blocks = (1, 1), True
+    else:
+        (to_layout, x), blocks = gather_layout(x), False
+    rows = blocks or row_schedule(x, weight, dilation, groups)
     if rows:
         weight = row_weight(weight)
     launch = conv_launch(

@@ -46,6 +46,10 @@ INTERPRETER_TMA = 0
 # The box width of a stride-1 conv's box tiles under the interpreter (a config's BOX_W on a GPU;
 # 0: rows of the flattened output, gathered): the tests run both.
 INTERPRETER_BOX_W = 0
+# Whether a few-channel stride-2 conv (the stem) runs as a stride-1 conv over 2x2 pixel blocks
+# (space_to_depth), on a GPU and under the interpreter alike. It changes the operands, not just
+# the kernel, so it is a plan's choice rather than a config's: plans built while it is set take it.
+SPACE_TO_DEPTH = False
 
 
 @functools.cache
@@ -167,7 +171,10 @@ def conv_tile(
         for r in range(R):
             ih = h0 + r * dil_h
             a_ptrs = x_ptr + (start + ih.to(tl.int64) * stride_xh)[:, None] + j[None, :]
-            a = tl.load(a_ptrs, mask=in_row & ((ih >= 0) & (ih < H))[:, None], other=0.0)
+            if PADDED:
+                a = tl.load(a_ptrs, mask=in_row & ((ih >= 0) & (ih < H))[:, None], other=0.0)
+            else:  # every window inside the map: a mask uniform over runs of 16 when S*Cg is (vector loads)
+                a = tl.load(a_ptrs, mask=(j < S * Cg)[None, :], other=0.0)
             b = tl.load(w_ptr + w_col[None, :] + (r * stride_wr + j)[:, None], mask=mask_n[None, :], other=0.0)
             acc = dot(acc, a, b, DOT_FP32, INPUT_PRECISION)
     elif FLAT_K:
@@ -428,6 +435,53 @@ def row_weight(weight):
     return packed.as_strided((k, cg, r, s), (r * pad, 1, pad, cg))
 
 
+def space_to_depth_fits(weight, stride, dilation, groups):
+    """Whether space_to_depth can run the conv: an ungrouped, undilated stride-2 conv of at most 4
+    input channels with more than one tap."""
+    k, cg, r, s = weight.shape
+    return groups == 1 and tuple(stride) == (2, 2) and tuple(dilation) == (1, 1) and cg <= 4 and r * s > 1
+
+
+def space_to_depth_schedule(weight, stride, dilation, groups):
+    """Whether the conv runs as space_to_depth: it fits, and SPACE_TO_DEPTH is set."""
+    return SPACE_TO_DEPTH and space_to_depth_fits(weight, stride, dilation, groups)
+
+
+def space_to_depth(x, weight, padding, out_hw):
+    """A stride-2 conv of at most 4 channels as a stride-1 conv of 16 over 2x2 blocks of pixels.
+
+    The input's channels are padded with zeros to 4, and pixel (2i + b, 2j + b') of the padded
+    input becomes channels (b, b', 0..3) of pixel (i, j) of a map with 16 channels; tap
+    (2a + b, 2a' + b') of the filter becomes tap (a, a') of a ceil(R/2) x ceil(S/2) filter over
+    those channels (zeros where 2a + b >= R, and for the padding channels). The 7x7/2 stem becomes
+    a 4x4/1 conv with no padding, since the copy holds it. In the row schedule each output pixel
+    then reads 4 runs of 64 contiguous elements that start on 16-element boundaries (every stride
+    a multiple of 16, which Triton specializes on, so the loads are 16-byte vectors), instead of 7
+    runs of 21 at any 2-byte offset, one element per load. The price: one copy of the input,
+    4/3 as large as it (0.4 MB an image at 224x224 in fp16).
+
+    Returns (to_blocks, x as the kernel sees it, weight, padding (4 zeros)); to_blocks(x) makes the
+    blocked copy of each call's input (two torch ops: a pad, then one permuting copy).
+    """
+    k, c, r, s = weight.shape
+    top, _, left, _ = padding
+    p, q = out_hw
+    rb, sb = triton.cdiv(r, 2), triton.cdiv(s, 2)
+    hb, wb = p + rb - 1, q + sb - 1  # block rows and columns that the P x Q outputs read
+
+    def to_blocks(x):
+        n, _, h, w = x.shape
+        # Channels to 4; pixels padded (or cropped: rows no output reads) to 2*hb x 2*wb.
+        padded = torch.nn.functional.pad(x, (left, 2 * wb - w - left, top, 2 * hb - h - top, 0, 4 - c))
+        nhwc = padded.permute(0, 2, 3, 1).reshape(n, hb, 2, wb, 2, 4).permute(0, 1, 3, 2, 4, 5)
+        return nhwc.reshape(n, hb, wb, 16).permute(0, 3, 1, 2)
+
+    blocked = torch.nn.functional.pad(weight, (0, 2 * sb - s, 0, 2 * rb - r, 0, 4 - c))
+    blocked = blocked.reshape(k, 4, rb, 2, sb, 2).permute(0, 3, 5, 1, 2, 4).reshape(k, 16, rb, sb)
+    like = x.new_empty((x.shape[0], hb, wb, 16)).permute(0, 3, 1, 2)
+    return to_blocks, like, blocked, [0, 0, 0, 0]
+
+
 _allocator_set = False
 
 
@@ -458,7 +512,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     interpret = not backend.on_gpu(x)
     k, cg, r, s = weight.shape
     kg = k // groups
-    flat_k = cg < FLAT_K_BELOW
+    flat_k = cg < FLAT_K_BELOW or rows  # (space_to_depth's 16 channels take the row schedule too)
     y_strides = backend.channels_last_strides(out_shape)
     args = dict(
         M=m, Kg=kg, Cg=cg, H=x.shape[2], W=x.shape[3],

@@ -109,5 +109,8 @@ COMPILED_VARIANTS = [
     (64, 256, 1, 1, 0, 14, {"FLAT_LOOP": 1, "USE_TMA": 1, "BOX_W": 0}),
     (3, 64, 7, 2, 3, 29, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0, "ROWS": 1}),
     (3, 64, 7, 2, 3, 29, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0, "ROWS": 0}),
+    # not a config switch but the plan's igemm.SPACE_TO_DEPTH: the stem as a 4x4/1 conv over 12 channels
+    (3, 64, 7, 2, 3, 29, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0, "ROWS": 1, "SPACE_TO_DEPTH": 1}),
+    (3, 64, 7, 2, 3, 29, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0, "ROWS": 0, "SPACE_TO_DEPTH": 1}),
 ]
 VARIANT_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}

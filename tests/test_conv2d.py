@@ -467,10 +467,12 @@ def test_tensor_over_2_31_elements():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", COMPILED_VARIANTS, ids=lambda c: "C{}-K{}-k{}-s{}-p{}-hw{}-{}".format(
     *c[:6], "-".join(f"{k}{v}" for k, v in c[6].items())))
-def test_every_kernel_variant_compiled(case, dtype):
-    from fused_resnet.kernels import configs
+def test_every_kernel_variant_compiled(case, dtype, monkeypatch):
+    from fused_resnet.kernels import configs, igemm
 
     c, k, ksize, stride, padding, hw, switches = case
+    switches = dict(switches)
+    monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", bool(switches.pop("SPACE_TO_DEPTH", 0)))
     x, weight, bias = make_case(2, c, hw, hw, k, ksize, ksize, 1, dtype)
     p = (hw + 2 * padding - ksize) // stride + 1
     res = torch.randn(2, k, p, p, device="cuda").to(dtype)
@@ -512,6 +514,63 @@ def test_few_channel_convs_in_both_schedules(case, dtype, rows, monkeypatch):
     check(x, weight, bias, stride, padding, 1, 1, torch.randn(2, k, p, p).to(dtype), True)
     assert packed and packed[0].shape == weight.shape  # the row schedule applied and packed the weight
     torch.testing.assert_close(packed[0], weight, rtol=0, atol=0)  # the same values, laid out by rows
+
+
+# Stride-2 few-channel convs (the stem's shape class), as (C, K, kernel, padding, hw): odd maps,
+# even and odd filters, no padding.
+SPACE_TO_DEPTH_CASES = [(3, 64, 7, 3, 13), (3, 16, 7, 3, 16), (3, 8, 3, 1, 9), (2, 8, 4, 1, 10), (3, 8, 5, 0, 11)]
+
+
+@pytest.mark.parametrize("rows", [1, 0], ids=["rows", "gathered"])  # the interpreter's schedule (configs' on a GPU)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SPACE_TO_DEPTH_CASES, ids=lambda c: "C{}-K{}-k{}-p{}-hw{}".format(*c))
+def test_space_to_depth_convs(case, dtype, rows, monkeypatch):
+    # The stride-2 conv run as a stride-1 conv over 2x2 pixel blocks, with a residual in the epilogue.
+    from fused_resnet.kernels import conv2d, igemm
+
+    monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", True)
+    monkeypatch.setattr(igemm, "INTERPRETER_ROWS", rows)
+    blocked = []
+    real = conv2d.space_to_depth
+    monkeypatch.setattr(conv2d, "space_to_depth", lambda *args: blocked.append(real(*args)) or blocked[-1])
+    c, k, ksize, padding, hw = case
+    x, weight, bias = make_case(2, c, hw, hw, k, ksize, ksize, 1, dtype)
+    p = (hw + 2 * padding - ksize) // 2 + 1
+    check(x, weight, bias, 2, padding, 1, 1, torch.randn(2, k, p, p, device=DEVICE).to(dtype), True)
+    half = (ksize + 1) // 2
+    assert blocked and blocked[0][2].shape == (k, 16, half, half)  # it ran as space-to-depth
+
+
+def test_space_to_depth_is_the_same_conv_in_float64():
+    # The rewrite itself, exactly: blocks of the padded input against the blocked filter, stride 1.
+    from fused_resnet.kernels.igemm import space_to_depth
+
+    for h, w, r, s, pads in [(32, 32, 7, 7, (3, 3, 3, 3)), (15, 17, 7, 7, (3, 3, 3, 3)), (10, 11, 4, 4, (1, 1, 1, 1)),
+                             (12, 13, 5, 3, (0, 0, 2, 2)), (11, 10, 3, 5, (2, 1, 0, 2)), (7, 9, 2, 2, (0, 0, 0, 0))]:
+        x = torch.randn(2, 3, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(5, 3, r, s, dtype=torch.float64)
+        exp = F.conv2d(F.pad(x, (pads[2], pads[3], pads[0], pads[1])), weight, stride=2)
+        to_blocks, like, blocked, padding = space_to_depth(x, weight, list(pads), exp.shape[2:])
+        blocks = to_blocks(x)
+        assert blocks.shape == like.shape and blocks.stride() == like.stride() and padding == [0, 0, 0, 0]
+        assert blocks.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(F.conv2d(blocks, blocked), exp, rtol=0, atol=1e-12)
+
+
+def test_space_to_depth_only_when_asked_and_for_strided_few_channel_convs(monkeypatch):
+    from fused_resnet.kernels import igemm
+
+    stem = torch.empty(64, 3, 7, 7)
+    assert not igemm.space_to_depth_schedule(stem, (2, 2), (1, 1), 1)  # off unless SPACE_TO_DEPTH
+    monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", True)
+    assert igemm.space_to_depth_schedule(stem, (2, 2), (1, 1), 1)
+    assert not igemm.space_to_depth_schedule(stem, (1, 1), (1, 1), 1)  # stride 1: nothing to fold
+    assert not igemm.space_to_depth_schedule(stem, (2, 1), (1, 1), 1)
+    assert not igemm.space_to_depth_schedule(stem, (2, 2), (2, 2), 1)  # dilated
+    assert not igemm.space_to_depth_schedule(torch.empty(64, 1, 7, 7), (2, 2), (1, 1), 3)  # grouped
+    assert igemm.space_to_depth_schedule(torch.empty(64, 4, 7, 7), (2, 2), (1, 1), 1)
+    assert not igemm.space_to_depth_schedule(torch.empty(64, 5, 7, 7), (2, 2), (1, 1), 1)  # 20 channels
+    assert not igemm.space_to_depth_schedule(torch.empty(64, 3, 1, 1), (2, 2), (1, 1), 1)  # one tap
 
 
 def test_row_schedule_only_for_dense_rows():

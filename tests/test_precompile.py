@@ -159,11 +159,13 @@ VARIANTS_SCRIPT = textwrap.dedent("""
     import torch
     from conftest import COMPILED_VARIANTS, VARIANT_TILES, make_case
     from fused_resnet import kernels
-    from fused_resnet.kernels import configs, precompile
+    from fused_resnet.kernels import configs, igemm, precompile
 
     found = []
     for dtype in (torch.float16, torch.float32):
         for c, k, ksize, stride, padding, hw, switches in COMPILED_VARIANTS:
+            switches = dict(switches)
+            igemm.SPACE_TO_DEPTH = bool(switches.pop("SPACE_TO_DEPTH", 0))
             x, weight, bias = make_case(2, c, hw, hw, k, ksize, ksize, 1, dtype, device="cpu")
             with precompile.compile_only("H100") as jobs, configs.override({**VARIANT_TILES, **switches}):
                 kernels.plan_conv2d_bias_act(x, weight, bias, stride, padding, relu=True)(x, None)

@@ -40,6 +40,11 @@ def test_sweep_harness_on_a_cpu(tmp_path, capsys):
             continue
         assert c["model"] == "resnet50-conv" and c["dtype"] == "float16" and c["batch"] == 1 and c["kernel_ms"] > 0
     assert {c["impl"] for c in cases if c.get("layer", "").endswith("+maxpool")} == {"fused", "cudnn_fused", "eager"}
+    # The stem is timed in both plans, as the conv of 3 channels and as space-to-depth over 16.
+    stem = next(c for c in cases if c["impl"] == "fused")
+    assert stem["configs_timed"] == 2 and set(stem["by_plan"]) == {"direct", "space_to_depth"}
+    assert stem["kernel_ms"] == min(stem["by_plan"].values())
+    assert all("by_plan" not in c for c in cases if c["impl"] == "fused" and c is not stem)
     printed = capsys.readouterr().out
     assert "geomean over 4 layers" in printed and "not a measurement" in printed
 
