@@ -16,7 +16,6 @@ about their sum (plus the timing of candidates) when it compiles serially.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -100,12 +99,9 @@ def main(argv=None):
               f"max {max(seconds):.1f} s; {wall:.0f} s wall with {args.workers} worker(s); {failed} failed")
     if args.json:
         command = "python benchmarks/compile_report.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        payload = {"provenance": bench.provenance(command, torch.device("cpu")), "cases": cases,
-                   "summary": {"jobs": len(jobs), "compile_s": round(sum(seconds), 2), "wall_s": round(wall, 2),
-                               "workers": args.workers, "failed": failed}}
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2, default=str)
-            f.write("\n")
+        bench.write_results(args.json, command, torch.device("cpu"), cases,
+                            summary={"jobs": len(jobs), "compile_s": round(sum(seconds), 2), "wall_s": round(wall, 2),
+                                     "workers": args.workers, "failed": failed})
     return cases
 
 

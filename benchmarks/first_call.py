@@ -81,12 +81,9 @@ def main():
                             case["error"] = error
                         cases.append(case)
                         print(json.dumps(case), flush=True)
-    if args.json:
-        payload = {"provenance": bench.provenance("python benchmarks/first_call.py " + " ".join(sys.argv[1:]),
-                                                  torch.device("cuda")), "cases": cases}
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
+                        if args.json:  # after each case, so that a run stopped part-way keeps what it measured
+                            bench.write_results(args.json, "python benchmarks/first_call.py " + " ".join(sys.argv[1:]),
+                                                torch.device("cuda"), cases)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ are printed (and written with provenance to --json).
 
 import argparse
 import copy
-import json
 import statistics
 import time
 
@@ -55,11 +54,8 @@ def main():
     print(f"fused / eager_channels_last: {ratio:.3f}x  (CPU, reference path, 1 thread, {args.rounds} interleaved "
           f"rounds of {args.forwards} forwards, torch {torch.__version__})")
     if args.json:
-        payload = {"provenance": bench.provenance("python benchmarks/host_overhead.py", torch.device("cpu")),
-                   "cases": cases, "fused_over_eager": round(ratio, 4)}
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
+        bench.write_results(args.json, "python benchmarks/host_overhead.py", torch.device("cpu"), cases,
+                            fused_over_eager=round(ratio, 4))
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import argparse
 import concurrent.futures
 import contextlib
 import copy
-import json
 import multiprocessing
 import os
 import statistics
@@ -293,6 +292,12 @@ def main(argv=None):
     else:
         failures = [[] for _ in plans]
     cases, winners, rows = [], {}, []
+    command = "python benchmarks/sweep_convs.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def save(cases):
+        if args.json:
+            bench.write_results(args.json, command, device, cases)
+
     for (name, layer, x_shape, r_shape, chosen), failed in zip(plans, failures):
         if time.perf_counter() - started > args.budget:
             print(f"budget of {args.budget:.0f} s spent: {name} and the layers after it were not timed",
@@ -325,6 +330,7 @@ def main(argv=None):
         base = {impl: kernel_ms(fn, cuda) for impl, fn in baselines(layer, x, r).items()}
         for impl, ms in base.items():
             cases.append({**common, "impl": impl, "kernel_ms": round(ms, 5), "name": name})
+        save(cases + before)  # so far, should the run be stopped
         rows.append((label + (" (space-to-depth)" if (best[1] or {}).get("SPACE_TO_DEPTH") else ""), best[0], base))
         if len(by_plan) > 1:
             print(f"{label}: " + ", ".join(f"{plan} {b[0]:.4f} ms" for plan, b in by_plan.items())
@@ -346,12 +352,7 @@ def main(argv=None):
               + ("" if cuda else " (CPU, interpreted: a check of the harness, not a measurement)"))
     for c in network:
         print(f"network {c['impl']:<24}{c['when']:<8}{c['median_ms']:>10.3f} ms")
-    if args.json:
-        payload = {"provenance": bench.provenance("python benchmarks/sweep_convs.py " + " ".join(argv or sys.argv[1:]),
-                                                  device), "cases": cases}
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
+    save(cases)
     return cases
 
 

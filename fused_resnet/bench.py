@@ -13,6 +13,7 @@ An implementation is a name and a callable that runs one batch and returns the l
 
 import copy
 import datetime
+import json
 import os
 import platform
 import statistics
@@ -284,6 +285,16 @@ def provenance(command: str, device: torch.device) -> dict:
         "cpu": platform.processor() or platform.machine(),
         "path": describe_path(device),
     }
+
+
+def write_results(path, command: str, device: torch.device, cases, **extra):
+    """Write a results file: {"provenance", "cases", **extra} as JSON at `path`. Scripts that run
+    long call it after each case, so that a run stopped part-way still leaves what it measured."""
+    payload = {"provenance": provenance(command, device), "cases": cases, **extra}
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=str)
+        f.write("\n")
+    return payload
 
 
 def write_between_markers(path, begin, end, text):
