@@ -87,7 +87,11 @@ def pytest_sessionfinish(session, exitstatus):
     prov = provenance("pytest " + shlex.join(sys.argv[1:]), DEVICE)
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", prov["gpu"] or "cpu").strip("-").lower()
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"{prov['date'][:10]}-{gpu}-{prov['commit'] or 'nocommit'}.json")
+    stem = os.path.join(out_dir, f"{prov['date'][:10]}-{gpu}-{prov['commit'] or 'nocommit'}")
+    path, n = f"{stem}.json", 1
+    while os.path.exists(path):  # another run of the same day and commit: keep both
+        n += 1
+        path = f"{stem}-{n}.json"
     with open(path, "w") as f:
         json.dump({"provenance": prov, "cases": _CASES}, f, indent=2)
         f.write("\n")

@@ -54,3 +54,25 @@ def test_sweep_needs_a_gpu_unless_told_cpu(capsys):
         pytest.skip("there is a GPU here")
     with pytest.raises(SystemExit, match="no CUDA GPU"):
         load_sweep().main(["--limit", "1"])
+
+
+def test_the_gpu_run_script_asks_only_for_options_that_exist(tmp_path):
+    # benchmarks/gpu_run.sh is run where GPU time is scarce: a misspelt option must fail here first.
+    import re
+    import subprocess
+    import sys
+
+    script = (ROOT / "benchmarks" / "gpu_run.sh").read_text()
+    commands = re.findall(r"python3 (benchmarks/\w+\.py)((?:[^\n]*\\\n)*[^\n]*)", script)
+    assert {c[0] for c in commands} == {"benchmarks/sweep_convs.py", "benchmarks/first_call.py"}
+    for path, args in commands:
+        helped = subprocess.run([sys.executable, str(ROOT / path), "--help"], capture_output=True, text=True,
+                                timeout=120)
+        assert helped.returncode == 0, helped.stderr
+        for option in re.findall(r"(--[\w-]+)", args):
+            assert option in helped.stdout, (path, option)
+    stages = re.findall(r"^  (\w+)\)$", script, flags=re.M)
+    assert stages == ["check", "sweep", "host", "network", "first"]
+    wrong = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "no-such-stage", str(tmp_path)],
+                           capture_output=True, text=True, timeout=120)
+    assert wrong.returncode == 2 and "unknown stage" in wrong.stderr

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The measurements a GPU machine is for, in stages that each take under ten minutes on an H100:
+#
+#     bash benchmarks/gpu_run.sh STAGE [OUT_DIR]      (from the repository root)
+#
+#   check    install in place without network, then the gpu-marked tests (compiled kernels)
+#   sweep    benchmarks/sweep_convs.py: every config on every distinct resnet50 conv against cuDNN,
+#            the winners written to kernels/tuned_configs.json (a copy goes to OUT_DIR), and the
+#            whole resnet50 timed before and after
+#   host     host time per forward and batch-1 latency, resnet50 fp16 (test_host.py, test_network.py)
+#   network  the whole resnet50 in fp16 at batch 256 beside eager, torch.compile and cuDNN
+#   first    first forward of resnet50 fp16 at batch 256 in a new process, cold and warm caches
+#
+# Results files (JSON with provenance) go to OUT_DIR, default benchmarks/results/; each stage
+# prints a short table last. Stages write as they go, so one stopped part-way keeps what it measured.
+# Afterwards: `python benchmarks/report.py --readme README.md` renders the README's results table.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?"usage: bash benchmarks/gpu_run.sh check|sweep|host|network|first [OUT_DIR]"}
+out=${2:-benchmarks/results}
+mkdir -p "$out"
+gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
+tag="$(date -u +%F)-$gpu"
+
+case "$stage" in
+  check)
+    python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+    python3 -m pytest -m gpu -q -p no:cacheprovider -rf --junitxml "$out/$tag-gpu-tests.xml" 2>&1 | tail -40
+    ;;
+  sweep)
+    python3 benchmarks/sweep_convs.py --json "$out/$tag-sweep.json" --write-table --budget 300 \
+      --network fused cudnn_fused eager_channels_last
+    cp kernels/tuned_configs.json "$out/tuned_configs.json"
+    ;;
+  host)
+    python3 -m pytest benchmarks/test_host.py benchmarks/test_network.py -q -p no:cacheprovider --results "$out" \
+      -k "test_host or (resnet50 and float16 and not bfloat16 and b1)" 2>&1 | tail -40
+    ;;
+  network)
+    python3 -m pytest benchmarks/test_network.py -q -p no:cacheprovider --results "$out" \
+      -k "resnet50 and float16 and not bfloat16 and b256" 2>&1 | tail -40
+    ;;
+  first)
+    python3 benchmarks/first_call.py --arch resnet50 --dtype float16 --how warmup forward --timeout 240 \
+      --json "$out/$tag-first-call.json"
+    ;;
+  *)
+    echo "gpu_run.sh: unknown stage '$stage' (check, sweep, host, network, first)" >&2
+    exit 2
+    ;;
+esac
