@@ -520,7 +520,10 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
         dil_h=dilation[0], dil_w=dilation[1],
         stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
         stride_wk=weight.stride(0), stride_wc=weight.stride(1),
-        stride_wr=weight.stride(2), stride_ws=weight.stride(3),
+        # A tap axis of size 1 only ever takes index 0: its stride passes as 0, which Triton (it
+        # specializes integers divisible by 16) knows to keep offsets aligned. As torch lays out a
+        # 1x1 weight, these strides are 1, and its loads went one element at a time.
+        stride_wr=weight.stride(2) if r > 1 else 0, stride_ws=weight.stride(3) if s > 1 else 0,
         stride_yn=y_strides[0], stride_yk=y_strides[1], stride_yp=y_strides[2], stride_yq=y_strides[3],
         R=r, S=s,
         PADDED=any(v != 0 for v in padding),

@@ -136,6 +136,7 @@ ASM_MARKERS = {
     "async_copies": "cp.async.cg",  # asynchronous gathered copies: software-pipelined loads
     "wgmma": "wgmma.mma_async",  # Hopper's asynchronous tensor-core MMA
     "mma": "mma.sync",  # Ampere-style tensor-core MMA
+    "scalar_loads_16": "ld.global.b16",  # 2-byte elements loaded one at a time (fp16/bf16): unvectorized
 }
 
 

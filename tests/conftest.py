@@ -106,6 +106,7 @@ COMPILED_VARIANTS = [
     (64, 64, 3, 1, 1, 14, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}),
     (64, 64, 3, 1, 1, 14, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 8}),
     (128, 64, 3, 1, 2, 9, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 4}),
+    (64, 256, 1, 1, 0, 14, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}),
     (64, 256, 1, 1, 0, 14, {"FLAT_LOOP": 1, "USE_TMA": 1, "BOX_W": 0}),
     (3, 64, 7, 2, 3, 29, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0, "ROWS": 1}),
     (3, 64, 7, 2, 3, 29, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0, "ROWS": 0}),
