@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import triton
-from fused_resnet.kernels import configs, igemm
+from fused_resnet.kernels import configs, conv2d_maxpool, igemm
 from fused_resnet.kernels._checks import pair
 from fused_resnet.kernels.igemm import (
     FLAT_K_BELOW,
@@ -140,15 +140,18 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     if row_schedule(x, layer.weight, layer.dilation, layer.groups):
         # The few-channel stem: its reduction per filter row over contiguous runs, or gathered.
         variants = [{"FLAT_LOOP": 1, "ROWS": rows} for rows in (1, 0)]
+    pooled = isinstance(layer, FusedConv2dMaxPool)
+    acc_limit = conv2d_maxpool.MAX_ACC_PER_THREAD if pooled else configs.MAX_ACC_PER_THREAD
     if blocked:
         # The space-to-depth plan: 16 channels over ceil(R/2) x ceil(S/2) taps, in either schedule.
         rows = [{"FLAT_LOOP": 1, "ROWS": rows} for rows in (1, 0)]
         if not isinstance(layer, FusedConv2dMaxPool):
             rows = [{**v, "USE_TMA": 0, "BOX_W": 0} for v in rows]
         blocked = [{**c, "SPACE_TO_DEPTH": 1} for c in configs.sweep_candidates(
-            m, k, 16 * triton.cdiv(rr, 2) * triton.cdiv(ss, 2), element, variants=rows)]
+            m, k, 16 * triton.cdiv(rr, 2) * triton.cdiv(ss, 2), element, variants=rows, max_acc_per_thread=acc_limit)]
     if isinstance(layer, FusedConv2dMaxPool):
-        return configs.sweep_candidates(m, k // layer.groups, reduction, element, variants=variants) + blocked
+        return configs.sweep_candidates(m, k // layer.groups, reduction, element, variants=variants,
+                                        max_acc_per_thread=acc_limit) + blocked
     variants = [{**v, "USE_TMA": 0, "BOX_W": 0} for v in variants]
     if dense_1x1(x, layer.weight, layer.stride, layer.padding, layer.dilation, layer.groups):
         variants.append({"FLAT_LOOP": 1, "USE_TMA": 1, "BOX_W": 0})

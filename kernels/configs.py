@@ -176,11 +176,25 @@ def _config(bm, bn, bk, stages, warps, switches):
             "num_stages": stages}
 
 
-def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory: int = 228 * 1024, switches=None):
+# The most fp32 accumulator elements (BLOCK_M * BLOCK_N / threads) a config may give each thread.
+# Compiled for an H100 (ptxas -v), one-accumulator convs do not spill registers at 128; the stem's
+# conv+max-pool kernel, which holds two such tiles (the running maximum and the conv tile) across
+# a loop over the pooling taps, spills at 64 (128x64 over 4 warps: 712 bytes; 256x64 over 8: 688)
+# and not at 32: its launches pass 32.
+MAX_ACC_PER_THREAD = 128
+
+
+def _fits_registers(bm, bn, warps, max_acc_per_thread):
+    return bm * bn <= max_acc_per_thread * 32 * warps
+
+
+def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory: int = 228 * 1024, switches=None,
+               max_acc_per_thread: int = MAX_ACC_PER_THREAD):
     """At most four configs for a GEMM of m rows, n columns and a reduction this long, from its
     shape class: wide tiles for large memory-bound layers, small ones where few tiles exist,
-    smaller K tiles and fewer stages for 4-byte (fp32) operands. Each fits `shared_memory`;
-    `switches` (the kernel's own, such as FLAT_LOOP) are added to each."""
+    smaller K tiles and fewer stages for 4-byte (fp32) operands. Each fits `shared_memory` and
+    gives no thread more than `max_acc_per_thread` accumulator elements; `switches` (the kernel's
+    own, such as FLAT_LOOP) are added to each."""
     fp32 = element_size >= 4
     if fp32:
         shapes = [(128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4), (32, 64, 32, 2, 4)]
@@ -190,6 +204,8 @@ def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory:
         shapes = [(64, 64, 64, 4, 4), (128, 64, 64, 3, 4), (64, 128, 32, 4, 4), (32, 64, 64, 4, 4)]
     kept = []
     for bm, bn, bk, stages, warps in _capped(shapes, m, n, reduction):
+        if not _fits_registers(bm, bn, warps, max_acc_per_thread):
+            continue
         while (bm + bn) * bk * element_size * stages > shared_memory and stages > 1:
             stages -= 1
         config = _config(bm, bn, bk, stages, warps, switches or {})
@@ -208,13 +224,16 @@ SWEEP_16BIT = [
 SWEEP_FP32 = [(128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4), (128, 128, 16, 3, 8), (32, 64, 32, 2, 4)]
 
 
-def sweep_candidates(m, n, reduction, element_size, shared_memory=228 * 1024, variants=({"FLAT_LOOP": 1},)):
+def sweep_candidates(m, n, reduction, element_size, shared_memory=228 * 1024, variants=({"FLAT_LOOP": 1},),
+                     max_acc_per_thread=MAX_ACC_PER_THREAD):
     """Every config of the sweep's list for this GEMM: tiles capped to the layer, pruned to what
-    fits `shared_memory`, once per kernel variant in `variants` (the kernel's own switches, such
-    as FLAT_LOOP and USE_TMA)."""
+    fits `shared_memory` and registers (as candidates()), once per kernel variant in `variants`
+    (the kernel's own switches, such as FLAT_LOOP and USE_TMA)."""
     kept = []
     for bm, bn, bk, stages, warps in _capped(SWEEP_FP32 if element_size >= 4 else SWEEP_16BIT, m, n, reduction):
         if (bm + bn) * bk * element_size * stages > shared_memory:
+            continue
+        if not _fits_registers(bm, bn, warps, max_acc_per_thread):
             continue
         for variant in variants:
             config = _config(bm, bn, bk, stages, warps, variant)

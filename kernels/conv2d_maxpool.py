@@ -110,6 +110,10 @@ def _conv2d_bias_act_maxpool_kernel(
 # Launcher
 # ----------------------------------------------------------------------------------------------
 
+# Accumulator elements per thread that a config may give this kernel: it holds two tiles (the
+# running maximum and the conv tile under one pooling tap), and spills registers at 64 each.
+MAX_ACC_PER_THREAD = 32
+
 
 def _check_pool_args(conv_shape, pool_size, pool_stride, pool_padding):
     if len(pool_size) != 2 or len(pool_stride) != 2 or len(pool_padding) != 2:
@@ -162,7 +166,7 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, p
         weight = row_weight(weight)
     launch = conv_launch(
         "conv2d_bias_act_maxpool", _conv2d_bias_act_maxpool_kernel, x, weight, bias, out_shape, n * ph * pw,
-        stride, padding, dilation, groups, relu, traceable=traceable, rows=rows,
+        stride, padding, dilation, groups, relu, traceable=traceable, rows=rows, max_acc_per_thread=MAX_ACC_PER_THREAD,
         P=p, Q=q, PH=ph, PW=pw, POOL_R=pool_size[0], POOL_S=pool_size[1],
         pool_stride_h=pool_stride[0], pool_stride_w=pool_stride[1],
         pool_pad_h=pool_padding[0], pool_pad_w=pool_padding[1],

@@ -497,7 +497,8 @@ def _ensure_descriptor_allocator():
 
 
 def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, dilation, groups, relu, *,
-                extra_reduction=0, traceable=False, dense=None, boxes=None, rows=False, **extra):
+                extra_reduction=0, traceable=False, dense=None, boxes=None, rows=False,
+                max_acc_per_thread=configs.MAX_ACC_PER_THREAD, **extra):
     """A KernelLaunch of a kernel built on conv_tile over M = m output rows into a channels_last
     output of `out_shape`, for inputs laid out as `x`: called as launch(x, weight, bias, *pointers, y).
 
@@ -506,6 +507,8 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     this conv may take it (dense_1x1), which adds the config switch USE_TMA. `boxes` likewise for
     box tiles (box_schedule; the config's BOX_W, 0 for rows of the flattened output). `rows`: `weight` is
     row_weight()'s packing (row_schedule applies), and the config switch ROWS picks the row schedule.
+    `max_acc_per_thread`: the candidates' limit on accumulator elements per thread (lower for a
+    kernel that holds more than one accumulator tile; see configs.MAX_ACC_PER_THREAD).
     """
     if m >= 2**31:
         raise ValueError(f"{name}: {m} output rows; at most 2**31 - 1 are supported")
@@ -580,7 +583,8 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     return backend.KernelLaunch(kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable, op=name,
                                 key=configs.shape_key(groups=groups, bias=bias is not None, **sizes),
                                 candidates=configs.candidates(m, kg, reduction, x.element_size(), smem,
-                                                              switches=switches))
+                                                              switches=switches,
+                                                              max_acc_per_thread=max_acc_per_thread))
 
 
 def gather_layout(x):

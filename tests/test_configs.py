@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 from conftest import DEVICE, HAS_CUDA
-from fused_resnet.kernels import backend, configs
+from fused_resnet.kernels import backend, configs, precompile
 from fused_resnet.kernels.add_relu import _add_relu_kernel
 
 from fused_resnet import fuse, kernels, warmup
@@ -199,3 +199,24 @@ def test_sweep_candidates_cover_both_loops_and_fit():
     assert max(c["BLOCK_N"] for c in found) == 64  # capped to the layer's 64 output channels
     fp32 = configs.sweep_candidates(256 * 3136, 64, 64, 4)
     assert len(fp32) < len(found) / 2 and max(c["BLOCK_K"] for c in fp32) <= 32
+
+
+def test_the_stems_pooled_kernel_gets_no_config_that_spills():
+    # Its two accumulator tiles spill registers at 64 fp32 elements a thread (compiled for an H100);
+    # its launches ask for candidates of at most conv2d_maxpool.MAX_ACC_PER_THREAD, the sweep too.
+    from fused_resnet.kernels import conv2d_maxpool
+
+    limit = conv2d_maxpool.MAX_ACC_PER_THREAD
+    assert limit * 2 <= 64
+    m = 256 * 56 * 56
+    for found in (configs.candidates(m, 64, 147, 2, max_acc_per_thread=limit),
+                  configs.sweep_candidates(m, 64, 147, 2, max_acc_per_thread=limit)):
+        assert found and all(c["BLOCK_M"] * c["BLOCK_N"] <= limit * 32 * c["num_warps"] for c in found)
+    # the plain conv's lists are not cut: they keep tiles of 128 elements a thread
+    wide = configs.sweep_candidates(m, 256, 64, 2)
+    assert max(c["BLOCK_M"] * c["BLOCK_N"] // (32 * c["num_warps"]) for c in wide) == configs.MAX_ACC_PER_THREAD
+    with precompile.compile_only("H100") as jobs:
+        x = torch.empty(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+        weight = torch.randn(64, 3, 7, 7).contiguous(memory_format=torch.channels_last)
+        kernels.plan_conv2d_bias_act_maxpool(x, weight, None, 2, 3, pool_size=3, pool_stride=2, pool_padding=1)(x)
+    assert jobs and all(j.config["BLOCK_M"] * j.config["BLOCK_N"] <= limit * 32 * j.config["num_warps"] for j in jobs)
