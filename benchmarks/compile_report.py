@@ -9,7 +9,8 @@ kernels its first call would compile (the config table's entry, else each candid
 time) and nothing runs. The jobs are then compiled for that GPU's architecture into an empty Triton
 cache, timed one by one, and each compiled kernel's PTX is searched for the markers of
 kernels.precompile.ASM_MARKERS: asynchronous copies (software-pipelined loads), tensor-descriptor
-(TMA) copies, and the tensor-core instruction.
+(TMA) copies, the tensor-core instruction, unvectorized 2-byte loads; ptxas -v gives its registers
+and spill stores a thread.
 
 Compile seconds are this machine's CPU, one job a process: a cold first forward on a GPU pays
 about their sum (plus the timing of candidates) when it compiles serially.
@@ -76,10 +77,11 @@ def main(argv=None):
     # An empty Triton cache of its own, so that every compile is a cold one.
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fused_resnet_compile_report_")
     start = time.perf_counter()
-    results = precompile.compile_jobs(jobs, workers=args.workers)
+    results = precompile.compile_jobs(jobs, workers=args.workers, registers=True)
     wall = time.perf_counter() - start
     cases = []
-    print(f"{'launch':<40}{'config':<34}{'s':>6}{'smem KB':>9}{'async':>7}{'tma':>5}{'wgmma':>7}{'mma':>5}")
+    print(f"{'launch':<40}{'config':<34}{'s':>6}{'smem KB':>9}{'regs':>6}{'spill B':>8}{'async':>7}{'tma':>5}"
+          f"{'wgmma':>7}{'mma':>5}")
     for job, result in zip(jobs, results):
         case = {"arch": args.arch, "dtype": args.dtype, "batch": args.batch, "target": args.gpu,
                 "tf32": not args.no_tf32 if args.dtype == "float32" else None,
@@ -89,7 +91,8 @@ def main(argv=None):
             print(f"{describe(job):<40}{config_text(job.config):<34}  failed: {result['error'][:80]}")
             continue
         print(f"{describe(job):<40}{config_text(job.config):<34}{result['seconds']:>6.1f}"
-              f"{result['shared'] / 1024:>9.0f}{result['async_copies']:>7}{result['tma_loads']:>5}"
+              f"{result['shared'] / 1024:>9.0f}{result['registers']:>6}{result['spill_bytes']:>8}"
+              f"{result['async_copies']:>7}{result['tma_loads']:>5}"
               f"{result['wgmma']:>7}{result['mma']:>5}")
     seconds = [r["seconds"] for r in results if "error" not in r]
     failed = len(results) - len(seconds)

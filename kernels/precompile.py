@@ -30,6 +30,7 @@ import pickle
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -140,12 +141,13 @@ ASM_MARKERS = {
 }
 
 
-def compile_job(job: CompileJob) -> dict:
+def compile_job(job: CompileJob, registers: bool = False) -> dict:
     """Compile `job` in this process, into Triton's cache (a hit if it is there already).
 
     Returns {"seconds", "shared", "num_warps", "num_stages"} and counts of the PTX markers in
     ASM_MARKERS: whether the loads are asynchronous (pipelined), through tensor descriptors,
-    and which tensor-core instruction the dot became."""
+    and which tensor-core instruction the dot became. With `registers`, also "registers" and
+    "spill_bytes" (stores) a thread, from running Triton's ptxas on the PTX once more with -v."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -170,13 +172,33 @@ def compile_job(job: CompileJob) -> dict:
     result = {"seconds": seconds, "shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
               "num_stages": compiled.metadata.num_stages}
     result.update({name: len(re.findall(re.escape(marker), ptx)) for name, marker in ASM_MARKERS.items()})
+    if registers:
+        result.update(_register_use(ptx, job.capability))
     return result
 
 
-def compile_jobs(jobs, *, workers: int = 1, progress=None) -> list:
+def _register_use(ptx: str, capability: int) -> dict:
+    """{"registers", "spill_bytes"} of a thread of the kernel in `ptx`, as ptxas -v reports them."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([get_ptxas(capability).path, f"-arch={arch}", "-v", source, "-o",
+                              os.path.join(folder, "kernel.cubin")], capture_output=True, text=True, check=True).stderr
+    used = re.search(r"Used (\d+) registers", log)
+    spilled = re.search(r"(\d+) bytes spill stores", log)
+    return {"registers": int(used.group(1)) if used else None,
+            "spill_bytes": int(spilled.group(1)) if spilled else None}
+
+
+def compile_jobs(jobs, *, workers: int = 1, progress=None, registers: bool = False) -> list:
     """Compile every job (in `workers` child processes when more than one), each into Triton's cache.
 
-    Returns compile_job's result per job, in order; a job that fails to compile gives
+    Returns compile_job's result per job (with `registers`, their register use too), in order; a
+    job that fails to compile gives
     {"error": message} instead of raising, and the others go on. `progress(message)` hears of
     each job as it finishes.
 
@@ -196,10 +218,10 @@ def compile_jobs(jobs, *, workers: int = 1, progress=None) -> list:
 
     if workers <= 1 or len(jobs) <= 1:
         for i, job in enumerate(jobs):
-            done(i, _compile_or_error(job))
+            done(i, _compile_or_error(job, registers))
         return results
     shares = [list(enumerate(jobs))[w::workers] for w in range(min(workers, len(jobs)))]
-    threads = [threading.Thread(target=_run_worker, args=(share, done)) for share in shares]
+    threads = [threading.Thread(target=_run_worker, args=(share, done, registers)) for share in shares]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -210,12 +232,12 @@ def compile_jobs(jobs, *, workers: int = 1, progress=None) -> list:
     return results
 
 
-def _run_worker(share, done):
+def _run_worker(share, done, registers):
     """One child process compiling `share` ([(index, job)]), each result reported to done(index, result)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-c", "from fused_resnet.kernels.precompile import _serve; _serve()"]
     with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) as child:
-        pickle.dump(share, child.stdin)
+        pickle.dump((share, registers), child.stdin)
         child.stdin.close()
         for _ in share:
             try:
@@ -226,16 +248,18 @@ def _run_worker(share, done):
 
 
 def _serve():
-    """A compile worker's main: [(index, job)] pickled on stdin, one (index, result) pickled on stdout per job."""
+    """A compile worker's main: ([(index, job)], registers) pickled on stdin, one (index, result)
+    pickled on stdout per job."""
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # anything else printed must not mix with the results
-    for index, job in pickle.load(sys.stdin.buffer):
-        pickle.dump((index, _compile_or_error(job)), out)
+    share, registers = pickle.load(sys.stdin.buffer)
+    for index, job in share:
+        pickle.dump((index, _compile_or_error(job, registers)), out)
         out.flush()
 
 
-def _compile_or_error(job):
+def _compile_or_error(job, registers=False):
     try:
-        return compile_job(job)
+        return compile_job(job, registers)
     except Exception as err:  # one config that does not compile must not stop the others
         return {"error": f"{type(err).__name__}: {err}"[:500]}

@@ -240,6 +240,8 @@ def test_compile_report(tmp_path):
     # The stem conv+maxpool comes first, in the row schedule, compiled twice (two candidate configs).
     assert [c["op"] for c in cases] == ["conv2d_bias_act_maxpool"] * 2
     assert all(c["config"]["ROWS"] == 1 and c["seconds"] > 0 and c["wgmma"] > 0 for c in cases), cases
+    # ptxas's count of a thread's registers; the pooled kernel's candidates fit without spilling.
+    assert all(0 < c["registers"] <= 255 and c["spill_bytes"] == 0 for c in cases), cases
     assert payload["summary"]["jobs"] == 2 and payload["summary"]["failed"] == 0
     assert "compile_report.py --arch resnet18" in payload["provenance"]["command"]
     assert "2 kernels for H100 (resnet18, float16, batch 1)" in done.stdout
