@@ -10,14 +10,16 @@ shortcuts), in the shapes the fused model launches:
    matmul tutorial's, both main loops, and for dense 1x1 convs the tensor-descriptor read, for
    stride-1 convs with taps box tiles read through 4-D descriptors, for the 3-channel stem the
    row and the gathered schedules, and the same again for its space-to-depth plan (a 4x4/1 conv
-   over 16 channels: kernels.igemm.space_to_depth), pruned to the layer and to shared memory) is
-   compiled in parallel by worker processes that share Triton's kernel cache with this one;
+   over 16 channels: kernels.igemm.space_to_depth) and for the stem's conv without its pooling,
+   which torch's max pooling then follows (fuse(stem_maxpool=False)), pruned to the layer, to
+   shared memory and registers) is compiled in parallel by worker processes that share Triton's
+   kernel cache with this one;
 2. each is timed here by CUDA-graph replay (10 launches in a graph, kernel time = replay / 10),
    as is cuDNN's fused op on the same operands (`cudnn_convolution_relu` or `_add_relu`; for a
    merged shortcut, cuDNN's shortcut conv then its conv+add+ReLU; for the stem, cuDNN's
    conv+bias+ReLU then max pooling, and eager's conv, BatchNorm, ReLU and pooling);
 3. a table of the best config against cuDNN per layer is printed (for the stem, the best of each
-   plan too, which settles igemm.SPACE_TO_DEPTH), and the cases
+   plan too, which settles igemm.SPACE_TO_DEPTH and fuse's stem_maxpool), and the cases
    {"model": "resnet50-conv", "layer", "impl": "fused" | "cudnn_fused" | "eager", "dtype", "batch",
    "kernel_ms", "config"} are written with the run's provenance (the stem's fused case adds
    "by_plan"); `--write-table` merges the winners (of each plan) into kernels/tuned_configs.json,
@@ -109,27 +111,45 @@ def operands(layer, x_shape, r_shape, dtype, device):
     return x, r
 
 
-def plan_of(layer, x, r):
+def plan_of(layer, x, r, pool_apart=False):
     if isinstance(layer, FusedConv2dMaxPool):
-        plan = kernels.plan_conv2d_bias_act_maxpool(x, **layer._op_args())
+        args = layer._op_args()
+        if pool_apart:  # the stem as fuse(stem_maxpool=False) runs it: the conv kernel, then torch's max pooling
+            pool = [args.pop(name) for name in ("pool_size", "pool_stride", "pool_padding")]
+            plan = kernels.plan_conv2d_bias_act(x, **args)
+            return lambda: F.max_pool2d(plan(x, None), *pool)
+        plan = kernels.plan_conv2d_bias_act_maxpool(x, **args)
         return lambda: plan(x)
     plan = layer._build_plan(x, r)
     return lambda: plan(x, r)
 
 
+# Keys a sweep config may carry that choose the plan rather than the kernel's config (see `forced`):
+# the stem as space-to-depth (igemm.SPACE_TO_DEPTH), and the stem's pooling apart from its conv.
+PLAN_SWITCHES = ("SPACE_TO_DEPTH", "POOL_APART")
+
+
+def plan_name(config):
+    config = config or {}
+    return ("pool_apart_" if config.get("POOL_APART") else "") + (
+        "space_to_depth" if config.get("SPACE_TO_DEPTH") else "direct")
+
+
 def sweep_configs(layer, x_shape, dtype, cuda):
-    """The configs the sweep times for a layer (one interpreter config on a CPU). For the stem, also
-    the configs of its space-to-depth plan, marked {"SPACE_TO_DEPTH": 1} (see `forced`)."""
+    """The configs the sweep times for a layer (one interpreter config on a CPU). For the stem
+    (conv + max pooling) also those of its other plans: as space-to-depth, marked
+    {"SPACE_TO_DEPTH": 1}, and as the conv kernel followed by torch's max pooling, marked
+    {"POOL_APART": 1}, each way."""
     fits = space_to_depth_fits(layer.weight, pair("stride", layer.stride), pair("dilation", layer.dilation),
                                layer.groups)
-    blocked = [{"SPACE_TO_DEPTH": 1}] if fits else []
+    pooled = isinstance(layer, FusedConv2dMaxPool)
     if not cuda:
-        return [None] + blocked
+        plans = [None] + ([{"SPACE_TO_DEPTH": 1}] if fits else [])
+        return plans + ([{**(c or {}), "POOL_APART": 1} for c in plans] if pooled else [])
     k, cg, rr, ss = layer.weight.shape
+    kg = k // layer.groups
     n, _, h, w = x_shape
-    m = n * h * w // (layer.stride[0] * layer.stride[1])
-    if isinstance(layer, FusedConv2dMaxPool):
-        m //= 4
+    m = n * h * w // (layer.stride[0] * layer.stride[1])  # conv output pixels
     flat_k = cg < FLAT_K_BELOW
     reduction = cg * rr * ss if flat_k else cg
     loops = (1,) if flat_k or rr * ss == 1 else (0, 1)
@@ -140,22 +160,28 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     if row_schedule(x, layer.weight, layer.dilation, layer.groups):
         # The few-channel stem: its reduction per filter row over contiguous runs, or gathered.
         variants = [{"FLAT_LOOP": 1, "ROWS": rows} for rows in (1, 0)]
-    pooled = isinstance(layer, FusedConv2dMaxPool)
-    acc_limit = conv2d_maxpool.MAX_ACC_PER_THREAD if pooled else configs.MAX_ACC_PER_THREAD
-    if blocked:
-        # The space-to-depth plan: 16 channels over ceil(R/2) x ceil(S/2) taps, in either schedule.
-        rows = [{"FLAT_LOOP": 1, "ROWS": rows} for rows in (1, 0)]
-        if not isinstance(layer, FusedConv2dMaxPool):
-            rows = [{**v, "USE_TMA": 0, "BOX_W": 0} for v in rows]
-        blocked = [{**c, "SPACE_TO_DEPTH": 1} for c in configs.sweep_candidates(
-            m, k, 16 * triton.cdiv(rr, 2) * triton.cdiv(ss, 2), element, variants=rows, max_acc_per_thread=acc_limit)]
-    if isinstance(layer, FusedConv2dMaxPool):
-        return configs.sweep_candidates(m, k // layer.groups, reduction, element, variants=variants,
-                                        max_acc_per_thread=acc_limit) + blocked
-    variants = [{**v, "USE_TMA": 0, "BOX_W": 0} for v in variants]
+    conv_switches = {"USE_TMA": 0, "BOX_W": 0}
+
+    def blocked(rows, switches, limit):
+        """The space-to-depth plan's configs: 16 channels over ceil(R/2) x ceil(S/2) taps, both schedules."""
+        if not fits:
+            return []
+        schedules = [{"FLAT_LOOP": 1, "ROWS": r, **switches} for r in (1, 0)]
+        return [{**c, "SPACE_TO_DEPTH": 1} for c in configs.sweep_candidates(
+            rows, kg, 16 * triton.cdiv(rr, 2) * triton.cdiv(ss, 2), element, variants=schedules,
+            max_acc_per_thread=limit)]
+
+    if pooled:
+        limit = conv2d_maxpool.MAX_ACC_PER_THREAD
+        together = configs.sweep_candidates(m // 4, kg, reduction, element, variants=variants, max_acc_per_thread=limit)
+        together += blocked(m // 4, {}, limit)
+        apart = configs.sweep_candidates(m, kg, reduction, element, variants=[{**v, **conv_switches} for v in variants])
+        apart += blocked(m, conv_switches, configs.MAX_ACC_PER_THREAD)
+        return together + [{**c, "POOL_APART": 1} for c in apart]
+    variants = [{**v, **conv_switches} for v in variants]
     if dense_1x1(x, layer.weight, layer.stride, layer.padding, layer.dilation, layer.groups):
         variants.append({"FLAT_LOOP": 1, "USE_TMA": 1, "BOX_W": 0})
-    chosen = configs.sweep_candidates(m, k // layer.groups, reduction, element, variants=variants)
+    chosen = configs.sweep_candidates(m, kg, reduction, element, variants=variants)
     if box_schedule(x, layer.weight, layer.stride, layer.groups):
         # Box tiles through 4-D descriptors: each pipelined pointer config again, as the box that fits the map best.
         stride, padding, dilation, _ = normalize_args(x, layer.weight, layer.stride, layer.padding, layer.dilation,
@@ -163,17 +189,17 @@ def sweep_configs(layer, x_shape, dtype, cuda):
         p, q = output_size(h, w, rr, ss, stride, padding, dilation)
         chosen += [{**c, "BOX_W": box_width(p, q, c["BLOCK_M"])} for c in chosen
                    if c["FLAT_LOOP"] == 1 and c["USE_TMA"] == 0]
-    return chosen + blocked
+    return chosen + blocked(m, conv_switches, configs.MAX_ACC_PER_THREAD)
 
 
 @contextlib.contextmanager
 def forced(config):
-    """configs.override(config) for the plans built inside, with the plan-level switch that the
-    sweep's configs may carry, SPACE_TO_DEPTH (igemm's, not a kernel argument), set meanwhile.
-    Yields the table entries the plans looked up."""
-    config = dict(config or {})
+    """configs.override(config) for the plans built inside, less the PLAN_SWITCHES it may carry;
+    SPACE_TO_DEPTH (igemm's, not a kernel argument) is set meanwhile. Yields the table entries the
+    plans looked up."""
     saved = igemm.SPACE_TO_DEPTH
-    igemm.SPACE_TO_DEPTH = bool(config.pop("SPACE_TO_DEPTH", 0))
+    igemm.SPACE_TO_DEPTH = bool((config or {}).get("SPACE_TO_DEPTH"))
+    config = {k: v for k, v in (config or {}).items() if k not in PLAN_SWITCHES}
     try:
         with configs.override(config) as asked:
             yield asked
@@ -228,7 +254,7 @@ def _compile_worker(task):
     for config in chosen:
         try:
             with forced(config):
-                plan_of(layer, x, r)()
+                plan_of(layer, x, r, pool_apart=bool(config.get("POOL_APART")))()
         except Exception as err:  # a config that does not compile is skipped, and said so
             failed.append((config, f"{type(err).__name__}: {err}"[:200]))
     torch.cuda.synchronize()
@@ -315,10 +341,10 @@ def main(argv=None):
             if config in bad:
                 continue
             with forced(config) as asked:
-                fn = plan_of(layer, x, r)
+                fn = plan_of(layer, x, r, pool_apart=bool((config or {}).get("POOL_APART")))
                 fn()  # binds the config
             ms = kernel_ms(fn, cuda)
-            plan = "space_to_depth" if (config or {}).get("SPACE_TO_DEPTH") else "direct"
+            plan = plan_name(config)
             if plan not in by_plan or ms < by_plan[plan][0]:
                 by_plan[plan] = (ms, config, list(asked))
         best = min(by_plan.values(), key=lambda b: b[0])
@@ -331,17 +357,18 @@ def main(argv=None):
         cases.append(fused)
         for _, config, entries in by_plan.values():  # each plan's winner, under its own key
             for entry in entries:
-                winners[entry] = {k: v for k, v in (config or {}).items() if k != "SPACE_TO_DEPTH"}
+                winners[entry] = {k: v for k, v in (config or {}).items() if k not in PLAN_SWITCHES}
         if args.write_table and cuda and winners:
             configs.write_table(winners)  # layer by layer, should the run be stopped
         base = {impl: kernel_ms(fn, cuda) for impl, fn in baselines(layer, x, r).items()}
         for impl, ms in base.items():
             cases.append({**common, "impl": impl, "kernel_ms": round(ms, 5), "name": name})
         save(cases + before)  # so far, should the run be stopped
-        rows.append((label + (" (space-to-depth)" if (best[1] or {}).get("SPACE_TO_DEPTH") else ""), best[0], base))
+        rows.append((label + ("" if plan_name(best[1]) == "direct" else f" ({plan_name(best[1])})"), best[0], base))
         if len(by_plan) > 1:
             print(f"{label}: " + ", ".join(f"{plan} {b[0]:.4f} ms" for plan, b in by_plan.items())
-                  + f"; igemm.SPACE_TO_DEPTH is {igemm.SPACE_TO_DEPTH}", file=sys.stderr)
+                  + f"; igemm.SPACE_TO_DEPTH is {igemm.SPACE_TO_DEPTH}, fuse(stem_maxpool=True) the default",
+                  file=sys.stderr)
     network = before + time_network(model, args.network, dtype, device, batch, size, "after")
     cases += network
     print(f"{'layer':<34}{'fused ms':>10}{'cuDNN ms':>10}{'fused/cuDNN speed':>19}")

@@ -40,9 +40,11 @@ def test_sweep_harness_on_a_cpu(tmp_path, capsys):
             continue
         assert c["model"] == "resnet50-conv" and c["dtype"] == "float16" and c["batch"] == 1 and c["kernel_ms"] > 0
     assert {c["impl"] for c in cases if c.get("layer", "").endswith("+maxpool")} == {"fused", "cudnn_fused", "eager"}
-    # The stem is timed in both plans, as the conv of 3 channels and as space-to-depth over 16.
+    # The stem is timed in four plans: as the conv of 3 channels or as space-to-depth over 16, each
+    # with its max pooling in the same kernel or after it.
     stem = next(c for c in cases if c["impl"] == "fused")
-    assert stem["configs_timed"] == 2 and set(stem["by_plan"]) == {"direct", "space_to_depth"}
+    assert stem["configs_timed"] == 4 and set(stem["by_plan"]) == {
+        "direct", "space_to_depth", "pool_apart_direct", "pool_apart_space_to_depth"}
     assert stem["kernel_ms"] == min(stem["by_plan"].values())
     assert all("by_plan" not in c for c in cases if c["impl"] == "fused" and c is not stem)
     printed = capsys.readouterr().out
