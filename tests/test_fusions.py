@@ -111,27 +111,19 @@ STEMS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", STEMS, ids=lambda c: "x".join(map(str, c[:6])))
-def test_conv_relu_maxpool(case, dtype):
-    n, c, h, w, k, ksize, stride, padding, (pool, pool_stride, pool_padding) = case
-    x, weight, bias = make_case(n, c, h, w, k, ksize, ksize, dtype=dtype)
-    out = run_fused("conv2d_bias_act_maxpool", lambda: kernels.conv2d_bias_act_maxpool(
-        x, weight, bias, stride, padding, relu=True, pool_size=pool, pool_stride=pool_stride,
-        pool_padding=pool_padding))
-    exp = F.max_pool2d(conv_expected(x, weight, bias, stride, padding, 1, 1, None, True), pool, pool_stride,
-                       pool_padding)
-    check_close(out, exp, dtype)
-    assert out.is_contiguous(memory_format=torch.channels_last)
+# Each stem as it is, and the stride-2 ones (and an even filter over 2 channels) also as
+# space-to-depth: a stride-1 conv over 2x2 pixel blocks (igemm.SPACE_TO_DEPTH).
+STEM_PLANS = [(case, False) for case in STEMS] + [
+    (case, True) for case in [s for s in STEMS if s[6] == 2] + [(1, 2, 10, 9, 8, 4, 2, 1, (2, 2, 0))]]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", [s for s in STEMS if s[6] == 2] + [(1, 2, 10, 9, 8, 4, 2, 1, (2, 2, 0))],
-                         ids=lambda c: "x".join(map(str, c[:6])))
-def test_conv_relu_maxpool_as_space_to_depth(case, dtype, monkeypatch):
+@pytest.mark.parametrize("case,blocks", STEM_PLANS,
+                         ids=lambda c: "x".join(map(str, c[:6])) if isinstance(c, tuple) else ("s2d" if c else ""))
+def test_conv_relu_maxpool(case, blocks, dtype, monkeypatch):
     from fused_resnet.kernels import conv2d_maxpool, igemm
 
-    monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", True)
+    monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", blocks)
     blocked = []
     real = conv2d_maxpool.space_to_depth
     monkeypatch.setattr(conv2d_maxpool, "space_to_depth", lambda *args: blocked.append(real(*args)) or blocked[-1])
@@ -143,7 +135,9 @@ def test_conv_relu_maxpool_as_space_to_depth(case, dtype, monkeypatch):
     exp = F.max_pool2d(conv_expected(x, weight, bias, stride, padding, 1, 1, None, True), pool, pool_stride,
                        pool_padding)
     check_close(out, exp, dtype)
-    assert blocked and blocked[0][2].shape[1:] == (16, (ksize + 1) // 2, (ksize + 1) // 2)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    # space-to-depth ran where asked, as a filter of ceil(R/2) x ceil(S/2) taps over 16 channels
+    assert [b[2].shape[1:] for b in blocked] == ([(16, (ksize + 1) // 2, (ksize + 1) // 2)] if blocks else [])
 
 
 def test_conv_maxpool_without_bias_or_relu_keeps_negatives_and_nan():
