@@ -88,10 +88,15 @@ def test_low_precision_error_within_twice_torchvisions(arch, dtype, reference_ba
 KERNEL_OPS = {"fused_resnet::conv2d_bias_act", "fused_resnet::conv2d_bias_act_maxpool", "fused_resnet::avgpool_linear"}
 
 
-@pytest.mark.parametrize("arch,batch", [("resnet18", 2), ("resnet50", 1)])
-def test_whole_network_through_the_kernels_with_all_fusions(arch, batch):
+@pytest.mark.parametrize("arch,batch,blocks", [("resnet18", 2, False), ("resnet50", 1, False), ("resnet18", 2, True)],
+                         ids=["resnet18", "resnet50", "resnet18-space-to-depth"])
+def test_whole_network_through_the_kernels_with_all_fusions(arch, batch, blocks, monkeypatch):
     # The whole network on the Triton kernels (interpreted on CPU, compiled on a GPU) at 32x32,
-    # every fusion on: no aten conv, pooling or linear runs, only the three fused ops.
+    # every fusion on: no aten conv, pooling or linear runs, only the three fused ops. (With
+    # igemm.SPACE_TO_DEPTH, the stem's input is copied into 2x2 blocks first: a pad and a copy.)
+    from fused_resnet.kernels import igemm
+
+    monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", blocks)
     ref = model(arch)
     fused = fuse(ref).to(DEVICE)
     x = torch.randn(batch, 3, 32, 32)
@@ -107,6 +112,7 @@ def test_whole_network_through_the_kernels_with_all_fusions(arch, batch):
     assert counts["fused_resnet::avgpool_linear"] == 1
     # The reference network's own ops ran once (compare runs it); the fused one added none.
     assert counts["aten::max_pool2d"] == 1 and counts["aten::linear"] == 1, counts
+    assert (counts.get("aten::constant_pad_nd", 0) > 0) == blocks, counts  # the stem's copy into blocks, or none
 
 
 def test_fuse_structure_and_original_untouched(reference_backend):
