@@ -197,10 +197,9 @@ def _register_use(ptx: str, capability: int) -> dict:
 def compile_jobs(jobs, *, workers: int = 1, progress=None, registers: bool = False) -> list:
     """Compile every job (in `workers` child processes when more than one), each into Triton's cache.
 
-    Returns compile_job's result per job (with `registers`, their register use too), in order; a
-    job that fails to compile gives
-    {"error": message} instead of raising, and the others go on. `progress(message)` hears of
-    each job as it finishes.
+    Returns compile_job's result per job (with `registers`, their register use too), in order;
+    a job that fails to compile gives {"error": message} instead of raising, and the others go
+    on. `progress(message)` hears of each job as it finishes.
 
     The children are fresh Python processes (`python -c`, not multiprocessing), so that nothing
     of the caller's script runs again in them, and without TRITON_INTERPRET, so that they compile
