@@ -336,7 +336,7 @@ def main(argv=None):
             break
         x, r = operands(layer, x_shape, r_shape, dtype, device)
         bad = [c for c, _ in failed]
-        by_plan = {}  # the best (ms, config, table entries) of each plan: "direct", or "space_to_depth"
+        by_plan = {}  # the best (ms, config, table entries) of each plan (plan_name: "direct" but for the stem)
         for config in chosen:
             if config in bad:
                 continue
