@@ -3,7 +3,9 @@
 #
 #     bash benchmarks/gpu_run.sh STAGE [OUT_DIR]      (from the repository root)
 #
-#   check    install in place without network, then the gpu-marked tests (compiled kernels)
+#   check    install in place without network, then the quick gpu-marked tests (compiled kernels)
+#   archs16  the slow gpu test: every architecture compiled and run in fp16 and bf16
+#   archs32  the same in fp32, TF32 off and on
 #   sweep    benchmarks/sweep_convs.py: every config on every distinct resnet50 conv against cuDNN,
 #            the winners written to kernels/tuned_configs.json (a copy goes to OUT_DIR), and the
 #            whole resnet50 timed before and after
@@ -16,7 +18,7 @@
 # Afterwards: `python benchmarks/report.py --readme README.md` renders the README's results table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?"usage: bash benchmarks/gpu_run.sh check|sweep|host|network|first [OUT_DIR]"}
+stage=${1:?"usage: bash benchmarks/gpu_run.sh check|archs16|archs32|sweep|host|network|first [OUT_DIR]"}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
 gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
@@ -26,7 +28,13 @@ case "$stage" in
   check)
     python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-    python3 -m pytest -m gpu -q -p no:cacheprovider -rf --junitxml "$out/$tag-gpu-tests.xml" 2>&1 | tail -40
+    timeout 540 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider -rf \
+      --junitxml "$out/$tag-gpu-tests.xml" 2>&1 | tail -40
+    ;;
+  archs16|archs32)
+    if [ "$stage" = archs16 ]; then precisions="float16"; else precisions="float32 or tf32"; fi
+    timeout 540 python3 -m pytest -m "gpu and slow" -k "$precisions" -q -p no:cacheprovider -rf \
+      --junitxml "$out/$tag-gpu-tests-$stage.xml" 2>&1 | tail -40
     ;;
   sweep)
     # The sweep writes its results file and the table layer by layer; stopped at 540 s, what it
@@ -51,7 +59,7 @@ case "$stage" in
       --json "$out/$tag-first-call.json"
     ;;
   *)
-    echo "gpu_run.sh: unknown stage '$stage' (check, sweep, host, network, first)" >&2
+    echo "gpu_run.sh: unknown stage '$stage' (check, archs16, archs32, sweep, host, network, first)" >&2
     exit 2
     ;;
 esac

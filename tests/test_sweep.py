@@ -73,8 +73,8 @@ def test_the_gpu_run_script_asks_only_for_options_that_exist(tmp_path):
         assert helped.returncode == 0, helped.stderr
         for option in re.findall(r"(--[\w-]+)", args):
             assert option in helped.stdout, (path, option)
-    stages = re.findall(r"^  (\w+)\)$", script, flags=re.M)
-    assert stages == ["check", "sweep", "host", "network", "first"]
+    stages = re.findall(r"^  ([\w|]+)\)$", script, flags=re.M)
+    assert stages == ["check", "archs16|archs32", "sweep", "host", "network", "first"]
     wrong = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "no-such-stage", str(tmp_path)],
                            capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "unknown stage" in wrong.stderr
