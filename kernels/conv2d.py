@@ -24,14 +24,10 @@ from .igemm import (
     dense_1x1,
     dense_tile,
     epilogue,
-    gather_layout,
+    kernel_operands,
     normalize_args,
     output_box,
     output_tile,
-    row_schedule,
-    row_weight,
-    space_to_depth,
-    space_to_depth_schedule,
     tile_ids,
 )
 
@@ -158,19 +154,14 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
         return run_cudnn
     n, _, p, q = out_shape
     kind = "none" if residual is None else ("residual" if shortcut_weight is None else "shortcut")
-    if space_to_depth_schedule(weight, stride, dilation, groups):  # the epilogue reads no x: any kind
-        to_layout, x, weight, padding = space_to_depth(x, weight, padding, (p, q))
-        stride, blocks = (1, 1), True
-    else:
-        (to_layout, x), blocks = gather_layout(x), False
+    # (Space-to-depth changes x, not what the epilogue reads: it applies with any kind.)
+    to_layout, x, weight, stride, padding, rows = kernel_operands(x, weight, stride, padding, dilation, groups,
+                                                                   (p, q))
     c_sc = shortcut_weight.shape[1] if kind == "shortcut" else 0
     r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
     sw_strides = shortcut_weight.stride() if kind == "shortcut" else (0, 0, 0, 0)
     dense = dense_1x1(x, weight, stride, padding, dilation, groups)
-    boxes = not blocks and box_schedule(x, weight, stride, groups)
-    rows = blocks or row_schedule(x, weight, dilation, groups)
-    if rows:
-        weight = row_weight(weight)
+    boxes = not rows and box_schedule(x, weight, stride, groups)  # box tiles read the weight as (K, R, S, C)
     launch = conv_launch(
         "conv2d_bias_act", _conv2d_bias_act_kernel, x, weight, bias, out_shape, n * p * q,
         stride, padding, dilation, groups, relu, extra_reduction=c_sc, traceable=traceable, dense=dense,

@@ -27,14 +27,10 @@ from .igemm import (
     conv_launch,
     conv_tile,
     epilogue,
-    gather_layout,
+    kernel_operands,
     normalize_args,
     output_size,
     output_tile,
-    row_schedule,
-    row_weight,
-    space_to_depth,
-    space_to_depth_schedule,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -156,14 +152,8 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, p
                                       pool_padding)
     n, _, ph, pw = out_shape
     p, q = conv_shape[2:]
-    if space_to_depth_schedule(weight, stride, dilation, groups):
-        to_layout, x, weight, padding = space_to_depth(x, weight, padding, (p, q))
-        stride, blocks = (1, 1), True
-    else:
-        (to_layout, x), blocks = gather_layout(x), False
-    rows = blocks or row_schedule(x, weight, dilation, groups)
-    if rows:
-        weight = row_weight(weight)
+    to_layout, x, weight, stride, padding, rows = kernel_operands(x, weight, stride, padding, dilation, groups,
+                                                                   (p, q))
     launch = conv_launch(
         "conv2d_bias_act_maxpool", _conv2d_bias_act_maxpool_kernel, x, weight, bias, out_shape, n * ph * pw,
         stride, padding, dilation, groups, relu, traceable=traceable, rows=rows, max_acc_per_thread=MAX_ACC_PER_THREAD,

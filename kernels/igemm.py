@@ -485,6 +485,22 @@ def space_to_depth(x, weight, padding, out_hw):
     return to_blocks, like, blocked, [0, 0, 0, 0]
 
 
+def kernel_operands(x, weight, stride, padding, dilation, groups, out_hw):
+    """How a conv plan hands x and the weight to a kernel built on conv_tile: (to_layout, x as the
+    kernel sees it, weight, stride, padding, rows). As space_to_depth where that is set and fits
+    (each call's x copied into 2x2 blocks, stride 1, no padding), else x as gather_layout has it;
+    then, where the row schedule applies (`rows`), the weight packed by rows (row_weight)."""
+    if space_to_depth_schedule(weight, stride, dilation, groups):
+        to_layout, x, weight, padding = space_to_depth(x, weight, padding, out_hw)
+        stride, rows = (1, 1), True
+    else:
+        to_layout, x = gather_layout(x)
+        rows = row_schedule(x, weight, dilation, groups)
+    if rows:
+        weight = row_weight(weight)
+    return to_layout, x, weight, stride, padding, rows
+
+
 _allocator_set = False
 
 

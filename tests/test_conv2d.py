@@ -183,6 +183,21 @@ def test_box_tiles_through_tensor_descriptors(case, dtype, box_w, monkeypatch):
     assert allocators, "the descriptor path did not run"
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's box switch; on a GPU each config names it")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_few_channel_conv_takes_the_row_schedule_not_box_tiles(dtype, monkeypatch):
+    # 8 channels make 16-byte rows, enough for box tiles; but the row schedule packs the weight by
+    # filter rows, which box tiles would read as (K, R, S, C). The row schedule wins.
+    from fused_resnet.kernels import igemm
+
+    monkeypatch.setattr(igemm, "INTERPRETER_BOX_W", 4)
+    allocators = watch_descriptor_allocator(monkeypatch)
+    x, weight, bias = make_case(2, 8, 8, 8, 16, 3, 3, 1, dtype)
+    assert igemm.box_schedule(x, weight, (1, 1), 1) and igemm.row_schedule(x, weight, (1, 1), 1)
+    check(x, weight, bias, 1, 1, 1, 1, None, True)
+    assert not allocators, "box tiles ran over a row-packed weight"
+
+
 def test_box_schedule_only_for_dense_stride_1_convs():
     from fused_resnet.kernels.igemm import box_schedule, box_width
 
@@ -502,12 +517,12 @@ def test_tf32_follows_cudnn_flag():
 def test_few_channel_convs_in_both_schedules(case, dtype, rows, monkeypatch):
     # The stem's reduction over (r, s, c): per filter row over contiguous NHWC runs (ROWS, the
     # weight packed by row_weight), or gathered element by element; padding on every edge.
-    from fused_resnet.kernels import conv2d, igemm
+    from fused_resnet.kernels import igemm
 
     monkeypatch.setattr(igemm, "INTERPRETER_ROWS", rows)
     packed = []
-    real = conv2d.row_weight
-    monkeypatch.setattr(conv2d, "row_weight", lambda w: packed.append(real(w)) or packed[-1])
+    real = igemm.row_weight
+    monkeypatch.setattr(igemm, "row_weight", lambda w: packed.append(real(w)) or packed[-1])
     c, k, ksize, stride, padding, hw = case
     x, weight, bias = make_case(2, c, hw, hw, k, ksize, ksize, 1, dtype)
     p = (hw + 2 * padding - ksize) // stride + 1
@@ -526,13 +541,13 @@ SPACE_TO_DEPTH_CASES = [(3, 64, 7, 3, 13), (3, 16, 7, 3, 16), (3, 8, 3, 1, 9), (
 @pytest.mark.parametrize("case", SPACE_TO_DEPTH_CASES, ids=lambda c: "C{}-K{}-k{}-p{}-hw{}".format(*c))
 def test_space_to_depth_convs(case, dtype, rows, monkeypatch):
     # The stride-2 conv run as a stride-1 conv over 2x2 pixel blocks, with a residual in the epilogue.
-    from fused_resnet.kernels import conv2d, igemm
+    from fused_resnet.kernels import igemm
 
     monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", True)
     monkeypatch.setattr(igemm, "INTERPRETER_ROWS", rows)
     blocked = []
-    real = conv2d.space_to_depth
-    monkeypatch.setattr(conv2d, "space_to_depth", lambda *args: blocked.append(real(*args)) or blocked[-1])
+    real = igemm.space_to_depth
+    monkeypatch.setattr(igemm, "space_to_depth", lambda *args: blocked.append(real(*args)) or blocked[-1])
     c, k, ksize, padding, hw = case
     x, weight, bias = make_case(2, c, hw, hw, k, ksize, ksize, 1, dtype)
     p = (hw + 2 * padding - ksize) // 2 + 1

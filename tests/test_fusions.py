@@ -121,12 +121,12 @@ STEM_PLANS = [(case, False) for case in STEMS] + [
 @pytest.mark.parametrize("case,blocks", STEM_PLANS,
                          ids=lambda c: "x".join(map(str, c[:6])) if isinstance(c, tuple) else ("s2d" if c else ""))
 def test_conv_relu_maxpool(case, blocks, dtype, monkeypatch):
-    from fused_resnet.kernels import conv2d_maxpool, igemm
+    from fused_resnet.kernels import igemm
 
     monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", blocks)
     blocked = []
-    real = conv2d_maxpool.space_to_depth
-    monkeypatch.setattr(conv2d_maxpool, "space_to_depth", lambda *args: blocked.append(real(*args)) or blocked[-1])
+    real = igemm.space_to_depth
+    monkeypatch.setattr(igemm, "space_to_depth", lambda *args: blocked.append(real(*args)) or blocked[-1])
     n, c, h, w, k, ksize, stride, padding, (pool, pool_stride, pool_padding) = case
     x, weight, bias = make_case(n, c, h, w, k, ksize, ksize, dtype=dtype)
     out = run_fused("conv2d_bias_act_maxpool", lambda: kernels.conv2d_bias_act_maxpool(
