@@ -22,12 +22,17 @@ cd "$(dirname "$0")/.."
 stage=${1:?"usage: bash benchmarks/gpu_run.sh check|archs16|archs32|sweep|host|network|first [OUT_DIR]"}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
-gpu=$(python3 -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
+if [ "$stage" = check ]; then
+  python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+fi
+# Results files are named by date and GPU family, as the config table names it ("h100").
+gpu=$(python3 -c "import torch; from fused_resnet.kernels import configs
+print(configs.gpu_family(torch.cuda.get_device_name()).lower() if torch.cuda.is_available() else 'cpu')" \
+  2>/dev/null || echo cpu)
 tag="$(date -u +%F)-$gpu"
 
 case "$stage" in
   check)
-    python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
     timeout 540 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider -rf \
       --junitxml "$out/$tag-gpu-tests.xml" 2>&1 | tail -40
