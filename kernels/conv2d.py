@@ -65,6 +65,7 @@ def _conv2d_bias_act_kernel(
     PADDED: tl.constexpr,  # some taps fall outside the input: mask them
     FLAT_K: tl.constexpr,  # one reduction over (r, s, c) instead of one per (r, s)
     C_PAD: tl.constexpr,  # FLAT_K: the channels rounded up to a power of two
+    C_DIVISOR: tl.constexpr,  # a power of two dividing Cg and C_sc: where BLOCK_K divides it, no channel mask
     ROWS: tl.constexpr,  # config, few-channel convs over dense NHWC rows: the row schedule
     ROW_PAD: tl.constexpr,
     EPILOGUE: tl.constexpr,  # "none", "residual" or "shortcut" (EPILOGUES)
@@ -100,8 +101,8 @@ def _conv2d_bias_act_kernel(
             acc = conv_tile(acc, x_ptr, w_ptr, x_row, p * stride_h - pad_h, q * stride_w - pad_w,
                             k_glob.to(tl.int64) * stride_wk, mask_n, Cg, H, W, dil_h, dil_w,
                             stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
-                            R, S, PADDED, FLAT_K, C_PAD, ROWS, ROW_PAD, FLAT_LOOP, DOT_FP32, INPUT_PRECISION,
-                            BLOCK_K)
+                            R, S, PADDED, FLAT_K, C_PAD, C_DIVISOR % BLOCK_K == 0, ROWS, ROW_PAD, FLAT_LOOP,
+                            DOT_FP32, INPUT_PRECISION, BLOCK_K)
     if EPILOGUE == "shortcut":
         # A projection shortcut relu(W x + W_sc x_sc + b) is one GEMM over the concatenated
         # reduction [x ; x_sc]: its 1x1 strided conv continues the same accumulator, so its output
@@ -109,7 +110,8 @@ def _conv2d_bias_act_kernel(
         acc = conv_tile(acc, r_ptr, shortcut_w_ptr, n.to(tl.int64) * stride_rn, p * shortcut_stride_h,
                         q * shortcut_stride_w, k_glob.to(tl.int64) * stride_swk, mask_n, C_sc, 0, 0, 1, 1,
                         stride_rk, stride_rp, stride_rq, stride_swc, 0, 0,
-                        1, 1, False, False, 1, False, 1, FLAT_LOOP, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+                        1, 1, False, False, 1, C_DIVISOR % BLOCK_K == 0, False, 1, FLAT_LOOP, DOT_FP32,
+                        INPUT_PRECISION, BLOCK_K)
 
     mask_y = mask_m[:, None] & mask_n[None, :]
     r_rows = n.to(tl.int64) * stride_rn + p.to(tl.int64) * stride_rp + q.to(tl.int64) * stride_rq

@@ -61,6 +61,7 @@ def _conv2d_bias_act_maxpool_kernel(
     PADDED: tl.constexpr,
     FLAT_K: tl.constexpr,
     C_PAD: tl.constexpr,
+    C_DIVISOR: tl.constexpr,  # a power of two dividing Cg: where BLOCK_K divides it, no channel mask
     ROWS: tl.constexpr,  # config, few-channel convs over dense NHWC rows: the row schedule
     ROW_PAD: tl.constexpr,
     APPLY_RELU: tl.constexpr,
@@ -91,7 +92,8 @@ def _conv2d_bias_act_maxpool_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = conv_tile(acc, x_ptr, w_ptr, x_row, cp * stride_h - pad_h, cq * stride_w - pad_w, w_col, mask_n,
                         Cg, H, W, dil_h, dil_w, stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
-                        R, S, PADDED, FLAT_K, C_PAD, ROWS, ROW_PAD, FLAT_LOOP, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+                        R, S, PADDED, FLAT_K, C_PAD, C_DIVISOR % BLOCK_K == 0, ROWS, ROW_PAD, FLAT_LOOP, DOT_FP32,
+                        INPUT_PRECISION, BLOCK_K)
         acc = tl.where(valid[:, None], acc, float("-inf"))
         # NaN wins, as in torch's max pooling (a plain maximum may drop it).
         best = tl.where((acc > best) | (acc != acc), acc, best)

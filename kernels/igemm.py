@@ -122,6 +122,36 @@ def output_box(M, Kg, P, Q, BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: t
     return (p < P) & (q < Q), cols < Kg, n, p, q, cols, p0, q0, k0
 
 
+# Up to this many taps, which of a row's taps fall inside the map is one bit each of an int32
+# computed before the main loop (taps_inside); past it, each iteration compares the tap's position.
+MAX_TAP_BITS = tl.constexpr(32)
+
+
+@triton.jit
+def taps_inside(h0, w0, H, W, dil_h, dil_w, R: tl.constexpr, S: tl.constexpr):
+    """Per row, bit r * S + s set when tap (r, s) of the window at (h0, w0) lies inside the H x W
+    map (R * S <= MAX_TAP_BITS; else None, and tap_inside compares instead)."""
+    if R * S <= MAX_TAP_BITS:
+        bits = tl.zeros_like(h0)
+        for rs in tl.static_range(R * S):
+            ih = h0 + (rs // S) * dil_h
+            iw = w0 + (rs % S) * dil_w
+            bits |= ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)).to(tl.int32) << rs
+    else:
+        bits = None
+    return bits
+
+
+@triton.jit
+def tap_inside(bits, h0, w0, H, W, dh, dw, rs, R: tl.constexpr, S: tl.constexpr):
+    """Per row, whether tap rs (offset (dh, dw) from the window's corner) lies inside the map."""
+    if R * S <= MAX_TAP_BITS:
+        inside = (bits & (1 << rs)) != 0
+    else:
+        inside = (h0 + dh >= 0) & (h0 + dh < H) & (w0 + dw >= 0) & (w0 + dw < W)
+    return inside
+
+
 @triton.jit
 def conv_tile(
     acc,  # (BLOCK_M, BLOCK_N) fp32, accumulated into and returned
@@ -140,6 +170,7 @@ def conv_tile(
     PADDED: tl.constexpr,
     FLAT_K: tl.constexpr,
     C_PAD: tl.constexpr,  # FLAT_K: Cg rounded up to a power of two, so (r, s, c) decodes with shifts
+    EVEN_C: tl.constexpr,  # Cg is a multiple of BLOCK_K: the channel blocks need no mask
     ROWS: tl.constexpr,  # FLAT_K over dense NHWC rows: one reduction per filter row (see below)
     ROW_PAD: tl.constexpr,  # ROWS: S * Cg rounded up to a power of two; the weight's row length
     FLAT_LOOP: tl.constexpr,  # one loop over (tap, channel block) that the compiler can pipeline
@@ -198,24 +229,34 @@ def conv_tile(
             b = tl.load(b_ptrs, mask=valid_k[:, None] & mask_n[None, :], other=0.0)
             acc = dot(acc, a, b, DOT_FP32, INPUT_PRECISION)
     elif FLAT_LOOP:
-        k_blocks = tl.cdiv(Cg, BLOCK_K)
-        for i in range(0, R * S * k_blocks):
-            rs = i // k_blocks
-            c = (i % k_blocks) * BLOCK_K + offs_k
-            ih = h0 + (rs // S) * dil_h
-            iw = w0 + (rs % S) * dil_w
-            mask_c = c < Cg
-            a_ptrs = x_ptr + (x_row + ih.to(tl.int64) * stride_xh + iw.to(tl.int64) * stride_xw)[:, None] \
-                + (c * stride_xc)[None, :]
+        # What varies per row (the window's corner, which taps fall inside the map) is computed once,
+        # before the loop; what varies per iteration (the tap, the channel block) is a scalar
+        # offset added to it, so each iteration costs a 64-bit add and a bit test per row.
+        a_rows = x_row + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
+        if PADDED:
+            inside_taps = taps_inside(h0, w0, H, W, dil_h, dil_w, R, S)
+        # The tap and channel block advance as counters, not as i // k_blocks: a division by a
+        # number the compiler does not know costs more than the rest of an iteration's scalar work.
+        rs = 0
+        c0 = 0
+        for _ in range(0, R * S * tl.cdiv(Cg, BLOCK_K)):
+            r = rs // S
+            s = rs % S
+            c = c0 + offs_k
+            mask_c = tl.full([BLOCK_K], True, tl.int1) if EVEN_C else c < Cg
+            a_tap = (r * dil_h).to(tl.int64) * stride_xh + (s * dil_w).to(tl.int64) * stride_xw
+            a_ptrs = x_ptr + a_rows[:, None] + (a_tap + c * stride_xc)[None, :]
             if PADDED:
-                inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                inside = tap_inside(inside_taps, h0, w0, H, W, r * dil_h, s * dil_w, rs, R, S)
                 a = tl.load(a_ptrs, mask=inside[:, None] & mask_c[None, :], other=0.0)
             else:
                 a = tl.load(a_ptrs, mask=mask_c[None, :], other=0.0)
-            b_ptrs = w_ptr + (w_col + (rs // S) * stride_wr + (rs % S) * stride_ws)[None, :] \
-                + (c * stride_wc)[:, None]
+            b_ptrs = w_ptr + w_col[None, :] + (r * stride_wr + s * stride_ws + c * stride_wc)[:, None]
             b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
             acc = dot(acc, a, b, DOT_FP32, INPUT_PRECISION)
+            c0 += BLOCK_K
+            rs = tl.where(c0 < Cg, rs, rs + 1)
+            c0 = tl.where(c0 < Cg, c0, 0)
     else:
         # One (r, s) tap at a time: its input rows and bounds mask are fixed over the channel loop.
         for rs in tl.static_range(R * S):
@@ -227,7 +268,7 @@ def conv_tile(
                 inside = (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             for c0 in range(0, Cg, BLOCK_K):
                 c = c0 + offs_k
-                mask_c = c < Cg
+                mask_c = tl.full([BLOCK_K], True, tl.int1) if EVEN_C else c < Cg
                 a_ptrs = x_ptr + a_row[:, None] + (c * stride_xc)[None, :]
                 if PADDED:
                     a = tl.load(a_ptrs, mask=inside[:, None] & mask_c[None, :], other=0.0)
@@ -419,6 +460,16 @@ def row_pad(weight):
     return max(16, triton.next_power_of_2(weight.shape[3] * weight.shape[1]))
 
 
+def channel_divisor(*channels):
+    """C_DIVISOR of a launch: the largest power of two (at most 256) that divides each count of
+    channels the kernel reduces over. A config whose BLOCK_K divides it reads whole channel blocks
+    only, and its kernel drops the channel mask (conv_tile's EVEN_C)."""
+    divisor = 256
+    while any(c % divisor for c in channels):
+        divisor //= 2
+    return divisor
+
+
 def row_schedule(x, weight, dilation, groups):
     """Whether the row schedule applies: a few-channel conv (the stem) whose x is dense NHWC rows,
     ungrouped, with a filter row wider than 1 and not dilated along it."""
@@ -551,6 +602,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
         PADDED=any(v != 0 for v in padding),
         FLAT_K=flat_k,
         C_PAD=triton.next_power_of_2(cg) if flat_k else 1,
+        C_DIVISOR=channel_divisor(cg, *([extra["C_sc"]] if extra.get("C_sc") else [])),
         ROWS=0,  # a config switch where `rows`
         **({} if boxes is None else {"BOX_W": 0}),  # a config switch where `boxes`
         ROW_PAD=row_pad(weight) if rows else 1,

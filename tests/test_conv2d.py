@@ -233,6 +233,8 @@ ODD_SHAPES = [
     (1, 24, 6, 6, 36, 3, 3, 2, 1, 1, 3),  # groups with Cg=8 < 16: flat reduction
     (2, 20, 8, 6, 10, 2, 4, (2, 1), (1, 2), (1, 2), 2),  # everything anisotropic
     (1, 4, 3, 3, 5, 3, 3, 1, 0, 1, 1),  # kernel as large as the map
+    (1, 16, 6, 9, 8, 4, 8, 1, (1, 3), 1, 1),  # 32 taps: the last one in the sign bit of the tap mask
+    (1, 16, 9, 8, 8, 7, 7, 1, 3, 1, 1),  # 49 taps, more than the tap mask holds: compared per tap
 ]
 
 
