@@ -198,10 +198,11 @@ def conv_tile(
         col = w0 * Cg  # the window's first element within its image row (stride_xw == Cg)
         # Elements past S*Cg, and taps left or right of the map (the horizontal padding), load as zeros.
         in_row = (j[None, :] < S * Cg) & (col[:, None] + j[None, :] >= 0) & (col[:, None] + j[None, :] < W * Cg)
-        start = x_row + w0.to(tl.int64) * stride_xw
+        # Each row's window start, once; a filter row adds a scalar offset to it.
+        start = x_row + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
         for r in range(R):
             ih = h0 + r * dil_h
-            a_ptrs = x_ptr + (start + ih.to(tl.int64) * stride_xh)[:, None] + j[None, :]
+            a_ptrs = x_ptr + start[:, None] + ((r * dil_h).to(tl.int64) * stride_xh + j)[None, :]
             if PADDED:
                 a = tl.load(a_ptrs, mask=in_row & ((ih >= 0) & (ih < H))[:, None], other=0.0)
             else:
