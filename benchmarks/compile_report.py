@@ -10,7 +10,11 @@ time) and nothing runs. The jobs are then compiled for that GPU's architecture i
 cache, timed one by one, and each compiled kernel's PTX is searched for the markers of
 kernels.precompile.ASM_MARKERS: asynchronous copies (software-pipelined loads), tensor-descriptor
 (TMA) copies, the tensor-core instruction, unvectorized 2-byte loads; ptxas -v gives its registers
-and spill stores a thread.
+and spill stores a thread, and its machine code the instructions a warp issues per iteration of
+the main loop against the tensor-core cycles of that iteration's MMAs ("issue": their ratio, the
+least share of the loop's time that issuing takes; near 1 the loop is bound by its address and mask
+arithmetic, not by the tensor cores; kernels.precompile.loop_instructions). A loop size marked *
+is the whole kernel's code: the compiler unrolled its loops.
 
 Compile seconds are this machine's CPU, one job a process: a cold first forward on a GPU pays
 about their sum (plus the timing of candidates) when it compiles serially.
@@ -51,6 +55,22 @@ def config_text(config):
     return " ".join(f"{short[k]}{v}" for k, v in config.items() if k in short)
 
 
+def issue_ratio(result):
+    """Instructions per tensor-core cycle of the kernel's first main loop, or of its whole code
+    where the compiler unrolled every loop (None without HGMMAs)."""
+    loops, cycles = result.get("loop_instructions") or [], result.get("loop_tensor_cycles") or []
+    if not loops:
+        loops, cycles = [result.get("kernel_instructions")], [result.get("kernel_tensor_cycles")]
+    return loops[0] / cycles[0] if loops[0] and cycles[0] else None
+
+
+def loop_text(result):
+    loops = result.get("loop_instructions") or []
+    ratio = issue_ratio(result)
+    size = loops[0] if loops else f"{result.get('kernel_instructions', '-')}*"  # *: the whole kernel, unrolled
+    return f"{size:>6}" + (f"{ratio:>7.2f}" if ratio is not None else f"{'-':>7}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=bench.ARCHS, default="resnet50")
@@ -77,11 +97,11 @@ def main(argv=None):
     # An empty Triton cache of its own, so that every compile is a cold one.
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fused_resnet_compile_report_")
     start = time.perf_counter()
-    results = precompile.compile_jobs(jobs, workers=args.workers, registers=True)
+    results = precompile.compile_jobs(jobs, workers=args.workers, machine_code=True)
     wall = time.perf_counter() - start
     cases = []
     print(f"{'launch':<40}{'config':<34}{'s':>6}{'smem KB':>9}{'regs':>6}{'spill B':>8}{'async':>7}{'tma':>5}"
-          f"{'wgmma':>7}{'mma':>5}")
+          f"{'wgmma':>7}{'mma':>5}{'loop':>6}{'issue':>7}")
     for job, result in zip(jobs, results):
         case = {"arch": args.arch, "dtype": args.dtype, "batch": args.batch, "target": args.gpu,
                 "tf32": not args.no_tf32 if args.dtype == "float32" else None,
@@ -93,18 +113,24 @@ def main(argv=None):
         print(f"{describe(job):<40}{config_text(job.config):<34}{result['seconds']:>6.1f}"
               f"{result['shared'] / 1024:>9.0f}{result['registers']:>6}{result['spill_bytes']:>8}"
               f"{result['async_copies']:>7}{result['tma_loads']:>5}"
-              f"{result['wgmma']:>7}{result['mma']:>5}")
+              f"{result['wgmma']:>7}{result['mma']:>5}{loop_text(result)}")
     seconds = [r["seconds"] for r in results if "error" not in r]
     failed = len(results) - len(seconds)
+    ratios = [r for r in map(issue_ratio, results) if r is not None]
     if seconds:
         print(f"{len(jobs)} kernels for {args.gpu} ({args.arch}, {args.dtype}, batch {args.batch}): "
               f"{sum(seconds):.0f} s of compiling, median {statistics.median(seconds):.1f} s, "
               f"max {max(seconds):.1f} s; {wall:.0f} s wall with {args.workers} worker(s); {failed} failed")
+    if ratios:
+        print(f"main loops: instructions per tensor-core cycle, median {statistics.median(ratios):.2f}, "
+              f"max {max(ratios):.2f} over {len(ratios)} kernels with warpgroup MMAs")
     if args.json:
         command = "python benchmarks/compile_report.py " + " ".join(argv if argv is not None else sys.argv[1:])
         bench.write_results(args.json, command, torch.device("cpu"), cases,
                             summary={"jobs": len(jobs), "compile_s": round(sum(seconds), 2), "wall_s": round(wall, 2),
-                                     "workers": args.workers, "failed": failed})
+                                     "workers": args.workers, "failed": failed,
+                                     "issue_ratio_median": round(statistics.median(ratios), 3) if ratios else None,
+                                     "issue_ratio_max": round(max(ratios), 3) if ratios else None})
     return cases
 
 

@@ -141,13 +141,14 @@ ASM_MARKERS = {
 }
 
 
-def compile_job(job: CompileJob, registers: bool = False) -> dict:
+def compile_job(job: CompileJob, machine_code: bool = False) -> dict:
     """Compile `job` in this process, into Triton's cache (a hit if it is there already).
 
     Returns {"seconds", "shared", "num_warps", "num_stages"} and counts of the PTX markers in
     ASM_MARKERS: whether the loads are asynchronous (pipelined), through tensor descriptors,
-    and which tensor-core instruction the dot became. With `registers`, also "registers" and
-    "spill_bytes" (stores) a thread, from running Triton's ptxas on the PTX once more with -v."""
+    and which tensor-core instruction the dot became. With `machine_code`, also "registers" and
+    "spill_bytes" (stores) a thread, from running Triton's ptxas on the PTX once more with -v, and
+    what loop_instructions() reads in the machine code."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -172,9 +173,80 @@ def compile_job(job: CompileJob, registers: bool = False) -> dict:
     result = {"seconds": seconds, "shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
               "num_stages": compiled.metadata.num_stages}
     result.update({name: len(re.findall(re.escape(marker), ptx)) for name, marker in ASM_MARKERS.items()})
-    if registers:
+    if machine_code:
         result.update(_register_use(ptx, job.capability))
+        result.update(loop_instructions(compiled.asm["cubin"]))
     return result
+
+
+# Tensor-core instructions in the machine code (SASS): Hopper's warpgroup MMA, and mma.sync.
+SASS_MMA = ("HGMMA", "HMMA")
+
+
+def loop_instructions(cubin: bytes) -> dict:
+    """The main loops of a compiled kernel, read in its machine code (Triton's nvdisasm):
+    {"loop_instructions": [...], "loop_mma": [...], "loop_tensor_cycles": [...]}, for each
+    innermost loop that holds tensor-core MMAs, in code order: the instructions one warp issues
+    an iteration, how many of them are MMAs, and the cycles those take the tensor cores (HGMMAs
+    only: _tensor_cycles); and "kernel_instructions", "kernel_tensor_cycles", the same over the
+    whole code, once each (for a kernel whose loops the compiler unrolled, what it runs).
+
+    Every instruction of an iteration takes an issue slot of its warp's scheduler (one a cycle),
+    and a warpgroup's MMAs keep the SM's tensor cores busy for the tensor cycles; each warpgroup
+    of a program puts one warp on each of the four schedulers. So instructions / tensor cycles is
+    the share of an iteration's time its issue takes at best: near 1, address and mask arithmetic,
+    not the tensor cores, bound the loop, whatever the tile and the number of programs an SM runs."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", path], capture_output=True, text=True,
+                              check=True).stdout
+    code = []  # (address, instruction text)
+    labels = {}  # label -> address of the instruction after it
+    pending = []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        found = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(.*?)\s*;", line)
+        if found:
+            address = int(found.group(1), 16)
+            code.append((address, found.group(2)))
+            for name in pending:
+                labels[name] = address
+            pending = []
+    loops = []  # (start, end) of every backward branch's body
+    for address, text in code:
+        target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", text)
+        if target and labels.get(target.group(1), address + 1) <= address:
+            loops.append((labels[target.group(1)], address))
+    mmas = {loop: sum(_opcode(text) in SASS_MMA for address, text in code if loop[0] <= address <= loop[1])
+            for loop in loops}
+    with_mma = [loop for loop in sorted(set(loops)) if mmas[loop]]
+    innermost = [loop for loop in with_mma
+                 if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in with_mma)]
+    return {"kernel_instructions": len(code), "kernel_tensor_cycles": sum(_tensor_cycles(text) for _, text in code),
+            "loop_instructions": [sum(start <= address <= end for address, _ in code) for start, end in innermost],
+            "loop_mma": [mmas[loop] for loop in innermost],
+            "loop_tensor_cycles": [sum(_tensor_cycles(text) for address, text in code if start <= address <= end)
+                                   for start, end in innermost]}
+
+
+def _tensor_cycles(instruction):
+    """The cycles an H100 SM's tensor cores spend on a warpgroup MMA: an m64nNk(32 bytes) HGMMA
+    is N/2 cycles in every input type (64x64x16 fp16: 65536 multiply-adds at 2048 a cycle).
+    None for other instructions (0) and for mma.sync, whose rate this does not model."""
+    shape = re.match(r"(?:@!?U?P[T\d]+\s+)?HGMMA\.64x(\d+)x", instruction)
+    return int(shape.group(1)) / 2 if shape else 0
+
+
+def _opcode(instruction):
+    """An SASS instruction's opcode without its predicate and modifiers: "@P0 HGMMA.64x64x16.F32 ..." -> "HGMMA"."""
+    return re.sub(r"^@!?U?P[T\d]+\s+", "", instruction).split(" ")[0].split(".")[0]
 
 
 def _register_use(ptx: str, capability: int) -> dict:
@@ -194,10 +266,10 @@ def _register_use(ptx: str, capability: int) -> dict:
             "spill_bytes": int(spilled.group(1)) if spilled else None}
 
 
-def compile_jobs(jobs, *, workers: int = 1, progress=None, registers: bool = False) -> list:
+def compile_jobs(jobs, *, workers: int = 1, progress=None, machine_code: bool = False) -> list:
     """Compile every job (in `workers` child processes when more than one), each into Triton's cache.
 
-    Returns compile_job's result per job (with `registers`, their register use too), in order;
+    Returns compile_job's result per job (with `machine_code`, what its machine code says too), in order;
     a job that fails to compile gives {"error": message} instead of raising, and the others go
     on. `progress(message)` hears of each job as it finishes.
 
@@ -217,10 +289,10 @@ def compile_jobs(jobs, *, workers: int = 1, progress=None, registers: bool = Fal
 
     if workers <= 1 or len(jobs) <= 1:
         for i, job in enumerate(jobs):
-            done(i, _compile_or_error(job, registers))
+            done(i, _compile_or_error(job, machine_code))
         return results
     shares = [list(enumerate(jobs))[w::workers] for w in range(min(workers, len(jobs)))]
-    threads = [threading.Thread(target=_run_worker, args=(share, done, registers)) for share in shares]
+    threads = [threading.Thread(target=_run_worker, args=(share, done, machine_code)) for share in shares]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -231,12 +303,12 @@ def compile_jobs(jobs, *, workers: int = 1, progress=None, registers: bool = Fal
     return results
 
 
-def _run_worker(share, done, registers):
+def _run_worker(share, done, machine_code):
     """One child process compiling `share` ([(index, job)]), each result reported to done(index, result)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-c", "from fused_resnet.kernels.precompile import _serve; _serve()"]
     with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env) as child:
-        pickle.dump((share, registers), child.stdin)
+        pickle.dump((share, machine_code), child.stdin)
         child.stdin.close()
         for _ in share:
             try:
@@ -247,18 +319,18 @@ def _run_worker(share, done, registers):
 
 
 def _serve():
-    """A compile worker's main: ([(index, job)], registers) pickled on stdin, one (index, result)
+    """A compile worker's main: ([(index, job)], machine_code) pickled on stdin, one (index, result)
     pickled on stdout per job."""
     out = sys.stdout.buffer
     sys.stdout = sys.stderr  # anything else printed must not mix with the results
-    share, registers = pickle.load(sys.stdin.buffer)
+    share, machine_code = pickle.load(sys.stdin.buffer)
     for index, job in share:
-        pickle.dump((index, _compile_or_error(job, registers)), out)
+        pickle.dump((index, _compile_or_error(job, machine_code)), out)
         out.flush()
 
 
-def _compile_or_error(job, registers=False):
+def _compile_or_error(job, machine_code=False):
     try:
-        return compile_job(job, registers)
+        return compile_job(job, machine_code)
     except Exception as err:  # one config that does not compile must not stop the others
         return {"error": f"{type(err).__name__}: {err}"[:500]}

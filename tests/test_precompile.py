@@ -199,6 +199,43 @@ def test_every_kernel_variant_compiles_for_an_h100(tmp_path):
             assert result["scalar_loads_16"] == 0, (switches, result)
 
 
+LOOP_SCRIPT = textwrap.dedent("""
+    import json
+    import torch
+    from conftest import make_case
+    from fused_resnet import kernels
+    from fused_resnet.kernels import configs, precompile
+
+    tiles = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 4,
+             "FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}
+    found = []
+    for ksize in (3, 1):
+        x, weight, bias = make_case(2, 64, 14, 14, 64, ksize, ksize, 1, torch.float16, device="cpu")
+        with precompile.compile_only("H100") as jobs, configs.override(tiles):
+            kernels.plan_conv2d_bias_act(x, weight, bias, 1, ksize // 2, relu=True)(x, None)
+        found += jobs
+    print(json.dumps(precompile.compile_jobs(found, workers=2, machine_code=True)))  # workers: not interpreted
+""")
+
+
+def test_the_gathered_main_loop_issues_less_than_its_tensor_cycles(tmp_path):
+    # The machine code of the pipelined loop over (tap, channel block), fp16 128x64x64 tiles, 4
+    # warps, compiled for an H100: a warp's instructions per iteration against the cycles its 8
+    # m64n64k16 wgmmas take the tensor cores (256). With the window's offsets and the taps' bounds
+    # recomputed per row each iteration it was 350 (3x3) and 194 (1x1), so the loop was bound by
+    # issuing its address arithmetic; now 177 and 120 (triton 3.8).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), FUSED_RESNET_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", LOOP_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    conv3x3, conv1x1 = json.loads(done.stdout.strip().splitlines()[-1])
+    for result in (conv3x3, conv1x1):
+        assert result["loop_mma"] == [8] and result["loop_tensor_cycles"] == [256], result
+    assert conv3x3["loop_instructions"][0] < 0.8 * 256, conv3x3
+    assert conv1x1["loop_instructions"][0] < 0.55 * 256, conv1x1
+
+
 WARMUP_SCRIPT = textwrap.dedent("""
     import json, os, pathlib
     import torch, torchvision
@@ -242,6 +279,10 @@ def test_compile_report(tmp_path):
     assert all(c["config"]["ROWS"] == 1 and c["seconds"] > 0 and c["wgmma"] > 0 for c in cases), cases
     # ptxas's count of a thread's registers; the pooled kernel's candidates fit without spilling.
     assert all(0 < c["registers"] <= 255 and c["spill_bytes"] == 0 for c in cases), cases
+    # Its machine code: one main loop of warpgroup MMAs a pooling tap, its issue against their cycles.
+    assert all(len(c["loop_instructions"]) == 1 and c["loop_tensor_cycles"][0] > 0 for c in cases), cases
+    assert payload["summary"]["issue_ratio_max"] > 0
+    assert "instructions per tensor-core cycle" in done.stdout
     assert payload["summary"]["jobs"] == 2 and payload["summary"]["failed"] == 0
     assert "compile_report.py --arch resnet18" in payload["provenance"]["command"]
     assert "2 kernels for H100 (resnet18, float16, batch 1)" in done.stdout
