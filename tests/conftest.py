@@ -106,11 +106,14 @@ COMPILED_VARIANTS = [
     (64, 64, 3, 1, 1, 14, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}),
     (64, 64, 3, 1, 1, 14, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 8}),
     (128, 64, 3, 1, 2, 9, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 4}),
+    # 48 channels in blocks of 32: the channel mask kept (no C_DIVISOR); 49 taps: bounds compared per tap
+    (48, 64, 3, 1, 1, 14, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}),
+    (16, 32, 7, 1, 3, 12, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}),
     (64, 256, 1, 1, 0, 14, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}),
     (64, 256, 1, 1, 0, 14, {"FLAT_LOOP": 1, "USE_TMA": 1, "BOX_W": 0}),
     (3, 64, 7, 2, 3, 29, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0, "ROWS": 1}),
     (3, 64, 7, 2, 3, 29, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0, "ROWS": 0}),
-    # not a config switch but the plan's igemm.SPACE_TO_DEPTH: the stem as a 4x4/1 conv over 12 channels
+    # not a config switch but the plan's igemm.SPACE_TO_DEPTH: the stem as a 4x4/1 conv over 16 channels
     (3, 64, 7, 2, 3, 29, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0, "ROWS": 1, "SPACE_TO_DEPTH": 1}),
     (3, 64, 7, 2, 3, 29, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0, "ROWS": 0, "SPACE_TO_DEPTH": 1}),
 ]
