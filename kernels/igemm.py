@@ -49,7 +49,11 @@ INTERPRETER_BOX_W = 0
 # Whether a few-channel stride-2 conv (the stem) runs as a stride-1 conv over 2x2 pixel blocks
 # (space_to_depth), on a GPU and under the interpreter alike. It changes the operands, not just
 # the kernel, so it is a plan's choice rather than a config's: plans built while it is set take it.
-SPACE_TO_DEPTH = False
+# On by default from the compiled code, before any GPU timing of it: for an H100 the direct stem's
+# input runs load one 2-byte element at a time, synchronously inside the main loop (nothing to
+# overlap with its MMAs), 1827 instructions a warp per pooling tap; space-to-depth's load as
+# pipelined 16-byte copies, 557 (compile_report.py). benchmarks/sweep_convs.py times both plans.
+SPACE_TO_DEPTH = True
 
 
 @functools.cache

@@ -517,10 +517,12 @@ def test_tf32_follows_cudnn_flag():
 @pytest.mark.parametrize("case", [(3, 64, 7, 2, 3, 13), (3, 16, 3, 1, 1, 6), (4, 8, 5, 2, 0, 11), (8, 24, 3, 1, 2, 5)],
                          ids=lambda c: "C{}-K{}-k{}-s{}-p{}-hw{}".format(*c))
 def test_few_channel_convs_in_both_schedules(case, dtype, rows, monkeypatch):
-    # The stem's reduction over (r, s, c): per filter row over contiguous NHWC runs (ROWS, the
-    # weight packed by row_weight), or gathered element by element; padding on every edge.
+    # The stem's reduction over (r, s, c) in the direct plan (not space-to-depth): per filter row
+    # over contiguous NHWC runs (ROWS, the weight packed by row_weight), or gathered element by
+    # element; padding on every edge.
     from fused_resnet.kernels import igemm
 
+    monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", False)
     monkeypatch.setattr(igemm, "INTERPRETER_ROWS", rows)
     packed = []
     real = igemm.row_weight
@@ -578,6 +580,7 @@ def test_space_to_depth_only_when_asked_and_for_strided_few_channel_convs(monkey
     from fused_resnet.kernels import igemm
 
     stem = torch.empty(64, 3, 7, 7)
+    monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", False)
     assert not igemm.space_to_depth_schedule(stem, (2, 2), (1, 1), 1)  # off unless SPACE_TO_DEPTH
     monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", True)
     assert igemm.space_to_depth_schedule(stem, (2, 2), (1, 1), 1)
