@@ -21,9 +21,9 @@ shortcuts), in the shapes the fused model launches:
 3. a table of the best config against cuDNN per layer is printed (for the stem, the best of each
    plan too, which settles igemm.SPACE_TO_DEPTH and fuse's stem_maxpool), and the cases
    {"model": "resnet50-conv", "layer", "impl": "fused" | "cudnn_fused" | "eager", "dtype", "batch",
-   "kernel_ms", "config"} are written with the run's provenance (the stem's fused case adds
-   "by_plan"); `--write-table` merges the winners (of each plan) into kernels/tuned_configs.json,
-   so that plans on this GPU find them;
+   "kernel_ms", "config"} are written with the run's provenance (each fused case adds "timed",
+   every config with its time, and the stem's "by_plan"); `--write-table` merges the winners (of
+   each plan) into kernels/tuned_configs.json, so that plans on this GPU find them;
 4. with `--network`, the whole resnet50 is timed (median of CUDA-event timings) for the
    implementations named there, before the sweep and after it (with the table it wrote in force).
 
@@ -337,6 +337,7 @@ def main(argv=None):
         x, r = operands(layer, x_shape, r_shape, dtype, device)
         bad = [c for c, _ in failed]
         by_plan = {}  # the best (ms, config, table entries) of each plan (plan_name: "direct" but for the stem)
+        timed = []  # every config's time: with compile_report's counts of its compiled loop, what they predict
         for config in chosen:
             if config in bad:
                 continue
@@ -344,6 +345,7 @@ def main(argv=None):
                 fn = plan_of(layer, x, r, pool_apart=bool((config or {}).get("POOL_APART")))
                 fn()  # binds the config
             ms = kernel_ms(fn, cuda)
+            timed.append({"config": config, "kernel_ms": round(ms, 5)})
             plan = plan_name(config)
             if plan not in by_plan or ms < by_plan[plan][0]:
                 by_plan[plan] = (ms, config, list(asked))
@@ -351,7 +353,7 @@ def main(argv=None):
         label = describe(layer, x_shape)
         common = {"model": "resnet50-conv", "layer": label, "dtype": args.dtype, "batch": batch}
         fused = {**common, "impl": "fused", "kernel_ms": round(best[0], 5), "config": best[1],
-                 "configs_timed": len(chosen) - len(bad), "name": name}
+                 "configs_timed": len(chosen) - len(bad), "name": name, "timed": timed}
         if len(by_plan) > 1:
             fused["by_plan"] = {plan: round(b[0], 5) for plan, b in by_plan.items()}
         cases.append(fused)

@@ -46,6 +46,10 @@ def test_sweep_harness_on_a_cpu(tmp_path, capsys):
     assert stem["configs_timed"] == 4 and set(stem["by_plan"]) == {
         "direct", "space_to_depth", "pool_apart_direct", "pool_apart_space_to_depth"}
     assert stem["kernel_ms"] == min(stem["by_plan"].values())
+    # Every config's time is kept, the best among them reported.
+    for fused in (c for c in cases if c["impl"] == "fused"):
+        assert len(fused["timed"]) == fused["configs_timed"]
+        assert fused["kernel_ms"] == min(t["kernel_ms"] for t in fused["timed"])
     assert all("by_plan" not in c for c in cases if c["impl"] == "fused" and c is not stem)
     printed = capsys.readouterr().out
     assert "geomean over 4 layers" in printed and "not a measurement" in printed
