@@ -45,9 +45,10 @@ def _conv2d_bias_act_kernel(
     x_ptr,  # (N, C, H, W), any strides; channels_last keeps C contiguous
     w_ptr,  # (K, C // groups, R, S), any strides; channels_last is (K, R, S, C) in memory
     b_ptr,  # (K,), or None
-    r_ptr,  # EPILOGUE "residual": (N, K, P, Q); "shortcut": the shortcut's input (N, C_sc, H_sc, W_sc); else None
+    r_ptr,  # EPILOGUE "residual": (N, K, P, Q), dense channels_last as y; "shortcut": the shortcut's input
+    #         (N, C_sc, H_sc, W_sc), any strides; else None
     shortcut_w_ptr,  # EPILOGUE "shortcut": the shortcut's weight (K, C_sc, 1, 1); else None
-    y_ptr,  # (N, K, P, Q), written once
+    y_ptr,  # (N, K, P, Q), dense channels_last (the [N*P*Q, K] matrix), written once
     M,  # N * P * Q: GEMM rows
     Kg,  # K // groups: GEMM columns per group
     Cg,  # C // groups: channels reduced per (r, s)
@@ -85,11 +86,13 @@ def _conv2d_bias_act_kernel(
         # Box tiles: every tap's input is a box of the output box's shape, read through a descriptor.
         mask_m, mask_n, n, p, q, k_glob, p0, q0, k0 = output_box(M, Kg, P, Q, BLOCK_M // BOX_W, BOX_W, BLOCK_N,
                                                                   GROUP_M)
+        m = (n * P + p) * Q + q  # each row's output pixel (masked where the box passes the map)
         acc = box_tile(acc, x_ptr, w_ptr, n, p0 - pad_h, q0 - pad_w, k0, M // (P * Q), H, W, Cg, Kg, dil_h, dil_w,
                        stride_xn, stride_xh, stride_xw, stride_wk, stride_ws, R, S, DOT_FP32, INPUT_PRECISION,
                        BLOCK_M // BOX_W, BOX_W, BLOCK_N, BLOCK_K)
     else:
-        mask_m, mask_n, n, p, q, group, k_glob = output_tile(M, Kg, P, Q, BLOCK_M, BLOCK_N, GROUP_M)
+        m, mask_n, n, p, q, group, k_glob = output_tile(M, Kg, P, Q, BLOCK_M, BLOCK_N, GROUP_M)
+        mask_m = m < M
         if USE_TMA:
             # A dense 1x1 stride-1 conv: the NHWC activations are the matrix [M, C], one row a pixel.
             pid_m, pid_n = tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
@@ -114,8 +117,10 @@ def _conv2d_bias_act_kernel(
                         INPUT_PRECISION, BLOCK_K)
 
     mask_y = mask_m[:, None] & mask_n[None, :]
-    r_rows = n.to(tl.int64) * stride_rn + p.to(tl.int64) * stride_rp + q.to(tl.int64) * stride_rq
-    acc = epilogue(acc, b_ptr, r_ptr, r_rows, stride_rk, k_glob, mask_n, mask_y, EPILOGUE == "residual", APPLY_RELU)
+    # y, and a residual, are dense NHWC: output pixel m's row starts at m * K (no division by P or Q
+    # in the epilogue's layout).
+    y_rows = m.to(tl.int64) * stride_yq
+    acc = epilogue(acc, b_ptr, r_ptr, y_rows, stride_yk, k_glob, mask_n, mask_y, EPILOGUE == "residual", APPLY_RELU)
     if BOX_W > 0:
         # The box written whole through a descriptor: its parts past the map are not stored.
         y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M // (P * Q), P, Q, Kg],
@@ -127,8 +132,7 @@ def _conv2d_bias_act_kernel(
         y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M, Kg], strides=[stride_yq, 1], block_shape=[BLOCK_M, BLOCK_N])
         y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_ptr.dtype.element_ty))
     else:
-        y_row = n.to(tl.int64) * stride_yn + p.to(tl.int64) * stride_yp + q.to(tl.int64) * stride_yq
-        y_ptrs = y_ptr + y_row[:, None] + (k_glob.to(tl.int64) * stride_yk)[None, :]
+        y_ptrs = y_ptr + y_rows[:, None] + (k_glob.to(tl.int64) * stride_yk)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
@@ -160,7 +164,9 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
     to_layout, x, weight, stride, padding, rows = kernel_operands(x, weight, stride, padding, dilation, groups,
                                                                    (p, q))
     c_sc = shortcut_weight.shape[1] if kind == "shortcut" else 0
-    r_strides = residual.stride() if residual is not None else (0, 0, 0, 0)
+    # A residual is read as the output is written, dense NHWC: one of other strides is copied so.
+    r_strides = (residual.stride() if kind == "shortcut" else backend.channels_last_strides(residual.shape)
+                 if kind == "residual" else (0, 0, 0, 0))
     sw_strides = shortcut_weight.stride() if kind == "shortcut" else (0, 0, 0, 0)
     dense = dense_1x1(x, weight, stride, padding, dilation, groups)
     boxes = not rows and box_schedule(x, weight, stride, groups)  # box tiles read the weight as (K, R, S, C)
@@ -176,6 +182,8 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
 
     def launch_into(y, x, residual=None):
         x = to_layout(x)
+        if kind == "residual" and not backend.dense_channels_last(residual):
+            residual = residual.contiguous(memory_format=torch.channels_last)
         if (dense or boxes) and x.data_ptr() % 16:
             x = x.clone(memory_format=torch.channels_last)  # descriptors need 16-byte aligned rows
         launch(x, weight, bias, residual, shortcut_weight, y)

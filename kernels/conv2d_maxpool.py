@@ -43,7 +43,7 @@ def _conv2d_bias_act_maxpool_kernel(
     x_ptr,  # (N, C, H, W), any strides
     w_ptr,  # (K, C // groups, R, S), any strides
     b_ptr,  # (K,), or None
-    y_ptr,  # (N, K, PH, PW) pooled output, written once
+    y_ptr,  # (N, K, PH, PW) pooled output, dense channels_last, written once
     M,  # N * PH * PW: GEMM rows are pooled pixels
     Kg,  # K // groups
     Cg,  # C // groups
@@ -74,7 +74,8 @@ def _conv2d_bias_act_maxpool_kernel(
     FLAT_LOOP: tl.constexpr,
 ):
     # Rows are pooled pixels (n, ph, pw).
-    mask_m, mask_n, n, ph, pw, group, k_glob = output_tile(M, Kg, PH, PW, BLOCK_M, BLOCK_N, GROUP_M)
+    m, mask_n, n, ph, pw, group, k_glob = output_tile(M, Kg, PH, PW, BLOCK_M, BLOCK_N, GROUP_M)
+    mask_m = m < M
     x_row = n.to(tl.int64) * stride_xn + group.to(tl.int64) * Cg * stride_xc
     w_col = k_glob.to(tl.int64) * stride_wk
 
@@ -99,8 +100,8 @@ def _conv2d_bias_act_maxpool_kernel(
         best = tl.where((acc > best) | (acc != acc), acc, best)
 
     best = epilogue(best, b_ptr, None, None, 0, k_glob, mask_n, mask_m[:, None] & mask_n[None, :], False, APPLY_RELU)
-    y_row = n.to(tl.int64) * stride_yn + ph.to(tl.int64) * stride_yp + pw.to(tl.int64) * stride_yq
-    y_ptrs = y_ptr + y_row[:, None] + (k_glob.to(tl.int64) * stride_yk)[None, :]
+    # y is dense NHWC: pooled pixel m's row starts at m * K.
+    y_ptrs = y_ptr + (m.to(tl.int64) * stride_yq)[:, None] + (k_glob.to(tl.int64) * stride_yk)[None, :]
     tl.store(y_ptrs, best.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 

@@ -94,7 +94,9 @@ def tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.con
 @triton.jit
 def output_tile(M, Kg, P, Q, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """This program's tile of a conv's output, whose rows are (n, p, q) pixels of a P x Q map and whose
-    columns are output channels of group program_id(1): (mask_m, mask_n, n, p, q, group, channel)."""
+    columns are output channels of group program_id(1): (m, mask_n, n, p, q, group, channel), where
+    m is each row's index among the M output pixels (past M for the last tile's spare rows), so that
+    in a dense NHWC tensor of the output's shape row m starts at m * K."""
     group = tl.program_id(1)
     pid_m, pid_n = tile_ids(M, Kg, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -104,7 +106,7 @@ def output_tile(M, Kg, P, Q, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     q = rows % Q
     p = (rows // Q) % P
     n = rows // (P * Q)
-    return offs_m < M, offs_n < Kg, n, p, q, group, group * Kg + offs_n
+    return offs_m, offs_n < Kg, n, p, q, group, group * Kg + offs_n
 
 
 @triton.jit
