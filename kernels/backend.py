@@ -164,12 +164,6 @@ def on_gpu(x: torch.Tensor) -> bool:
     return x.is_cuda or precompile.target_gpu() is not None
 
 
-def dense_channels_last(t: torch.Tensor) -> bool:
-    """Whether t's elements lie where a dense channels_last tensor of its shape keeps them (the
-    strides of size-1 dimensions, which no index moves along, aside)."""
-    return all(n == 1 or s == e for n, s, e in zip(t.shape, t.stride(), channels_last_strides(t.shape)))
-
-
 def channels_last_strides(shape):
     """The strides of a dense channels_last (N, C, H, W) tensor of `shape`."""
     n, c, h, w = shape

@@ -164,9 +164,10 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
     to_layout, x, weight, stride, padding, rows = kernel_operands(x, weight, stride, padding, dilation, groups,
                                                                    (p, q))
     c_sc = shortcut_weight.shape[1] if kind == "shortcut" else 0
-    # A residual is read as the output is written, dense NHWC: one of other strides is copied so.
-    r_strides = (residual.stride() if kind == "shortcut" else backend.channels_last_strides(residual.shape)
-                 if kind == "residual" else (0, 0, 0, 0))
+    # The kernel reads a residual as it writes the output, by dense NHWC rows: a residual of
+    # other strides is copied so at each call. (r_strides are the shortcut input's.)
+    copy_residual = kind == "residual" and not residual.is_contiguous(memory_format=torch.channels_last)
+    r_strides = residual.stride() if kind == "shortcut" else (0, 0, 0, 0)
     sw_strides = shortcut_weight.stride() if kind == "shortcut" else (0, 0, 0, 0)
     dense = dense_1x1(x, weight, stride, padding, dilation, groups)
     boxes = not rows and box_schedule(x, weight, stride, groups)  # box tiles read the weight as (K, R, S, C)
@@ -182,7 +183,7 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
 
     def launch_into(y, x, residual=None):
         x = to_layout(x)
-        if kind == "residual" and not backend.dense_channels_last(residual):
+        if copy_residual:
             residual = residual.contiguous(memory_format=torch.channels_last)
         if (dense or boxes) and x.data_ptr() % 16:
             x = x.clone(memory_format=torch.channels_last)  # descriptors need 16-byte aligned rows
