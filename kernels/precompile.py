@@ -224,29 +224,34 @@ def loop_instructions(cubin: bytes) -> dict:
         target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", text)
         if target and labels.get(target.group(1), address + 1) <= address:
             loops.append((labels[target.group(1)], address))
-    mmas = {loop: sum(_opcode(text) in SASS_MMA for address, text in code if loop[0] <= address <= loop[1])
-            for loop in loops}
-    with_mma = [loop for loop in sorted(set(loops)) if mmas[loop]]
+    bodies = {loop: [_unpredicated(text) for address, text in code if loop[0] <= address <= loop[1]]
+              for loop in set(loops)}
+    with_mma = [loop for loop in sorted(bodies) if any(_opcode(text) in SASS_MMA for text in bodies[loop])]
     innermost = [loop for loop in with_mma
                  if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in with_mma)]
-    return {"kernel_instructions": len(code), "kernel_tensor_cycles": sum(_tensor_cycles(text) for _, text in code),
-            "loop_instructions": [sum(start <= address <= end for address, _ in code) for start, end in innermost],
-            "loop_mma": [mmas[loop] for loop in innermost],
-            "loop_tensor_cycles": [sum(_tensor_cycles(text) for address, text in code if start <= address <= end)
-                                   for start, end in innermost]}
+    return {"kernel_instructions": len(code),
+            "kernel_tensor_cycles": sum(_tensor_cycles(_unpredicated(text)) for _, text in code),
+            "loop_instructions": [len(bodies[loop]) for loop in innermost],
+            "loop_mma": [sum(_opcode(text) in SASS_MMA for text in bodies[loop]) for loop in innermost],
+            "loop_tensor_cycles": [sum(map(_tensor_cycles, bodies[loop])) for loop in innermost]}
+
+
+def _unpredicated(instruction):
+    """An SASS instruction without its predicate: "@!P0 HGMMA.64x64x16.F32 ..." -> "HGMMA.64x64x16.F32 ..."."""
+    return re.sub(r"^@!?U?P[T\d]+\s+", "", instruction)
 
 
 def _tensor_cycles(instruction):
-    """The cycles an H100 SM's tensor cores spend on a warpgroup MMA: an m64nNk(32 bytes) HGMMA
-    is N/2 cycles in every input type (64x64x16 fp16: 65536 multiply-adds at 2048 a cycle).
-    None for other instructions (0) and for mma.sync, whose rate this does not model."""
-    shape = re.match(r"(?:@!?U?P[T\d]+\s+)?HGMMA\.64x(\d+)x", instruction)
+    """The cycles an H100 SM's tensor cores spend on an (unpredicated) instruction: an m64nNk(32
+    bytes) HGMMA is N/2 cycles in every input type (64x64x16 fp16: 65536 multiply-adds at 2048 a
+    cycle); 0 for any other instruction, mma.sync included, whose rate this does not model."""
+    shape = re.match(r"HGMMA\.64x(\d+)x", instruction)
     return int(shape.group(1)) / 2 if shape else 0
 
 
 def _opcode(instruction):
-    """An SASS instruction's opcode without its predicate and modifiers: "@P0 HGMMA.64x64x16.F32 ..." -> "HGMMA"."""
-    return re.sub(r"^@!?U?P[T\d]+\s+", "", instruction).split(" ")[0].split(".")[0]
+    """An (unpredicated) SASS instruction's opcode without its modifiers: "HGMMA.64x64x16.F32 ..." -> "HGMMA"."""
+    return instruction.split(" ")[0].split(".")[0]
 
 
 def _register_use(ptx: str, capability: int) -> dict:
