@@ -79,6 +79,15 @@ def assert_close(actual, expected, *, rtol, atol):
     assert bool(ok.all()), where_mismatch(a, e)
 
 
+def results_of(monkeypatch, module, name):
+    """A list that records what each call of module.name returns while the test runs (the function
+    itself still runs): which of the plan's helpers ran, and on what."""
+    results = []
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args: results.append(real(*args)) or results[-1])
+    return results
+
+
 def make_case(n, c, h, w, k, r, s, groups=1, dtype=torch.float32, device=DEVICE, bias=True):
     """Input, weight (channels_last, as FusedConv2d keeps it) and bias with O(1) outputs."""
     x = torch.randn(n, c, h, w, device=device).to(dtype).contiguous(memory_format=torch.channels_last)

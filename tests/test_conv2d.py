@@ -19,6 +19,7 @@ from conftest import (
     assert_close,
     conv_expected,
     make_case,
+    results_of,
 )
 from fused_resnet.kernels.igemm import normalize_padding
 from torch.profiler import ProfilerActivity, profile
@@ -524,9 +525,7 @@ def test_few_channel_convs_in_both_schedules(case, dtype, rows, monkeypatch):
 
     monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", False)
     monkeypatch.setattr(igemm, "INTERPRETER_ROWS", rows)
-    packed = []
-    real = igemm.row_weight
-    monkeypatch.setattr(igemm, "row_weight", lambda w: packed.append(real(w)) or packed[-1])
+    packed = results_of(monkeypatch, igemm, "row_weight")
     c, k, ksize, stride, padding, hw = case
     x, weight, bias = make_case(2, c, hw, hw, k, ksize, ksize, 1, dtype)
     p = (hw + 2 * padding - ksize) // stride + 1
@@ -549,9 +548,7 @@ def test_space_to_depth_convs(case, dtype, rows, monkeypatch):
 
     monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", True)
     monkeypatch.setattr(igemm, "INTERPRETER_ROWS", rows)
-    blocked = []
-    real = igemm.space_to_depth
-    monkeypatch.setattr(igemm, "space_to_depth", lambda *args: blocked.append(real(*args)) or blocked[-1])
+    blocked = results_of(monkeypatch, igemm, "space_to_depth")
     c, k, ksize, padding, hw = case
     x, weight, bias = make_case(2, c, hw, hw, k, ksize, ksize, 1, dtype)
     p = (hw + 2 * padding - ksize) // 2 + 1

@@ -8,7 +8,7 @@ profiler that the fused op ran and that no aten conv, pooling or linear op did.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, KERNEL_TOL, assert_close, conv_expected, make_case, randomize_bn
+from conftest import DEVICE, KERNEL_TOL, assert_close, conv_expected, make_case, randomize_bn, results_of
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -124,9 +124,7 @@ def test_conv_relu_maxpool(case, blocks, dtype, monkeypatch):
     from fused_resnet.kernels import igemm
 
     monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", blocks)
-    blocked = []
-    real = igemm.space_to_depth
-    monkeypatch.setattr(igemm, "space_to_depth", lambda *args: blocked.append(real(*args)) or blocked[-1])
+    blocked = results_of(monkeypatch, igemm, "space_to_depth")
     n, c, h, w, k, ksize, stride, padding, (pool, pool_stride, pool_padding) = case
     x, weight, bias = make_case(n, c, h, w, k, ksize, ksize, dtype=dtype)
     out = run_fused("conv2d_bias_act_maxpool", lambda: kernels.conv2d_bias_act_maxpool(

@@ -108,6 +108,17 @@ def test_refusals():
 
 # A child process without the interpreter: records a bottleneck's launches for an H100, compiles
 # one job per kernel in two worker processes, then compiles them again here.
+def run_compiling(script, tmp_path):
+    """Run `script` in a child Python without TRITON_INTERPRET (so that it compiles), with Triton's
+    and our caches under tmp_path and tests/ importable; the JSON its last line prints."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), FUSED_RESNET_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 COMPILE_SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch, torchvision
@@ -135,12 +146,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
 
 
 def test_compiles_for_an_h100_without_one(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), FUSED_RESNET_CACHE_DIR=str(tmp_path / "cache"))
-    done = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = run_compiling(COMPILE_SCRIPT, tmp_path)
     # The bottleneck's three convs: 1x1, 3x3, and the last 1x1 with its merged projection shortcut.
     assert out["launches"] == [["_conv2d_bias_act_kernel", 1, "none"], ["_conv2d_bias_act_kernel", 3, "none"],
                                ["_conv2d_bias_act_kernel", 1, "shortcut"]]
@@ -179,13 +185,7 @@ def test_every_kernel_variant_compiles_for_an_h100(tmp_path):
     # wgmma (fp32: TF32 wgmma), fed by asynchronous copies or by tensor-descriptor (TMA) copies.
     from conftest import COMPILED_VARIANTS
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), FUSED_RESNET_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", VARIANTS_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
+    results = run_compiling(VARIANTS_SCRIPT, tmp_path)
     assert len(results) == 2 * len(COMPILED_VARIANTS)
     for i, ((c, *_, switches), result) in enumerate(zip(COMPILED_VARIANTS * 2, results)):
         assert "error" not in result, (switches, result)
@@ -224,12 +224,7 @@ def test_the_gathered_main_loop_issues_less_than_its_tensor_cycles(tmp_path):
     # m64n64k16 wgmmas take the tensor cores (256). With the window's offsets and the taps' bounds
     # recomputed per row each iteration it was 350 (3x3) and 194 (1x1), so the loop was bound by
     # issuing its address arithmetic; now 177 and 120 (triton 3.8).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), FUSED_RESNET_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", LOOP_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    conv3x3, conv1x1 = json.loads(done.stdout.strip().splitlines()[-1])
+    conv3x3, conv1x1 = run_compiling(LOOP_SCRIPT, tmp_path)
     for result in (conv3x3, conv1x1):
         assert result["loop_mma"] == [8] and result["loop_tensor_cycles"] == [256], result
     assert conv3x3["loop_instructions"][0] < 0.8 * 256, conv3x3
