@@ -305,27 +305,45 @@ def dense_tile(acc, x_ptr, w_ptr, M, N, Cg, stride_xm, stride_wn, pid_m, pid_n, 
 @triton.jit
 def box_tile(acc, x_ptr, w_ptr, n, h0, w0, k0, N, H, W, Cg, Kg, dil_h, dil_w,
              stride_xn, stride_xh, stride_xw, stride_wk, stride_ws,
-             R: tl.constexpr, S: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-             BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+             R: tl.constexpr, S: tl.constexpr, EVEN_C: tl.constexpr, DOT_FP32: tl.constexpr,
+             INPUT_PRECISION: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr):
     """acc += the tile of a stride-1 conv whose output box starts at pixel (h0 + pad_h, w0 + pad_w)
     of image n and at channel k0, read through tensor descriptors (the TMA copy engine on Hopper).
 
     For stride 1, tap (r, s) of a BOX_H x BOX_W output box reads an input box of the same size,
     shifted by (r * dil_h, s * dil_w): one 4-D [N, H, W, C] descriptor load per tap and channel
     block, whose parts outside the map (the padding) and past the channels come back as zeros, so
-    no mask is computed. The weight (K, R, S, C) in memory is read as [K, R*S, C]."""
+    no mask is computed. The weight (K, R, S, C) in memory is read as the matrix [K, R*S*C] where
+    channel blocks are whole (EVEN_C), else as [K, R*S, C] (zeros past C).
+
+    The product is computed transposed, acc^T += w @ x^T: the tensor cores read their A operand
+    from registers unless it comes straight from a load, and the box, (1, BOX_H, BOX_W, BLOCK_K)
+    as loaded, must be reshaped to (BOX_H * BOX_W, BLOCK_K). As the B operand it stays in shared
+    memory, reshaped and transposed there as a view, and the weight block, 2-D as loaded, is A."""
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, Cg], strides=[stride_xn, stride_xh, stride_xw, 1],
                                        block_shape=[1, BOX_H, BOX_W, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[Kg, R * S, Cg], strides=[stride_wk, stride_ws, 1],
-                                       block_shape=[BLOCK_N, 1, BLOCK_K])
-    k_blocks = tl.cdiv(Cg, BLOCK_K)
-    for i in range(0, R * S * k_blocks):
-        rs = i // k_blocks
-        c0 = (i % k_blocks) * BLOCK_K
+    if EVEN_C:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[Kg, R * S * Cg], strides=[stride_wk, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+    else:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[Kg, R * S, Cg], strides=[stride_wk, stride_ws, 1],
+                                           block_shape=[BLOCK_N, 1, BLOCK_K])
+    acc_t = tl.zeros((BLOCK_N, BOX_H * BOX_W), dtype=tl.float32)
+    # The tap and channel block advance as counters (see conv_tile's FLAT_LOOP).
+    rs = 0
+    c0 = 0
+    for _ in range(0, R * S * tl.cdiv(Cg, BLOCK_K)):
         a = x_desc.load([n, h0 + (rs // S) * dil_h, w0 + (rs % S) * dil_w, c0]).reshape(BOX_H * BOX_W, BLOCK_K)
-        b = w_desc.load([k0, rs, c0]).reshape(BLOCK_N, BLOCK_K)
-        acc = dot(acc, a, tl.trans(b), DOT_FP32, INPUT_PRECISION)
-    return acc
+        if EVEN_C:
+            b = w_desc.load([k0, rs * Cg + c0])
+        else:
+            b = w_desc.load([k0, rs, c0]).reshape(BLOCK_N, BLOCK_K)
+        acc_t = dot(acc_t, b, tl.trans(a), DOT_FP32, INPUT_PRECISION)
+        c0 += BLOCK_K
+        rs = tl.where(c0 < Cg, rs, rs + 1)
+        c0 = tl.where(c0 < Cg, c0, 0)
+    return acc + tl.trans(acc_t)
 
 
 @triton.jit

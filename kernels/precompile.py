@@ -226,7 +226,10 @@ def loop_instructions(cubin: bytes) -> dict:
             loops.append((labels[target.group(1)], address))
     bodies = {loop: [_unpredicated(text) for address, text in code if loop[0] <= address <= loop[1]]
               for loop in set(loops)}
-    with_mma = [loop for loop in sorted(bodies) if any(_opcode(text) in SASS_MMA for text in bodies[loop])]
+    # A wait on a TMA copy's barrier retries out of line, past the kernel's EXIT, and branches back
+    # into the main loop: that span is no loop of the program's, and holds an EXIT.
+    with_mma = [loop for loop in sorted(bodies) if any(_opcode(text) in SASS_MMA for text in bodies[loop])
+                and not any(_opcode(text) == "EXIT" for text in bodies[loop])]
     innermost = [loop for loop in with_mma
                  if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in with_mma)]
     return {"kernel_instructions": len(code),
