@@ -221,6 +221,24 @@ def test_box_schedule_only_for_dense_stride_1_convs():
     assert box_width(3, 200, 16) == 16
 
 
+def test_first_call_candidates_take_box_tiles_where_boxes_fit_the_map():
+    from fused_resnet.kernels import configs
+    from fused_resnet.kernels.igemm import box_width, with_box_tiles
+
+    switches = {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}
+    for p, expect_boxed in ((56, 2), (28, 2), (14, 2), (7, 1)):
+        gathered = configs.candidates(256 * p * p, 256, 256, 2, switches=switches)
+        found = with_box_tiles(gathered, p, p)
+        boxed = [c for c in found if c["BOX_W"]]
+        assert len(found) <= 4 and len(boxed) == expect_boxed, (p, found)
+        assert found[: len(boxed)] == boxed  # timed first
+        for c in boxed:
+            assert c["BOX_W"] == box_width(p, p, c["BLOCK_M"])
+            assert {**c, "BOX_W": 0} in gathered[:2]
+        # 128-pixel boxes over a 7x7 map would compute 16x8 pixels for 49: left gathered.
+        assert all(c["BLOCK_M"] < 128 for c in boxed) or p > 7
+
+
 ODD_SHAPES = [
     # n, c, h, w, k, r, s, stride, padding, dilation, groups
     (1, 3, 5, 7, 8, 3, 3, 1, 1, 1, 1),  # C=3, 5x7 map
