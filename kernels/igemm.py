@@ -488,14 +488,29 @@ def box_width(p, q, block_m):
 MAX_BOX_OVERHANG = 1.35
 
 
-def with_box_tiles(candidates, p, q):
-    """The first call's candidates for a conv that box tiles fit (box_schedule) and whose output
-    map is P x Q: the first two as box tiles where their boxes overhang the map little, ahead of
-    the gathered ones; at most four. Compiled for an H100, box tiles issue about half the
-    instructions per tensor-core cycle of the gathered loop at the same tile."""
-    boxed = [{**c, "BOX_W": box_width(p, q, c["BLOCK_M"])} for c in candidates[:2]
-             if _box_pixels(p, q, c["BLOCK_M"], box_width(p, q, c["BLOCK_M"])) <= MAX_BOX_OVERHANG * p * q]
-    return (boxed + candidates)[:4]
+def box_variant(p, q):
+    """How a first-call candidate runs as box tiles over a P x Q output map: the config with the
+    best box's BOX_W, or None where those boxes compute more than MAX_BOX_OVERHANG times the map."""
+    def variant(config):
+        w = box_width(p, q, config["BLOCK_M"])
+        return {**config, "BOX_W": w} if _box_pixels(p, q, config["BLOCK_M"], w) <= MAX_BOX_OVERHANG * p * q else None
+
+    return variant
+
+
+def dense_variant(config):
+    """How a first-call candidate of a dense 1x1 conv (dense_1x1) reads through tensor descriptors."""
+    return {**config, "USE_TMA": 1}
+
+
+def with_tma_variants(candidates, variant):
+    """The first call's candidates with the first two also as `variant(config)` (box tiles, or the
+    dense GEMM through descriptors; None: that one does not fit), timed first; at most four.
+    Compiled for an H100, at the same tile, box tiles issue about half the instructions per
+    tensor-core cycle of the gathered loop (3x3, 128x64x64: 86 against 177), the dense 1x1 two
+    thirds (84 against 126)."""
+    tma = [v for v in map(variant, candidates[:2]) if v is not None]
+    return (tma + candidates)[:4]
 
 
 def row_pad(weight):
@@ -697,7 +712,9 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     candidates = configs.candidates(m, kg, reduction, x.element_size(), smem, switches=switches,
                                     max_acc_per_thread=max_acc_per_thread)
     if boxes:
-        candidates = with_box_tiles(candidates, *out_shape[2:])
+        candidates = with_tma_variants(candidates, box_variant(*out_shape[2:]))
+    elif dense:
+        candidates = with_tma_variants(candidates, dense_variant)
     return backend.KernelLaunch(kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable, op=name,
                                 key=configs.shape_key(groups=groups, bias=bias is not None, **sizes),
                                 candidates=candidates)

@@ -223,12 +223,12 @@ def test_box_schedule_only_for_dense_stride_1_convs():
 
 def test_first_call_candidates_take_box_tiles_where_boxes_fit_the_map():
     from fused_resnet.kernels import configs
-    from fused_resnet.kernels.igemm import box_width, with_box_tiles
+    from fused_resnet.kernels.igemm import box_variant, box_width, dense_variant, with_tma_variants
 
     switches = {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}
     for p, expect_boxed in ((56, 2), (28, 2), (14, 2), (7, 1)):
         gathered = configs.candidates(256 * p * p, 256, 256, 2, switches=switches)
-        found = with_box_tiles(gathered, p, p)
+        found = with_tma_variants(gathered, box_variant(p, p))
         boxed = [c for c in found if c["BOX_W"]]
         assert len(found) <= 4 and len(boxed) == expect_boxed, (p, found)
         assert found[: len(boxed)] == boxed  # timed first
@@ -237,6 +237,10 @@ def test_first_call_candidates_take_box_tiles_where_boxes_fit_the_map():
             assert {**c, "BOX_W": 0} in gathered[:2]
         # 128-pixel boxes over a 7x7 map would compute 16x8 pixels for 49: left gathered.
         assert all(c["BLOCK_M"] < 128 for c in boxed) or p > 7
+    gathered = configs.candidates(256 * 56 * 56, 64, 256, 2, switches=switches)
+    dense = with_tma_variants(gathered, dense_variant)
+    assert [c["USE_TMA"] for c in dense] == [1, 1, 0, 0] and dense[2:] == gathered[:2]
+    assert dense[:2] == [{**c, "USE_TMA": 1} for c in gathered[:2]]
 
 
 ODD_SHAPES = [

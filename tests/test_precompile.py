@@ -46,8 +46,9 @@ def test_records_each_candidate_and_launches_nothing(empty_cache, monkeypatch):
     with precompile.compile_only("H100") as jobs:
         y = fused(x)
     assert y.shape == (2, 128, 8, 8) and y.dtype == torch.float16
-    expected = configs.candidates(2 * 8 * 8, 128, 64, 2, switches={"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0})
-    assert [job.config for job in jobs] == expected
+    gathered = configs.candidates(2 * 8 * 8, 128, 64, 2, switches={"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0})
+    # A dense 1x1: its first two shapes through tensor descriptors first, then gathered.
+    assert [job.config for job in jobs] == [{**c, "USE_TMA": 1} for c in gathered[:2]] + gathered[:2]
     job = jobs[0]
     assert job.op == "conv2d_bias_act" and job.capability == 90
     assert job.kernel == ("fused_resnet.kernels.conv2d", "_conv2d_bias_act_kernel")
@@ -150,12 +151,14 @@ def test_compiles_for_an_h100_without_one(tmp_path):
     # The bottleneck's three convs: 1x1, 3x3, and the last 1x1 with its merged projection shortcut.
     assert out["launches"] == [["_conv2d_bias_act_kernel", 1, "none"], ["_conv2d_bias_act_kernel", 3, "none"],
                                ["_conv2d_bias_act_kernel", 1, "shortcut"]]
-    assert [r["tma_loads"] > 0 for r in out["cold"]] == [False, True, False]
+    # Each first candidate reads through tensor descriptors: the 1x1s as dense GEMMs (the third's
+    # projection shortcut, strided, gathered after it), the 3x3 as box tiles.
+    assert all(r["tma_loads"] > 0 for r in out["cold"])
     for result in out["cold"]:
         assert "error" not in result, result
-        # fp16 dots on Hopper's asynchronous tensor cores, fed by asynchronous (pipelined) copies,
-        # gathered or, for the 3x3's box tiles (its first candidate), by the TMA engine.
-        assert result["wgmma"] > 0 and result["async_copies"] + result["tma_loads"] > 0, result
+        # fp16 dots on Hopper's asynchronous tensor cores, fed by the TMA engine (and the
+        # shortcut by asynchronous, pipelined copies).
+        assert result["wgmma"] > 0, result
         assert result["shared"] > 0
     # The workers' compiles landed in Triton's cache: compiling again adds nothing to it.
     assert out["files"][0] > 0 and out["files"][0] == out["files"][1]
