@@ -183,7 +183,7 @@ def sweep_configs(layer, x_shape, dtype, cuda):
         variants.append({"FLAT_LOOP": 1, "USE_TMA": 1, "BOX_W": 0})
     chosen = configs.sweep_candidates(m, kg, reduction, element, variants=variants)
     if box_schedule(x, layer.weight, layer.stride, layer.groups):
-        # Box tiles through 4-D descriptors: each pipelined pointer config again, as the box that fits the map best.
+        # Box tiles through descriptors: each pipelined pointer config again, as the box that fits the map best.
         stride, padding, dilation, _ = normalize_args(x, layer.weight, layer.stride, layer.padding, layer.dilation,
                                                       layer.groups)
         p, q = output_size(h, w, rr, ss, stride, padding, dilation)

@@ -79,7 +79,8 @@ def _conv2d_bias_act_kernel(
     GROUP_M: tl.constexpr,
     FLAT_LOOP: tl.constexpr,  # config: one pipelined loop over (tap, channel block)
     USE_TMA: tl.constexpr,  # config, dense 1x1 convs only: x, w and y through tensor descriptors
-    BOX_W: tl.constexpr,  # config, stride-1 convs only: > 0 for box tiles (BLOCK_M // BOX_W x BOX_W pixels)
+    BOX_W: tl.constexpr,  # config, box_schedule convs only: > 0 for box tiles (BLOCK_M // BOX_W x BOX_W pixels)
+    BOX_STRIDE: tl.constexpr,  # box_schedule convs: their stride (1 or 2); else 1
 ):
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if BOX_W > 0:
@@ -87,10 +88,9 @@ def _conv2d_bias_act_kernel(
         mask_m, mask_n, n, p, q, k_glob, p0, q0, k0 = output_box(M, Kg, P, Q, BLOCK_M // BOX_W, BOX_W, BLOCK_N,
                                                                   GROUP_M)
         m = (n * P + p) * Q + q  # each row's output pixel (masked where the box passes the map)
-        acc = box_tile(acc, x_ptr, w_ptr, n, p0 - pad_h, q0 - pad_w, k0, M // (P * Q), H, W, Cg, Kg, dil_h, dil_w,
-                       stride_xn, stride_xh, stride_xw, stride_wk, stride_ws, R, S, C_DIVISOR % BLOCK_K == 0,
-                       DOT_FP32, INPUT_PRECISION,
-                       BLOCK_M // BOX_W, BOX_W, BLOCK_N, BLOCK_K)
+        acc = box_tile(acc, x_ptr, w_ptr, n, p0 * BOX_STRIDE - pad_h, q0 * BOX_STRIDE - pad_w, k0, M // (P * Q), H, W,
+                       Cg, Kg, dil_h, dil_w, stride_xn, stride_xh, stride_xw, stride_wk, stride_ws, R, S, BOX_STRIDE,
+                       C_DIVISOR % BLOCK_K == 0, DOT_FP32, INPUT_PRECISION, BLOCK_M // BOX_W, BOX_W, BLOCK_N, BLOCK_K)
     else:
         m, mask_n, n, p, q, group, k_glob = output_tile(M, Kg, P, Q, BLOCK_M, BLOCK_N, GROUP_M)
         mask_m = m < M
@@ -179,7 +179,7 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
         C_sc=c_sc, P=p, Q=q, shortcut_stride_h=shortcut_stride[0], shortcut_stride_w=shortcut_stride[1],
         stride_rn=r_strides[0], stride_rk=r_strides[1], stride_rp=r_strides[2], stride_rq=r_strides[3],
         stride_swk=sw_strides[0], stride_swc=sw_strides[1],
-        EPILOGUE=kind,
+        EPILOGUE=kind, BOX_STRIDE=stride[0] if boxes else 1,
     )
 
     def launch_into(y, x, residual=None):

@@ -9,7 +9,7 @@ activations. This module holds what the conv kernels share:
     tile_ids, output_tile   which output tile a program owns (grouped order, for L2 reuse)
     output_box              the same as a box of pixels of one image (box tiles)
     conv_tile               the main loop: acc += one tile of conv(x, w), gathered by pointers
-    dense_tile, box_tile    the main loop read through tensor descriptors (1x1; stride-1 boxes)
+    dense_tile, box_tile    the main loop read through tensor descriptors (1x1; boxes, stride 1 or 2)
     epilogue                bias, residual, ReLU on the fp32 accumulator
     conv_launch             the host side: a KernelLaunch with the conv's sizes, strides and flags
     check_conv_args, normalize_args, output_size   argument checks and F.conv2d's argument forms
@@ -305,24 +305,34 @@ def dense_tile(acc, x_ptr, w_ptr, M, N, Cg, stride_xm, stride_wn, pid_m, pid_n, 
 @triton.jit
 def box_tile(acc, x_ptr, w_ptr, n, h0, w0, k0, N, H, W, Cg, Kg, dil_h, dil_w,
              stride_xn, stride_xh, stride_xw, stride_wk, stride_ws,
-             R: tl.constexpr, S: tl.constexpr, EVEN_C: tl.constexpr, DOT_FP32: tl.constexpr,
+             R: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr, EVEN_C: tl.constexpr, DOT_FP32: tl.constexpr,
              INPUT_PRECISION: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr):
-    """acc += the tile of a stride-1 conv whose output box starts at pixel (h0 + pad_h, w0 + pad_w)
-    of image n and at channel k0, read through tensor descriptors (the TMA copy engine on Hopper).
+    """acc += the tile of a conv of stride STRIDE (1 or 2) whose output box's first pixel has its
+    window's corner at input pixel (h0, w0) of image n, and whose first channel is k0, read through
+    tensor descriptors (the TMA copy engine on Hopper).
 
-    For stride 1, tap (r, s) of a BOX_H x BOX_W output box reads an input box of the same size,
-    shifted by (r * dil_h, s * dil_w): one 4-D [N, H, W, C] descriptor load per tap and channel
+    Tap (r, s) of a BOX_H x BOX_W output box reads an input box of the same size, shifted by
+    (r * dil_h, s * dil_w): for stride 1 one 4-D [N, H, W, C] descriptor load per tap and channel
     block, whose parts outside the map (the padding) and past the channels come back as zeros, so
-    no mask is computed. The weight (K, R, S, C) in memory is read as the matrix [K, R*S*C] where
-    channel blocks are whole (EVEN_C), else as [K, R*S, C] (zeros past C).
+    no mask is computed. For stride 2 the taps read every other pixel: x is viewed as 5-D
+    [N, H/2, 2, W/2, 2*C] (row 2i + a is (i, a); pixel 2j + b's channels are b*C onward in the last
+    axis), in which those pixels of one tap are again a box, at the tap's row and column parity.
+    The weight (K, R, S, C) in memory is read as the matrix [K, R*S*C] where channel blocks are
+    whole (EVEN_C), else as [K, R*S, C] (zeros past C).
 
     The product is computed transposed, acc^T += w @ x^T: the tensor cores read their A operand
-    from registers unless it comes straight from a load, and the box, (1, BOX_H, BOX_W, BLOCK_K)
-    as loaded, must be reshaped to (BOX_H * BOX_W, BLOCK_K). As the B operand it stays in shared
-    memory, reshaped and transposed there as a view, and the weight block, 2-D as loaded, is A."""
-    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, Cg], strides=[stride_xn, stride_xh, stride_xw, 1],
-                                       block_shape=[1, BOX_H, BOX_W, BLOCK_K])
+    from registers unless it comes straight from a load, and the box, as loaded, must be reshaped
+    to (BOX_H * BOX_W, BLOCK_K). As the B operand it stays in shared memory, reshaped and
+    transposed there as a view, and the weight block, 2-D as loaded, is A."""
+    if STRIDE == 1:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, Cg], strides=[stride_xn, stride_xh, stride_xw, 1],
+                                           block_shape=[1, BOX_H, BOX_W, BLOCK_K])
+    else:
+        tl.static_assert(EVEN_C, "stride-2 box tiles need whole channel blocks")
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H // 2, 2, W // 2, 2 * Cg],
+                                           strides=[stride_xn, 2 * stride_xh, stride_xh, 2 * stride_xw, 1],
+                                           block_shape=[1, BOX_H, 1, BOX_W, BLOCK_K])
     if EVEN_C:
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[Kg, R * S * Cg], strides=[stride_wk, 1],
                                            block_shape=[BLOCK_N, BLOCK_K])
@@ -334,7 +344,14 @@ def box_tile(acc, x_ptr, w_ptr, n, h0, w0, k0, N, H, W, Cg, Kg, dil_h, dil_w,
     rs = 0
     c0 = 0
     for _ in range(0, R * S * tl.cdiv(Cg, BLOCK_K)):
-        a = x_desc.load([n, h0 + (rs // S) * dil_h, w0 + (rs % S) * dil_w, c0]).reshape(BOX_H * BOX_W, BLOCK_K)
+        ih = h0 + (rs // S) * dil_h
+        iw = w0 + (rs % S) * dil_w
+        if STRIDE == 1:
+            a = x_desc.load([n, ih, iw, c0])
+        else:
+            # Row ih = 2 * (ih >> 1) + (ih & 1), also where ih < 0 (the padding: zeros).
+            a = x_desc.load([n, ih >> 1, ih & 1, iw >> 1, (iw & 1) * Cg + c0])
+        a = a.reshape(BOX_H * BOX_W, BLOCK_K)
         if EVEN_C:
             b = w_desc.load([k0, rs * Cg + c0])
         else:
@@ -458,13 +475,22 @@ def dense_1x1(x, weight, stride, padding, dilation, groups):
             and (c * x.element_size()) % 16 == 0 and (k * x.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0)
 
 
+# A stride-2 conv's box tiles read channel blocks of a 5-D view in which each pixel's channels run
+# on into its right neighbour's (box_tile): no block may cross that boundary, so its channels are a
+# multiple of the largest BLOCK_K any config list holds.
+BOX_STRIDE_2_CHANNELS = 128
+
+
 def box_schedule(x, weight, stride, groups):
-    """True when box tiles through 4-D tensor descriptors apply (box_tile): a stride-1 conv with
-    more than one tap, ungrouped, x dense channels_last and the weight dense (K, R, S, C) in
-    memory, channel rows (input and output) a multiple of 16 bytes."""
+    """True when box tiles through tensor descriptors apply (box_tile): a conv of stride 1, or 2 over
+    a map of even height and width and a multiple of BOX_STRIDE_2_CHANNELS channels, with more than
+    one tap, ungrouped, x dense channels_last and the weight dense (K, R, S, C) in memory, channel
+    rows (input and output) a multiple of 16 bytes."""
     k, c, r, s = weight.shape
     size = x.element_size()
-    return (r * s > 1 and tuple(stride) == (1, 1) and groups == 1
+    strided = (tuple(stride) == (2, 2) and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
+               and c % BOX_STRIDE_2_CHANNELS == 0)
+    return (r * s > 1 and (tuple(stride) == (1, 1) or strided) and groups == 1
             and x.stride() == backend.channels_last_strides(x.shape)
             and weight.stride() == backend.channels_last_strides(weight.shape)
             and (c * size) % 16 == 0 and (k * size) % 16 == 0 and weight.data_ptr() % 16 == 0)

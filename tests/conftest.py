@@ -115,6 +115,7 @@ COMPILED_VARIANTS = [
     (64, 64, 3, 1, 1, 14, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}),
     (64, 64, 3, 1, 1, 14, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 8}),
     (128, 64, 3, 1, 2, 9, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 4}),
+    (128, 64, 3, 2, 1, 14, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 4}),  # stride 2: the 5-D parity view
     # 48 channels in blocks of 32: the channel mask kept (no C_DIVISOR); 49 taps: bounds compared per tap
     (48, 64, 3, 1, 1, 14, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}),
     (16, 32, 7, 1, 3, 12, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}),

@@ -163,24 +163,27 @@ def test_dense_1x1_takes_misaligned_and_strided_inputs(monkeypatch):
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter's box switch; on a GPU each config names it")
 @pytest.mark.parametrize("box_w", [1, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", [(2, 64, 7, 5, 64, 3, 1, 1, "residual"), (1, 32, 9, 9, 48, 3, 2, 2, "none"),
-                                  (2, 16, 6, 6, 32, 3, 0, 1, "none"), (1, 40, 3, 2, 16, 3, 1, 1, "residual"),
-                                  (1, 24, 4, 6, 24, 5, 2, 1, "none")],
-                         ids=lambda c: "N{}-C{}-{}x{}-K{}-k{}-p{}-d{}-{}".format(*c))
+@pytest.mark.parametrize("case", [(2, 64, 7, 5, 64, 3, 1, 1, 1, "residual"), (1, 32, 9, 9, 48, 3, 2, 2, 1, "none"),
+                                  (2, 16, 6, 6, 32, 3, 0, 1, 1, "none"), (1, 40, 3, 2, 16, 3, 1, 1, 1, "residual"),
+                                  (1, 24, 4, 6, 24, 5, 2, 1, 1, "none"), (2, 128, 8, 6, 64, 3, 1, 1, 2, "residual"),
+                                  (1, 256, 6, 10, 32, 3, 2, 2, 2, "none"), (1, 128, 4, 4, 16, 4, 0, 1, 2, "none")],
+                         ids=lambda c: "N{}-C{}-{}x{}-K{}-k{}-p{}-d{}-s{}-{}".format(*c))
 def test_box_tiles_through_tensor_descriptors(case, dtype, box_w, monkeypatch):
-    # A stride-1 conv whose output tile is a box of pixels: each tap's input box is read through a
-    # 4-D descriptor, zero-filled past every edge (the padding, channels past a block), the
-    # output box stored through one, clipped to the map. Boxes overhang maps of every size here.
+    # A conv whose output tile is a box of pixels: each tap's input box is read through a
+    # descriptor (4-D; for stride 2, 5-D with rows and columns split by parity), zero-filled past
+    # every edge (the padding, channels past a block), the output box stored through one, clipped
+    # to the map. Boxes overhang maps of every size here.
     from fused_resnet.kernels import igemm
 
-    n, c, h, w, k, ksize, padding, dilation, kind = case
+    n, c, h, w, k, ksize, padding, dilation, stride, kind = case
     monkeypatch.setattr(igemm, "INTERPRETER_BOX_W", box_w)
     allocators = watch_descriptor_allocator(monkeypatch)
     x, weight, bias = make_case(n, c, h, w, k, ksize, ksize, 1, dtype)
-    p = h + 2 * padding - dilation * (ksize - 1)
-    q = w + 2 * padding - dilation * (ksize - 1)
+    assert igemm.box_schedule(x, weight, (stride, stride), 1)
+    p = (h + 2 * padding - dilation * (ksize - 1) - 1) // stride + 1
+    q = (w + 2 * padding - dilation * (ksize - 1) - 1) // stride + 1
     res = torch.randn(n, k, p, q).to(dtype) if kind == "residual" else None
-    check(x, weight, bias, 1, padding, dilation, 1, res, True)
+    check(x, weight, bias, stride, padding, dilation, 1, res, True)
     assert allocators, "the descriptor path did not run"
 
 
@@ -204,7 +207,13 @@ def test_box_schedule_only_for_dense_stride_1_convs():
 
     x, weight, _ = make_case(1, 64, 8, 8, 32, 3, 3, 1, torch.float16)
     assert box_schedule(x, weight, (1, 1), 1)
-    assert not box_schedule(x, weight, (2, 2), 1)  # strided: the taps' input boxes are not boxes
+    # Stride 2: only with a multiple of 128 channels (every channel block whole) and an even map.
+    assert not box_schedule(x, weight, (2, 2), 1)
+    wide = make_case(1, 128, 8, 6, 32, 3, 3, 1, torch.float16)
+    assert box_schedule(wide[0], wide[1], (2, 2), 1)
+    odd = make_case(1, 128, 7, 6, 32, 3, 3, 1, torch.float16)
+    assert not box_schedule(odd[0], odd[1], (2, 2), 1)
+    assert not box_schedule(wide[0], wide[1], (3, 3), 1) and not box_schedule(wide[0], wide[1], (1, 2), 1)
     assert not box_schedule(x.contiguous(), weight, (1, 1), 1)  # NCHW
     assert not box_schedule(x, weight.contiguous(), (1, 1), 1)  # weight not (K, R, S, C) in memory
     grouped = make_case(1, 64, 8, 8, 32, 3, 3, 2, torch.float16)
