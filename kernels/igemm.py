@@ -304,7 +304,7 @@ def dense_tile(acc, x_ptr, w_ptr, M, N, Cg, stride_xm, stride_wn, pid_m, pid_n, 
 
 @triton.jit
 def box_tile(acc, x_ptr, w_ptr, n, h0, w0, k0, N, H, W, Cg, Kg, dil_h, dil_w,
-             stride_xn, stride_xh, stride_xw, stride_wk, stride_ws,
+             stride_xn, stride_xh, stride_xw, stride_wk,
              R: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr, EVEN_C: tl.constexpr, DOT_FP32: tl.constexpr,
              INPUT_PRECISION: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr):
@@ -337,7 +337,9 @@ def box_tile(acc, x_ptr, w_ptr, n, h0, w0, k0, N, H, W, Cg, Kg, dil_h, dil_w,
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[Kg, R * S * Cg], strides=[stride_wk, 1],
                                            block_shape=[BLOCK_N, BLOCK_K])
     else:
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[Kg, R * S, Cg], strides=[stride_wk, stride_ws, 1],
+        # (A tap's filters are Cg apart: the weight is dense (K, R, S, C). Its stride_ws is passed
+        # as 0 where S is 1.)
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[Kg, R * S, Cg], strides=[stride_wk, Cg, 1],
                                            block_shape=[BLOCK_N, 1, BLOCK_K])
     acc_t = tl.zeros((BLOCK_N, BOX_H * BOX_W), dtype=tl.float32)
     # The tap and channel block advance as counters (see conv_tile's FLAT_LOOP).

@@ -188,6 +188,19 @@ def test_box_tiles_through_tensor_descriptors(case, dtype, box_w, monkeypatch):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter's box switch; on a GPU each config names it")
+@pytest.mark.parametrize("c", [24, 32], ids=["partial-channel-blocks", "whole-channel-blocks"])
+def test_box_tiles_with_one_column_filters(c, monkeypatch):
+    # A 3x1 filter: its tap axis S is 1, whose weight stride the launch passes as 0. The weight
+    # read as [K, R*S, C] (channel blocks not whole) must still step Cg from tap to tap.
+    from fused_resnet.kernels import igemm
+
+    monkeypatch.setattr(igemm, "INTERPRETER_BOX_W", 4)
+    x, weight, bias = make_case(1, c, 6, 5, 16, 3, 1, 1, torch.float32)
+    assert igemm.box_schedule(x, weight, (1, 1), 1)
+    check(x, weight, bias, 1, (1, 0), 1, 1, None, True)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's box switch; on a GPU each config names it")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_a_few_channel_conv_takes_the_row_schedule_not_box_tiles(dtype, monkeypatch):
     # 8 channels make 16-byte rows, enough for box tiles; but the row schedule packs the weight by
