@@ -83,6 +83,7 @@ def _conv2d_bias_act_kernel(
     BOX_STRIDE: tl.constexpr,  # box_schedule convs: their stride (1 or 2); else 1
 ):
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    even_c: tl.constexpr = C_DIVISOR % BLOCK_K == 0  # whole channel blocks only (conv_tile's EVEN_C)
     if BOX_W > 0:
         # Box tiles: every tap's input is a box of the output box's shape, read through a descriptor.
         mask_m, mask_n, n, p, q, k_glob, p0, q0, k0 = output_box(M, Kg, P, Q, BLOCK_M // BOX_W, BOX_W, BLOCK_N,
@@ -90,7 +91,7 @@ def _conv2d_bias_act_kernel(
         m = (n * P + p) * Q + q  # each row's output pixel (masked where the box passes the map)
         acc = box_tile(acc, x_ptr, w_ptr, n, p0 * BOX_STRIDE - pad_h, q0 * BOX_STRIDE - pad_w, k0, M // (P * Q), H, W,
                        Cg, Kg, dil_h, dil_w, stride_xn, stride_xh, stride_xw, stride_wk, R, S, BOX_STRIDE,
-                       C_DIVISOR % BLOCK_K == 0, DOT_FP32, INPUT_PRECISION, BLOCK_M // BOX_W, BOX_W, BLOCK_N, BLOCK_K)
+                       even_c, DOT_FP32, INPUT_PRECISION, BLOCK_M // BOX_W, BOX_W, BLOCK_N, BLOCK_K)
     else:
         m, mask_n, n, p, q, group, k_glob = output_tile(M, Kg, P, Q, BLOCK_M, BLOCK_N, GROUP_M)
         mask_m = m < M
@@ -105,7 +106,7 @@ def _conv2d_bias_act_kernel(
             acc = conv_tile(acc, x_ptr, w_ptr, x_row, p * stride_h - pad_h, q * stride_w - pad_w,
                             k_glob.to(tl.int64) * stride_wk, mask_n, Cg, H, W, dil_h, dil_w,
                             stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
-                            R, S, PADDED, FLAT_K, C_PAD, C_DIVISOR % BLOCK_K == 0, ROWS, ROW_PAD, FLAT_LOOP,
+                            R, S, PADDED, FLAT_K, C_PAD, even_c, ROWS, ROW_PAD, FLAT_LOOP,
                             DOT_FP32, INPUT_PRECISION, BLOCK_K)
     if EPILOGUE == "shortcut":
         # A projection shortcut relu(W x + W_sc x_sc + b) is one GEMM over the concatenated
@@ -114,7 +115,7 @@ def _conv2d_bias_act_kernel(
         acc = conv_tile(acc, r_ptr, shortcut_w_ptr, n.to(tl.int64) * stride_rn, p * shortcut_stride_h,
                         q * shortcut_stride_w, k_glob.to(tl.int64) * stride_swk, mask_n, C_sc, 0, 0, 1, 1,
                         stride_rk, stride_rp, stride_rq, stride_swc, 0, 0,
-                        1, 1, False, False, 1, C_DIVISOR % BLOCK_K == 0, False, 1, FLAT_LOOP, DOT_FP32,
+                        1, 1, False, False, 1, even_c, False, 1, FLAT_LOOP, DOT_FP32,
                         INPUT_PRECISION, BLOCK_K)
 
     mask_y = mask_m[:, None] & mask_n[None, :]

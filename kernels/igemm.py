@@ -9,6 +9,7 @@ activations. This module holds what the conv kernels share:
     tile_ids, output_tile   which output tile a program owns (grouped order, for L2 reuse)
     output_box              the same as a box of pixels of one image (box tiles)
     conv_tile               the main loop: acc += one tile of conv(x, w), gathered by pointers
+    next_block              the main loops' (tap, channel block) counters
     dense_tile, box_tile    the main loop read through tensor descriptors (1x1; boxes, stride 1 or 2)
     epilogue                bias, residual, ReLU on the fp32 accumulator
     conv_launch             the host side: a KernelLaunch with the conv's sizes, strides and flags
@@ -159,6 +160,18 @@ def tap_inside(bits, h0, w0, H, W, dh, dw, rs, R: tl.constexpr, S: tl.constexpr)
 
 
 @triton.jit
+def next_block(rs, c0, Cg, BLOCK_K: tl.constexpr):
+    """(tap, first channel) of the main loop's next iteration over (tap, channel block) pairs.
+
+    Counters rather than i // k_blocks: a division by a number the compiler does not know costs
+    more than the rest of an iteration's scalar work. tl.where, not an `if`, keeps the loop one
+    block the compiler can pipeline."""
+    c0 += BLOCK_K
+    rs = tl.where(c0 < Cg, rs, rs + 1)
+    return rs, tl.where(c0 < Cg, c0, 0)
+
+
+@triton.jit
 def conv_tile(
     acc,  # (BLOCK_M, BLOCK_N) fp32, accumulated into and returned
     x_ptr,
@@ -242,8 +255,6 @@ def conv_tile(
         a_rows = x_row + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
         if PADDED:
             inside_taps = taps_inside(h0, w0, H, W, dil_h, dil_w, R, S)
-        # The tap and channel block advance as counters, not as i // k_blocks: a division by a
-        # number the compiler does not know costs more than the rest of an iteration's scalar work.
         rs = 0
         c0 = 0
         for _ in range(0, R * S * tl.cdiv(Cg, BLOCK_K)):
@@ -261,9 +272,7 @@ def conv_tile(
             b_ptrs = w_ptr + w_col[None, :] + (r * stride_wr + s * stride_ws + c * stride_wc)[:, None]
             b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0)
             acc = dot(acc, a, b, DOT_FP32, INPUT_PRECISION)
-            c0 += BLOCK_K
-            rs = tl.where(c0 < Cg, rs, rs + 1)
-            c0 = tl.where(c0 < Cg, c0, 0)
+            rs, c0 = next_block(rs, c0, Cg, BLOCK_K)
     else:
         # One (r, s) tap at a time: its input rows and bounds mask are fixed over the channel loop.
         for rs in tl.static_range(R * S):
@@ -342,7 +351,6 @@ def box_tile(acc, x_ptr, w_ptr, n, h0, w0, k0, N, H, W, Cg, Kg, dil_h, dil_w,
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[Kg, R * S, Cg], strides=[stride_wk, Cg, 1],
                                            block_shape=[BLOCK_N, 1, BLOCK_K])
     acc_t = tl.zeros((BLOCK_N, BOX_H * BOX_W), dtype=tl.float32)
-    # The tap and channel block advance as counters (see conv_tile's FLAT_LOOP).
     rs = 0
     c0 = 0
     for _ in range(0, R * S * tl.cdiv(Cg, BLOCK_K)):
@@ -359,9 +367,7 @@ def box_tile(acc, x_ptr, w_ptr, n, h0, w0, k0, N, H, W, Cg, Kg, dil_h, dil_w,
         else:
             b = w_desc.load([k0, rs, c0]).reshape(BLOCK_N, BLOCK_K)
         acc_t = dot(acc_t, b, tl.trans(a), DOT_FP32, INPUT_PRECISION)
-        c0 += BLOCK_K
-        rs = tl.where(c0 < Cg, rs, rs + 1)
-        c0 = tl.where(c0 < Cg, c0, 0)
+        rs, c0 = next_block(rs, c0, Cg, BLOCK_K)
     return acc + tl.trans(acc_t)
 
 
