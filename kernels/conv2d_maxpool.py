@@ -83,21 +83,19 @@ def _conv2d_bias_act_maxpool_kernel(
     # A loop, not unrolled: nine copies of the conv's pipelined main loop made the stem the slowest
     # kernel to compile by far (24 s against 3 s for fp32 on an sm_90 target; compile_report.py).
     for t in range(POOL_R * POOL_S):
-        # The conv pixel under pooling tap t; taps in the pool's padding count as -inf. Their
-        # index is clamped into the map so that the conv tile's loads stay in bounds.
-        cp = ph * pool_stride_h - pool_pad_h + t // POOL_S
-        cq = pw * pool_stride_w - pool_pad_w + t % POOL_S
-        valid = (cp >= 0) & (cp < P) & (cq >= 0) & (cq < Q)
-        cp = tl.minimum(tl.maximum(cp, 0), P - 1)
-        cq = tl.minimum(tl.maximum(cq, 0), Q - 1)
+        # The conv pixel under pooling tap t, clamped into the conv's map. A tap in the pool's
+        # padding so lands on the window's nearest pixel inside the map, which the window holds
+        # anyway (its padding is at most half of it, so every window holds pixels of the map):
+        # counted twice, which a maximum ignores, and no tap needs a mask.
+        cp = tl.minimum(tl.maximum(ph * pool_stride_h - pool_pad_h + t // POOL_S, 0), P - 1)
+        cq = tl.minimum(tl.maximum(pw * pool_stride_w - pool_pad_w + t % POOL_S, 0), Q - 1)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc = conv_tile(acc, x_ptr, w_ptr, x_row, cp * stride_h - pad_h, cq * stride_w - pad_w, w_col, mask_n,
                         Cg, H, W, dil_h, dil_w, stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
                         R, S, PADDED, FLAT_K, C_PAD, C_DIVISOR % BLOCK_K == 0, ROWS, ROW_PAD, FLAT_LOOP, DOT_FP32,
                         INPUT_PRECISION, BLOCK_K)
-        acc = tl.where(valid[:, None], acc, float("-inf"))
-        # NaN wins, as in torch's max pooling (a plain maximum may drop it).
-        best = tl.where((acc > best) | (acc != acc), acc, best)
+        # NaN wins, as in torch's max pooling.
+        best = tl.maximum(best, acc, propagate_nan=tl.PropagateNan.ALL)
 
     best = epilogue(best, b_ptr, None, None, 0, k_glob, mask_n, mask_m[:, None] & mask_n[None, :], False, APPLY_RELU)
     # y is dense NHWC: pooled pixel m's row starts at m * K.
