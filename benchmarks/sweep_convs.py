@@ -162,19 +162,23 @@ def sweep_configs(layer, x_shape, dtype, cuda):
         variants = [{"FLAT_LOOP": 1, "ROWS": rows} for rows in (1, 0)]
     conv_switches = {"USE_TMA": 0, "BOX_W": 0}
 
-    def blocked(rows, switches, limit):
+    def blocked(rows, switches, limit, pooled=False):
         """The space-to-depth plan's configs: 16 channels over ceil(R/2) x ceil(S/2) taps, both schedules."""
         if not fits:
             return []
         schedules = [{"FLAT_LOOP": 1, "ROWS": r, **switches} for r in (1, 0)]
+        weight = torch.empty(kg, 16, triton.cdiv(rr, 2), triton.cdiv(ss, 2), device="meta")
         return [{**c, "SPACE_TO_DEPTH": 1} for c in configs.sweep_candidates(
             rows, kg, 16 * triton.cdiv(rr, 2) * triton.cdiv(ss, 2), element, variants=schedules,
-            max_acc_per_thread=limit)]
+            max_acc_per_thread=limit,
+            shared_bytes=conv2d_maxpool.shared_bytes(weight, element, False) if pooled else None)]
 
     if pooled:
         limit = conv2d_maxpool.MAX_ACC_PER_THREAD
-        together = configs.sweep_candidates(m // 4, kg, reduction, element, variants=variants, max_acc_per_thread=limit)
-        together += blocked(m // 4, {}, limit)
+        padded = any(pair("padding", layer.padding))
+        together = configs.sweep_candidates(m // 4, kg, reduction, element, variants=variants, max_acc_per_thread=limit,
+                                            shared_bytes=conv2d_maxpool.shared_bytes(layer.weight, element, padded))
+        together += blocked(m // 4, {}, limit, pooled=True)
         apart = configs.sweep_candidates(m, kg, reduction, element, variants=[{**v, **conv_switches} for v in variants])
         apart += blocked(m, conv_switches, configs.MAX_ACC_PER_THREAD)
         return together + [{**c, "POOL_APART": 1} for c in apart]

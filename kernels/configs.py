@@ -188,13 +188,24 @@ def _fits_registers(bm, bn, warps, max_acc_per_thread):
     return bm * bn <= max_acc_per_thread * 32 * warps
 
 
+def gemm_shared_bytes(config, element_size):
+    """The shared memory of a config's pipelined GEMM loop: each stage holds an operand tile of
+    (BLOCK_M, BLOCK_K) and one of (BLOCK_K, BLOCK_N)."""
+    return (config["BLOCK_M"] + config["BLOCK_N"]) * config["BLOCK_K"] * element_size * config["num_stages"]
+
+
 def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory: int = 228 * 1024, switches=None,
-               max_acc_per_thread: int = MAX_ACC_PER_THREAD):
+               max_acc_per_thread: int = MAX_ACC_PER_THREAD, shared_bytes=None):
     """At most four configs for a GEMM of m rows, n columns and a reduction this long, from its
     shape class: wide tiles for large memory-bound layers, small ones where few tiles exist,
-    smaller K tiles and fewer stages for 4-byte (fp32) operands. Each fits `shared_memory` and
-    gives no thread more than `max_acc_per_thread` accumulator elements; `switches` (the kernel's
-    own, such as FLAT_LOOP) are added to each."""
+    smaller K tiles and fewer stages for 4-byte (fp32) operands. Each fits `shared_memory` (as
+    `shared_bytes(config)` counts it; gemm_shared_bytes if None) and gives no thread more than
+    `max_acc_per_thread` accumulator elements; `switches` (the kernel's own, such as FLAT_LOOP)
+    are added to each."""
+    if shared_bytes is None:
+        def shared_bytes(config):
+            return gemm_shared_bytes(config, element_size)
+
     fp32 = element_size >= 4
     if fp32:
         shapes = [(128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4), (32, 64, 32, 2, 4)]
@@ -208,10 +219,10 @@ def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory:
     for bm, bn, bk, stages, warps in _capped(shapes, m, n, reduction):
         if not _fits_registers(bm, bn, warps, max_acc_per_thread):
             continue
-        while (bm + bn) * bk * element_size * stages > shared_memory and stages > 1:
-            stages -= 1
         config = _config(bm, bn, bk, stages, warps, switches or {})
-        if config not in kept:
+        while shared_bytes(config) > shared_memory and config["num_stages"] > 1:
+            config["num_stages"] -= 1
+        if shared_bytes(config) <= shared_memory and config not in kept:
             kept.append(config)
     return kept
 
@@ -230,18 +241,19 @@ SWEEP_FP32 = [(128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4), (128
 
 
 def sweep_candidates(m, n, reduction, element_size, shared_memory=228 * 1024, variants=({"FLAT_LOOP": 1},),
-                     max_acc_per_thread=MAX_ACC_PER_THREAD):
+                     max_acc_per_thread=MAX_ACC_PER_THREAD, shared_bytes=None):
     """Every config of the sweep's list for this GEMM: tiles capped to the layer, pruned to what
     fits `shared_memory` and registers (as candidates()), once per kernel variant in `variants`
     (the kernel's own switches, such as FLAT_LOOP and USE_TMA)."""
+    if shared_bytes is None:
+        def shared_bytes(config):
+            return gemm_shared_bytes(config, element_size)
     kept = []
     for bm, bn, bk, stages, warps in _capped(SWEEP_FP32 if element_size >= 4 else SWEEP_16BIT, m, n, reduction):
-        if (bm + bn) * bk * element_size * stages > shared_memory:
-            continue
         if not _fits_registers(bm, bn, warps, max_acc_per_thread):
             continue
         for variant in variants:
             config = _config(bm, bn, bk, stages, warps, variant)
-            if config not in kept:
+            if shared_bytes(config) <= shared_memory and config not in kept:
                 kept.append(config)
     return kept

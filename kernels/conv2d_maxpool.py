@@ -19,18 +19,22 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from . import backend
+from . import backend, configs
 from ._checks import pair
 from .conv2d import cudnn_fused, reference_plan
 from .igemm import (
     check_conv_args,
     conv_launch,
     conv_tile,
+    dot,
     epilogue,
     kernel_operands,
     normalize_args,
     output_size,
     output_tile,
+    row_filters,
+    row_pad,
+    row_runs,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -80,20 +84,48 @@ def _conv2d_bias_act_maxpool_kernel(
     w_col = k_glob.to(tl.int64) * stride_wk
 
     best = tl.full((BLOCK_M, BLOCK_N), float("-inf"), dtype=tl.float32)
+    # The conv pixel under the pooling window's first tap, and where its input window starts.
+    cp0 = ph * pool_stride_h - pool_pad_h
+    cq0 = pw * pool_stride_w - pool_pad_w
+    # The row schedule over a conv without padding (space-to-depth's): one reduction over every
+    # filter row at once, (BLOCK_M, R_PAD * ROW_PAD) by (R_PAD * ROW_PAD, BLOCK_N). Its weight tile
+    # is the same for all pooling taps, so it is loaded once, here, and each tap loads only its
+    # input runs, from a start that moves by a scalar from tap to tap: (h0, w0) of the first tap's
+    # window, and of the others, unclamped. A tap in the pool's padding reads a window outside the
+    # conv's map, inside the margin of zeros that kernel_operands keeps for it. (With padding, the
+    # masks of so wide a tile cost more registers than a thread has: conv_tile's loop over rows.)
+    ALL_ROWS: tl.constexpr = FLAT_K and ROWS and not PADDED
+    if ALL_ROWS:
+        R_PAD: tl.constexpr = triton.next_power_of_2(R)
+        w_rows = row_filters(w_ptr, w_col, mask_n, 0, stride_wr, R, ROW_PAD, R_PAD)
+        h0 = cp0 * stride_h - pad_h
+        w0 = cq0 * stride_w - pad_w
+        start0 = x_row + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
     # A loop, not unrolled: nine copies of the conv's pipelined main loop made the stem the slowest
     # kernel to compile by far (24 s against 3 s for fp32 on an sm_90 target; compile_report.py).
     for t in range(POOL_R * POOL_S):
-        # The conv pixel under pooling tap t, clamped into the conv's map. A tap in the pool's
-        # padding so lands on the window's nearest pixel inside the map, which the window holds
-        # anyway (its padding is at most half of it, so every window holds pixels of the map):
-        # counted twice, which a maximum ignores, and no tap needs a mask.
-        cp = tl.minimum(tl.maximum(ph * pool_stride_h - pool_pad_h + t // POOL_S, 0), P - 1)
-        cq = tl.minimum(tl.maximum(pw * pool_stride_w - pool_pad_w + t % POOL_S, 0), Q - 1)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc = conv_tile(acc, x_ptr, w_ptr, x_row, cp * stride_h - pad_h, cq * stride_w - pad_w, w_col, mask_n,
-                        Cg, H, W, dil_h, dil_w, stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
-                        R, S, PADDED, FLAT_K, C_PAD, C_DIVISOR % BLOCK_K == 0, ROWS, ROW_PAD, FLAT_LOOP, DOT_FP32,
-                        INPUT_PRECISION, BLOCK_K)
+        if ALL_ROWS:
+            dh = (t // POOL_S) * stride_h
+            dw = (t % POOL_S) * stride_w
+            a = row_runs(x_ptr, start0 + dh.to(tl.int64) * stride_xh + dw.to(tl.int64) * stride_xw, h0 + dh, w0 + dw,
+                         0, Cg, H, W, dil_h, stride_xh, R, S, PADDED, ROW_PAD, R_PAD)
+            acc = dot(acc, a, w_rows, DOT_FP32, INPUT_PRECISION)
+            # Taps in the pool's padding count as -inf.
+            cp = cp0 + t // POOL_S
+            cq = cq0 + t % POOL_S
+            acc = tl.where(((cp >= 0) & (cp < P) & (cq >= 0) & (cq < Q))[:, None], acc, float("-inf"))
+        else:
+            # The conv pixel under pooling tap t, clamped into the conv's map. A tap in the pool's
+            # padding so lands on the window's nearest pixel inside the map, which the window holds
+            # anyway (its padding is at most half of it, so every window holds pixels of the map):
+            # counted twice, which a maximum ignores.
+            cp = tl.minimum(tl.maximum(cp0 + t // POOL_S, 0), P - 1)
+            cq = tl.minimum(tl.maximum(cq0 + t % POOL_S, 0), Q - 1)
+            acc = conv_tile(acc, x_ptr, w_ptr, x_row, cp * stride_h - pad_h, cq * stride_w - pad_w, w_col, mask_n,
+                            Cg, H, W, dil_h, dil_w, stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
+                            R, S, PADDED, FLAT_K, C_PAD, C_DIVISOR % BLOCK_K == 0, ROWS, ROW_PAD, FLAT_LOOP, DOT_FP32,
+                            INPUT_PRECISION, BLOCK_K)
         # NaN wins, as in torch's max pooling.
         best = tl.maximum(best, acc, propagate_nan=tl.PropagateNan.ALL)
 
@@ -110,6 +142,21 @@ def _conv2d_bias_act_maxpool_kernel(
 # Accumulator elements per thread that a config may give this kernel: it holds two tiles (the
 # running maximum and the conv tile under one pooling tap), and spills registers at 64 each.
 MAX_ACC_PER_THREAD = 32
+
+
+def shared_bytes(weight, element_size, padded):
+    """configs' shared_bytes(config) for this kernel over a `weight` packed for the row schedule of
+    a conv without padding (`padded` False): there, each stage of the loop over pooling taps holds
+    the (BLOCK_M, R_PAD * ROW_PAD) input runs, and the weight tile (R_PAD * ROW_PAD, BLOCK_N) stays
+    for the whole loop; otherwise the GEMM's."""
+    width = triton.next_power_of_2(weight.shape[2]) * row_pad(weight)
+
+    def count(config):
+        if padded or not config.get("ROWS"):
+            return configs.gemm_shared_bytes(config, element_size)
+        return (config["num_stages"] * config["BLOCK_M"] + config["BLOCK_N"]) * width * element_size
+
+    return count
 
 
 def _check_pool_args(conv_shape, pool_size, pool_stride, pool_padding):
@@ -153,11 +200,14 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, p
                                       pool_padding)
     n, _, ph, pw = out_shape
     p, q = conv_shape[2:]
+    # (The row schedule's pooling taps in the pool's padding read conv windows outside the conv's
+    # map, unmasked: kernel_operands keeps a margin for them.)
     to_layout, x, weight, stride, padding, rows = kernel_operands(x, weight, stride, padding, dilation, groups,
-                                                                   (p, q))
+                                                                   (p, q), margin=max(pool_padding))
     launch = conv_launch(
         "conv2d_bias_act_maxpool", _conv2d_bias_act_maxpool_kernel, x, weight, bias, out_shape, n * ph * pw,
         stride, padding, dilation, groups, relu, traceable=traceable, rows=rows, max_acc_per_thread=MAX_ACC_PER_THREAD,
+        shared_bytes=shared_bytes(weight, x.element_size(), any(padding)),
         P=p, Q=q, PH=ph, PW=pw, POOL_R=pool_size[0], POOL_S=pool_size[1],
         pool_stride_h=pool_stride[0], pool_stride_w=pool_stride[1],
         pool_pad_h=pool_padding[0], pool_pad_w=pool_padding[1],

@@ -10,6 +10,7 @@ activations. This module holds what the conv kernels share:
     output_box              the same as a box of pixels of one image (box tiles)
     conv_tile               the main loop: acc += one tile of conv(x, w), gathered by pointers
     next_block              the main loops' (tap, channel block) counters
+    row_runs, row_filters   the row schedule's operand tiles (few-channel convs over dense rows)
     dense_tile, box_tile    the main loop read through tensor descriptors (1x1; boxes, stride 1 or 2)
     epilogue                bias, residual, ReLU on the fp32 accumulator
     conv_launch             the host side: a KernelLaunch with the conv's sizes, strides and flags
@@ -172,6 +173,41 @@ def next_block(rs, c0, Cg, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def row_runs(x_ptr, start, h0, w0, r0, Cg, H, W, dil_h, stride_xh, R: tl.constexpr, S: tl.constexpr,
+             PADDED: tl.constexpr, ROW_PAD: tl.constexpr, ROWS_AT_ONCE: tl.constexpr):
+    """The row schedule's input tile for filter rows r0 .. r0 + ROWS_AT_ONCE - 1: (BLOCK_M,
+    ROWS_AT_ONCE * ROW_PAD), column i * ROW_PAD + j holding element j of the run of S*Cg contiguous
+    elements that filter row r0 + i reads (x dense NHWC rows, stride_xw == Cg), from the row's
+    window start `start`; zeros past S*Cg, past the filter's R rows, and in the padding."""
+    i = tl.arange(0, ROWS_AT_ONCE * ROW_PAD)
+    r = r0 + i // ROW_PAD
+    j = i % ROW_PAD
+    ptrs = x_ptr + start[:, None] + ((r * dil_h).to(tl.int64) * stride_xh + j)[None, :]
+    mask = ((j < S * Cg) & (r < R))[None, :]
+    if PADDED:
+        # Rows above or below the map, and taps left or right of it (the horizontal padding).
+        ih = h0[:, None] + (r * dil_h)[None, :]
+        col = (w0 * Cg)[:, None] + j[None, :]  # the element's offset within its image row
+        mask = mask & (ih >= 0) & (ih < H) & (col >= 0) & (col < W * Cg)
+    # Else every window read lies inside the map (rows past M wrap onto valid pixels), or inside the
+    # margin that kernel_operands keeps for it: only columns past a run's S*Cg, or past the filter,
+    # are masked, the same over aligned groups of elements, so the loads can be vectors where the
+    # rows are aligned (space_to_depth).
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def row_filters(w_ptr, w_col, mask_n, r0, stride_wr, R: tl.constexpr, ROW_PAD: tl.constexpr,
+                ROWS_AT_ONCE: tl.constexpr):
+    """The row schedule's weight tile for filter rows r0 .. r0 + ROWS_AT_ONCE - 1, (ROWS_AT_ONCE *
+    ROW_PAD, BLOCK_N), from row_weight()'s packing (zeros past each row's S*Cg); zeros past R."""
+    i = tl.arange(0, ROWS_AT_ONCE * ROW_PAD)
+    r = r0 + i // ROW_PAD
+    ptrs = w_ptr + w_col[None, :] + (r * stride_wr + i % ROW_PAD)[:, None]
+    return tl.load(ptrs, mask=(r < R)[:, None] & mask_n[None, :], other=0.0)
+
+
+@triton.jit
 def conv_tile(
     acc,  # (BLOCK_M, BLOCK_N) fp32, accumulated into and returned
     x_ptr,
@@ -213,23 +249,11 @@ def conv_tile(
     """
     offs_k = tl.arange(0, BLOCK_K)
     if FLAT_K and ROWS:
-        j = tl.arange(0, ROW_PAD)
-        col = w0 * Cg  # the window's first element within its image row (stride_xw == Cg)
-        # Elements past S*Cg, and taps left or right of the map (the horizontal padding), load as zeros.
-        in_row = (j[None, :] < S * Cg) & (col[:, None] + j[None, :] >= 0) & (col[:, None] + j[None, :] < W * Cg)
         # Each row's window start, once; a filter row adds a scalar offset to it.
         start = x_row + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
         for r in range(R):
-            ih = h0 + r * dil_h
-            a_ptrs = x_ptr + start[:, None] + ((r * dil_h).to(tl.int64) * stride_xh + j)[None, :]
-            if PADDED:
-                a = tl.load(a_ptrs, mask=in_row & ((ih >= 0) & (ih < H))[:, None], other=0.0)
-            else:
-                # Every window lies inside the map (rows past M wrap onto valid pixels): only the
-                # run's tail past S*Cg is masked, the same over aligned groups of elements, so the
-                # loads can be vectors where the rows are aligned (space_to_depth).
-                a = tl.load(a_ptrs, mask=(j < S * Cg)[None, :], other=0.0)
-            b = tl.load(w_ptr + w_col[None, :] + (r * stride_wr + j)[:, None], mask=mask_n[None, :], other=0.0)
+            a = row_runs(x_ptr, start, h0, w0, r, Cg, H, W, dil_h, stride_xh, R, S, PADDED, ROW_PAD, 1)
+            b = row_filters(w_ptr, w_col, mask_n, r, stride_wr, R, ROW_PAD, 1)
             acc = dot(acc, a, b, DOT_FP32, INPUT_PRECISION)
     elif FLAT_K:
         RSC = R * S * C_PAD
@@ -593,7 +617,7 @@ def space_to_depth_schedule(weight, stride, dilation, groups):
     return SPACE_TO_DEPTH and space_to_depth_fits(weight, stride, dilation, groups)
 
 
-def space_to_depth(x, weight, padding, out_hw):
+def space_to_depth(x, weight, padding, out_hw, margin=0):
     """A stride-2 conv of at most 4 channels as a stride-1 conv of 16 over 2x2 blocks of pixels.
 
     The input's channels are padded with zeros to 4, and pixel (2i + b, 2j + b') of the padded
@@ -606,6 +630,11 @@ def space_to_depth(x, weight, padding, out_hw):
     runs of 21 at any 2-byte offset, one element per load. The price: a copy of the input with
     its channels padded to 4 (at 224x224 in fp16, 0.42 MB an image written for 0.30 MB read).
 
+    `margin`: block rows and columns of zeros kept around the blocks the P x Q outputs read, so
+    that a kernel may read the windows of outputs up to `margin` pixels outside the map without
+    masks (their values are then meaningless; the stem's pooling taps in the pool's padding).
+    The kernel's x is the view of the blocks inside that margin.
+
     Returns (to_blocks, x as the kernel sees it, weight, padding (4 zeros)); to_blocks(x) makes the
     blocked copy of each call's input (two torch ops: a pad, then one permuting copy).
     """
@@ -614,31 +643,41 @@ def space_to_depth(x, weight, padding, out_hw):
     p, q = out_hw
     rb, sb = triton.cdiv(r, 2), triton.cdiv(s, 2)
     hb, wb = p + rb - 1, q + sb - 1  # block rows and columns that the P x Q outputs read
+    hm, wm = hb + 2 * margin, wb + 2 * margin  # with the margin
+
+    def inside_margin(blocks):  # (N, hm, wm, 16) -> the (N, 16, hb, wb) view the kernel reads
+        return blocks[:, margin:margin + hb, margin:margin + wb].permute(0, 3, 1, 2)
 
     def to_blocks(x):
         n, _, h, w = x.shape
-        # Channels to 4; pixels padded (or cropped: rows no output reads) to 2*hb x 2*wb.
-        padded = torch.nn.functional.pad(x, (left, 2 * wb - w - left, top, 2 * hb - h - top, 0, 4 - c))
-        nhwc = padded.permute(0, 2, 3, 1).reshape(n, hb, 2, wb, 2, 4).permute(0, 1, 3, 2, 4, 5)
-        return nhwc.reshape(n, hb, wb, 16).permute(0, 3, 1, 2)
+        # Channels to 4; pixels padded (or cropped: rows no output reads) to 2*hm x 2*wm.
+        top_m, left_m = top + 2 * margin, left + 2 * margin
+        padded = torch.nn.functional.pad(x, (left_m, 2 * wm - w - left_m, top_m, 2 * hm - h - top_m, 0, 4 - c))
+        nhwc = padded.permute(0, 2, 3, 1).reshape(n, hm, 2, wm, 2, 4).permute(0, 1, 3, 2, 4, 5)
+        return inside_margin(nhwc.reshape(n, hm, wm, 16))
 
     blocked = torch.nn.functional.pad(weight, (0, 2 * sb - s, 0, 2 * rb - r, 0, 4 - c))
     blocked = blocked.reshape(k, 4, rb, 2, sb, 2).permute(0, 3, 5, 1, 2, 4).reshape(k, 16, rb, sb)
-    like = x.new_empty((x.shape[0], hb, wb, 16)).permute(0, 3, 1, 2)
+    like = inside_margin(x.new_empty((x.shape[0], hm, wm, 16)))
     return to_blocks, like, blocked, [0, 0, 0, 0]
 
 
-def kernel_operands(x, weight, stride, padding, dilation, groups, out_hw):
+def kernel_operands(x, weight, stride, padding, dilation, groups, out_hw, margin=0):
     """How a conv plan hands x and the weight to a kernel built on conv_tile: (to_layout, x as the
     kernel sees it, weight, stride, padding, rows). As space_to_depth where that is set and fits
     (each call's x copied into 2x2 blocks, stride 1, no padding), else x as gather_layout has it;
-    then, where the row schedule applies (`rows`), the weight packed by rows (row_weight)."""
+    then, where the row schedule applies (`rows`), the weight packed by rows (row_weight).
+
+    `margin`: the kernel reads, without masks, the row schedule's runs of output pixels up to this
+    many outside the output map (conv2d_maxpool's pooling taps): space_to_depth keeps that margin
+    of zeros around its copy, and a conv without padding (whose row schedule reads unmasked) that
+    is not a space-to-depth copy is left to the gathered schedule."""
     if space_to_depth_schedule(weight, stride, dilation, groups):
-        to_layout, x, weight, padding = space_to_depth(x, weight, padding, out_hw)
+        to_layout, x, weight, padding = space_to_depth(x, weight, padding, out_hw, margin)
         stride, rows = (1, 1), True
     else:
         to_layout, x = gather_layout(x)
-        rows = row_schedule(x, weight, dilation, groups)
+        rows = row_schedule(x, weight, dilation, groups) and (margin == 0 or any(padding))
     if rows:
         weight = row_weight(weight)
     return to_layout, x, weight, stride, padding, rows
@@ -660,7 +699,7 @@ def _ensure_descriptor_allocator():
 
 def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, dilation, groups, relu, *,
                 extra_reduction=0, traceable=False, dense=None, boxes=None, rows=False,
-                max_acc_per_thread=configs.MAX_ACC_PER_THREAD, **extra):
+                max_acc_per_thread=configs.MAX_ACC_PER_THREAD, shared_bytes=None, **extra):
     """A KernelLaunch of a kernel built on conv_tile over M = m output rows into a channels_last
     output of `out_shape`, for inputs laid out as `x`: called as launch(x, weight, bias, *pointers, y).
 
@@ -671,6 +710,8 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     row_weight()'s packing (row_schedule applies), and the config switch ROWS picks the row schedule.
     `max_acc_per_thread`: the candidates' limit on accumulator elements per thread (lower for a
     kernel that holds more than one accumulator tile; see configs.MAX_ACC_PER_THREAD).
+    `shared_bytes(config)`: the shared memory a config takes, for a kernel whose main loop is not
+    configs.gemm_shared_bytes's (None: it is).
     """
     if m >= 2**31:
         raise ValueError(f"{name}: {m} output rows; at most 2**31 - 1 are supported")
@@ -744,7 +785,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
         switches["ROWS"] = 1
     smem = max_shared_memory(x.device.index or 0) if x.is_cuda else 228 * 1024
     candidates = configs.candidates(m, kg, reduction, x.element_size(), smem, switches=switches,
-                                    max_acc_per_thread=max_acc_per_thread)
+                                    max_acc_per_thread=max_acc_per_thread, shared_bytes=shared_bytes)
     if boxes:
         candidates = with_tma_variants(candidates, box_variant(*out_shape[2:]))
     elif dense:

@@ -543,6 +543,27 @@ def test_every_kernel_variant_compiled(case, dtype, monkeypatch):
     assert asked, "the forced config was not looked up"
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("blocks", [True, False], ids=["space_to_depth", "direct"])
+@pytest.mark.parametrize("rows", [1, 0], ids=["rows", "gathered"])
+def test_the_pooled_stem_compiled(rows, blocks, dtype, monkeypatch):
+    # The stem's conv + ReLU + max pooling in one kernel, each schedule compiled: the row schedule
+    # reads the pool's padded taps unmasked, from the margin kept around the space-to-depth copy.
+    from fused_resnet.kernels import configs, igemm
+
+    monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", blocks)
+    x, weight, bias = make_case(2, 3, 38, 38, 64, 7, 7, 1, dtype)
+    tiles = {**VARIANT_TILES, "BLOCK_K": 16 if dtype == torch.float32 else 32, "num_stages": 2,
+             "FLAT_LOOP": 1, "ROWS": rows}
+    with configs.override(tiles) as asked:
+        out = kernels.conv2d_bias_act_maxpool(x, weight, bias, 2, 3, relu=True, pool_size=3, pool_stride=2,
+                                              pool_padding=1)
+    exp = F.max_pool2d(conv_expected(x, weight, bias, 2, 3, 1, 1, None, True), 3, 2, 1)
+    assert asked and out.shape == exp.shape
+    assert_close(out, exp, rtol=TOL[dtype], atol=TOL[dtype] * exp.abs().max().item())
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_tf32_follows_cudnn_flag():
     x, weight, bias = make_case(4, 256, 14, 14, 256, 3, 3)
@@ -615,6 +636,36 @@ def test_space_to_depth_is_the_same_conv_in_float64():
         assert blocks.shape == like.shape and blocks.stride() == like.stride() and padding == [0, 0, 0, 0]
         assert blocks.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(F.conv2d(blocks, blocked), exp, rtol=0, atol=1e-12)
+
+
+def test_space_to_depth_keeps_a_margin_of_zeros_around_its_blocks():
+    # The pooled stem's taps in the pool's padding read windows up to `margin` blocks outside the
+    # ones the outputs read, unmasked: they lie in the same copy, and read zeros.
+    from fused_resnet.kernels.igemm import kernel_operands, space_to_depth
+
+    x = torch.randn(2, 3, 30, 34, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(5, 3, 7, 7, dtype=torch.float64)
+    exp = F.conv2d(F.pad(x, (3, 3, 3, 3)), weight, stride=2)
+    plain = space_to_depth(x, weight, [3, 3, 3, 3], exp.shape[2:])[0](x)
+    for margin in (1, 2):
+        to_blocks, like, blocked, _ = space_to_depth(x, weight, [3, 3, 3, 3], exp.shape[2:], margin)
+        blocks = to_blocks(x)
+        assert blocks.shape == like.shape == plain.shape and blocks.stride() == like.stride()
+        torch.testing.assert_close(F.conv2d(blocks, blocked), exp, rtol=0, atol=1e-12)
+        # The copy around the view: the blocks, and `margin` rows and columns of zeros on each side.
+        sn, _, sh, sw = blocks.stride()
+        n, c, hb, wb = blocks.shape
+        whole = blocks.as_strided((n, c, hb + 2 * margin, wb + 2 * margin), blocks.stride(),
+                                  blocks.storage_offset() - margin * (sh + sw))
+        assert torch.equal(whole, F.pad(plain, (margin,) * 4))
+        assert blocks.untyped_storage().nbytes() == n * sn * blocks.element_size()
+    # A conv without padding that is not a space-to-depth copy has no margin to read: the row
+    # schedule, which reads unmasked where the conv is not padded, is then left out.
+    small = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    w3 = torch.randn(8, 3, 3, 3)
+    assert kernel_operands(small, w3, (1, 1), [0] * 4, (1, 1), 1, (14, 14))[-1]
+    assert not kernel_operands(small, w3, (1, 1), [0] * 4, (1, 1), 1, (14, 14), margin=1)[-1]
+    assert kernel_operands(small, w3, (1, 1), [1] * 4, (1, 1), 1, (16, 16), margin=1)[-1]
 
 
 def test_space_to_depth_only_when_asked_and_for_strided_few_channel_convs(monkeypatch):

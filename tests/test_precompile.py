@@ -221,6 +221,14 @@ LOOP_SCRIPT = textwrap.dedent("""
         with precompile.compile_only("H100") as jobs, configs.override({**tiles, "BOX_W": box_w}):
             kernels.plan_conv2d_bias_act(x, weight, bias, 1, ksize // 2, relu=True)(x, None)
         found += jobs
+    # The stem's conv + max pooling, as space-to-depth in the row schedule: its loop over pooling taps.
+    x, weight, bias = make_case(2, 3, 64, 64, 64, 7, 7, 1, torch.float16, device="cpu")
+    stem = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 3,
+            "FLAT_LOOP": 1, "ROWS": 1}
+    with precompile.compile_only("H100") as jobs, configs.override(stem):
+        kernels.plan_conv2d_bias_act_maxpool(x, weight, bias, 2, 3, relu=True, pool_size=3, pool_stride=2,
+                                             pool_padding=1)(x)
+    found += jobs
     print(json.dumps(precompile.compile_jobs(found, workers=2, machine_code=True)))  # workers: not interpreted
 """)
 
@@ -233,13 +241,51 @@ def test_the_main_loops_issue_less_than_their_tensor_cycles(tmp_path):
     # was bound by issuing its address arithmetic; now 177 and 120 (triton 3.8). Box tiles (4
     # m64n128k16, the product transposed): both operands come by TMA into shared memory, 86; with
     # the box as the first operand it went through registers, 150.
-    conv3x3, conv1x1, box3x3 = run_compiling(LOOP_SCRIPT, tmp_path)
+    # The stem's loop over pooling taps (16 m64n64k16 on 8 warps, 512 cycles): the filter rows' 4
+    # runs of 64 as one reduction against a weight tile loaded once, before the loop, from a start
+    # that moves by a scalar from tap to tap, 263 (triton 3.8); with the weight loaded again and
+    # the window's start recomputed, clamped, per row and tap, 418 (559 with a compare-and-select
+    # maximum).
+    conv3x3, conv1x1, box3x3, stem = run_compiling(LOOP_SCRIPT, tmp_path)
     for result in (conv3x3, conv1x1):
         assert result["loop_mma"] == [8] and result["loop_tensor_cycles"] == [256], result
     assert conv3x3["loop_instructions"][0] < 0.8 * 256, conv3x3
     assert conv1x1["loop_instructions"][0] < 0.55 * 256, conv1x1
     assert box3x3["loop_mma"] == [4] and box3x3["loop_tensor_cycles"] == [256], box3x3
     assert box3x3["loop_instructions"][0] < 0.45 * 256 and box3x3["async_copies"] == 0, box3x3
+    assert stem["loop_mma"] == [16] and stem["loop_tensor_cycles"] == [512], stem
+    assert stem["loop_instructions"][0] < 0.6 * 512 and stem["spill_bytes"] == 0, stem
+
+
+STEM_SCRIPT = textwrap.dedent("""
+    import json
+    import torch
+    from fused_resnet import kernels
+    from fused_resnet.kernels import igemm, precompile
+
+    found = []
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for blocks in (True, False):
+            igemm.SPACE_TO_DEPTH = blocks
+            x = torch.empty(8, 3, 224, 224, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            weight = torch.empty(64, 3, 7, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            with precompile.compile_only("H100") as jobs:
+                kernels.plan_conv2d_bias_act_maxpool(x, weight, None, 2, 3, relu=True, pool_size=3, pool_stride=2,
+                                                     pool_padding=1)(x)
+            found += jobs
+    print(json.dumps([[job.config, result] for job, result in zip(found, precompile.compile_jobs(found, workers=2))]))
+""")
+
+
+def test_the_stems_candidates_fit_an_h100_in_every_dtype(tmp_path):
+    # The pooled stem's row schedule keeps its weight tile in shared memory for the whole loop and
+    # stages (BLOCK_M, 256) input runs: its candidates are pruned by that count
+    # (conv2d_maxpool.shared_bytes), not the GEMM's, or the wider ones would not compile.
+    found = run_compiling(STEM_SCRIPT, tmp_path)
+    assert len(found) >= 6
+    for config, result in found:
+        assert "error" not in result, (config, result)
+        assert 0 < result["shared"] <= 232448, (config, result)  # an H100's shared memory a block
 
 
 WARMUP_SCRIPT = textwrap.dedent("""
