@@ -167,11 +167,13 @@ def sweep_configs(layer, x_shape, dtype, cuda):
         if not fits:
             return []
         schedules = [{"FLAT_LOOP": 1, "ROWS": r, **switches} for r in (1, 0)]
-        weight = torch.empty(kg, 16, triton.cdiv(rr, 2), triton.cdiv(ss, 2), device="meta")
+        taps = (triton.cdiv(rr, 2), triton.cdiv(ss, 2))
+        shared = None
+        if pooled:  # the row schedule holds its weight tile, of the blocked weight's shape, throughout
+            shared = conv2d_maxpool.shared_bytes(torch.empty(kg, 16, *taps, device="meta"), element, False)
         return [{**c, "SPACE_TO_DEPTH": 1} for c in configs.sweep_candidates(
-            rows, kg, 16 * triton.cdiv(rr, 2) * triton.cdiv(ss, 2), element, variants=schedules,
-            max_acc_per_thread=limit,
-            shared_bytes=conv2d_maxpool.shared_bytes(weight, element, False) if pooled else None)]
+            rows, kg, 16 * taps[0] * taps[1], element, variants=schedules, max_acc_per_thread=limit,
+            shared_bytes=shared)]
 
     if pooled:
         limit = conv2d_maxpool.MAX_ACC_PER_THREAD

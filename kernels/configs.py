@@ -19,6 +19,7 @@ folder, or call clear_cache(), to tune afresh.
 """
 
 import contextlib
+import functools
 import json
 import os
 import pathlib
@@ -202,10 +203,7 @@ def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory:
     `shared_bytes(config)` counts it; gemm_shared_bytes if None) and gives no thread more than
     `max_acc_per_thread` accumulator elements; `switches` (the kernel's own, such as FLAT_LOOP)
     are added to each."""
-    if shared_bytes is None:
-        def shared_bytes(config):
-            return gemm_shared_bytes(config, element_size)
-
+    shared_bytes = shared_bytes or functools.partial(gemm_shared_bytes, element_size=element_size)
     fp32 = element_size >= 4
     if fp32:
         shapes = [(128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4), (32, 64, 32, 2, 4)]
@@ -245,9 +243,7 @@ def sweep_candidates(m, n, reduction, element_size, shared_memory=228 * 1024, va
     """Every config of the sweep's list for this GEMM: tiles capped to the layer, pruned to what
     fits `shared_memory` and registers (as candidates()), once per kernel variant in `variants`
     (the kernel's own switches, such as FLAT_LOOP and USE_TMA)."""
-    if shared_bytes is None:
-        def shared_bytes(config):
-            return gemm_shared_bytes(config, element_size)
+    shared_bytes = shared_bytes or functools.partial(gemm_shared_bytes, element_size=element_size)
     kept = []
     for bm, bn, bk, stages, warps in _capped(SWEEP_FP32 if element_size >= 4 else SWEEP_16BIT, m, n, reduction):
         if not _fits_registers(bm, bn, warps, max_acc_per_thread):
