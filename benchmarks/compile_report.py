@@ -14,7 +14,9 @@ and spill stores a thread, and its machine code the instructions a warp issues p
 the main loop against the tensor-core cycles of that iteration's MMAs ("issue": their ratio, the
 least share of the loop's time that issuing takes; near 1 the loop is bound by its address and mask
 arithmetic, not by the tensor cores; kernels.precompile.loop_instructions). A loop size marked *
-is the whole kernel's code: the compiler unrolled its loops.
+is the whole kernel's code: the compiler unrolled its loops. "loads" are the global loads an
+iteration of a loop without MMAs holds (the head's pooling), about what a thread keeps in flight
+each time it waits for memory.
 
 Compile seconds are this machine's CPU, one job a process: a cold first forward on a GPU pays
 about their sum (plus the timing of candidates) when it compiles serially.
@@ -51,7 +53,8 @@ def describe(job):
 
 def config_text(config):
     short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s",
-             "FLAT_LOOP": "flat", "USE_TMA": "tma", "BOX_W": "box", "ROWS": "rows", "BLOCK_SIZE": "block"}
+             "FLAT_LOOP": "flat", "USE_TMA": "tma", "BOX_W": "box", "ROWS": "rows", "BLOCK_SIZE": "block",
+             "BLOCK_HW": "hw"}
     return " ".join(f"{short[k]}{v}" for k, v in config.items() if k in short)
 
 
@@ -101,7 +104,7 @@ def main(argv=None):
     wall = time.perf_counter() - start
     cases = []
     print(f"{'launch':<40}{'config':<34}{'s':>6}{'smem KB':>9}{'regs':>6}{'spill B':>8}{'async':>7}{'tma':>5}"
-          f"{'wgmma':>7}{'mma':>5}{'loop':>6}{'issue':>7}")
+          f"{'wgmma':>7}{'mma':>5}{'loop':>6}{'issue':>7}{'loads':>6}")
     for job, result in zip(jobs, results):
         case = {"arch": args.arch, "dtype": args.dtype, "batch": args.batch, "target": args.gpu,
                 "tf32": not args.no_tf32 if args.dtype == "float32" else None,
@@ -113,7 +116,8 @@ def main(argv=None):
         print(f"{describe(job):<40}{config_text(job.config):<34}{result['seconds']:>6.1f}"
               f"{result['shared'] / 1024:>9.0f}{result['registers']:>6}{result['spill_bytes']:>8}"
               f"{result['async_copies']:>7}{result['tma_loads']:>5}"
-              f"{result['wgmma']:>7}{result['mma']:>5}{loop_text(result)}")
+              f"{result['wgmma']:>7}{result['mma']:>5}{loop_text(result)}"
+              f"{(result.get('load_loop_loads') or ['-'])[0]:>6}")
     seconds = [r["seconds"] for r in results if "error" not in r]
     failed = len(results) - len(seconds)
     ratios = [r for r in map(issue_ratio, results) if r is not None]

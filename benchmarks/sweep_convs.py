@@ -4,7 +4,7 @@
 
 On a GPU (the default: batch 256, fp16, channels_last, random data) for each distinct fused conv
 layer (the stem conv+maxpool, each block's convs with their epilogues, the merged projection
-shortcuts), in the shapes the fused model launches:
+shortcuts), in the shapes the fused model launches, and for the head (average pooling + fc):
 
 1. every config of kernels.configs.sweep_candidates (Inductor's conv configs and the Hopper
    matmul tutorial's, both main loops, and for dense 1x1 convs the tensor-descriptor read, for
@@ -17,13 +17,15 @@ shortcuts), in the shapes the fused model launches:
 2. each is timed here by CUDA-graph replay (10 launches in a graph, kernel time = replay / 10),
    as is cuDNN's fused op on the same operands (`cudnn_convolution_relu` or `_add_relu`; for a
    merged shortcut, cuDNN's shortcut conv then its conv+add+ReLU; for the stem, cuDNN's
-   conv+bias+ReLU then max pooling, and eager's conv, BatchNorm, ReLU and pooling);
+   conv+bias+ReLU then max pooling, and eager's conv, BatchNorm, ReLU and pooling; the head, with
+   configs.head_candidates' sweep list, against eager's pooling and fc alone);
 3. a table of the best config against cuDNN per layer is printed (for the stem, the best of each
    plan too, which settles igemm.SPACE_TO_DEPTH and fuse's stem_maxpool), and the cases
-   {"model": "resnet50-conv", "layer", "impl": "fused" | "cudnn_fused" | "eager", "dtype", "batch",
-   "kernel_ms", "config"} are written with the run's provenance (each fused case adds "timed",
-   every config with its time, and the stem's "by_plan"); `--write-table` merges the winners (of
-   each plan) into kernels/tuned_configs.json, so that plans on this GPU find them;
+   {"model": "resnet50-conv" (the head: "resnet50-head"), "layer", "impl": "fused" | "cudnn_fused" |
+   "eager", "dtype", "batch", "kernel_ms", "config"} are written with the run's provenance (each
+   fused case adds "timed", every config with its time, and the stem's "by_plan"); `--write-table`
+   merges the winners (of each plan) into kernels/tuned_configs.json, so that plans on this GPU
+   find them;
 4. with `--network`, the whole resnet50 is timed (median of CUDA-event timings) for the
    implementations named there, before the sweep and after it (with the table it wrote in force).
 
@@ -58,13 +60,14 @@ from fused_resnet.kernels.igemm import (
     space_to_depth_fits,
 )
 
-from fused_resnet import FusedConv2d, FusedConv2dMaxPool, bench, fuse, kernels, warmup
+from fused_resnet import FusedAvgPoolLinear, FusedConv2d, FusedConv2dMaxPool, bench, fuse, kernels, warmup
 from fused_resnet.validate import synthetic_batchnorm
 
 
 def distinct_layers(model, batch, size, dtype, device):
     """[(name, layer, x shape, residual shape or None)] of every distinct fused conv the fused
-    model launches at this batch and size, first occurrence first."""
+    model launches at this batch and size, and its head (average pooling + fc): the stem and the
+    head first (they have plans of their own to settle), then the convs in the order they run."""
     fused = fuse(model)
     seen, found = set(), []
 
@@ -72,6 +75,9 @@ def distinct_layers(model, batch, size, dtype, device):
         def record(module, args, kwargs):
             x = args[0]
             residual = args[1] if len(args) > 1 else kwargs.get("residual")
+            if isinstance(module, FusedAvgPoolLinear):
+                found.append((name, module, tuple(x.shape), None))
+                return
             key = (tuple(module.weight.shape), module.stride, module.padding, module.dilation, module.groups,
                    type(module).__name__, tuple(x.shape), None if residual is None else tuple(residual.shape),
                    None if module.shortcut_weight is None else tuple(module.shortcut_weight.shape))
@@ -81,16 +87,19 @@ def distinct_layers(model, batch, size, dtype, device):
         return record
 
     hooks = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in fused.named_modules()
-             if isinstance(m, FusedConv2d)]
+             if isinstance(m, (FusedConv2d, FusedAvgPoolLinear))]
     with torch.no_grad(), kernels.use_backend("reference"):
         fused(torch.randn(1, 3, size, size))
     for h in hooks:
         h.remove()
+    found.sort(key=lambda layer: not isinstance(layer[1], (FusedConv2dMaxPool, FusedAvgPoolLinear)))
     return [(name, copy.deepcopy(module).to(device, dtype), (batch,) + x[1:], None if r is None else (batch,) + r[1:])
             for name, module, x, r in found]
 
 
 def describe(layer, x_shape):
+    if isinstance(layer, FusedAvgPoolLinear):
+        return f"head C{layer.in_features} {x_shape[2]}x{x_shape[3]} -> {layer.out_features}"
     k, c, r, s = layer.weight.shape
     c *= layer.groups
     text = f"C{c} K{k} {r}x{s}/{layer.stride[0]} {x_shape[2]}x{x_shape[3]}"
@@ -120,6 +129,9 @@ def plan_of(layer, x, r, pool_apart=False):
             return lambda: F.max_pool2d(plan(x, None), *pool)
         plan = kernels.plan_conv2d_bias_act_maxpool(x, **args)
         return lambda: plan(x)
+    if isinstance(layer, FusedAvgPoolLinear):
+        plan = layer._build_plan(x, None)
+        return lambda: plan(x)
     plan = layer._build_plan(x, r)
     return lambda: plan(x, r)
 
@@ -139,7 +151,11 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     """The configs the sweep times for a layer (one interpreter config on a CPU). For the stem
     (conv + max pooling) also those of its other plans: as space-to-depth, marked
     {"SPACE_TO_DEPTH": 1}, and as the conv kernel followed by torch's max pooling, marked
-    {"POOL_APART": 1}, each way."""
+    {"POOL_APART": 1}, each way. For the head, configs.head_candidates' sweep list."""
+    if isinstance(layer, FusedAvgPoolLinear):
+        n, c, h, w = x_shape
+        element = torch.empty((), dtype=dtype).element_size()
+        return configs.head_candidates(n, layer.out_features, c, h * w, element, sweep=True) if cuda else [None]
     fits = space_to_depth_fits(layer.weight, pair("stride", layer.stride), pair("dilation", layer.dilation),
                                layer.groups)
     pooled = isinstance(layer, FusedConv2dMaxPool)
@@ -238,7 +254,10 @@ def kernel_ms(fn, cuda, reps=10):
 
 
 def baselines(layer, x, r):
-    """{impl: callable} of what cuDNN (and for the stem, eager) runs for this layer."""
+    """{impl: callable} of what cuDNN (and for the stem, eager) runs for this layer; for the head,
+    which has no cuDNN form, what eager runs (fuse(avgpool_fc=False): torch's pooling, then the fc)."""
+    if isinstance(layer, FusedAvgPoolLinear):
+        return {"eager": lambda: F.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), layer.weight, layer.bias)}
     with kernels.use_backend("cudnn"):
         plan = plan_of(layer, x, r)
     out = {"cudnn_fused": plan}
@@ -368,7 +387,8 @@ def main(argv=None):
                 by_plan[plan] = (ms, config, list(asked))
         best = min(by_plan.values(), key=lambda b: b[0])
         label = describe(layer, x_shape)
-        common = {"model": "resnet50-conv", "layer": label, "dtype": args.dtype, "batch": batch}
+        model_name = "resnet50-head" if isinstance(layer, FusedAvgPoolLinear) else "resnet50-conv"
+        common = {"model": model_name, "layer": label, "dtype": args.dtype, "batch": batch}
         fused = {**common, "impl": "fused", "kernel_ms": round(best[0], 5), "config": best[1],
                  "configs_timed": len(chosen) - len(bad), "name": name, "timed": timed}
         if len(by_plan) > 1:
@@ -393,13 +413,16 @@ def main(argv=None):
     print(f"{'layer':<34}{'fused ms':>10}{'cuDNN ms':>10}{'fused/cuDNN speed':>19}")
     ratios = []
     for label, fused_ms, base in rows:
+        extra = f"  (eager {base['eager']:.4f} ms: {base['eager'] / fused_ms:.2f}x)" if "eager" in base else ""
+        if "cudnn_fused" not in base:  # the head: against eager alone, and not in the convs' geomean
+            print(f"{label:<34}{fused_ms:>10.4f}{'-':>10}{'-':>19}{extra}")
+            continue
         ratio = base["cudnn_fused"] / fused_ms
         ratios.append(ratio)
-        extra = f"  (eager {base['eager']:.4f} ms: {base['eager'] / fused_ms:.2f}x)" if "eager" in base else ""
         print(f"{label:<34}{fused_ms:>10.4f}{base['cudnn_fused']:>10.4f}{ratio:>18.2f}x{extra}")
     if ratios:
         geomean = statistics.geometric_mean(ratios)
-        print(f"geomean over {len(ratios)} layers: fused at {geomean:.2f}x cuDNN's speed"
+        print(f"geomean over {len(ratios)} convs: fused at {geomean:.2f}x cuDNN's speed"
               + ("" if cuda else " (CPU, interpreted: a check of the harness, not a measurement)"))
     for c in network:
         print(f"network {c['impl']:<24}{c['when']:<8}{c['median_ms']:>10.3f} ms")

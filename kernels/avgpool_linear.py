@@ -6,6 +6,11 @@ for each block of channels, averages the feature map in fp32, rounds the mean to
 (as the unfused pool's output is), and multiplies it into the accumulator with tl.dot. Programs
 that share images are ordered to run together, so the repeated reads of a feature map come from L2.
 
+The pooling is a loop of loads and adds with no MMA to hide memory behind: a program waits for its
+loads once an iteration. So an iteration reads BLOCK_HW pixels (unrolled), not one; and the tiles
+are few images (the fewer, the fewer additions a program) by many classes (the more, the fewer
+programs that read each image's maps again): configs.head_candidates.
+
 Order of this file: @triton.jit kernel, launcher, op registration, reference.
 """
 
@@ -30,8 +35,8 @@ def _avgpool_linear_kernel(
     w_ptr,  # (J, C)
     b_ptr,  # (J,), or None
     y_ptr,  # (N, J)
-    N, C, H, W, J,
-    stride_xn, stride_xc, stride_xh, stride_xw,
+    N, C, HW, J,
+    stride_xn, stride_xc, stride_xhw,  # stride_xhw: of a pixel, the map's (h, w) as one index h * W + w
     stride_wj, stride_wc,
     stride_yn, stride_yj,
     DOT_FP32: tl.constexpr,  # upcast operands before tl.dot (the interpreter's bf16 dot is wrong)
@@ -39,6 +44,7 @@ def _avgpool_linear_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_HW: tl.constexpr,  # pixels a round of the pooling reads at once
     GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = tile_ids(N, J, BLOCK_M, BLOCK_N, GROUP_M)
@@ -47,20 +53,23 @@ def _avgpool_linear_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < N
     mask_n = offs_n < J
-    x_row = offs_m.to(tl.int64) * stride_xn
+    x_img = offs_m.to(tl.int64) * stride_xn
     w_col = offs_n.to(tl.int64) * stride_wj
-    inv_hw = 1.0 / (H * W)
+    inv_hw = 1.0 / HW
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_K):
         c = c0 + offs_k
         mask_c = c < C
         mask_a = mask_m[:, None] & mask_c[None, :]
-        a_ptrs = x_ptr + x_row[:, None] + (c.to(tl.int64) * stride_xc)[None, :]
+        a_ptrs = x_ptr + x_img[:, None] + (c.to(tl.int64) * stride_xc)[None, :]
+        # A round reads BLOCK_HW pixels, unrolled, so that all their loads are in flight before the
+        # first is summed; a loop over single pixels would wait for memory once per pixel.
         pooled = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for h in range(0, H):
-            for w in range(0, W):
-                pooled += tl.load(a_ptrs + h * stride_xh + w * stride_xw, mask=mask_a, other=0.0).to(tl.float32)
+        for hw0 in range(0, HW, BLOCK_HW):
+            for i in tl.static_range(BLOCK_HW):
+                hw = hw0 + i
+                pooled += tl.load(a_ptrs + hw * stride_xhw, mask=mask_a & (hw < HW), other=0.0).to(tl.float32)
         # Round the mean to the input dtype, as the unfused pool stores it, and use the dtype's dot.
         a = (pooled * inv_hw).to(x_ptr.dtype.element_ty)
         b = tl.load(w_ptr + w_col[None, :] + (c * stride_wc)[:, None], mask=mask_c[:, None] & mask_n[None, :],
@@ -104,11 +113,14 @@ def plan_avgpool_linear(x, weight, bias=None, *, backend_name=None, traceable=Fa
         return lambda x: avgpool_linear_reference(x, weight, bias)
     n, c, h, w = x.shape
     j = weight.shape[0]
+    # The kernel walks each map as one row of h * w pixels: a map whose rows are not evenly spaced
+    # (a strided or transposed view) is copied to channels_last at each call.
+    to_layout, strides = _as_pixel_rows(x)
     interpret = not backend.on_gpu(x)
     tf32 = x.dtype == torch.float32 and not interpret and torch.backends.cuda.matmul.allow_tf32
     args = dict(
-        N=n, C=c, H=h, W=w, J=j,
-        stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3),
+        N=n, C=c, HW=h * w, J=j,
+        stride_xn=strides[0], stride_xc=strides[1], stride_xhw=strides[2],
         stride_wj=weight.stride(0), stride_wc=weight.stride(1),
         stride_yn=j, stride_yj=1,
         DOT_FP32=interpret,
@@ -119,15 +131,28 @@ def plan_avgpool_linear(x, weight, bias=None, *, backend_name=None, traceable=Fa
         return (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(j, meta["BLOCK_N"]),)
 
     launch = backend.KernelLaunch(_avgpool_linear_kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable,
-                                  config=configs.interpreter(n, j, c) if interpret else None, op="avgpool_linear",
-                                  key=configs.shape_key(M=n, C=c, H=h, W=w, J=j, prec=args["INPUT_PRECISION"],
+                                  config=configs.head_interpreter(n, j, c, h * w) if interpret else None,
+                                  op="avgpool_linear",
+                                  key=configs.shape_key(M=n, C=c, HW=h * w, J=j, prec=args["INPUT_PRECISION"],
                                                         bias=bias is not None),
-                                  candidates=configs.candidates(n, j, c, x.element_size()))
+                                  candidates=configs.head_candidates(n, j, c, h * w, x.element_size()))
 
     def launch_into(y, x):
-        launch(x, weight, bias, y)
+        launch(to_layout(x), weight, bias, y)
 
     return backend.output_plan((n, j), x, launch_into)
+
+
+def _as_pixel_rows(x):
+    """(to_layout, (stride of an image, of a channel, of a pixel)) for reading x's maps as rows of
+    H * W pixels: x as it is where pixel (h, w) lies at (h * W + w) pixel strides, else a
+    channels_last copy."""
+    _, c, h, w = x.shape
+    if w == 1:
+        return (lambda t: t), (x.stride(0), x.stride(1), x.stride(2))
+    if h == 1 or x.stride(2) == w * x.stride(3):
+        return (lambda t: t), (x.stride(0), x.stride(1), x.stride(3))
+    return (lambda t: t.contiguous(memory_format=torch.channels_last)), (c * h * w, 1, c)
 
 
 # ----------------------------------------------------------------------------------------------

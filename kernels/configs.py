@@ -253,3 +253,36 @@ def sweep_candidates(m, n, reduction, element_size, shared_memory=228 * 1024, va
             if shared_bytes(config) <= shared_memory and config not in kept:
                 kept.append(config)
     return kept
+
+
+# The head (avgpool_linear): (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_HW, stages, warps). Its time is the
+# pooling: every element of the feature maps is converted and added once by each program whose
+# images it belongs to, a tile of BLOCK_M images by BLOCK_N classes. Few images a tile (16, the
+# least a tl.dot takes) keep a program's additions few; many classes a tile keep the programs that
+# read each image's maps again few (a ResNet's 1000 classes: 4 at 256). BLOCK_HW pixels are read
+# at once (32-64 registers of loads in flight a thread).
+HEAD_16BIT = [(16, 256, 64, 16, 2, 8), (16, 128, 64, 16, 2, 4), (16, 64, 64, 16, 2, 4), (32, 256, 64, 8, 2, 8)]
+HEAD_FP32 = [(16, 256, 32, 16, 2, 8), (16, 128, 32, 8, 2, 4), (16, 64, 32, 8, 2, 4)]
+HEAD_SWEEP_16BIT = HEAD_16BIT + [
+    (16, 512, 64, 8, 2, 8), (16, 256, 128, 8, 2, 8), (16, 256, 64, 8, 3, 8), (16, 128, 64, 8, 2, 4),
+    (32, 128, 64, 8, 2, 8), (16, 64, 128, 8, 2, 4), (64, 64, 64, 8, 2, 4), (16, 1024, 64, 8, 2, 8),
+]
+
+
+def head_candidates(images: int, classes: int, channels: int, pixels: int, element_size: int, sweep: bool = False):
+    """The head kernel's configs for `images` maps of `channels` x `pixels` into `classes`: at most
+    four (the sweep's wider list with `sweep`), tiles capped to the sizes."""
+    shapes = HEAD_FP32 if element_size >= 4 else (HEAD_SWEEP_16BIT if sweep else HEAD_16BIT)
+    cap_hw = triton.next_power_of_2(pixels)
+    kept = []
+    for bm, bn, bk, hw, stages, warps in shapes:
+        (bm, bn, bk, stages, warps), = _capped([(bm, bn, bk, stages, warps)], images, classes, channels)
+        config = {**_config(bm, bn, bk, stages, warps, {}), "BLOCK_HW": min(hw, cap_hw)}
+        if config not in kept:
+            kept.append(config)
+    return kept
+
+
+def head_interpreter(images: int, classes: int, channels: int, pixels: int) -> dict:
+    """The head's tiles under the Triton interpreter: interpreter()'s, reading up to 16 pixels at once."""
+    return {**interpreter(images, classes, channels), "BLOCK_HW": min(16, triton.next_power_of_2(pixels))}

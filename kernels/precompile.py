@@ -188,8 +188,10 @@ def loop_instructions(cubin: bytes) -> dict:
     {"loop_instructions": [...], "loop_mma": [...], "loop_tensor_cycles": [...]}, for each
     innermost loop that holds tensor-core MMAs, in code order: the instructions one warp issues
     an iteration, how many of them are MMAs, and the cycles those take the tensor cores (HGMMAs
-    only: _tensor_cycles); and "kernel_instructions", "kernel_tensor_cycles", the same over the
-    whole code, once each (for a kernel whose loops the compiler unrolled, what it runs).
+    only: _tensor_cycles); "kernel_instructions", "kernel_tensor_cycles", the same over the
+    whole code, once each (for a kernel whose loops the compiler unrolled, what it runs); and
+    "load_loop_instructions", "load_loop_loads": for each innermost loop without MMAs that loads
+    from global memory, its instructions and its loads (LDG) an iteration.
 
     Every instruction of an iteration takes an issue slot of its warp's scheduler (one a cycle),
     and a warpgroup's MMAs keep the SM's tensor cores busy for the tensor cycles; each warpgroup
@@ -232,11 +234,18 @@ def loop_instructions(cubin: bytes) -> dict:
                 and not any(_opcode(text) == "EXIT" for text in bodies[loop])]
     innermost = [loop for loop in with_mma
                  if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in with_mma)]
+    # Innermost loops that load from global memory without MMAs (the head's pooling): a warp waits
+    # for memory about once an iteration, so loads an iteration are what it keeps in flight.
+    loading = [loop for loop in sorted(bodies) if loop not in with_mma
+               and any(_opcode(text) == "LDG" for text in bodies[loop])
+               and not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in bodies)]
     return {"kernel_instructions": len(code),
             "kernel_tensor_cycles": sum(_tensor_cycles(_unpredicated(text)) for _, text in code),
             "loop_instructions": [len(bodies[loop]) for loop in innermost],
             "loop_mma": [sum(_opcode(text) in SASS_MMA for text in bodies[loop]) for loop in innermost],
-            "loop_tensor_cycles": [sum(map(_tensor_cycles, bodies[loop])) for loop in innermost]}
+            "loop_tensor_cycles": [sum(map(_tensor_cycles, bodies[loop])) for loop in innermost],
+            "load_loop_instructions": [len(bodies[loop]) for loop in loading],
+            "load_loop_loads": [sum(_opcode(text) == "LDG" for text in bodies[loop]) for loop in loading]}
 
 
 def _unpredicated(instruction):

@@ -88,6 +88,20 @@ def test_candidates_are_few_and_fit(m, n, reduction, element):
         assert max(c["BLOCK_K"] for c in found) <= 32  # fp32 gets its own, smaller tiles
 
 
+@pytest.mark.parametrize("images,classes,channels,pixels,element", [(256, 1000, 2048, 49, 2), (1, 1000, 2048, 49, 2),
+                                                                    (256, 1000, 2048, 49, 4), (3, 10, 40, 1, 2)])
+def test_head_candidates_are_few_capped_and_read_several_pixels(images, classes, channels, pixels, element):
+    found = configs.head_candidates(images, classes, channels, pixels, element)
+    assert 1 <= len(found) <= 4 and len(configs.head_candidates(images, classes, channels, pixels, element,
+                                                                 sweep=True)) >= len(found)
+    for c in found:
+        assert c["BLOCK_M"] <= max(16, 2 ** (images - 1).bit_length())
+        assert c["BLOCK_N"] <= max(16, 2 ** (classes - 1).bit_length())
+        assert min(8, pixels) <= c["BLOCK_HW"] <= 2 ** (pixels - 1).bit_length()  # several pixels at once
+    if element == 4:
+        assert max(c["BLOCK_K"] for c in found) <= 32  # fp32 gets its own, smaller tiles
+
+
 def launch_of(key, timings, monkeypatch):
     """A KernelLaunch of the add_relu kernel that must choose its config, on a made-up H100."""
     monkeypatch.setattr(backend, "_device_name", lambda index: H100)

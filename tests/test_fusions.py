@@ -182,6 +182,7 @@ HEADS = [
     (3, 512, 2, 2, 1000),  # resnet18's head on a small map
     (2, 2048, 1, 1, 100),  # resnet50's, one pixel
     (5, 40, 3, 2, 7),  # sizes of no block
+    (2, 80, 7, 7, 10),  # resnet's 7x7 map: pixels read in rounds of 16, the last one partial
 ]
 
 

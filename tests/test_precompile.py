@@ -257,6 +257,37 @@ def test_the_main_loops_issue_less_than_their_tensor_cycles(tmp_path):
     assert stem["loop_instructions"][0] < 0.6 * 512 and stem["spill_bytes"] == 0, stem
 
 
+HEAD_SCRIPT = textwrap.dedent("""
+    import json
+    import torch
+    from fused_resnet import kernels
+    from fused_resnet.kernels import precompile
+
+    found = []
+    for dtype in (torch.float16, torch.float32):
+        x = torch.empty(256, 2048, 7, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        w, b = torch.empty(1000, 2048, dtype=dtype), torch.empty(1000, dtype=dtype)
+        with precompile.compile_only("H100", every_candidate=True) as jobs:
+            kernels.avgpool_linear(x, w, b)
+        found += jobs
+    results = precompile.compile_jobs(found, workers=2, machine_code=True)
+    print(json.dumps([[job.config, result] for job, result in zip(found, results)]))
+""")
+
+
+def test_the_heads_pooling_keeps_many_loads_in_flight(tmp_path):
+    # ResNet-50's head (batch 256, 7x7x2048 maps, 1000 classes), every candidate compiled for an H100.
+    # A warp of the pooling loop waits for memory about once an iteration. Read one pixel at a time
+    # (64 images x 64 channels), an iteration held 4 loads a thread (87 instructions), and a
+    # program waited 49 x 32 times; BLOCK_HW pixels a round hold 8-16 (fp16: 16 at 243 instructions
+    # for 16x256x64 tiles on 8 warps) and wait 4 x 32 times.
+    found = run_compiling(HEAD_SCRIPT, tmp_path)
+    assert len(found) >= 5
+    for config, result in found:
+        assert "error" not in result and result["spill_bytes"] == 0, (config, result)
+        assert len(result["load_loop_loads"]) == 1 and result["load_loop_loads"][0] >= 8, (config, result)
+
+
 STEM_SCRIPT = textwrap.dedent("""
     import json
     import torch

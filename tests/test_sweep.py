@@ -28,9 +28,9 @@ def test_sweep_harness_on_a_cpu(tmp_path, capsys):
     assert payload["cases"] == json.loads(json.dumps(cases))
     assert {"gpu", "torch", "triton", "commit", "command", "date"} <= set(payload["provenance"])
     layers = [c["layer"] for c in cases if c["impl"] == "fused"]
-    # The stem (conv + max pooling), then layer1.0's three convs; the third carries the shortcut.
-    assert layers == ["C3 K64 7x7/2 32x32 +maxpool", "C64 K64 1x1/1 8x8", "C64 K64 3x3/1 8x8",
-                      "C64 K256 1x1/1 8x8 +shortcut C64"]
+    # The stem (conv + max pooling) and the head (average pooling + fc), then layer1.0's first convs.
+    assert layers == ["C3 K64 7x7/2 32x32 +maxpool", "head C2048 1x1 -> 1000", "C64 K64 1x1/1 8x8",
+                      "C64 K64 3x3/1 8x8"]
     network = [c for c in cases if c["model"] == "resnet50"]
     assert [(c["impl"], c["when"]) for c in network] == [("eager_channels_last", "before"),
                                                          ("eager_channels_last", "after")]
@@ -38,7 +38,10 @@ def test_sweep_harness_on_a_cpu(tmp_path, capsys):
     for c in cases:
         if c["model"] == "resnet50":
             continue
-        assert c["model"] == "resnet50-conv" and c["dtype"] == "float16" and c["batch"] == 1 and c["kernel_ms"] > 0
+        assert c["dtype"] == "float16" and c["batch"] == 1 and c["kernel_ms"] > 0
+        assert c["model"] == ("resnet50-head" if c["layer"].startswith("head") else "resnet50-conv")
+    # The head has no cuDNN form: it is timed against eager's pooling and fc.
+    assert {c["impl"] for c in cases if c.get("layer", "").startswith("head")} == {"fused", "eager"}
     assert {c["impl"] for c in cases if c.get("layer", "").endswith("+maxpool")} == {"fused", "cudnn_fused", "eager"}
     # The stem is timed in four plans: as the conv of 3 channels or as space-to-depth over 16, each
     # with its max pooling in the same kernel or after it.
@@ -52,7 +55,7 @@ def test_sweep_harness_on_a_cpu(tmp_path, capsys):
         assert fused["kernel_ms"] == min(t["kernel_ms"] for t in fused["timed"])
     assert all("by_plan" not in c for c in cases if c["impl"] == "fused" and c is not stem)
     printed = capsys.readouterr().out
-    assert "geomean over 4 layers" in printed and "not a measurement" in printed
+    assert "geomean over 3 convs" in printed and "not a measurement" in printed
 
 
 def test_sweep_needs_a_gpu_unless_told_cpu(capsys):
