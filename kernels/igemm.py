@@ -617,7 +617,32 @@ def space_to_depth_schedule(weight, stride, dilation, groups):
     return SPACE_TO_DEPTH and space_to_depth_fits(weight, stride, dilation, groups)
 
 
-def space_to_depth(x, weight, padding, out_hw, margin=0):
+@triton.jit
+def _space_to_depth_kernel(
+    x_ptr,  # (N, C, H, W), any strides, C <= 4
+    y_ptr,  # (N, HM, WM, 16), dense: the 2x2 blocks of pixels, 4 channels each
+    C, H, W, HM, WM,
+    top, left,  # where the input's pixel (0, 0) lies in the blocks' map of 2HM x 2WM pixels
+    stride_xn, stride_xc, stride_xh, stride_xw,
+    BLOCK_J: tl.constexpr,
+):
+    # A program writes BLOCK_J blocks of one block row; a block's 16 channels are the pixels
+    # (2i + b, 2j + b') of the padded input, channels ch, in the order (b, b', ch).
+    row = tl.program_id(0)  # n * HM + i
+    n = row // HM
+    i = row - n * HM
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
+    lane = tl.arange(0, 16)
+    ch = lane % 4
+    h = 2 * i + lane // 8 - top
+    w = 2 * j[:, None] + (lane // 4 % 2)[None, :] - left
+    inside = ((ch < C) & (h >= 0) & (h < H))[None, :] & (w >= 0) & (w < W)
+    v = tl.load(x_ptr + n.to(tl.int64) * stride_xn + (ch * stride_xc + h * stride_xh)[None, :] + w * stride_xw,
+                mask=inside & (j < WM)[:, None], other=0.0)
+    tl.store(y_ptr + row.to(tl.int64) * WM * 16 + j[:, None] * 16 + lane[None, :], v, mask=(j < WM)[:, None])
+
+
+def space_to_depth(x, weight, padding, out_hw, margin=0, *, traceable=False):
     """A stride-2 conv of at most 4 channels as a stride-1 conv of 16 over 2x2 blocks of pixels.
 
     The input's channels are padded with zeros to 4, and pixel (2i + b, 2j + b') of the padded
@@ -628,7 +653,9 @@ def space_to_depth(x, weight, padding, out_hw, margin=0):
     then reads 4 runs of 64 contiguous elements that start on 16-element boundaries (every stride
     a multiple of 16, which Triton specializes on, so the loads are 16-byte vectors), instead of 7
     runs of 21 at any 2-byte offset, one element per load. The price: a copy of the input with
-    its channels padded to 4 (at 224x224 in fp16, 0.42 MB an image written for 0.30 MB read).
+    its channels padded to 4 (at 224x224 in fp16, 0.42 MB an image written for 0.30 MB read),
+    made by one kernel (_space_to_depth_kernel) that reads the input once and writes the blocks
+    once, zeros included.
 
     `margin`: block rows and columns of zeros kept around the blocks the P x Q outputs read, so
     that a kernel may read the windows of outputs up to `margin` pixels outside the map without
@@ -636,7 +663,8 @@ def space_to_depth(x, weight, padding, out_hw, margin=0):
     The kernel's x is the view of the blocks inside that margin.
 
     Returns (to_blocks, x as the kernel sees it, weight, padding (4 zeros)); to_blocks(x) makes the
-    blocked copy of each call's input (two torch ops: a pad, then one permuting copy).
+    blocked copy of each call's input, laid out as x (with `traceable`, launched through
+    wrap_triton, inside a registered op).
     """
     k, c, r, s = weight.shape
     top, _, left, _ = padding
@@ -644,25 +672,30 @@ def space_to_depth(x, weight, padding, out_hw, margin=0):
     rb, sb = triton.cdiv(r, 2), triton.cdiv(s, 2)
     hb, wb = p + rb - 1, q + sb - 1  # block rows and columns that the P x Q outputs read
     hm, wm = hb + 2 * margin, wb + 2 * margin  # with the margin
+    n, _, h, w = x.shape
+    # Under the interpreter one program a block row, since each program runs in Python.
+    block_j = 64 if backend.on_gpu(x) else triton.next_power_of_2(wm)
+    launch = backend.KernelLaunch(
+        _space_to_depth_kernel, lambda meta: (n * hm, triton.cdiv(wm, meta["BLOCK_J"])),
+        dict(C=c, H=h, W=w, HM=hm, WM=wm, top=top + 2 * margin, left=left + 2 * margin,
+             stride_xn=x.stride(0), stride_xc=x.stride(1), stride_xh=x.stride(2), stride_xw=x.stride(3)),
+        on_cuda=x.is_cuda, config={"BLOCK_J": block_j}, traceable=traceable)
 
     def inside_margin(blocks):  # (N, hm, wm, 16) -> the (N, 16, hb, wb) view the kernel reads
         return blocks[:, margin:margin + hb, margin:margin + wb].permute(0, 3, 1, 2)
 
     def to_blocks(x):
-        n, _, h, w = x.shape
-        # Channels to 4; pixels padded (or cropped: rows no output reads) to 2*hm x 2*wm.
-        top_m, left_m = top + 2 * margin, left + 2 * margin
-        padded = torch.nn.functional.pad(x, (left_m, 2 * wm - w - left_m, top_m, 2 * hm - h - top_m, 0, 4 - c))
-        nhwc = padded.permute(0, 2, 3, 1).reshape(n, hm, 2, wm, 2, 4).permute(0, 1, 3, 2, 4, 5)
-        return inside_margin(nhwc.reshape(n, hm, wm, 16))
+        blocks = x.new_empty((n, hm, wm, 16))
+        if blocks.numel():
+            launch(x, blocks)
+        return inside_margin(blocks)
 
     blocked = torch.nn.functional.pad(weight, (0, 2 * sb - s, 0, 2 * rb - r, 0, 4 - c))
     blocked = blocked.reshape(k, 4, rb, 2, sb, 2).permute(0, 3, 5, 1, 2, 4).reshape(k, 16, rb, sb)
-    like = inside_margin(x.new_empty((x.shape[0], hm, wm, 16)))
-    return to_blocks, like, blocked, [0, 0, 0, 0]
+    return to_blocks, inside_margin(x.new_empty((n, hm, wm, 16))), blocked, [0, 0, 0, 0]
 
 
-def kernel_operands(x, weight, stride, padding, dilation, groups, out_hw, margin=0):
+def kernel_operands(x, weight, stride, padding, dilation, groups, out_hw, margin=0, *, traceable=False):
     """How a conv plan hands x and the weight to a kernel built on conv_tile: (to_layout, x as the
     kernel sees it, weight, stride, padding, rows). As space_to_depth where that is set and fits
     (each call's x copied into 2x2 blocks, stride 1, no padding), else x as gather_layout has it;
@@ -673,7 +706,7 @@ def kernel_operands(x, weight, stride, padding, dilation, groups, out_hw, margin
     of zeros around its copy, and a conv without padding (whose row schedule reads unmasked) that
     is not a space-to-depth copy is left to the gathered schedule."""
     if space_to_depth_schedule(weight, stride, dilation, groups):
-        to_layout, x, weight, padding = space_to_depth(x, weight, padding, out_hw, margin)
+        to_layout, x, weight, padding = space_to_depth(x, weight, padding, out_hw, margin, traceable=traceable)
         stride, rows = (1, 1), True
     else:
         to_layout, x = gather_layout(x)

@@ -84,7 +84,7 @@ def results_of(monkeypatch, module, name):
     itself still runs): which of the plan's helpers ran, and on what."""
     results = []
     real = getattr(module, name)
-    monkeypatch.setattr(module, name, lambda *args: results.append(real(*args)) or results[-1])
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: results.append(real(*args, **kwargs)) or results[-1])
     return results
 
 

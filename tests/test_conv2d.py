@@ -628,14 +628,17 @@ def test_space_to_depth_is_the_same_conv_in_float64():
 
     for h, w, r, s, pads in [(32, 32, 7, 7, (3, 3, 3, 3)), (15, 17, 7, 7, (3, 3, 3, 3)), (10, 11, 4, 4, (1, 1, 1, 1)),
                              (12, 13, 5, 3, (0, 0, 2, 2)), (11, 10, 3, 5, (2, 1, 0, 2)), (7, 9, 2, 2, (0, 0, 0, 0))]:
-        x = torch.randn(2, 3, h, w, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-        weight = torch.randn(5, 3, r, s, dtype=torch.float64)
-        exp = F.conv2d(F.pad(x, (pads[2], pads[3], pads[0], pads[1])), weight, stride=2)
-        to_blocks, like, blocked, padding = space_to_depth(x, weight, list(pads), exp.shape[2:])
-        blocks = to_blocks(x)
-        assert blocks.shape == like.shape and blocks.stride() == like.stride() and padding == [0, 0, 0, 0]
-        assert blocks.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(F.conv2d(blocks, blocked), exp, rtol=0, atol=1e-12)
+        image = torch.randn(2, 3, h, w, dtype=torch.float64)
+        # Any layout of the input: channels_last, NCHW, a view with a channel dropped.
+        for x in (image.contiguous(memory_format=torch.channels_last), image,
+                  torch.randn(2, 4, h, w, dtype=torch.float64)[:, 1:]):
+            weight = torch.randn(5, 3, r, s, dtype=torch.float64)
+            exp = F.conv2d(F.pad(x, (pads[2], pads[3], pads[0], pads[1])), weight, stride=2)
+            to_blocks, like, blocked, padding = space_to_depth(x, weight, list(pads), exp.shape[2:])
+            blocks = to_blocks(x)
+            assert blocks.shape == like.shape and blocks.stride() == like.stride() and padding == [0, 0, 0, 0]
+            assert blocks.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(F.conv2d(blocks, blocked), exp, rtol=0, atol=1e-12)
 
 
 def test_space_to_depth_keeps_a_margin_of_zeros_around_its_blocks():

@@ -172,7 +172,7 @@ VARIANTS_SCRIPT = textwrap.dedent("""
     from fused_resnet import kernels
     from fused_resnet.kernels import configs, igemm, precompile
 
-    found = []
+    found, copies = [], []
     for dtype in (torch.float16, torch.float32):
         for c, k, ksize, stride, padding, hw, switches in COMPILED_VARIANTS:
             switches = dict(switches)
@@ -180,8 +180,9 @@ VARIANTS_SCRIPT = textwrap.dedent("""
             x, weight, bias = make_case(2, c, hw, hw, k, ksize, ksize, 1, dtype, device="cpu")
             with precompile.compile_only("H100") as jobs, configs.override({**VARIANT_TILES, **switches}):
                 kernels.plan_conv2d_bias_act(x, weight, bias, stride, padding, relu=True)(x, None)
-            found += jobs
-    print(json.dumps(precompile.compile_jobs(found, workers=2)))
+            found += [job for job in jobs if job.kernel[1] == "_conv2d_bias_act_kernel"]
+            copies += [job for job in jobs if job.kernel[1] != "_conv2d_bias_act_kernel"]  # space-to-depth's
+    print(json.dumps([precompile.compile_jobs(found, workers=2), precompile.compile_jobs(copies, workers=2)]))
 """)
 
 
@@ -190,8 +191,10 @@ def test_every_kernel_variant_compiles_for_an_h100(tmp_path):
     # wgmma (fp32: TF32 wgmma), fed by asynchronous copies or by tensor-descriptor (TMA) copies.
     from conftest import COMPILED_VARIANTS
 
-    results = run_compiling(VARIANTS_SCRIPT, tmp_path)
+    results, copies = run_compiling(VARIANTS_SCRIPT, tmp_path)
     assert len(results) == 2 * len(COMPILED_VARIANTS)
+    # The space-to-depth variants' input copy, a kernel of its own: fp16 and fp32.
+    assert len(copies) >= 2 and all("error" not in r for r in copies), copies
     for i, ((c, *_, switches), result) in enumerate(zip(COMPILED_VARIANTS * 2, results)):
         assert "error" not in result, (switches, result)
         assert result["wgmma"] > 0, (switches, result)
@@ -228,7 +231,7 @@ LOOP_SCRIPT = textwrap.dedent("""
     with precompile.compile_only("H100") as jobs, configs.override(stem):
         kernels.plan_conv2d_bias_act_maxpool(x, weight, bias, 2, 3, relu=True, pool_size=3, pool_stride=2,
                                              pool_padding=1)(x)
-    found += jobs
+    found += [job for job in jobs if job.op]  # the pooled kernel, not its input's space-to-depth copy
     print(json.dumps(precompile.compile_jobs(found, workers=2, machine_code=True)))  # workers: not interpreted
 """)
 
@@ -303,7 +306,7 @@ STEM_SCRIPT = textwrap.dedent("""
             with precompile.compile_only("H100") as jobs:
                 kernels.plan_conv2d_bias_act_maxpool(x, weight, None, 2, 3, relu=True, pool_size=3, pool_stride=2,
                                                      pool_padding=1)(x)
-            found += jobs
+            found += [job for job in jobs if job.op]  # the pooled kernel's candidates, not the copy
     print(json.dumps([[job.config, result] for job, result in zip(found, precompile.compile_jobs(found, workers=2))]))
 """)
 
@@ -352,12 +355,14 @@ def test_compile_report(tmp_path):
     env["FUSED_RESNET_CACHE_DIR"] = str(tmp_path / "cache")
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compile_report.py")
     out = tmp_path / "report.json"
-    done = subprocess.run([sys.executable, script, "--arch", "resnet18", "--batch", "1", "--size", "32", "--limit", "2",
+    done = subprocess.run([sys.executable, script, "--arch", "resnet18", "--batch", "1", "--size", "32", "--limit", "3",
                            "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     payload = json.loads(out.read_text())
-    cases = payload["cases"]
-    # The stem conv+maxpool comes first, in the row schedule, compiled twice (two candidate configs).
+    copy, *cases = payload["cases"]
+    # First the stem's space-to-depth copy of the input (a kernel with a fixed config, no op in the
+    # table), then its conv+maxpool in the row schedule, compiled twice (two candidate configs).
+    assert copy["op"] == "" and copy["launch"] == "_space_to_depth_kernel" and "error" not in copy
     assert [c["op"] for c in cases] == ["conv2d_bias_act_maxpool"] * 2
     assert all(c["config"]["ROWS"] == 1 and c["seconds"] > 0 and c["wgmma"] > 0 for c in cases), cases
     # ptxas's count of a thread's registers; the pooled kernel's candidates fit without spilling.
@@ -366,6 +371,6 @@ def test_compile_report(tmp_path):
     assert all(len(c["loop_instructions"]) == 1 and c["loop_tensor_cycles"][0] > 0 for c in cases), cases
     assert payload["summary"]["issue_ratio_max"] > 0
     assert "instructions per tensor-core cycle" in done.stdout
-    assert payload["summary"]["jobs"] == 2 and payload["summary"]["failed"] == 0
+    assert payload["summary"]["jobs"] == 3 and payload["summary"]["failed"] == 0
     assert "compile_report.py --arch resnet18" in payload["provenance"]["command"]
-    assert "2 kernels for H100 (resnet18, float16, batch 1)" in done.stdout
+    assert "3 kernels for H100 (resnet18, float16, batch 1)" in done.stdout
