@@ -225,6 +225,19 @@ def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory:
     return kept
 
 
+def cap_stages(found, trips):
+    """`found` with each config's num_stages cut to trips(config) + 1 (at least 2), duplicates
+    dropped: a pipelined loop of few trips (a 1x1 conv over 64 channels makes one) fills no more
+    stages, and each stage holds shared memory that would let another program share the SM, which
+    a memory-bound layer needs to keep enough loads in flight."""
+    kept = []
+    for config in found:
+        config = {**config, "num_stages": min(config["num_stages"], max(2, trips(config) + 1))}
+        if config not in kept:
+            kept.append(config)
+    return kept
+
+
 # The sweep's wider lists (benchmarks/sweep_convs.py): PyTorch Inductor's conv configs and the
 # Triton Hopper matmul tutorial's, as (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); fp32 has its own.
 SWEEP_16BIT = [

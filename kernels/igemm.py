@@ -819,6 +819,9 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     smem = max_shared_memory(x.device.index or 0) if x.is_cuda else 228 * 1024
     candidates = configs.candidates(m, kg, reduction, x.element_size(), smem, switches=switches,
                                     max_acc_per_thread=max_acc_per_thread, shared_bytes=shared_bytes)
+    if not flat_k:  # the main loop's trips: taps x channel blocks (and the shortcut's channel blocks)
+        candidates = configs.cap_stages(candidates, lambda c: max(r * s * triton.cdiv(cg, c["BLOCK_K"]),
+                                                                  triton.cdiv(extra_reduction, c["BLOCK_K"])))
     if boxes:
         candidates = with_tma_variants(candidates, box_variant(*out_shape[2:]))
     elif dense:

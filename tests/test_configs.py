@@ -102,6 +102,24 @@ def test_head_candidates_are_few_capped_and_read_several_pixels(images, classes,
         assert max(c["BLOCK_K"] for c in found) <= 32  # fp32 gets its own, smaller tiles
 
 
+def test_a_short_main_loop_gets_no_more_stages_than_it_fills():
+    trips = lambda c: 64 // c["BLOCK_K"]  # noqa: E731 (a reduction of 64 channels)
+    found = configs.cap_stages([{"BLOCK_K": 64, "num_stages": 4}, {"BLOCK_K": 32, "num_stages": 4},
+                                {"BLOCK_K": 16, "num_stages": 3}, {"BLOCK_K": 64, "num_stages": 3}], trips)
+    assert found == [{"BLOCK_K": 64, "num_stages": 2}, {"BLOCK_K": 32, "num_stages": 3},
+                     {"BLOCK_K": 16, "num_stages": 3}]
+    # In a conv's candidates: a 1x1 over 64 channels makes one trip of 64, so 2 stages (48 KB of
+    # shared memory at 128x64x64 in fp16, 4 programs an SM, not 2); over 256 it keeps its stages.
+    stages = {}
+    for c in (64, 256):
+        x = torch.empty(256, c, 56, 56, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+        w = torch.empty(64, c, 1, 1, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+        with precompile.compile_only("H100", every_candidate=True) as jobs:
+            kernels.plan_conv2d_bias_act(x, w, None, 1, 0, relu=True)(x, None)
+        stages[c] = {job.config["num_stages"] for job in jobs}
+    assert stages[64] == {2} and max(stages[256]) >= 3
+
+
 def launch_of(key, timings, monkeypatch):
     """A KernelLaunch of the add_relu kernel that must choose its config, on a made-up H100."""
     monkeypatch.setattr(backend, "_device_name", lambda index: H100)
