@@ -163,8 +163,8 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
     n, _, p, q = out_shape
     kind = "none" if residual is None else ("residual" if shortcut_weight is None else "shortcut")
     # (Space-to-depth changes x, not what the epilogue reads: it applies with any kind.)
-    to_layout, x, weight, stride, padding, rows = kernel_operands(x, weight, stride, padding, dilation, groups,
-                                                                   (p, q), traceable=traceable)
+    to_layout, x, weight, groups, stride, padding, rows = kernel_operands(
+        x, weight, stride, padding, dilation, groups, (p, q), traceable=traceable)
     c_sc = shortcut_weight.shape[1] if kind == "shortcut" else 0
     # The kernel reads a residual as it writes the output, by dense NHWC rows: a residual of
     # other strides is copied so at each call. (r_strides are the shortcut input's.)

@@ -202,9 +202,8 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, p
     p, q = conv_shape[2:]
     # (The row schedule's pooling taps in the pool's padding read conv windows outside the conv's
     # map, unmasked: kernel_operands keeps a margin for them.)
-    to_layout, x, weight, stride, padding, rows = kernel_operands(x, weight, stride, padding, dilation, groups,
-                                                                   (p, q), margin=max(pool_padding),
-                                                                   traceable=traceable)
+    to_layout, x, weight, groups, stride, padding, rows = kernel_operands(
+        x, weight, stride, padding, dilation, groups, (p, q), margin=max(pool_padding), traceable=traceable)
     launch = conv_launch(
         "conv2d_bias_act_maxpool", _conv2d_bias_act_maxpool_kernel, x, weight, bias, out_shape, n * ph * pw,
         stride, padding, dilation, groups, relu, traceable=traceable, rows=rows, max_acc_per_thread=MAX_ACC_PER_THREAD,

@@ -37,6 +37,10 @@ from ._checks import check_same_device, check_supported_dtype, pair
 # a usable K (the 3-channel 7x7 stem: 147 in one flat reduction instead of 49 reductions of 3).
 FLAT_K_BELOW = 16
 
+# A grouped conv's groups of fewer input channels than this run in bundles as one denser group
+# each (bundle_groups).
+BUNDLE_CHANNELS = 64
+
 # The main loop under the interpreter (a config's FLAT_LOOP on a GPU): the tests run both.
 INTERPRETER_FLAT_LOOP = 1
 # Whether a few-channel conv over dense NHWC rows takes the row schedule under the interpreter (a
@@ -695,16 +699,40 @@ def space_to_depth(x, weight, padding, out_hw, margin=0, *, traceable=False):
     return to_blocks, inside_margin(x.new_empty((n, hm, wm, 16))), blocked, [0, 0, 0, 0]
 
 
+def bundle_groups(weight, groups):
+    """(weight, groups) with a grouped conv's groups run b at a time as one group of b times the
+    channels, b the largest divisor of `groups` that keeps it within BUNDLE_CHANNELS input
+    channels: each bundle's weight is block-diagonal, zeros between its groups.
+
+    ResNeXt-50's first 3x3s have groups of 4 channels: as they are, tl.dot gets a reduction of 36
+    (4 channels x 9 taps, padded to 64) against 4 output channels (padded to 16), and compiled for
+    an H100 the loop issued 33 instructions per tensor-core cycle, spilling registers. Bundled 16
+    at a time they are convs of 64 channels, the shape the kernels are built for, at 16 times the
+    multiply-adds, which the tensor cores do not lack. The sums are the same, but a NaN or inf in
+    the input reaches every output of its bundle (0 * inf is NaN), where torch's reaches its group's."""
+    k, cg, r, s = weight.shape
+    bundle = max(d for d in range(1, groups + 1) if groups % d == 0 and (d == 1 or d * cg <= BUNDLE_CHANNELS))
+    if bundle == 1:
+        return weight, groups
+    kg = k // groups
+    out = torch.arange(k, device=weight.device)
+    dense = weight.new_zeros((k, bundle, cg, r, s))
+    dense[out, out // kg % bundle] = weight  # output channel k: its group's place in the bundle
+    return dense.reshape(k, bundle * cg, r, s).contiguous(memory_format=torch.channels_last), groups // bundle
+
+
 def kernel_operands(x, weight, stride, padding, dilation, groups, out_hw, margin=0, *, traceable=False):
     """How a conv plan hands x and the weight to a kernel built on conv_tile: (to_layout, x as the
-    kernel sees it, weight, stride, padding, rows). As space_to_depth where that is set and fits
-    (each call's x copied into 2x2 blocks, stride 1, no padding), else x as gather_layout has it;
-    then, where the row schedule applies (`rows`), the weight packed by rows (row_weight).
+    kernel sees it, weight, groups, stride, padding, rows). Groups of few channels bundled
+    (bundle_groups); then as space_to_depth where that is set and fits (each call's x copied into
+    2x2 blocks, stride 1, no padding), else x as gather_layout has it; then, where the row
+    schedule applies (`rows`), the weight packed by rows (row_weight).
 
     `margin`: the kernel reads, without masks, the row schedule's runs of output pixels up to this
     many outside the output map (conv2d_maxpool's pooling taps): space_to_depth keeps that margin
     of zeros around its copy, and a conv without padding (whose row schedule reads unmasked) that
     is not a space-to-depth copy is left to the gathered schedule."""
+    weight, groups = bundle_groups(weight, groups)
     if space_to_depth_schedule(weight, stride, dilation, groups):
         to_layout, x, weight, padding = space_to_depth(x, weight, padding, out_hw, margin, traceable=traceable)
         stride, rows = (1, 1), True
@@ -713,7 +741,7 @@ def kernel_operands(x, weight, stride, padding, dilation, groups, out_hw, margin
         rows = row_schedule(x, weight, dilation, groups) and (margin == 0 or any(padding))
     if rows:
         weight = row_weight(weight)
-    return to_layout, x, weight, stride, padding, rows
+    return to_layout, x, weight, groups, stride, padding, rows
 
 
 _allocator_set = False

@@ -363,6 +363,35 @@ def test_nan_and_inf_propagate_like_pytorch():
     assert_close(out.cpu()[finite], exp[finite], rtol=1e-5, atol=1e-5)
 
 
+def test_small_groups_run_bundled_as_denser_groups():
+    # ResNeXt's groups of 4-32 channels run 16 to 2 at a time as one group of 64 channels, the
+    # weight block-diagonal: the same conv, exactly, in float64.
+    from fused_resnet.kernels.igemm import BUNDLE_CHANNELS, bundle_groups
+
+    for c, k, groups, bundled_groups in [(128, 128, 32, 2), (256, 512, 32, 4), (64, 64, 2, 1), (24, 36, 3, 1),
+                                         (256, 256, 2, 2), (30, 30, 5, 1)]:
+        weight = torch.randn(k, c // groups, 3, 3, dtype=torch.float64)
+        bundled, g = bundle_groups(weight, groups)
+        assert g == bundled_groups and bundled.shape == (k, c // g, 3, 3)
+        assert c // g <= max(BUNDLE_CHANNELS, c // groups)
+        x = torch.randn(2, c, 6, 6, dtype=torch.float64)
+        torch.testing.assert_close(F.conv2d(x, bundled, padding=1, groups=g), F.conv2d(x, weight, padding=1,
+                                                                                       groups=groups),
+                                   rtol=0, atol=1e-12)
+
+
+def test_a_nan_reaches_its_bundle_of_groups():
+    # What bundling changes: a NaN input reaches every output channel of its bundle (the zeros
+    # between the groups times NaN), not only its own group's; the other bundles keep their values.
+    x, weight, bias = make_case(1, 256, 4, 4, 256, 3, 3, 32)  # groups of 8: bundles of 8 groups, 64 channels
+    x[0, 3, 1, 1] = float("nan")  # group 0, bundle 0
+    out = kernels.conv2d_bias_act(x, weight, bias, 1, 1, groups=32).cpu()
+    exp = conv_expected(x, weight, bias, 1, 1, 1, 32, None, False)
+    assert torch.isnan(exp[0, :8]).any() and not torch.isnan(exp[0, 8:]).any()
+    assert torch.isnan(out[0, :64]).any() and not torch.isnan(out[0, 64:]).any()
+    assert_close(out[0, 64:], exp[0, 64:], rtol=1e-5, atol=1e-5)
+
+
 def test_relu_keeps_nan_from_the_residual():
     x, weight, bias = make_case(1, 4, 3, 3, 2, 1, 1)
     res = torch.zeros(1, 2, 3, 3, device=DEVICE)
