@@ -130,7 +130,9 @@ def main(argv=None):
               f"max {max(ratios):.2f} over {len(ratios)} kernels with warpgroup MMAs")
     if args.json:
         command = "python benchmarks/compile_report.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        bench.write_results(args.json, command, torch.device("cpu"), cases,
+        what_ran = (f"compiled here for {args.gpu} (sm_{precompile.CAPABILITY[args.gpu]}) by Triton's compiler, "
+                    "ptxas and nvdisasm; counts of the code, nothing run, no timing")
+        bench.write_results(args.json, command, torch.device("cpu"), cases, what_ran=what_ran,
                             summary={"jobs": len(jobs), "compile_s": round(sum(seconds), 2), "wall_s": round(wall, 2),
                                      "workers": args.workers, "failed": failed,
                                      "issue_ratio_median": round(statistics.median(ratios), 3) if ratios else None,

@@ -256,8 +256,9 @@ def within_noise(case, base):
     return difference < max(case["q3_ms"] - case["q1_ms"], base["q3_ms"] - base["q1_ms"])
 
 
-def provenance(command: str, device: torch.device) -> dict:
-    """Where a result came from: the machine, the versions and the command."""
+def provenance(command: str, device: torch.device, path: str | None = None) -> dict:
+    """Where a result came from: the machine, the versions and the command; `path`, what ran, in
+    words (default: describe_path(device))."""
     import triton
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -283,14 +284,15 @@ def provenance(command: str, device: torch.device) -> dict:
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": platform.processor() or platform.machine(),
-        "path": describe_path(device),
+        "path": path or describe_path(device),
     }
 
 
-def write_results(path, command: str, device: torch.device, cases, **extra):
-    """Write a results file: {"provenance", "cases", **extra} as JSON at `path`. Scripts that run
-    long call it after each case, so that a run stopped part-way still leaves what it measured."""
-    payload = {"provenance": provenance(command, device), "cases": cases, **extra}
+def write_results(path, command: str, device: torch.device, cases, *, what_ran=None, **extra):
+    """Write a results file: {"provenance", "cases", **extra} as JSON at `path` (`what_ran`: the
+    provenance's "path", where describe_path(device) would not say it). Scripts that run long call
+    it after each case, so that a run stopped part-way still leaves what it measured."""
+    payload = {"provenance": provenance(command, device, what_ran), "cases": cases, **extra}
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=str)
         f.write("\n")

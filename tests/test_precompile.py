@@ -400,4 +400,5 @@ def test_compile_report(tmp_path):
     assert "instructions per tensor-core cycle" in done.stdout
     assert payload["summary"]["jobs"] == 3 and payload["summary"]["failed"] == 0
     assert "compile_report.py --arch resnet18" in payload["provenance"]["command"]
+    assert payload["provenance"]["path"].startswith("compiled here for H100 (sm_90)")
     assert "3 kernels for H100 (resnet18, float16, batch 1)" in done.stdout
