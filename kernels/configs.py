@@ -288,9 +288,9 @@ def head_candidates(images: int, classes: int, channels: int, pixels: int, eleme
     shapes = HEAD_FP32 if element_size >= 4 else (HEAD_SWEEP_16BIT if sweep else HEAD_16BIT)
     cap_hw = triton.next_power_of_2(pixels)
     kept = []
-    for bm, bn, bk, hw, stages, warps in shapes:
-        (bm, bn, bk, stages, warps), = _capped([(bm, bn, bk, stages, warps)], images, classes, channels)
-        config = {**_config(bm, bn, bk, stages, warps, {}), "BLOCK_HW": min(hw, cap_hw)}
+    for *tiles, hw, stages, warps in shapes:
+        config = {**_config(*next(_capped([(*tiles, stages, warps)], images, classes, channels)), {}),
+                  "BLOCK_HW": min(hw, cap_hw)}
         if config not in kept:
             kept.append(config)
     return kept
