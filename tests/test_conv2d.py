@@ -574,6 +574,22 @@ def test_every_kernel_variant_compiled(case, dtype, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_resnexts_bundled_groups_compiled(dtype):
+    # ResNeXt-50's grouped 3x3s (32 groups of 4, 8 and 16 channels, the second of stride 2), run
+    # as bundles of 64 channels, compiled, with a residual in the epilogue.
+    from fused_resnet.kernels import configs
+
+    for c, stride, hw in [(128, 1, 14), (256, 2, 14), (512, 1, 7)]:
+        x, weight, bias = make_case(2, c, hw, hw, c, 3, 3, 32, dtype)
+        p = (hw + 2 - 3) // stride + 1
+        res = torch.randn(2, c, p, p, device=DEVICE).to(dtype)
+        with configs.override({**VARIANT_TILES, "FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}) as asked:
+            check(x, weight, bias, stride, 1, 1, 32, res, True)
+        assert asked, "the forced config was not looked up"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("blocks", [True, False], ids=["space_to_depth", "direct"])
 @pytest.mark.parametrize("rows", [1, 0], ids=["rows", "gathered"])
 def test_the_pooled_stem_compiled(rows, blocks, dtype, monkeypatch):

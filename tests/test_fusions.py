@@ -204,6 +204,25 @@ def test_avgpool_linear(case, dtype):
     check_close(out, avgpool_linear_expected(x, weight, bias), dtype)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_head_compiled_in_every_candidate(dtype):
+    # ResNet-50's head on 20 images (two tiles of 16, the second mostly masked), each first-call
+    # candidate compiled: pixels read 8 or 16 at a time over a 7x7 map, 1000 classes in tiles of
+    # up to 256.
+    from fused_resnet.kernels import configs
+
+    x = torch.randn(20, 2048, 7, 7, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(1000, 2048, device=DEVICE) / 2048**0.5).to(dtype)
+    bias = torch.randn(1000, device=DEVICE).to(dtype)
+    exp = avgpool_linear_expected(x, weight, bias)
+    for config in configs.head_candidates(20, 1000, 2048, 49, x.element_size()):
+        with configs.override(config) as asked:
+            out = kernels.avgpool_linear(x, weight, bias)
+        assert asked, config
+        check_close(out, exp, dtype)
+
+
 def test_avgpool_linear_layouts_float64_and_empty():
     base = torch.randn(2, 16, 5, 6, device=DEVICE)
     weight = torch.randn(10, 16, device=DEVICE)
