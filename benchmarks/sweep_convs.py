@@ -257,7 +257,7 @@ def baselines(layer, x, r):
     """{impl: callable} of what cuDNN (and for the stem, eager) runs for this layer; for the head,
     which has no cuDNN form, what eager runs (fuse(avgpool_fc=False): torch's pooling, then the fc)."""
     if isinstance(layer, FusedAvgPoolLinear):
-        return {"eager": lambda: F.linear(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1), layer.weight, layer.bias)}
+        return {"eager": lambda: kernels.avgpool_linear_reference(x, layer.weight, layer.bias)}
     with kernels.use_backend("cudnn"):
         plan = plan_of(layer, x, r)
     out = {"cudnn_fused": plan}

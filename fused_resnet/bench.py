@@ -256,9 +256,9 @@ def within_noise(case, base):
     return difference < max(case["q3_ms"] - case["q1_ms"], base["q3_ms"] - base["q1_ms"])
 
 
-def provenance(command: str, device: torch.device, path: str | None = None) -> dict:
-    """Where a result came from: the machine, the versions and the command; `path`, what ran, in
-    words (default: describe_path(device))."""
+def provenance(command: str, device: torch.device, what_ran: str | None = None) -> dict:
+    """Where a result came from: the machine, the versions and the command; `what_ran`, in words,
+    as its "path" (default: describe_path(device))."""
     import triton
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -284,7 +284,7 @@ def provenance(command: str, device: torch.device, path: str | None = None) -> d
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": platform.processor() or platform.machine(),
-        "path": path or describe_path(device),
+        "path": what_ran or describe_path(device),
     }
 
 

@@ -232,13 +232,15 @@ def loop_instructions(cubin: bytes) -> dict:
     # into the main loop: that span is no loop of the program's, and holds an EXIT.
     with_mma = [loop for loop in sorted(bodies) if any(_opcode(text) in SASS_MMA for text in bodies[loop])
                 and not any(_opcode(text) == "EXIT" for text in bodies[loop])]
-    innermost = [loop for loop in with_mma
-                 if not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in with_mma)]
+
+    def holds_another(loop, among):
+        return any(other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in among)
+
+    innermost = [loop for loop in with_mma if not holds_another(loop, with_mma)]
     # Innermost loops that load from global memory without MMAs (the head's pooling): a warp waits
     # for memory about once an iteration, so loads an iteration are what it keeps in flight.
     loading = [loop for loop in sorted(bodies) if loop not in with_mma
-               and any(_opcode(text) == "LDG" for text in bodies[loop])
-               and not any(other != loop and loop[0] <= other[0] and other[1] <= loop[1] for other in bodies)]
+               and any(_opcode(text) == "LDG" for text in bodies[loop]) and not holds_another(loop, bodies)]
     return {"kernel_instructions": len(code),
             "kernel_tensor_cycles": sum(_tensor_cycles(_unpredicated(text)) for _, text in code),
             "loop_instructions": [len(bodies[loop]) for loop in innermost],
