@@ -53,8 +53,8 @@ def describe(job):
 
 def config_text(config):
     short = {"BLOCK_M": "m", "BLOCK_N": "n", "BLOCK_K": "k", "num_warps": "w", "num_stages": "s",
-             "FLAT_LOOP": "flat", "USE_TMA": "tma", "BOX_W": "box", "ROWS": "rows", "BLOCK_SIZE": "block",
-             "BLOCK_HW": "hw"}
+             "FLAT_LOOP": "flat", "USE_TMA": "tma", "BOX_W": "box", "ROWS": "rows", "SPLIT_K": "split",
+             "BLOCK_SIZE": "block", "BLOCK_HW": "hw"}
     return " ".join(f"{short[k]}{v}" for k, v in config.items() if k in short)
 
 

@@ -9,6 +9,8 @@
 #   sweep    benchmarks/sweep_convs.py: every config on every distinct resnet50 conv against cuDNN,
 #            the winners written to kernels/tuned_configs.json (a copy goes to OUT_DIR), and the
 #            whole resnet50 timed before and after
+#   sweep1   the same sweep at batch 1, where split-K configs are timed too (few output tiles,
+#            long loops); its winners join the table under their small M
 #   host     host time per forward and batch-1 latency (eager and fused, with and without CUDA graphs),
 #            resnet50 fp16 (test_host.py, test_network.py)
 #   network  the whole resnet50 in fp16 at batch 256 beside eager, torch.compile and cuDNN
@@ -19,7 +21,7 @@
 # Afterwards: `python benchmarks/report.py --readme README.md` renders the README's results table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?"usage: bash benchmarks/gpu_run.sh check|archs16|archs32|sweep|host|network|first [OUT_DIR]"}
+stage=${1:?"usage: bash benchmarks/gpu_run.sh check|archs16|archs32|sweep|sweep1|host|network|first [OUT_DIR]"}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
 if [ "$stage" = check ]; then
@@ -49,6 +51,10 @@ case "$stage" in
       --network fused cudnn_fused eager_channels_last
     cp kernels/tuned_configs.json "$out/tuned_configs.json"
     ;;
+  sweep1)
+    timeout 540 python3 benchmarks/sweep_convs.py --batch 1 --json "$out/$tag-sweep-b1.json" --write-table --budget 240
+    cp kernels/tuned_configs.json "$out/tuned_configs.json"
+    ;;
   host)
     python3 -m pytest benchmarks/test_host.py benchmarks/test_network.py -q -p no:cacheprovider --results "$out" \
       -k "test_host or (resnet50 and float16 and not bfloat16 and b1 and not compile)" 2>&1 | tail -40
@@ -65,7 +71,7 @@ case "$stage" in
       --json "$out/$tag-first-call.json"
     ;;
   *)
-    echo "gpu_run.sh: unknown stage '$stage' (check, archs16, archs32, sweep, host, network, first)" >&2
+    echo "gpu_run.sh: unknown stage '$stage' (check, archs16, archs32, sweep, sweep1, host, network, first)" >&2
     exit 2
     ;;
 esac

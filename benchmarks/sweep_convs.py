@@ -8,8 +8,9 @@ shortcuts), in the shapes the fused model launches, and for the head (average po
 
 1. every config of kernels.configs.sweep_candidates (Inductor's conv configs and the Hopper
    matmul tutorial's, both main loops, and for dense 1x1 convs the tensor-descriptor read, for
-   stride-1 convs with taps box tiles read through 4-D descriptors, for the 3-channel stem the
-   row and the gathered schedules, and the same again for its space-to-depth plan (a 4x4/1 conv
+   stride-1 convs with taps box tiles read through 4-D descriptors, where few output tiles leave
+   most SMs idle (small batches) each gathered config split-K (kernels.configs.split_k), for the
+   3-channel stem the row and the gathered schedules, and the same again for its space-to-depth plan (a 4x4/1 conv
    over 16 channels: kernels.igemm.space_to_depth) and for the stem's conv without its pooling,
    which torch's max pooling then follows (fuse(stem_maxpool=False)), pruned to the layer, to
    shared memory and registers) is compiled in parallel by worker processes that share Triton's
@@ -204,6 +205,13 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     if dense_1x1(x, layer.weight, layer.stride, layer.padding, layer.dilation, layer.groups):
         variants.append({"FLAT_LOOP": 1, "USE_TMA": 1, "BOX_W": 0})
     chosen = configs.sweep_candidates(m, kg, reduction, element, variants=variants)
+    split = []
+    if not flat_k:
+        # Split-K where the tiles leave most SMs idle (small batches): each gathered config again, split.
+        c_sc = 0 if layer.shortcut_weight is None else layer.shortcut_weight.shape[1]
+        sms = igemm.multiprocessors(0) if torch.cuda.is_available() else configs.H100_SMS
+        variant = igemm.split_variant(m, kg, layer.groups, igemm.loop_trips(rr * ss, cg, c_sc), sms)
+        split = [v for c in chosen if c["FLAT_LOOP"] == 1 and c["USE_TMA"] == 0 and (v := variant(c)) is not None]
     if box_schedule(x, layer.weight, layer.stride, layer.groups):
         # Box tiles through descriptors: each pipelined pointer config again, as the box that fits the map best.
         stride, padding, dilation, _ = normalize_args(x, layer.weight, layer.stride, layer.padding, layer.dilation,
@@ -211,7 +219,7 @@ def sweep_configs(layer, x_shape, dtype, cuda):
         p, q = output_size(h, w, rr, ss, stride, padding, dilation)
         chosen += [{**c, "BOX_W": box_width(p, q, c["BLOCK_M"])} for c in chosen
                    if c["FLAT_LOOP"] == 1 and c["USE_TMA"] == 0]
-    return chosen + blocked(m, conv_switches, configs.MAX_ACC_PER_THREAD)
+    return chosen + split + blocked(m, conv_switches, configs.MAX_ACC_PER_THREAD)
 
 
 @contextlib.contextmanager

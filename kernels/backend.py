@@ -185,7 +185,9 @@ class KernelLaunch:
     fastest of `candidates` timed on the first call's own tensors (stored for later processes),
     or under tracing, where nothing can be timed, the first candidate. From then on every launch
     uses it. With `traceable`, launches go through wrap_triton, as they must inside a registered
-    op that torch.compile traces.
+    op that torch.compile traces. `scratch(config, like)`, if given, returns the tensors a launch
+    with that config takes after the call's own (working memory such as split-K's partial tiles;
+    None for those it does not use), on the device of tensor `like`.
 
     A compiled launch through `kernel[grid](...)` costs Triton's per-call work: it binds and
     specializes every one of the kernel's (about 50) arguments, hashes a cache key and looks the
@@ -196,8 +198,10 @@ class KernelLaunch:
     this Triton's compiled kernels take their arguments in another form, the plain launch.
     """
 
-    def __init__(self, kernel, grid, args, *, on_cuda, config=None, traceable=False, op="", key="", candidates=()):
+    def __init__(self, kernel, grid, args, *, on_cuda, config=None, traceable=False, op="", key="", candidates=(),
+                 scratch=None):
         self.kernel, self.grid, self.args = kernel, grid, args
+        self.scratch = scratch
         self.on_cuda = on_cuda
         self.traceable = traceable
         self.op, self.key, self.candidates = op, key, list(candidates)
@@ -206,6 +210,7 @@ class KernelLaunch:
         self.direct = None  # (compiled[grid], the arguments after the tensors, alignment), or False
 
     def _bind(self, config):
+        self.chosen = config
         kernel, kwargs = self.kernel, {**self.args, **config}
         if self.traceable:
             if "num_warps" in config:  # a traced launch takes warps and stages from a one-config autotuner
@@ -221,6 +226,8 @@ class KernelLaunch:
         if self.bound is None:
             self.bound = self._bind(self._choose(tensors))
         kernel, grid, kwargs = self.bound
+        if self.scratch is not None:
+            tensors = tensors + self.scratch(self.chosen, tensors[0])
         if not self.on_cuda:
             check_interpreter()
             with _interpreter_lock:
@@ -256,10 +263,31 @@ class KernelLaunch:
         return best
 
     def _time(self, config, tensors):
+        if self.scratch is not None:
+            tensors = tensors + self.scratch(config, tensors[0])
         kwargs = {**self.args, **config}
         grid = self.grid(config)
         return triton.testing.do_bench(lambda: self.kernel[grid](*tensors, **kwargs), warmup=5, rep=20,
                                        return_mode="median")
+
+
+# Zeroed int32 counters per (device, stream), which the kernels that take them leave zero again.
+_counts = {}
+
+
+def zeroed_counts(like: torch.Tensor, n: int) -> torch.Tensor:
+    """n int32 counters, zero, on `like`'s device, for a kernel that counts in them (split_sum) and
+    sets them back to zero before it ends. On CUDA outside graph capture they are kept per stream
+    and reused (launches on one stream run one after another; on two, at once): no kernel zeroes
+    them per launch. Under graph capture, tracing or on a CPU, each call gets new zeros, which a
+    captured graph owns and zeroes per replay."""
+    if not like.is_cuda or is_fake(like) or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=like.device)
+    key = (like.device.index, torch.cuda.current_stream(like.device).cuda_stream)
+    counts = _counts.get(key)
+    if counts is None or counts.numel() < n:
+        counts = _counts[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=like.device)
+    return counts
 
 
 def _alignment(tensors):

@@ -238,6 +238,23 @@ def cap_stages(found, trips):
     return kept
 
 
+# Split-K (a config's SPLIT_K): the programs that share one output tile, each running a stretch of
+# its main loop. At batch 1 a ResNet-50's later convs have few output tiles (a 7x7 map by 512
+# channels: 8 tiles of 64x64) and long loops (a 3x3 over 512 channels: 72 trips of 64 channels),
+# so unsplit they keep 8 of an H100's 132 SMs busy.
+H100_SMS = 132
+MIN_SPLIT_TRIPS = 4  # the fewest trips a split runs: below that its loads have nothing to overlap
+
+
+def split_k(tiles: int, trips: int, sms: int) -> int:
+    """The ways to split a main loop of `trips` whose launch has `tiles` output tiles on a GPU of
+    `sms` SMs: enough that the programs fill the SMs once, each running at least MIN_SPLIT_TRIPS
+    trips; 1 (no split) where the tiles alone fill half the SMs."""
+    if 2 * tiles >= sms:
+        return 1
+    return max(1, min(trips // MIN_SPLIT_TRIPS, triton.cdiv(sms, tiles)))
+
+
 # The sweep's wider lists (benchmarks/sweep_convs.py): PyTorch Inductor's conv configs and the
 # Triton Hopper matmul tutorial's, as (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); fp32 has its own.
 SWEEP_16BIT = [

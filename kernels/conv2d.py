@@ -28,6 +28,8 @@ from .igemm import (
     normalize_args,
     output_box,
     output_tile,
+    split_range,
+    split_sum,
     tile_ids,
 )
 
@@ -49,6 +51,8 @@ def _conv2d_bias_act_kernel(
     #         (N, C_sc, H_sc, W_sc), any strides; else None
     shortcut_w_ptr,  # EPILOGUE "shortcut": the shortcut's weight (K, C_sc, 1, 1); else None
     y_ptr,  # (N, K, P, Q), dense channels_last (the [N*P*Q, K] matrix), written once
+    partial_ptr,  # SPLIT_K > 1: fp32 scratch for the partial tiles (split_sum); else None
+    count_ptr,  # SPLIT_K > 1: int32 arrival counts, one an output tile, zero (and left zero); else None
     M,  # N * P * Q: GEMM rows
     Kg,  # K // groups: GEMM columns per group
     Cg,  # C // groups: channels reduced per (r, s)
@@ -81,9 +85,16 @@ def _conv2d_bias_act_kernel(
     USE_TMA: tl.constexpr,  # config, dense 1x1 convs only: x, w and y through tensor descriptors
     BOX_W: tl.constexpr,  # config, box_schedule convs only: > 0 for box tiles (BLOCK_M // BOX_W x BOX_W pixels)
     BOX_STRIDE: tl.constexpr,  # box_schedule convs: their stride (1 or 2); else 1
+    SPLIT_K: tl.constexpr,  # config, gathered FLAT_LOOP tiles only: programs that share an output tile
 ):
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     even_c: tl.constexpr = C_DIVISOR % BLOCK_K == 0  # whole channel blocks only (conv_tile's EVEN_C)
+    # The reduction: the main loop's trips, then the shortcut's channel blocks (C_sc is 0 without
+    # one). A split-K program (SPLIT_K > 1, gathered tiles) runs a stretch of it, and split_sum
+    # adds the splits' tiles up.
+    first, last, sc_first, sc_last = split_range(R * S * tl.cdiv(Cg, BLOCK_K), tl.cdiv(C_sc, BLOCK_K), SPLIT_K)
+    tl.static_assert(SPLIT_K == 1 or (FLAT_LOOP and not FLAT_K and BOX_W == 0 and not USE_TMA),
+                     "split-K runs the gathered FLAT_LOOP schedule only")
     if BOX_W > 0:
         # Box tiles: every tap's input is a box of the output box's shape, read through a descriptor.
         mask_m, mask_n, n, p, q, k_glob, p0, q0, k0 = output_box(M, Kg, P, Q, BLOCK_M // BOX_W, BOX_W, BLOCK_N,
@@ -104,7 +115,8 @@ def _conv2d_bias_act_kernel(
             # 64-bit row offsets: one tensor may pass 2**31 elements even when M does not.
             x_row = n.to(tl.int64) * stride_xn + group.to(tl.int64) * Cg * stride_xc
             acc = conv_tile(acc, x_ptr, w_ptr, x_row, p * stride_h - pad_h, q * stride_w - pad_w,
-                            k_glob.to(tl.int64) * stride_wk, mask_n, Cg, H, W, dil_h, dil_w,
+                            k_glob.to(tl.int64) * stride_wk, mask_n, first, last,
+                            Cg, H, W, dil_h, dil_w,
                             stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
                             R, S, PADDED, FLAT_K, C_PAD, even_c, ROWS, ROW_PAD, FLAT_LOOP,
                             DOT_FP32, INPUT_PRECISION, BLOCK_K)
@@ -113,11 +125,15 @@ def _conv2d_bias_act_kernel(
         # reduction [x ; x_sc]: its 1x1 strided conv continues the same accumulator, so its output
         # is never written to memory. Its bias is already summed into b_ptr.
         acc = conv_tile(acc, r_ptr, shortcut_w_ptr, n.to(tl.int64) * stride_rn, p * shortcut_stride_h,
-                        q * shortcut_stride_w, k_glob.to(tl.int64) * stride_swk, mask_n, C_sc, 0, 0, 1, 1,
+                        q * shortcut_stride_w, k_glob.to(tl.int64) * stride_swk, mask_n, sc_first, sc_last,
+                        C_sc, 0, 0, 1, 1,
                         stride_rk, stride_rp, stride_rq, stride_swc, 0, 0,
                         1, 1, False, False, 1, even_c, False, 1, FLAT_LOOP, DOT_FP32,
                         INPUT_PRECISION, BLOCK_K)
 
+    if SPLIT_K > 1:
+        acc, last_split = split_sum(acc, partial_ptr, count_ptr, SPLIT_K, BLOCK_M, BLOCK_N)
+        mask_m = mask_m & last_split  # the other splits read nothing more and write nothing
     mask_y = mask_m[:, None] & mask_n[None, :]
     # y, and a residual, are dense NHWC: output pixel m's row starts at m * K (no division by P or Q
     # in the epilogue's layout).
@@ -176,7 +192,7 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
     launch = conv_launch(
         "conv2d_bias_act", _conv2d_bias_act_kernel, x, weight, bias, out_shape, n * p * q,
         stride, padding, dilation, groups, relu, extra_reduction=c_sc, traceable=traceable, dense=dense,
-        boxes=boxes, rows=rows,
+        boxes=boxes, rows=rows, split=True,
         C_sc=c_sc, P=p, Q=q, shortcut_stride_h=shortcut_stride[0], shortcut_stride_w=shortcut_stride[1],
         stride_rn=r_strides[0], stride_rk=r_strides[1], stride_rp=r_strides[2], stride_rq=r_strides[3],
         stride_swk=sw_strides[0], stride_swc=sw_strides[1],

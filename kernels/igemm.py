@@ -52,6 +52,9 @@ INTERPRETER_TMA = 0
 # The box width of a stride-1 conv's box tiles under the interpreter (a config's BOX_W on a GPU;
 # 0: rows of the flattened output, gathered): the tests run both.
 INTERPRETER_BOX_W = 0
+# Split-K's ways under the interpreter (a config's SPLIT_K on a GPU), for kernels that take it: the
+# tests run several.
+INTERPRETER_SPLIT_K = 1
 # Whether a few-channel stride-2 conv (the stem) runs as a stride-1 conv over 2x2 pixel blocks
 # (space_to_depth), on a GPU and under the interpreter alike. It changes the operands, not just
 # the kernel, so it is a plan's choice rather than a config's: plans built while it is set take it.
@@ -66,6 +69,11 @@ SPACE_TO_DEPTH = True
 def max_shared_memory(device_index):
     props = triton.runtime.driver.active.utils.get_device_properties(device_index)
     return props["max_shared_mem"]
+
+
+@functools.cache
+def multiprocessors(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,6 +185,54 @@ def next_block(rs, c0, Cg, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def split_range(trips, more, SPLIT_K: tl.constexpr):
+    """(first, last, more_first, more_last): the trips this program runs of a reduction made of a
+    main loop of `trips` and a second of `more` after it (a projection shortcut's channel blocks):
+    first .. last - 1 of the first loop, more_first .. more_last - 1 of the second. Split-K
+    programs (SPLIT_K > 1) share one output tile, split along program_id(2) into stretches of the
+    whole that differ by at most one trip; otherwise the program runs both loops whole."""
+    if SPLIT_K == 1:
+        first = 0
+        last = trips
+        more_first = 0
+        more_last = more
+    else:
+        split = tl.program_id(2)
+        start = split * (trips + more) // SPLIT_K
+        end = (split + 1) * (trips + more) // SPLIT_K
+        first = min(start, trips)
+        last = min(end, trips)
+        more_first = max(start, trips) - trips
+        more_last = max(end, trips) - trips
+    return first, last, more_first, more_last
+
+
+@triton.jit
+def split_sum(acc, partial_ptr, count_ptr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(sum, last) for split-K programs: each stores its partial tile to partial_ptr (fp32, SPLIT_K
+    tiles per output tile) and counts itself in at count_ptr (int32, one per output tile, zero
+    before the launch); the last of an output tile's programs to arrive sums the partials in split
+    order (the same sum whichever arrives last), sets the count back to zero for the next launch,
+    and gets `last` true: it alone runs the epilogue. The others' sums are not to be used.
+
+    The barrier makes every thread's stores precede the count's release; the release and acquire of
+    the count make the other programs' partials visible to the last one (read through L2, .cg)."""
+    tile = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    tiles = partial_ptr + tile.to(tl.int64) * (SPLIT_K * BLOCK_M * BLOCK_N)
+    tl.store(tiles + tl.program_id(2) * (BLOCK_M * BLOCK_N) + offs, acc)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT_K - 1
+    if last:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for split in tl.static_range(SPLIT_K):
+            acc += tl.load(tiles + split * (BLOCK_M * BLOCK_N) + offs, cache_modifier=".cg")
+        tl.store(count_ptr + tile, 0)
+    return acc, last
+
+
+@triton.jit
 def row_runs(x_ptr, start, h0, w0, r0, Cg, H, W, dil_h, stride_xh, R: tl.constexpr, S: tl.constexpr,
              PADDED: tl.constexpr, ROW_PAD: tl.constexpr, ROWS_AT_ONCE: tl.constexpr):
     """The row schedule's input tile for filter rows r0 .. r0 + ROWS_AT_ONCE - 1: (BLOCK_M,
@@ -221,6 +277,8 @@ def conv_tile(
     w0,  # (BLOCK_M,) left input column of each output pixel's window
     w_col,  # (BLOCK_N,) int64 offset of each output channel's filter in w
     mask_n,  # (BLOCK_N,) valid output channels
+    first,  # FLAT_LOOP: the trips first .. last - 1 of the loop over (tap, channel block), of
+    last,  # R * S * cdiv(Cg, BLOCK_K) (split_range); the other schedules run the whole reduction
     Cg, H, W, dil_h, dil_w,
     stride_xc, stride_xh, stride_xw,
     stride_wc, stride_wr, stride_ws,
@@ -283,9 +341,10 @@ def conv_tile(
         a_rows = x_row + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
         if PADDED:
             inside_taps = taps_inside(h0, w0, H, W, dil_h, dil_w, R, S)
-        rs = 0
-        c0 = 0
-        for _ in range(0, R * S * tl.cdiv(Cg, BLOCK_K)):
+        blocks = tl.cdiv(Cg, BLOCK_K)
+        rs = first // blocks
+        c0 = first % blocks * BLOCK_K
+        for _ in range(first, last):
             r = rs // S
             s = rs % S
             c = c0 + offs_k
@@ -565,14 +624,55 @@ def dense_variant(config):
     return {**config, "USE_TMA": 1}
 
 
-def with_tma_variants(candidates, variant):
-    """The first call's candidates with the first two also as `variant(config)` (box tiles, or the
-    dense GEMM through descriptors; None: that one does not fit), timed first; at most four.
-    Compiled for an H100, at the same tile, box tiles issue about half the instructions per
+def with_variants(candidates, *variants):
+    """The first call's candidates with the first two also as each `variant(config)` (split-K, box
+    tiles, the dense GEMM through descriptors; None: that one does not fit), timed first; at most
+    four. Compiled for an H100, at the same tile, box tiles issue about half the instructions per
     tensor-core cycle of the gathered loop (3x3, 128x64x64: 86 against 177), the dense 1x1 two
     thirds (84 against 126)."""
-    tma = [v for v in map(variant, candidates[:2]) if v is not None]
-    return (tma + candidates)[:4]
+    found = [v for variant in variants for v in map(variant, candidates[:2]) if v is not None]
+    return (found + candidates)[:4]
+
+
+def loop_trips(taps, channels, shortcut_channels=0):
+    """trips(config): the trips of a gathered conv's main loop, taps x channel blocks, and of its
+    projection shortcut's channel blocks after them, as split-K divides them."""
+    def trips(config):
+        return taps * triton.cdiv(channels, config["BLOCK_K"]) + triton.cdiv(shortcut_channels, config["BLOCK_K"])
+
+    return trips
+
+
+def split_variant(m, kg, groups, trips, sms):
+    """How a config of a gathered conv over M = m output rows, kg output channels a group, runs
+    split-K (configs.split_k): the config with SPLIT_K (and no more stages than its stretch of the
+    loop fills), or None where its tiles fill the GPU's `sms` well enough unsplit. `trips(config)`
+    is the main loop's trips."""
+    def variant(config):
+        tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(kg, config["BLOCK_N"]) * groups
+        ways = configs.split_k(tiles, trips(config), sms)
+        if ways == 1:
+            return None
+        return configs.cap_stages([{**config, "SPLIT_K": ways}], lambda c: triton.cdiv(trips(c), ways))[0]
+
+    return variant
+
+
+def split_scratch(grid):
+    """A KernelLaunch's scratch for kernels that may split K (split_sum): for a config with
+    SPLIT_K > 1, the partial tiles (fp32, SPLIT_K a program's output tile) and the zeroed arrival
+    counts (one an output tile); else (None, None)."""
+    def scratch(config, like):
+        ways = config.get("SPLIT_K", 1)
+        if ways == 1:
+            return None, None
+        tiles = grid(config)
+        tiles = tiles[0] * tiles[1]
+        partial = torch.empty(tiles * ways * config["BLOCK_M"] * config["BLOCK_N"], dtype=torch.float32,
+                              device=like.device)
+        return partial, backend.zeroed_counts(like, tiles)
+
+    return scratch
 
 
 def row_pad(weight):
@@ -759,7 +859,7 @@ def _ensure_descriptor_allocator():
 
 
 def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, dilation, groups, relu, *,
-                extra_reduction=0, traceable=False, dense=None, boxes=None, rows=False,
+                extra_reduction=0, traceable=False, dense=None, boxes=None, rows=False, split=False,
                 max_acc_per_thread=configs.MAX_ACC_PER_THREAD, shared_bytes=None, **extra):
     """A KernelLaunch of a kernel built on conv_tile over M = m output rows into a channels_last
     output of `out_shape`, for inputs laid out as `x`: called as launch(x, weight, bias, *pointers, y).
@@ -769,6 +869,9 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     this conv may take it (dense_1x1), which adds the config switch USE_TMA. `boxes` likewise for
     box tiles (box_schedule; the config's BOX_W, 0 for rows of the flattened output). `rows`: `weight` is
     row_weight()'s packing (row_schedule applies), and the config switch ROWS picks the row schedule.
+    `split`: the kernel takes the config switch SPLIT_K and split_sum's scratch after the call's
+    tensors (the launch appends them); configs whose tiles leave most SMs idle are also tried
+    split-K, where the schedule is the gathered FLAT_LOOP one (not the few-channel FLAT_K).
     `max_acc_per_thread`: the candidates' limit on accumulator elements per thread (lower for a
     kernel that holds more than one accumulator tile; see configs.MAX_ACC_PER_THREAD).
     `shared_bytes(config)`: the shared memory a config takes, for a kernel whose main loop is not
@@ -799,6 +902,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
         C_DIVISOR=channel_divisor(cg, *([extra["C_sc"]] if extra.get("C_sc") else [])),
         ROWS=0,  # a config switch where `rows`
         **({} if boxes is None else {"BOX_W": 0}),  # a config switch where `boxes`
+        **({"SPLIT_K": 1} if split else {}),  # a config switch where `split`
         ROW_PAD=row_pad(weight) if rows else 1,
         APPLY_RELU=relu,
         DOT_FP32=interpret,
@@ -813,8 +917,9 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
             tiles = n * triton.cdiv(p, meta["BLOCK_M"] // box_w) * triton.cdiv(q, box_w)
         else:
             tiles = triton.cdiv(m, meta["BLOCK_M"])
-        return (tiles * triton.cdiv(kg, meta["BLOCK_N"]), groups)
+        return (tiles * triton.cdiv(kg, meta["BLOCK_N"]), groups, meta.get("SPLIT_K", 1))
 
+    scratch = split_scratch(grid) if split else None
     reduction = max(cg * r * s if flat_k else cg, extra_reduction)
     if interpret:
         config = {**configs.interpreter(m, kg, reduction), "FLAT_LOOP": INTERPRETER_FLAT_LOOP,
@@ -826,10 +931,14 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
         if boxes and INTERPRETER_BOX_W:
             config["BOX_W"] = min(INTERPRETER_BOX_W, config["BLOCK_M"])
             _ensure_descriptor_allocator()
-        return backend.KernelLaunch(kernel, grid, args, on_cuda=False, traceable=traceable, config=config)
+        if split and not flat_k and config["FLAT_LOOP"] and not config.get("BOX_W") and not config.get("USE_TMA"):
+            config["SPLIT_K"] = INTERPRETER_SPLIT_K
+        return backend.KernelLaunch(kernel, grid, args, on_cuda=False, traceable=traceable, config=config,
+                                    scratch=scratch)
     # The key: every size and flag of the launch (the batch only through M, bucketed), no strides.
     # (ROWS and BOX_W in args are the defaults of config switches, which the config overrides.)
-    sizes = {k: v for k, v in args.items() if not k.startswith("stride_") and k not in ("DOT_FP32", "ROWS", "BOX_W")}
+    sizes = {k: v for k, v in args.items()
+             if not k.startswith("stride_") and k not in ("DOT_FP32", "ROWS", "BOX_W", "SPLIT_K")}
     switches = {"FLAT_LOOP": 1}
     if dense is not None:
         sizes["dense"] = bool(dense)  # a config that reads through descriptors fits dense layouts only
@@ -847,16 +956,22 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     smem = max_shared_memory(x.device.index or 0) if x.is_cuda else 228 * 1024
     candidates = configs.candidates(m, kg, reduction, x.element_size(), smem, switches=switches,
                                     max_acc_per_thread=max_acc_per_thread, shared_bytes=shared_bytes)
-    if not flat_k:  # the main loop's trips: taps x channel blocks (and the shortcut's channel blocks)
+    if not flat_k:  # (the shortcut's channel blocks are a loop of their own unless split)
         candidates = configs.cap_stages(candidates, lambda c: max(r * s * triton.cdiv(cg, c["BLOCK_K"]),
                                                                   triton.cdiv(extra_reduction, c["BLOCK_K"])))
+    variants = []
+    if split and not flat_k:
+        sms = multiprocessors(x.device.index or 0) if x.is_cuda else configs.H100_SMS
+        split_k = split_variant(m, kg, groups, loop_trips(r * s, cg, extra_reduction), sms)
+        if split_k(candidates[0]) is not None:  # the layer's tiles are few even at the first candidate's size
+            variants.append(split_k)
     if boxes:
-        candidates = with_tma_variants(candidates, box_variant(*out_shape[2:]))
+        variants.append(box_variant(*out_shape[2:]))
     elif dense:
-        candidates = with_tma_variants(candidates, dense_variant)
+        variants.append(dense_variant)
     return backend.KernelLaunch(kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable, op=name,
                                 key=configs.shape_key(groups=groups, bias=bias is not None, **sizes),
-                                candidates=candidates)
+                                candidates=with_variants(candidates, *variants), scratch=scratch)
 
 
 def gather_layout(x):

@@ -82,8 +82,10 @@ class _Session:
             chosen = launch.candidates if found is None or self.every_candidate else [found]
         fn = getattr(launch.kernel, "fn", launch.kernel)
         kernel = (fn.__module__, fn.__name__)
-        args = tuple(("none",) if t is None else ("tensor", t.dtype, t.data_ptr() % 16 == 0) for t in tensors)
         for config in chosen:
+            scratch = () if launch.scratch is None else launch.scratch(config, like)
+            args = tuple(("none",) if t is None else ("tensor", t.dtype, t.data_ptr() % 16 == 0)
+                         for t in (*tensors, *scratch))
             job = CompileJob(launch.op, launch.key, dict(config), kernel, args, dict(launch.args), capability)
             identity = (kernel, args, tuple(sorted(job.kwargs.items())), tuple(sorted(job.config.items())), capability)
             if identity not in self._seen:

@@ -254,3 +254,26 @@ def test_the_stems_pooled_kernel_gets_no_config_that_spills():
     pooled = [j for j in jobs if j.op == "conv2d_bias_act_maxpool"]  # (the others: its input's space-to-depth copy)
     assert pooled and all(j.config["BLOCK_M"] * j.config["BLOCK_N"] <= limit * 32 * j.config["num_warps"]
                           for j in pooled)
+
+
+def test_split_k_where_few_tiles_run_long_loops():
+    # No split where the tiles fill half the SMs; else enough ways to fill them once, each way
+    # running at least MIN_SPLIT_TRIPS trips.
+    assert configs.split_k(66, 72, 132) == 1 and configs.split_k(400, 72, 132) == 1
+    assert configs.split_k(8, 72, 132) == 17  # cdiv(132, 8)
+    assert configs.split_k(8, 12, 132) == 3  # 12 trips // 4
+    assert configs.split_k(8, 7, 132) == 1
+    # In a conv's first-call candidates: resnet50's last 3x3 (512 channels, 7x7) at batch 1 makes
+    # 8 tiles of 64x64 and 72 trips, so its candidates split it; at batch 64, 50 tiles of 64 rows
+    # by 8 fill the GPU unsplit. (Compiled for an H100; inside compile_only nothing runs.)
+    found = {}
+    for batch in (1, 64):
+        x = torch.empty(batch, 512, 7, 7, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+        w = torch.empty(512, 512, 3, 3, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+        with precompile.compile_only("H100", every_candidate=True) as jobs:
+            kernels.plan_conv2d_bias_act(x, w, None, 1, 1, relu=True)(x, None)
+        found[batch] = {job.config.get("SPLIT_K", 1): job.args[-2:] for job in jobs}
+    assert max(found[1]) == 17 and set(found[64]) == {1}
+    # a split launch takes its scratch after the tensors: partial tiles in fp32, int32 counts
+    assert found[1][17] == (("tensor", torch.float32, True), ("tensor", torch.int32, True))
+    assert found[64][1] == (("none",), ("none",))

@@ -146,6 +146,55 @@ def test_dense_1x1_through_tensor_descriptors(case, dtype, monkeypatch):
     assert allocators, "the descriptor path did not run"
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's split-K switch; on a GPU each config names it")
+@pytest.mark.parametrize("ways", [2, 3, 5])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(48, 40, 3, 1, 1, 1, "relu"), (160, 24, 1, 1, 0, 1, "residual"),
+                                  (64, 32, 3, 2, 1, 2, "none"), (192, 72, 1, 2, 0, 1, "shortcut")],
+                         ids=lambda c: "C{}-K{}-k{}-s{}-p{}-g{}-{}".format(*c))
+def test_split_k(case, dtype, ways, monkeypatch):
+    # SPLIT_K programs share an output tile, each running a stretch of the reduction (the shortcut's
+    # channel blocks included); the last to finish sums the partial tiles in order and writes.
+    # Under the interpreter the blocks are up to 128 channels: these make 2 to 9 trips, so some
+    # splits run one trip, and where the ways pass the trips, none.
+    from fused_resnet.kernels import backend, igemm
+
+    c, k, ksize, stride, padding, groups, kind = case
+    monkeypatch.setattr(igemm, "INTERPRETER_SPLIT_K", ways)
+    counts = results_of(monkeypatch, backend, "zeroed_counts")
+    x, weight, bias = make_case(2, c, 7, 7, k, ksize, ksize, groups, dtype)
+    p = (7 + 2 * padding - ksize) // stride + 1
+    if kind == "shortcut":
+        shortcut_in = torch.randn(2, 136, 2 * p, 2 * p).to(dtype).contiguous(memory_format=torch.channels_last)
+        shortcut_w = (torch.randn(k, 136, 1, 1) / 12).to(dtype)
+        out = assert_kernel_ran(lambda: kernels.conv2d_bias_act(x, weight, bias, stride, padding, relu=True,
+                                                                residual=shortcut_in, shortcut_weight=shortcut_w,
+                                                                shortcut_stride=2))
+        exp = torch.relu(conv_expected(x, weight, bias, stride, padding, 1, 1, None, False)
+                         + F.conv2d(shortcut_in.double(), shortcut_w.double(), None, 2))
+        assert_close(out, exp, rtol=TOL[dtype], atol=TOL[dtype] * max(1.0, exp.abs().max().item()))
+    else:
+        res = torch.randn(2, k, p, p).to(dtype) if kind == "residual" else None
+        check(x, weight, bias, stride, padding, 1, groups, res, kind != "none")
+    # one count an output tile (of each group), and the kernel leaves them zero for the next launch
+    assert counts and all(int(t.abs().sum()) == 0 for t in counts)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's split-K switch")
+def test_split_k_keeps_nan_and_the_order_of_its_sum(monkeypatch):
+    # The splits' tiles are summed in split order, whichever program finishes last: two launches
+    # give the same bits. A NaN in one split's stretch reaches the output.
+    from fused_resnet.kernels import igemm
+
+    monkeypatch.setattr(igemm, "INTERPRETER_SPLIT_K", 4)
+    x, weight, bias = make_case(1, 64, 5, 5, 32, 3, 3, 1, torch.float32)
+    first = kernels.conv2d_bias_act(x, weight, bias, padding=1)
+    assert torch.equal(first, kernels.conv2d_bias_act(x, weight, bias, padding=1))
+    x[0, 10, 2, 2] = float("nan")
+    out = kernels.conv2d_bias_act(x, weight, bias, padding=1)
+    assert out[0, :, 1:4, 1:4].isnan().all() and not out[0, :, 0].isnan().any()
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter's descriptor switch")
 def test_dense_1x1_takes_misaligned_and_strided_inputs(monkeypatch):
     from fused_resnet.kernels import igemm
@@ -245,12 +294,12 @@ def test_box_schedule_only_for_dense_stride_1_convs():
 
 def test_first_call_candidates_take_box_tiles_where_boxes_fit_the_map():
     from fused_resnet.kernels import configs
-    from fused_resnet.kernels.igemm import box_variant, box_width, dense_variant, with_tma_variants
+    from fused_resnet.kernels.igemm import box_variant, box_width, dense_variant, with_variants
 
     switches = {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}
     for p, expect_boxed in ((56, 2), (28, 2), (14, 2), (7, 1)):
         gathered = configs.candidates(256 * p * p, 256, 256, 2, switches=switches)
-        found = with_tma_variants(gathered, box_variant(p, p))
+        found = with_variants(gathered, box_variant(p, p))
         boxed = [c for c in found if c["BOX_W"]]
         assert len(found) <= 4 and len(boxed) == expect_boxed, (p, found)
         assert found[: len(boxed)] == boxed  # timed first
@@ -260,7 +309,7 @@ def test_first_call_candidates_take_box_tiles_where_boxes_fit_the_map():
         # 128-pixel boxes over a 7x7 map would compute 16x8 pixels for 49: left gathered.
         assert all(c["BLOCK_M"] < 128 for c in boxed) or p > 7
     gathered = configs.candidates(256 * 56 * 56, 64, 256, 2, switches=switches)
-    dense = with_tma_variants(gathered, dense_variant)
+    dense = with_variants(gathered, dense_variant)
     assert [c["USE_TMA"] for c in dense] == [1, 1, 0, 0] and dense[2:] == gathered[:2]
     assert dense[:2] == [{**c, "USE_TMA": 1} for c in gathered[:2]]
 
@@ -586,6 +635,39 @@ def test_resnexts_bundled_groups_compiled(dtype):
         with configs.override({**VARIANT_TILES, "FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}) as asked:
             check(x, weight, bias, stride, 1, 1, 32, res, True)
         assert asked, "the forced config was not looked up"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_k_compiled(dtype):
+    # Split-K compiled: resnet50's last 3x3 and its projection-shortcut 1x1 at batch 1, split 17
+    # and 5 ways (as their first-call candidates are), twice in a row (the counts were left zero)
+    # and replayed from a CUDA graph (counts of its own, zeroed in the graph).
+    from fused_resnet.kernels import configs
+
+    split = {**VARIANT_TILES, "BLOCK_K": 32 if dtype == torch.float32 else 64, "FLAT_LOOP": 1, "USE_TMA": 0,
+             "BOX_W": 0}
+    x, weight, bias = make_case(1, 512, 7, 7, 512, 3, 3, 1, dtype)
+    res = torch.randn(1, 512, 7, 7, device=DEVICE).to(dtype)
+    with configs.override({**split, "SPLIT_K": 17}) as asked:
+        first = check(x, weight, bias, 1, 1, 1, 1, res, True)
+        assert torch.equal(first, kernels.conv2d_bias_act(x, weight, bias, 1, 1, residual=res, relu=True))
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = kernels.conv2d_bias_act(x, weight, bias, 1, 1, residual=res, relu=True)
+        for _ in range(2):
+            graph.replay()
+            assert torch.equal(captured, first)
+    assert asked
+    x, weight, bias = make_case(1, 512, 7, 7, 2048, 1, 1, 1, dtype)
+    shortcut_in = torch.randn(1, 1024, 14, 14, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+    shortcut_w = (torch.randn(2048, 1024, 1, 1, device=DEVICE) / 32).to(dtype)
+    with configs.override({**split, "SPLIT_K": 5}):
+        out = kernels.conv2d_bias_act(x, weight, bias, residual=shortcut_in, relu=True, shortcut_weight=shortcut_w,
+                                      shortcut_stride=2)
+    exp = torch.relu(conv_expected(x, weight, bias, 1, 0, 1, 1, None, False)
+                     + F.conv2d(shortcut_in.cpu().double(), shortcut_w.cpu().double(), None, 2))
+    assert_close(out, exp, rtol=TOL[dtype], atol=TOL[dtype] * exp.abs().max().item())
 
 
 @pytest.mark.gpu

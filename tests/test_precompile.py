@@ -53,8 +53,9 @@ def test_records_each_candidate_and_launches_nothing(empty_cache, monkeypatch):
     job = jobs[0]
     assert job.op == "conv2d_bias_act" and job.capability == 90
     assert job.kernel == ("fused_resnet.kernels.conv2d", "_conv2d_bias_act_kernel")
-    # x, weight, bias, residual, shortcut weight, y: 16-byte aligned fp16 tensors and two Nones.
-    assert [a[0] for a in job.args] == ["tensor", "tensor", "tensor", "none", "none", "tensor"]
+    # x, weight, bias, residual, shortcut weight, y: 16-byte aligned fp16 tensors and two Nones; then
+    # split-K's scratch, None unsplit (one trip over 64 channels is not split)
+    assert [a[0] for a in job.args] == ["tensor", "tensor", "tensor", "none", "none", "tensor", "none", "none"]
     assert job.kwargs["DOT_FP32"] is False  # compiled for the GPU, not interpreted
     assert job.kwargs["Cg"] == 64 and job.kwargs["R"] == 1
 
@@ -130,7 +131,8 @@ COMPILE_SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     block = torchvision.models.resnet50().layer1[0].eval()  # compiled, not run: its numbers do not matter
     fused = fuse(block, dtype=torch.float16)
-    x = torch.randn(2, 64, 8, 8).half().contiguous(memory_format=torch.channels_last)
+    # 48x48 maps: enough output tiles (72 of 64 rows) that no candidate is split-K
+    x = torch.randn(2, 64, 48, 48).half().contiguous(memory_format=torch.channels_last)
     with precompile.compile_only("H100") as jobs:
         fused(x)
     first = {}

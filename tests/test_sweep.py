@@ -81,7 +81,26 @@ def test_the_gpu_run_script_asks_only_for_options_that_exist(tmp_path):
         for option in re.findall(r"(--[\w-]+)", args):
             assert option in helped.stdout, (path, option)
     stages = re.findall(r"^  ([\w|]+)\)$", script, flags=re.M)
-    assert stages == ["check", "archs16|archs32", "sweep", "host", "network", "first"]
+    assert stages == ["check", "archs16|archs32", "sweep", "sweep1", "host", "network", "first"]
     wrong = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "no-such-stage", str(tmp_path)],
                            capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "unknown stage" in wrong.stderr
+
+
+def test_the_sweep_splits_k_where_the_batch_leaves_tiles_few():
+    # At batch 1 resnet50's last 3x3 (512 channels over 7x7) makes 1 to 8 output tiles: the sweep
+    # times each gathered config split-K as well; at batch 256 it makes hundreds, and none is split.
+    import torch
+    import torchvision
+
+    sweep = load_sweep()
+    model = torchvision.models.resnet50()
+    for batch, splits in ((1, True), (256, False)):
+        layers = sweep.distinct_layers(model, batch, 224, torch.float16, "cpu")
+        name, layer, x_shape, _ = next(entry for entry in layers if sweep.describe(entry[1], entry[2])
+                                       == "C512 K512 3x3/1 7x7")
+        found = sweep.sweep_configs(layer, x_shape, torch.float16, cuda=True)
+        split = [c for c in found if c.get("SPLIT_K", 1) > 1]
+        assert bool(split) == splits, name
+        # split-K runs the gathered loop only
+        assert all(c["FLAT_LOOP"] == 1 and c["USE_TMA"] == 0 and c["BOX_W"] == 0 for c in split)
