@@ -153,10 +153,13 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     (conv + max pooling) also those of its other plans: as space-to-depth, marked
     {"SPACE_TO_DEPTH": 1}, and as the conv kernel followed by torch's max pooling, marked
     {"POOL_APART": 1}, each way. For the head, configs.head_candidates' sweep list."""
+    sms = igemm.multiprocessors(0) if torch.cuda.is_available() else configs.H100_SMS
     if isinstance(layer, FusedAvgPoolLinear):
         n, c, h, w = x_shape
         element = torch.empty((), dtype=dtype).element_size()
-        return configs.head_candidates(n, layer.out_features, c, h * w, element, sweep=True) if cuda else [None]
+        if not cuda:
+            return [None]
+        return configs.head_candidates(n, layer.out_features, c, h * w, element, sweep=True, sms=sms)
     fits = space_to_depth_fits(layer.weight, pair("stride", layer.stride), pair("dilation", layer.dilation),
                                layer.groups)
     pooled = isinstance(layer, FusedConv2dMaxPool)
@@ -209,7 +212,6 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     if not flat_k:
         # Split-K where the tiles leave most SMs idle (small batches): each gathered config again, split.
         c_sc = 0 if layer.shortcut_weight is None else layer.shortcut_weight.shape[1]
-        sms = igemm.multiprocessors(0) if torch.cuda.is_available() else configs.H100_SMS
         variant = igemm.split_variant(m, kg, layer.groups, igemm.loop_trips(rr * ss, cg, c_sc), sms)
         split = [v for c in chosen if c["FLAT_LOOP"] == 1 and c["USE_TMA"] == 0 and (v := variant(c)) is not None]
     if box_schedule(x, layer.weight, layer.stride, layer.groups):

@@ -9,7 +9,9 @@ that share images are ordered to run together, so the repeated reads of a featur
 The pooling is a loop of loads and adds with no MMA to hide memory behind: a program waits for its
 loads once an iteration. So an iteration reads BLOCK_HW pixels (unrolled), not one; and the tiles
 are few images (the fewer, the fewer additions a program) by many classes (the more, the fewer
-programs that read each image's maps again): configs.head_candidates.
+programs that read each image's maps again): configs.head_candidates. A small batch makes few
+such tiles: there the channel blocks may be split among SPLIT_K programs a tile, whose partial
+products the last of them sums (igemm.split_sum), as the convs do.
 
 Order of this file: @triton.jit kernel, launcher, op registration, reference.
 """
@@ -20,9 +22,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from . import backend, configs
+from . import backend, configs, igemm
 from ._checks import check_same_device, check_supported_dtype
-from .igemm import dot, tile_ids
+from .igemm import dot, split_range, split_scratch, split_sum, tile_ids
 
 # ----------------------------------------------------------------------------------------------
 # Kernel
@@ -35,6 +37,8 @@ def _avgpool_linear_kernel(
     w_ptr,  # (J, C)
     b_ptr,  # (J,), or None
     y_ptr,  # (N, J)
+    partial_ptr,  # SPLIT_K > 1: fp32 scratch for the partial tiles (igemm.split_sum); else None
+    count_ptr,  # SPLIT_K > 1: int32 arrival counts, one a tile, zero (and left zero); else None
     N, C, HW, J,
     stride_xn, stride_xc, stride_xhw,  # stride_xhw: of a pixel, the map's (h, w) as one index h * W + w
     stride_wj, stride_wc,
@@ -46,6 +50,7 @@ def _avgpool_linear_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_HW: tl.constexpr,  # pixels a round of the pooling reads at once
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # config: programs that share a tile, each over a stretch of the channel blocks
 ):
     pid_m, pid_n = tile_ids(N, J, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -58,7 +63,14 @@ def _avgpool_linear_kernel(
     inv_hw = 1.0 / HW
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_K):
+    if SPLIT_K == 1:
+        first = 0
+        last = C
+    else:  # this program's stretch of the channel blocks
+        first, last, _, _ = split_range(tl.cdiv(C, BLOCK_K), 0, SPLIT_K)
+        first *= BLOCK_K
+        last *= BLOCK_K
+    for c0 in range(first, last, BLOCK_K):
         c = c0 + offs_k
         mask_c = c < C
         mask_a = mask_m[:, None] & mask_c[None, :]
@@ -76,6 +88,9 @@ def _avgpool_linear_kernel(
                     other=0.0)
         acc = dot(acc, a, b, DOT_FP32, INPUT_PRECISION)
 
+    if SPLIT_K > 1:
+        acc, last_split = split_sum(acc, partial_ptr, count_ptr, SPLIT_K, BLOCK_M, BLOCK_N)
+        mask_m = mask_m & last_split  # the other splits write nothing
     if b_ptr is not None:
         bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0)
         acc += bias.to(tl.float32)[None, :]
@@ -128,14 +143,17 @@ def plan_avgpool_linear(x, weight, bias=None, *, backend_name=None, traceable=Fa
     )
 
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(j, meta["BLOCK_N"]),)
+        return (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(j, meta["BLOCK_N"]), 1, meta.get("SPLIT_K", 1))
 
-    launch = backend.KernelLaunch(_avgpool_linear_kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable,
-                                  config=configs.head_interpreter(n, j, c, h * w) if interpret else None,
-                                  op="avgpool_linear",
+    sms = igemm.multiprocessors(x.device.index or 0) if x.is_cuda else configs.H100_SMS
+    launch = backend.KernelLaunch(_avgpool_linear_kernel, grid, {**args, "SPLIT_K": 1}, on_cuda=x.is_cuda,
+                                  traceable=traceable, op="avgpool_linear",
+                                  config={**configs.head_interpreter(n, j, c, h * w),
+                                          "SPLIT_K": igemm.INTERPRETER_SPLIT_K} if interpret else None,
                                   key=configs.shape_key(M=n, C=c, HW=h * w, J=j, prec=args["INPUT_PRECISION"],
                                                         bias=bias is not None),
-                                  candidates=configs.head_candidates(n, j, c, h * w, x.element_size()))
+                                  candidates=configs.head_candidates(n, j, c, h * w, x.element_size(), sms=sms),
+                                  scratch=split_scratch(grid))
 
     def launch_into(y, x):
         launch(to_layout(x), weight, bias, y)

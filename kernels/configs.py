@@ -250,7 +250,7 @@ def split_k(tiles: int, trips: int, sms: int) -> int:
     """The ways to split a main loop of `trips` whose launch has `tiles` output tiles on a GPU of
     `sms` SMs: enough that the programs fill the SMs once, each running at least MIN_SPLIT_TRIPS
     trips; 1 (no split) where the tiles alone fill half the SMs."""
-    if 2 * tiles >= sms:
+    if tiles == 0 or 2 * tiles >= sms:
         return 1
     return max(1, min(trips // MIN_SPLIT_TRIPS, triton.cdiv(sms, tiles)))
 
@@ -299,9 +299,12 @@ HEAD_SWEEP_16BIT = HEAD_16BIT + [
 ]
 
 
-def head_candidates(images: int, classes: int, channels: int, pixels: int, element_size: int, sweep: bool = False):
+def head_candidates(images: int, classes: int, channels: int, pixels: int, element_size: int, sweep: bool = False,
+                    sms: int = H100_SMS):
     """The head kernel's configs for `images` maps of `channels` x `pixels` into `classes`: at most
-    four (the sweep's wider list with `sweep`), tiles capped to the sizes."""
+    four (the sweep's wider list with `sweep`), tiles capped to the sizes. Where the first one's
+    tiles fill fewer than half of the GPU's `sms` (a small batch: at batch 1, 4 to 16 tiles), the
+    first two split-K over the channel blocks (SPLIT_K) first; the sweep times every one split."""
     shapes = HEAD_FP32 if element_size >= 4 else (HEAD_SWEEP_16BIT if sweep else HEAD_16BIT)
     cap_hw = triton.next_power_of_2(pixels)
     kept = []
@@ -310,7 +313,15 @@ def head_candidates(images: int, classes: int, channels: int, pixels: int, eleme
                   "BLOCK_HW": min(hw, cap_hw)}
         if config not in kept:
             kept.append(config)
-    return kept
+
+    def split(config):
+        tiles = triton.cdiv(images, config["BLOCK_M"]) * triton.cdiv(classes, config["BLOCK_N"])
+        return {**config, "SPLIT_K": split_k(tiles, triton.cdiv(channels, config["BLOCK_K"]), sms)}
+
+    splits = [c for c in map(split, kept if sweep else kept[:2]) if c["SPLIT_K"] > 1]
+    if not splits or (not sweep and split(kept[0])["SPLIT_K"] == 1):
+        return kept
+    return kept + splits if sweep else (splits + kept)[:4]
 
 
 def head_interpreter(images: int, classes: int, channels: int, pixels: int) -> dict:

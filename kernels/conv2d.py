@@ -92,7 +92,10 @@ def _conv2d_bias_act_kernel(
     # The reduction: the main loop's trips, then the shortcut's channel blocks (C_sc is 0 without
     # one). A split-K program (SPLIT_K > 1, gathered tiles) runs a stretch of it, and split_sum
     # adds the splits' tiles up.
-    first, last, sc_first, sc_last = split_range(R * S * tl.cdiv(Cg, BLOCK_K), tl.cdiv(C_sc, BLOCK_K), SPLIT_K)
+    if SPLIT_K == 1:
+        first, last, sc_first, sc_last = None, None, None, None  # (all of each)
+    else:
+        first, last, sc_first, sc_last = split_range(R * S * tl.cdiv(Cg, BLOCK_K), tl.cdiv(C_sc, BLOCK_K), SPLIT_K)
     tl.static_assert(SPLIT_K == 1 or (FLAT_LOOP and not FLAT_K and BOX_W == 0 and not USE_TMA),
                      "split-K runs the gathered FLAT_LOOP schedule only")
     if BOX_W > 0:

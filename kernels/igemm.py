@@ -186,25 +186,16 @@ def next_block(rs, c0, Cg, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def split_range(trips, more, SPLIT_K: tl.constexpr):
-    """(first, last, more_first, more_last): the trips this program runs of a reduction made of a
-    main loop of `trips` and a second of `more` after it (a projection shortcut's channel blocks):
-    first .. last - 1 of the first loop, more_first .. more_last - 1 of the second. Split-K
-    programs (SPLIT_K > 1) share one output tile, split along program_id(2) into stretches of the
-    whole that differ by at most one trip; otherwise the program runs both loops whole."""
-    if SPLIT_K == 1:
-        first = 0
-        last = trips
-        more_first = 0
-        more_last = more
-    else:
-        split = tl.program_id(2)
-        start = split * (trips + more) // SPLIT_K
-        end = (split + 1) * (trips + more) // SPLIT_K
-        first = min(start, trips)
-        last = min(end, trips)
-        more_first = max(start, trips) - trips
-        more_last = max(end, trips) - trips
-    return first, last, more_first, more_last
+    """(first, last, more_first, more_last) of a split-K program (SPLIT_K > 1): the trips it runs of
+    a reduction made of a main loop of `trips` and a second of `more` after it (a projection
+    shortcut's channel blocks), first .. last - 1 of the first loop and more_first .. more_last - 1
+    of the second. The SPLIT_K programs that share an output tile, along program_id(2), take
+    stretches of the whole that differ by at most one trip. (An unsplit kernel passes conv_tile
+    None for these: its loop as it would be, to the instruction.)"""
+    split = tl.program_id(2)
+    start = split * (trips + more) // SPLIT_K
+    end = (split + 1) * (trips + more) // SPLIT_K
+    return min(start, trips), min(end, trips), max(start, trips) - trips, max(end, trips) - trips
 
 
 @triton.jit
@@ -278,7 +269,7 @@ def conv_tile(
     w_col,  # (BLOCK_N,) int64 offset of each output channel's filter in w
     mask_n,  # (BLOCK_N,) valid output channels
     first,  # FLAT_LOOP: the trips first .. last - 1 of the loop over (tap, channel block), of
-    last,  # R * S * cdiv(Cg, BLOCK_K) (split_range); the other schedules run the whole reduction
+    last,  # R * S * cdiv(Cg, BLOCK_K) (split_range); None: all. The other schedules run them all
     Cg, H, W, dil_h, dil_w,
     stride_xc, stride_xh, stride_xw,
     stride_wc, stride_wr, stride_ws,
@@ -341,9 +332,14 @@ def conv_tile(
         a_rows = x_row + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
         if PADDED:
             inside_taps = taps_inside(h0, w0, H, W, dil_h, dil_w, R, S)
-        blocks = tl.cdiv(Cg, BLOCK_K)
-        rs = first // blocks
-        c0 = first % blocks * BLOCK_K
+        if first is None:
+            rs = 0
+            c0 = 0
+            first = 0
+            last = R * S * tl.cdiv(Cg, BLOCK_K)
+        else:
+            rs = first // tl.cdiv(Cg, BLOCK_K)
+            c0 = first % tl.cdiv(Cg, BLOCK_K) * BLOCK_K
         for _ in range(first, last):
             r = rs // S
             s = rs % S

@@ -100,6 +100,17 @@ def test_head_candidates_are_few_capped_and_read_several_pixels(images, classes,
         assert min(8, pixels) <= c["BLOCK_HW"] <= 2 ** (pixels - 1).bit_length()  # several pixels at once
     if element == 4:
         assert max(c["BLOCK_K"] for c in found) <= 32  # fp32 gets its own, smaller tiles
+    # Split-K over the channel blocks where the tiles are few (at batch 1, 4 to 16; at 256, 64 of
+    # 16x256): those of the first two split first, in enough ways to fill 132 SMs once, with 4
+    # channel blocks or more each
+    split = [c for c in found if c.get("SPLIT_K", 1) > 1]
+    if images in (1, 256):
+        assert found[0]["SPLIT_K"] > 1 and len(split) == (2 if images == 1 else 1)  # (at 256, 16x128 makes 128)
+    for c in split:
+        blocks = -(-channels // c["BLOCK_K"])
+        tiles = -(-images // c["BLOCK_M"]) * -(-classes // c["BLOCK_N"])
+        assert tiles * 2 < 132 and blocks // c["SPLIT_K"] >= configs.MIN_SPLIT_TRIPS
+        assert tiles * c["SPLIT_K"] <= 132 + tiles
 
 
 def test_a_short_main_loop_gets_no_more_stages_than_it_fills():

@@ -8,7 +8,7 @@ profiler that the fused op ran and that no aten conv, pooling or linear op did.
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, KERNEL_TOL, assert_close, conv_expected, make_case, randomize_bn, results_of
+from conftest import DEVICE, HAS_CUDA, KERNEL_TOL, assert_close, conv_expected, make_case, randomize_bn, results_of
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -204,23 +204,44 @@ def test_avgpool_linear(case, dtype):
     check_close(out, avgpool_linear_expected(x, weight, bias), dtype)
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's split-K switch; on a GPU each config names it")
+@pytest.mark.parametrize("ways", [2, 3, 7])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_head_split_k(ways, dtype, monkeypatch):
+    # The channel blocks split among `ways` programs a tile (the interpreter's blocks are up to 128
+    # channels: 2 and 3 blocks here, so some splits get none); the last sums the partial products.
+    from fused_resnet.kernels import backend, igemm
+
+    monkeypatch.setattr(igemm, "INTERPRETER_SPLIT_K", ways)
+    counts = results_of(monkeypatch, backend, "zeroed_counts")
+    for n, c, h, w, classes in [(3, 200, 5, 4, 40), (1, 384, 7, 7, 24)]:
+        x = torch.randn(n, c, h, w, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+        weight = (torch.randn(classes, c, device=DEVICE) / c**0.5).to(dtype)
+        bias = torch.randn(classes, device=DEVICE).to(dtype)
+        check_close(kernels.avgpool_linear(x, weight, bias), avgpool_linear_expected(x, weight, bias), dtype)
+    assert len(counts) == 2 and all(int(t.abs().sum()) == 0 for t in counts)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_the_head_compiled_in_every_candidate(dtype):
-    # ResNet-50's head on 20 images (two tiles of 16, the second mostly masked), each first-call
-    # candidate compiled: pixels read 8 or 16 at a time over a 7x7 map, 1000 classes in tiles of
-    # up to 256.
+    # ResNet-50's head on 20 images (two tiles of 16, the second mostly masked) and on one, each
+    # first-call candidate compiled: pixels read 8 or 16 at a time over a 7x7 map, 1000 classes in
+    # tiles of up to 256; with so few tiles, the first two split-K over the channels too.
     from fused_resnet.kernels import configs
 
-    x = torch.randn(20, 2048, 7, 7, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
-    weight = (torch.randn(1000, 2048, device=DEVICE) / 2048**0.5).to(dtype)
-    bias = torch.randn(1000, device=DEVICE).to(dtype)
-    exp = avgpool_linear_expected(x, weight, bias)
-    for config in configs.head_candidates(20, 1000, 2048, 49, x.element_size()):
-        with configs.override(config) as asked:
-            out = kernels.avgpool_linear(x, weight, bias)
-        assert asked, config
-        check_close(out, exp, dtype)
+    for n in (20, 1):
+        x = torch.randn(n, 2048, 7, 7, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+        weight = (torch.randn(1000, 2048, device=DEVICE) / 2048**0.5).to(dtype)
+        bias = torch.randn(1000, device=DEVICE).to(dtype)
+        exp = avgpool_linear_expected(x, weight, bias)
+        found = configs.head_candidates(n, 1000, 2048, 49, x.element_size())
+        assert any(c.get("SPLIT_K", 1) > 1 for c in found)
+        for config in found:
+            with configs.override(config) as asked:
+                out = kernels.avgpool_linear(x, weight, bias)
+            assert asked, config
+            check_close(out, exp, dtype)
 
 
 def test_avgpool_linear_layouts_float64_and_empty():
