@@ -118,21 +118,18 @@ def _conv2d_bias_act_kernel(
             # 64-bit row offsets: one tensor may pass 2**31 elements even when M does not.
             x_row = n.to(tl.int64) * stride_xn + group.to(tl.int64) * Cg * stride_xc
             acc = conv_tile(acc, x_ptr, w_ptr, x_row, p * stride_h - pad_h, q * stride_w - pad_w,
-                            k_glob.to(tl.int64) * stride_wk, mask_n, first, last,
-                            Cg, H, W, dil_h, dil_w,
-                            stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
-                            R, S, PADDED, FLAT_K, C_PAD, even_c, ROWS, ROW_PAD, FLAT_LOOP,
-                            DOT_FP32, INPUT_PRECISION, BLOCK_K)
+                            k_glob.to(tl.int64) * stride_wk, mask_n, first, last, Cg, (H, W), (dil_h, dil_w),
+                            (stride_xc, stride_xh, stride_xw), (stride_wc, stride_wr, stride_ws),
+                            R, S, PADDED, FLAT_K, C_PAD, even_c, ROWS, ROW_PAD, FLAT_LOOP, DOT_FP32, INPUT_PRECISION,
+                            BLOCK_K)
     if EPILOGUE == "shortcut":
         # A projection shortcut relu(W x + W_sc x_sc + b) is one GEMM over the concatenated
         # reduction [x ; x_sc]: its 1x1 strided conv continues the same accumulator, so its output
         # is never written to memory. Its bias is already summed into b_ptr.
         acc = conv_tile(acc, r_ptr, shortcut_w_ptr, n.to(tl.int64) * stride_rn, p * shortcut_stride_h,
                         q * shortcut_stride_w, k_glob.to(tl.int64) * stride_swk, mask_n, sc_first, sc_last,
-                        C_sc, 0, 0, 1, 1,
-                        stride_rk, stride_rp, stride_rq, stride_swc, 0, 0,
-                        1, 1, False, False, 1, even_c, False, 1, FLAT_LOOP, DOT_FP32,
-                        INPUT_PRECISION, BLOCK_K)
+                        C_sc, (0, 0), (1, 1), (stride_rk, stride_rp, stride_rq), (stride_swc, 0, 0),
+                        1, 1, False, False, 1, even_c, False, 1, FLAT_LOOP, DOT_FP32, INPUT_PRECISION, BLOCK_K)
 
     if SPLIT_K > 1:
         acc, last_split = split_sum(acc, partial_ptr, count_ptr, SPLIT_K, BLOCK_M, BLOCK_N)

@@ -123,10 +123,9 @@ def _conv2d_bias_act_maxpool_kernel(
             cp = tl.minimum(tl.maximum(cp0 + t // POOL_S, 0), P - 1)
             cq = tl.minimum(tl.maximum(cq0 + t % POOL_S, 0), Q - 1)
             acc = conv_tile(acc, x_ptr, w_ptr, x_row, cp * stride_h - pad_h, cq * stride_w - pad_w, w_col, mask_n,
-                            None, None,
-                            Cg, H, W, dil_h, dil_w, stride_xc, stride_xh, stride_xw, stride_wc, stride_wr, stride_ws,
-                            R, S, PADDED, FLAT_K, C_PAD, C_DIVISOR % BLOCK_K == 0, ROWS, ROW_PAD, FLAT_LOOP, DOT_FP32,
-                            INPUT_PRECISION, BLOCK_K)
+                            None, None, Cg, (H, W), (dil_h, dil_w), (stride_xc, stride_xh, stride_xw),
+                            (stride_wc, stride_wr, stride_ws), R, S, PADDED, FLAT_K, C_PAD, C_DIVISOR % BLOCK_K == 0,
+                            ROWS, ROW_PAD, FLAT_LOOP, DOT_FP32, INPUT_PRECISION, BLOCK_K)
         # NaN wins, as in torch's max pooling.
         best = tl.maximum(best, acc, propagate_nan=tl.PropagateNan.ALL)
 

@@ -270,9 +270,11 @@ def conv_tile(
     mask_n,  # (BLOCK_N,) valid output channels
     first,  # FLAT_LOOP: the trips first .. last - 1 of the loop over (tap, channel block), of
     last,  # R * S * cdiv(Cg, BLOCK_K) (split_range); None: all. The other schedules run them all
-    Cg, H, W, dil_h, dil_w,
-    stride_xc, stride_xh, stride_xw,
-    stride_wc, stride_wr, stride_ws,
+    Cg,
+    map_hw,  # (H, W) of the input map
+    dilation,  # (dil_h, dil_w)
+    x_strides,  # (stride_xc, stride_xh, stride_xw)
+    w_strides,  # (stride_wc, stride_wr, stride_ws)
     R: tl.constexpr,
     S: tl.constexpr,
     PADDED: tl.constexpr,
@@ -300,6 +302,10 @@ def conv_tile(
                software-pipelines the loads of the next taps behind the current dot.
     otherwise  a loop over channel blocks inside an unrolled loop over the R*S taps.
     """
+    H, W = map_hw
+    dil_h, dil_w = dilation
+    stride_xc, stride_xh, stride_xw = x_strides
+    stride_wc, stride_wr, stride_ws = w_strides
     offs_k = tl.arange(0, BLOCK_K)
     if FLAT_K and ROWS:
         # Each row's window start, once; a filter row adds a scalar offset to it.
