@@ -103,9 +103,9 @@ def _conv2d_bias_act_kernel(
         mask_m, mask_n, n, p, q, k_glob, p0, q0, k0 = output_box(M, Kg, P, Q, BLOCK_M // BOX_W, BOX_W, BLOCK_N,
                                                                   GROUP_M)
         m = (n * P + p) * Q + q  # each row's output pixel (masked where the box passes the map)
-        acc = box_tile(acc, x_ptr, w_ptr, n, p0 * BOX_STRIDE - pad_h, q0 * BOX_STRIDE - pad_w, k0, M // (P * Q), H, W,
-                       Cg, Kg, dil_h, dil_w, stride_xn, stride_xh, stride_xw, stride_wk, R, S, BOX_STRIDE,
-                       even_c, DOT_FP32, INPUT_PRECISION, BLOCK_M // BOX_W, BOX_W, BLOCK_N, BLOCK_K)
+        acc = box_tile(acc, x_ptr, w_ptr, n, p0 * BOX_STRIDE - pad_h, q0 * BOX_STRIDE - pad_w, k0,
+                       (M // (P * Q), H, W), Cg, Kg, (dil_h, dil_w), (stride_xn, stride_xh, stride_xw), stride_wk,
+                       R, S, BOX_STRIDE, even_c, DOT_FP32, INPUT_PRECISION, BLOCK_M // BOX_W, BOX_W, BLOCK_N, BLOCK_K)
     else:
         m, mask_n, n, p, q, group, k_glob = output_tile(M, Kg, P, Q, BLOCK_M, BLOCK_N, GROUP_M)
         mask_m = m < M

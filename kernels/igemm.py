@@ -401,8 +401,7 @@ def dense_tile(acc, x_ptr, w_ptr, M, N, Cg, stride_xm, stride_wn, pid_m, pid_n, 
 
 
 @triton.jit
-def box_tile(acc, x_ptr, w_ptr, n, h0, w0, k0, N, H, W, Cg, Kg, dil_h, dil_w,
-             stride_xn, stride_xh, stride_xw, stride_wk,
+def box_tile(acc, x_ptr, w_ptr, n, h0, w0, k0, x_shape, Cg, Kg, dilation, x_strides, stride_wk,
              R: tl.constexpr, S: tl.constexpr, STRIDE: tl.constexpr, EVEN_C: tl.constexpr, DOT_FP32: tl.constexpr,
              INPUT_PRECISION: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr):
@@ -423,6 +422,9 @@ def box_tile(acc, x_ptr, w_ptr, n, h0, w0, k0, N, H, W, Cg, Kg, dil_h, dil_w,
     from registers unless it comes straight from a load, and the box, as loaded, must be reshaped
     to (BOX_H * BOX_W, BLOCK_K). As the B operand it stays in shared memory, reshaped and
     transposed there as a view, and the weight block, 2-D as loaded, is A."""
+    N, H, W = x_shape  # x (N, H, W, C) in memory: its images, rows and columns
+    dil_h, dil_w = dilation
+    stride_xn, stride_xh, stride_xw = x_strides
     if STRIDE == 1:
         x_desc = tl.make_tensor_descriptor(x_ptr, shape=[N, H, W, Cg], strides=[stride_xn, stride_xh, stride_xw, 1],
                                            block_shape=[1, BOX_H, BOX_W, BLOCK_K])
