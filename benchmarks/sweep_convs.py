@@ -212,7 +212,7 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     if not flat_k:
         # Split-K where the tiles leave most SMs idle (small batches): each gathered config again, split.
         c_sc = 0 if layer.shortcut_weight is None else layer.shortcut_weight.shape[1]
-        variant = igemm.split_variant(m, kg, layer.groups, igemm.loop_trips(rr * ss, cg, c_sc), sms)
+        variant = configs.split_variant(m, kg, layer.groups, igemm.loop_trips(rr * ss, cg, c_sc), sms)
         split = [v for c in chosen if c["FLAT_LOOP"] == 1 and c["USE_TMA"] == 0 and (v := variant(c)) is not None]
     if box_schedule(x, layer.weight, layer.stride, layer.groups):
         # Box tiles through descriptors: each pipelined pointer config again, as the box that fits the map best.

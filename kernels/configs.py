@@ -255,6 +255,29 @@ def split_k(tiles: int, trips: int, sms: int) -> int:
     return max(1, min(trips // MIN_SPLIT_TRIPS, triton.cdiv(sms, tiles)))
 
 
+def split_variant(m, n, groups, trips, sms):
+    """How a config of a GEMM-shaped launch over m rows and n columns (per group) runs split-K: the
+    config with SPLIT_K (split_k), or None where its tiles fill the GPU's `sms` well enough unsplit.
+    `trips(config)` is its main loop's trips. (Each split runs at least MIN_SPLIT_TRIPS of them, so
+    no config's stages outnumber what its stretch fills.)"""
+    def variant(config):
+        tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]) * groups
+        ways = split_k(tiles, trips(config), sms)
+        return {**config, "SPLIT_K": ways} if ways > 1 else None
+
+    return variant
+
+
+def with_variants(candidates, *variants):
+    """The first call's candidates with the first two also as each `variant(config)` (split-K, box
+    tiles, the dense GEMM through descriptors; None: that one does not fit), timed first; at most
+    four. Compiled for an H100, at the same tile, box tiles issue about half the instructions per
+    tensor-core cycle of the gathered loop (3x3, 128x64x64: 86 against 177), the dense 1x1 two
+    thirds (84 against 126)."""
+    found = [v for variant in variants for v in map(variant, candidates[:2]) if v is not None]
+    return (found + candidates)[:4]
+
+
 # The sweep's wider lists (benchmarks/sweep_convs.py): PyTorch Inductor's conv configs and the
 # Triton Hopper matmul tutorial's, as (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); fp32 has its own.
 SWEEP_16BIT = [
@@ -313,15 +336,10 @@ def head_candidates(images: int, classes: int, channels: int, pixels: int, eleme
                   "BLOCK_HW": min(hw, cap_hw)}
         if config not in kept:
             kept.append(config)
-
-    def split(config):
-        tiles = triton.cdiv(images, config["BLOCK_M"]) * triton.cdiv(classes, config["BLOCK_N"])
-        return {**config, "SPLIT_K": split_k(tiles, triton.cdiv(channels, config["BLOCK_K"]), sms)}
-
-    splits = [c for c in map(split, kept if sweep else kept[:2]) if c["SPLIT_K"] > 1]
-    if not splits or (not sweep and split(kept[0])["SPLIT_K"] == 1):
-        return kept
-    return kept + splits if sweep else (splits + kept)[:4]
+    split = split_variant(images, classes, 1, lambda c: triton.cdiv(channels, c["BLOCK_K"]), sms)
+    if sweep:
+        return kept + [v for v in map(split, kept) if v is not None]
+    return kept if split(kept[0]) is None else with_variants(kept, split)
 
 
 def head_interpreter(images: int, classes: int, channels: int, pixels: int) -> dict:

@@ -628,16 +628,6 @@ def dense_variant(config):
     return {**config, "USE_TMA": 1}
 
 
-def with_variants(candidates, *variants):
-    """The first call's candidates with the first two also as each `variant(config)` (split-K, box
-    tiles, the dense GEMM through descriptors; None: that one does not fit), timed first; at most
-    four. Compiled for an H100, at the same tile, box tiles issue about half the instructions per
-    tensor-core cycle of the gathered loop (3x3, 128x64x64: 86 against 177), the dense 1x1 two
-    thirds (84 against 126)."""
-    found = [v for variant in variants for v in map(variant, candidates[:2]) if v is not None]
-    return (found + candidates)[:4]
-
-
 def loop_trips(taps, channels, shortcut_channels=0):
     """trips(config): the trips of a gathered conv's main loop, taps x channel blocks, and of its
     projection shortcut's channel blocks after them, as split-K divides them."""
@@ -645,21 +635,6 @@ def loop_trips(taps, channels, shortcut_channels=0):
         return taps * triton.cdiv(channels, config["BLOCK_K"]) + triton.cdiv(shortcut_channels, config["BLOCK_K"])
 
     return trips
-
-
-def split_variant(m, kg, groups, trips, sms):
-    """How a config of a gathered conv over M = m output rows, kg output channels a group, runs
-    split-K (configs.split_k): the config with SPLIT_K (and no more stages than its stretch of the
-    loop fills), or None where its tiles fill the GPU's `sms` well enough unsplit. `trips(config)`
-    is the main loop's trips."""
-    def variant(config):
-        tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(kg, config["BLOCK_N"]) * groups
-        ways = configs.split_k(tiles, trips(config), sms)
-        if ways == 1:
-            return None
-        return configs.cap_stages([{**config, "SPLIT_K": ways}], lambda c: triton.cdiv(trips(c), ways))[0]
-
-    return variant
 
 
 def split_scratch(grid):
@@ -966,7 +941,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     variants = []
     if split and not flat_k:
         sms = multiprocessors(x.device.index or 0) if x.is_cuda else configs.H100_SMS
-        split_k = split_variant(m, kg, groups, loop_trips(r * s, cg, extra_reduction), sms)
+        split_k = configs.split_variant(m, kg, groups, loop_trips(r * s, cg, extra_reduction), sms)
         if split_k(candidates[0]) is not None:  # the layer's tiles are few even at the first candidate's size
             variants.append(split_k)
     if boxes:
@@ -975,7 +950,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
         variants.append(dense_variant)
     return backend.KernelLaunch(kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable, op=name,
                                 key=configs.shape_key(groups=groups, bias=bias is not None, **sizes),
-                                candidates=with_variants(candidates, *variants), scratch=scratch)
+                                candidates=configs.with_variants(candidates, *variants), scratch=scratch)
 
 
 def gather_layout(x):

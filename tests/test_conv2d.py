@@ -294,7 +294,8 @@ def test_box_schedule_only_for_dense_stride_1_convs():
 
 def test_first_call_candidates_take_box_tiles_where_boxes_fit_the_map():
     from fused_resnet.kernels import configs
-    from fused_resnet.kernels.igemm import box_variant, box_width, dense_variant, with_variants
+    from fused_resnet.kernels.configs import with_variants
+    from fused_resnet.kernels.igemm import box_variant, box_width, dense_variant
 
     switches = {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0}
     for p, expect_boxed in ((56, 2), (28, 2), (14, 2), (7, 1)):
