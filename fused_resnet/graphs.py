@@ -5,10 +5,13 @@ spends per layer (argument handling, launches) disappears: at small batch that i
 time. `fuse(model, cuda_graph=True)` wraps the fused model in a CUDAGraphModule; any module works.
 """
 
+import contextlib
+
 import torch
 from torch import nn
 
 from . import kernels
+from .kernels.backend import CaptureCounts
 
 
 class CUDAGraphModule(nn.Module):
@@ -19,7 +22,8 @@ class CUDAGraphModule(nn.Module):
     compilation and lazy initialisation must not happen during capture), captures one forward
     with a static input buffer, then replays it; later calls copy x into that buffer and replay.
     Graphs of one module share a memory pool, and at most `max_graphs` are kept (the oldest
-    goes).
+    goes). The counters of split-K launches are zeroed once, before capture, for each graph
+    (kernels.backend.CaptureCounts), rather than by a memset in the graph at each replay.
 
     What a call returns: by default a new tensor, a copy of the graph's output, which stays valid
     whatever happens next. With `copy_output=False` it is the graph's own output buffer: no copy,
@@ -52,7 +56,7 @@ class CUDAGraphModule(nn.Module):
             if len(self._graphs) >= self.max_graphs:
                 del self._graphs[next(iter(self._graphs))]
             self._graphs[key] = entry
-        static_x, graph, static_out = entry
+        static_x, graph, static_out, _ = entry
         static_x.copy_(x)
         graph.replay()
         return static_out.clone() if self.copy_output else static_out
@@ -62,16 +66,18 @@ class CUDAGraphModule(nn.Module):
         static_x = x.clone()
         stream = torch.cuda.Stream(device=x.device)
         stream.wait_stream(torch.cuda.current_stream(x.device))
+        counts = CaptureCounts()  # split-K's counters, zeroed once for the graph (kept with it)
         with torch.cuda.stream(stream):
-            for _ in range(self.warmup):
-                self.module(static_x)
+            for i in range(self.warmup):
+                with counts.measuring() if i == self.warmup - 1 else contextlib.nullcontext():
+                    self.module(static_x)
         torch.cuda.current_stream(x.device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with counts.serving(x.device), torch.cuda.graph(graph, pool=self._pool):
             static_out = self.module(static_x)
-        return static_x, graph, static_out
+        return static_x, graph, static_out, counts
 
     def _apply(self, fn, *args, **kwargs):
         self._graphs = {}  # the captured graphs hold the old tensors' addresses

@@ -185,9 +185,10 @@ class KernelLaunch:
     fastest of `candidates` timed on the first call's own tensors (stored for later processes),
     or under tracing, where nothing can be timed, the first candidate. From then on every launch
     uses it. With `traceable`, launches go through wrap_triton, as they must inside a registered
-    op that torch.compile traces. `scratch(config, like)`, if given, returns the tensors a launch
-    with that config takes after the call's own (working memory such as split-K's partial tiles;
-    None for those it does not use), on the device of tensor `like`.
+    op that torch.compile traces. `scratch(config)`, if given, says what a launch with that config
+    takes after the call's own tensors: a function of the first tensor that returns them (working
+    memory such as split-K's partial tiles, on that tensor's device; None for those it does not
+    use).
 
     A compiled launch through `kernel[grid](...)` costs Triton's per-call work: it binds and
     specializes every one of the kernel's (about 50) arguments, hashes a cache key and looks the
@@ -210,7 +211,7 @@ class KernelLaunch:
         self.direct = None  # (compiled[grid], the arguments after the tensors, alignment), or False
 
     def _bind(self, config):
-        self.chosen = config
+        self.take_scratch = None if self.scratch is None else self.scratch(config)
         kernel, kwargs = self.kernel, {**self.args, **config}
         if self.traceable:
             if "num_warps" in config:  # a traced launch takes warps and stages from a one-config autotuner
@@ -226,8 +227,8 @@ class KernelLaunch:
         if self.bound is None:
             self.bound = self._bind(self._choose(tensors))
         kernel, grid, kwargs = self.bound
-        if self.scratch is not None:
-            tensors = tensors + self.scratch(self.chosen, tensors[0])
+        if self.take_scratch is not None:
+            tensors = tensors + self.take_scratch(tensors[0])
         if not self.on_cuda:
             check_interpreter()
             with _interpreter_lock:
@@ -264,30 +265,98 @@ class KernelLaunch:
 
     def _time(self, config, tensors):
         if self.scratch is not None:
-            tensors = tensors + self.scratch(config, tensors[0])
+            tensors = tensors + self.scratch(config)(tensors[0])
         kwargs = {**self.args, **config}
         grid = self.grid(config)
         return triton.testing.do_bench(lambda: self.kernel[grid](*tensors, **kwargs), warmup=5, rep=20,
                                        return_mode="median")
 
 
-# Zeroed int32 counters per (device, stream), which the kernels that take them leave zero again.
-_counts = {}
+# Scratch that launches on one stream reuse, per (device, stream, dtype): launches on one stream
+# run one after another (on two, at once). The int32 ones are counters the kernels leave zero again.
+_per_stream = {}
+
+# The CaptureCounts of the CUDA graph being warmed up or captured, if any.
+_capture_counts = contextvars.ContextVar("fused_resnet_capture_counts", default=None)
+
+
+def _stream_buffer(like, n, dtype):
+    """At least n elements of `dtype`, zero when first made, kept for like's device and current
+    stream; None where nothing may be kept (a CPU, tracing, graph capture)."""
+    if not like.is_cuda or is_fake(like) or torch.cuda.is_current_stream_capturing():
+        return None
+    key = (like.device.index, torch.cuda.current_stream(like.device).cuda_stream, dtype)
+    buffer = _per_stream.get(key)
+    if buffer is None or buffer.numel() < n:
+        buffer = _per_stream[key] = torch.zeros(max(n, 1024), dtype=dtype, device=like.device)
+    return buffer
+
+
+def working_memory(like: torch.Tensor, n: int) -> torch.Tensor:
+    """n fp32 elements (at least) of working memory on like's device, whose contents do not
+    matter, such as split-K's partial tiles: kept per stream on CUDA, else new."""
+    kept = _stream_buffer(like, n, torch.float32)
+    return torch.empty(n, dtype=torch.float32, device=like.device) if kept is None else kept
 
 
 def zeroed_counts(like: torch.Tensor, n: int) -> torch.Tensor:
     """n int32 counters, zero, on `like`'s device, for a kernel that counts in them (split_sum) and
-    sets them back to zero before it ends. On CUDA outside graph capture they are kept per stream
-    and reused (launches on one stream run one after another; on two, at once): no kernel zeroes
-    them per launch. Under graph capture, tracing or on a CPU, each call gets new zeros, which a
-    captured graph owns and zeroes per replay."""
-    if not like.is_cuda or is_fake(like) or torch.cuda.is_current_stream_capturing():
-        return torch.zeros(n, dtype=torch.int32, device=like.device)
-    key = (like.device.index, torch.cuda.current_stream(like.device).cuda_stream)
-    counts = _counts.get(key)
-    if counts is None or counts.numel() < n:
-        counts = _counts[key] = torch.zeros(max(n, 1024), dtype=torch.int32, device=like.device)
-    return counts
+    sets them back to zero before it ends. On CUDA they are kept per stream and reused, so no
+    kernel zeroes them per launch. While a CUDA graph module captures, they are its CaptureCounts'
+    slices. Otherwise (under another capture, tracing, on a CPU) each call gets new zeros; a
+    captured graph owns those and zeroes them at each replay, one memset a launch."""
+    capture = _capture_counts.get()
+    counts = None if capture is None else capture.take(like, n)
+    if counts is None:
+        counts = _stream_buffer(like, n, torch.int32)
+    return torch.zeros(n, dtype=torch.int32, device=like.device) if counts is None else counts
+
+
+class CaptureCounts:
+    """The zeroed counters of one CUDA graph's launches, made before its capture.
+
+    Under capture zeroed_counts could only take new zeros, which the graph zeroes again at every
+    replay: one memset node a split-K launch. Instead, the warm-up run just before capture goes
+    under `measuring()`, which adds up the counters its launches take; `serving(device)` makes
+    that many zeros, before capture begins, and hands each launch captured under it a slice of
+    its own (16-byte aligned, as the warm-up's were, so the compiled kernels fit). The kernels
+    leave their counters zero, so each slice is zero again for the next replay. Keep this object
+    as long as the graph: the graph reads its buffer. A launch the warm-up did not see, once the
+    buffer is spent, falls back to new zeros.
+    """
+
+    def __init__(self):
+        self.size, self.taken, self.buffer = 0, 0, None
+
+    @contextlib.contextmanager
+    def measuring(self):
+        self.size, self.buffer = 0, None
+        token = _capture_counts.set(self)
+        try:
+            yield self
+        finally:
+            _capture_counts.reset(token)
+
+    @contextlib.contextmanager
+    def serving(self, device):
+        self.buffer, self.taken = torch.zeros(self.size, dtype=torch.int32, device=device), 0
+        token = _capture_counts.set(self)
+        try:
+            yield self
+        finally:
+            _capture_counts.reset(token)
+
+    def take(self, like, n):
+        """A slice of n counters while serving (None once they run out, or on another device);
+        while measuring, None after counting n."""
+        aligned = -(-n // 4) * 4  # whole 16-byte words, so that every slice starts aligned
+        if self.buffer is None:
+            self.size += aligned
+            return None
+        if self.buffer.device != like.device or self.taken + n > self.buffer.numel():
+            return None
+        self.taken += aligned
+        return self.buffer[self.taken - aligned:self.taken - aligned + n]
 
 
 def _alignment(tensors):

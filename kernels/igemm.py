@@ -640,16 +640,15 @@ def loop_trips(taps, channels, shortcut_channels=0):
 def split_scratch(grid):
     """A KernelLaunch's scratch for kernels that may split K (split_sum): for a config with
     SPLIT_K > 1, the partial tiles (fp32, SPLIT_K a program's output tile) and the zeroed arrival
-    counts (one an output tile); else (None, None)."""
-    def scratch(config, like):
+    counts (one an output tile); else (None, None). The sizes are worked out once a config."""
+    def scratch(config):
         ways = config.get("SPLIT_K", 1)
         if ways == 1:
-            return None, None
+            return lambda like: (None, None)
         tiles = grid(config)
         tiles = tiles[0] * tiles[1]
-        partial = torch.empty(tiles * ways * config["BLOCK_M"] * config["BLOCK_N"], dtype=torch.float32,
-                              device=like.device)
-        return partial, backend.zeroed_counts(like, tiles)
+        partials = tiles * ways * config["BLOCK_M"] * config["BLOCK_N"]
+        return lambda like: (backend.working_memory(like, partials), backend.zeroed_counts(like, tiles))
 
     return scratch
 

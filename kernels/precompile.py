@@ -83,7 +83,7 @@ class _Session:
         fn = getattr(launch.kernel, "fn", launch.kernel)
         kernel = (fn.__module__, fn.__name__)
         for config in chosen:
-            scratch = () if launch.scratch is None else launch.scratch(config, like)
+            scratch = () if launch.scratch is None else launch.scratch(config)(like)
             args = tuple(("none",) if t is None else ("tensor", t.dtype, t.data_ptr() % 16 == 0)
                          for t in (*tensors, *scratch))
             job = CompileJob(launch.op, launch.key, dict(config), kernel, args, dict(launch.args), capability)

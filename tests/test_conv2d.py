@@ -195,6 +195,38 @@ def test_split_k_keeps_nan_and_the_order_of_its_sum(monkeypatch):
     assert out[0, :, 1:4, 1:4].isnan().all() and not out[0, :, 0].isnan().any()
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's split-K switch")
+def test_capture_counts_give_each_launch_its_own_zeroed_slice(monkeypatch):
+    # What a CUDA graph module does around capture: the warm-up run measures the counts its
+    # launches take; serving then hands each launch a 16-byte-aligned slice of one zeroed buffer,
+    # which the kernels leave zero, and once that is spent, new zeros again.
+    from fused_resnet.kernels import igemm
+    from fused_resnet.kernels.backend import CaptureCounts
+
+    monkeypatch.setattr(igemm, "INTERPRETER_SPLIT_K", 3)
+    cases = [make_case(1, 48, 5, 5, 40, 3, 3), make_case(2, 32, 3, 3, 24, 1, 1)]
+    expected = [kernels.conv2d_bias_act(x, w, b, padding=w.shape[2] // 2, relu=True) for x, w, b in cases]
+    counts = CaptureCounts()
+
+    def run():
+        for (x, w, b), exp in zip(cases, expected):
+            assert torch.equal(kernels.conv2d_bias_act(x, w, b, padding=w.shape[2] // 2, relu=True), exp)
+
+    with counts.measuring():
+        run()
+    assert counts.buffer is None
+    taken = results_of(monkeypatch, counts, "take")
+    with counts.serving(torch.device("cpu")):
+        run()
+    assert len(taken) == 2 and counts.size == sum(-(-t.numel() // 4) * 4 for t in taken) == counts.taken
+    assert all(t.data_ptr() % 16 == 0 for t in taken) and taken[0].data_ptr() != taken[1].data_ptr()
+    assert not counts.buffer.any()
+    with counts.serving(torch.device("cpu")):
+        run()
+        run()  # the buffer is spent: the second run's launches get new zeros
+    assert [t is None for t in taken[2:]] == [False, False, True, True]
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter's descriptor switch")
 def test_dense_1x1_takes_misaligned_and_strided_inputs(monkeypatch):
     from fused_resnet.kernels import igemm
@@ -671,6 +703,33 @@ def test_split_k_compiled(dtype):
     exp = torch.relu(conv_expected(x, weight, bias, 1, 0, 1, 1, None, False)
                      + F.conv2d(shortcut_in.cpu().double(), shortcut_w.cpu().double(), None, 2))
     assert_close(out, exp, rtol=TOL[dtype], atol=TOL[dtype] * exp.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_split_k_in_a_cuda_graph_module():
+    # A CUDAGraphModule's split-K launches count in slices of one buffer zeroed before capture
+    # (CaptureCounts): every replay leaves them zero and gives the eager launches' bits.
+    from fused_resnet.kernels import configs
+    from torch import nn
+
+    from fused_resnet import CUDAGraphModule
+
+    x, weight, bias = make_case(1, 512, 7, 7, 512, 3, 3, 1, torch.float16)
+
+    class TwoConvs(nn.Module):
+        def forward(self, t):
+            y = kernels.conv2d_bias_act(t, weight, bias, 1, 1, relu=True)
+            return kernels.conv2d_bias_act(y, weight, bias, 1, 1, residual=t, relu=True)
+
+    split = {**VARIANT_TILES, "BLOCK_K": 64, "FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0, "SPLIT_K": 17}
+    with configs.override(split) as asked:
+        expected = TwoConvs()(x)
+        graphed = CUDAGraphModule(TwoConvs())
+        for _ in range(3):
+            assert torch.equal(graphed(x), expected)
+    assert asked
+    (*_, counts), = graphed._graphs.values()
+    assert counts.taken == counts.size > 0 and not counts.buffer.any()
 
 
 @pytest.mark.gpu
