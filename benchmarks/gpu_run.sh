@@ -36,7 +36,7 @@ tag="$(date -u +%F)-$gpu"
 case "$stage" in
   check)
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-    timeout 540 python3 -m pytest -m "gpu and not slow" -q -p no:cacheprovider -rf \
+    timeout 540 python3 -m pytest -m "gpu and not slow" -v --durations=10 -p no:cacheprovider -rf \
       --junitxml "$out/$tag-gpu-tests.xml" 2>&1 | tail -40
     ;;
   archs16|archs32)

@@ -12,6 +12,7 @@ from torch import nn
 
 from . import kernels
 from .kernels.backend import CaptureCounts
+from .modules import PlannedLayer, warmup
 
 
 class CUDAGraphModule(nn.Module):
@@ -19,7 +20,9 @@ class CUDAGraphModule(nn.Module):
     device and the kernels backend in force).
 
     The first call with a new signature runs the module a few times on a side stream (autotuning,
-    compilation and lazy initialisation must not happen during capture), captures one forward
+    compilation and lazy initialisation must not happen during capture; a module that holds fused
+    layers is first warmed up by fused_resnet.warmup, which compiles their kernels in
+    parallel), captures one forward
     with a static input buffer, then replays it; later calls copy x into that buffer and replay.
     Graphs of one module share a memory pool, and at most `max_graphs` are kept (the oldest
     goes). The counters of split-K launches are zeroed once, before capture, for each graph
@@ -64,6 +67,8 @@ class CUDAGraphModule(nn.Module):
     @torch.no_grad()
     def _capture(self, x):
         static_x = x.clone()
+        if any(isinstance(m, PlannedLayer) for m in self.module.modules()):
+            warmup(self.module, static_x)
         stream = torch.cuda.Stream(device=x.device)
         stream.wait_stream(torch.cuda.current_stream(x.device))
         counts = CaptureCounts()  # split-K's counters, zeroed once for the graph (kept with it)

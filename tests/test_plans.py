@@ -251,22 +251,24 @@ def test_cuda_graph_module_runs_the_module_on_a_cpu():
 
 
 @pytest.mark.gpu
-def test_cuda_graph_replays_the_fused_model():
+def test_cuda_graph_replays_the_fused_model(monkeypatch):
     import torchvision
+    from conftest import results_of
 
-    from fused_resnet import CUDAGraphModule, fuse
+    from fused_resnet import CUDAGraphModule, fuse, graphs
     from fused_resnet.validate import synthetic_batchnorm
 
+    warmed = results_of(monkeypatch, graphs, "warmup")
     model = synthetic_batchnorm(torchvision.models.resnet18(num_classes=10), size=32)
     fused = fuse(model, dtype=torch.float16).cuda()
     graphed = CUDAGraphModule(fused)
     shared = CUDAGraphModule(fused, copy_output=False)
     x1, x2 = (torch.randn(4, 3, 64, 64, device="cuda", dtype=torch.float16) for _ in range(2))
     with torch.no_grad():
-        expected1, expected2 = fused(x1), fused(x2)
-        out1 = graphed(x1)
+        out1 = graphed(x1)  # compiled in parallel (fused_resnet.warmup), then captured
         out2 = graphed(x2)
-        assert len(graphed._graphs) == 1  # one signature, one graph
+        assert len(graphed._graphs) == 1 and len(warmed) == 1  # one signature, one warm-up, one graph
+        expected1, expected2 = fused(x1), fused(x2)
         torch.testing.assert_close(out1, expected1, rtol=0, atol=0)  # the copy survived the second call
         torch.testing.assert_close(out2, expected2, rtol=0, atol=0)
         first = shared(x1)
