@@ -22,6 +22,8 @@ import triton
 import triton.testing
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import wrap_triton
+from triton.compiler.errors import CompileTimeAssertionFailure
+from triton.runtime.errors import OutOfResources, PTXASError
 
 from . import configs, precompile
 
@@ -259,7 +261,16 @@ class KernelLaunch:
             return found
         if any(is_fake(t) for t in tensors if isinstance(t, torch.Tensor)):
             return self.candidates[0]  # tracing: nothing to time; the real first call tunes
-        best = min(self.candidates, key=lambda config: self._time(config, tensors))
+        timed, unfit = [], []
+        for config in self.candidates:
+            try:
+                timed.append((self._time(config, tensors), config))
+            except _UNFIT as err:  # more shared memory or registers than this GPU has, say: skipped
+                unfit.append(err)
+        if not timed:
+            raise RuntimeError(f"{self.op}: none of the {len(self.candidates)} candidate configs for {self.key} "
+                               f"compiles for this GPU; the first error: {unfit[0]}") from unfit[0]
+        best = min(timed, key=lambda pair: pair[0])[1]  # the first of the fastest, as min() gives
         configs.remember(*entry, best)
         return best
 
@@ -357,6 +368,11 @@ class CaptureCounts:
             return None
         self.taken += aligned
         return self.buffer[self.taken - aligned:self.taken - aligned + n]
+
+
+# What a candidate config that this GPU cannot run raises, at compile time or launch (as Triton's
+# own autotuner skips them): the first call's tuning passes over it.
+_UNFIT = (OutOfResources, CompileTimeAssertionFailure, PTXASError)
 
 
 def _alignment(tensors):

@@ -138,7 +138,10 @@ def launch_of(key, timings, monkeypatch):
 
     def fake_time(self, config, tensors):
         timed.append(config["BLOCK_SIZE"])
-        return timings[config["BLOCK_SIZE"]]
+        timing = timings[config["BLOCK_SIZE"]]
+        if isinstance(timing, Exception):
+            raise timing
+        return timing
 
     monkeypatch.setattr(backend.KernelLaunch, "_time", fake_time)
     launch = backend.KernelLaunch(
@@ -176,6 +179,26 @@ def test_a_miss_times_the_candidates_once_and_caches_the_fastest(fresh, monkeypa
     again, timed_again = launch_of("new-layer", {128: 3.0, 256: 1.0, 1024: 2.0}, monkeypatch)
     run_launch(again)
     assert timed_again == [] and again.bound[2]["BLOCK_SIZE"] == 256
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreted launches with a made-up GPU name")
+def test_the_first_call_passes_over_candidates_the_gpu_cannot_run(fresh, monkeypatch):
+    from triton.compiler.errors import CompileTimeAssertionFailure
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    too_big = OutOfResources(232448, 227 * 1024, "shared memory")
+    launch, timed = launch_of("unfit", {128: too_big, 256: 2.0, 1024: PTXASError("ptxas failed")}, monkeypatch)
+    run_launch(launch)
+    assert sorted(timed) == [128, 256, 1024] and launch.bound[2]["BLOCK_SIZE"] == 256
+    assert configs.lookup(*launch.table_entry(torch.empty(1), "H100"))["BLOCK_SIZE"] == 256  # remembered
+    none_fit, _ = launch_of("none-fit", {128: too_big, 256: CompileTimeAssertionFailure(None, None, "no")},
+                            monkeypatch)
+    with pytest.raises(RuntimeError, match="none of the 2 candidate configs for none-fit compiles") as raised:
+        run_launch(none_fit)
+    assert raised.value.__cause__ is too_big
+    broken, _ = launch_of("broken", {128: 1.0, 256: RuntimeError("an illegal memory access")}, monkeypatch)
+    with pytest.raises(RuntimeError, match="illegal memory access"):  # a fault is not a misfit: it surfaces
+        run_launch(broken)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="interpreted launches with a made-up GPU name")
