@@ -190,7 +190,10 @@ class KernelLaunch:
     op that torch.compile traces. `scratch(config)`, if given, says what a launch with that config
     takes after the call's own tensors: a function of the first tensor that returns them (working
     memory such as split-K's partial tiles, on that tensor's device; None for those it does not
-    use).
+    use). With `descriptors` (some config reads through in-kernel tensor descriptors), each launch
+    first makes sure Triton has an allocator in the launching context (ensure_allocator). A
+    launch whose tensors are on another GPU than the current one runs with theirs made current,
+    as Triton launches on the current GPU.
 
     A compiled launch through `kernel[grid](...)` costs Triton's per-call work: it binds and
     specializes every one of the kernel's (about 50) arguments, hashes a cache key and looks the
@@ -202,9 +205,10 @@ class KernelLaunch:
     """
 
     def __init__(self, kernel, grid, args, *, on_cuda, config=None, traceable=False, op="", key="", candidates=(),
-                 scratch=None):
+                 scratch=None, descriptors=False):
         self.kernel, self.grid, self.args = kernel, grid, args
         self.scratch = scratch
+        self.descriptors = descriptors
         self.on_cuda = on_cuda
         self.traceable = traceable
         self.op, self.key, self.candidates = op, key, list(candidates)
@@ -226,6 +230,16 @@ class KernelLaunch:
         if compiling is not None:  # inside precompile.compile_only: record, launch nothing
             compiling.record(self, tensors)
             return
+        if self.descriptors:
+            ensure_allocator()
+        if self.on_cuda:
+            device = tensors[0].get_device()  # (-1 for the CPU tensors of tests' stand-in kernels)
+            if device >= 0 and device != torch.cuda.current_device():  # Triton launches on the current one
+                with torch.cuda.device(device):
+                    return self._launch(tensors)
+        return self._launch(tensors)
+
+    def _launch(self, tensors):
         if self.bound is None:
             self.bound = self._bind(self._choose(tensors))
         kernel, grid, kwargs = self.bound
@@ -368,6 +382,25 @@ class CaptureCounts:
             return None
         self.taken += aligned
         return self.buffer[self.taken - aligned:self.taken - aligned + n]
+
+
+# Whether this context has given Triton our allocator (Triton keeps its allocator in a ContextVar:
+# each thread starts without one).
+_allocator_given = contextvars.ContextVar("fused_resnet_triton_allocator", default=False)
+
+
+def ensure_allocator():
+    """Give Triton, in the calling context, the allocator that in-kernel tensor descriptors take
+    their scratch memory from (on the current device), unless this context has it already. Each
+    launch of a kernel that may read through descriptors calls this, so a plan built in one thread
+    launches in any other."""
+    if not _allocator_given.get():
+        triton.set_allocator(_allocate)
+        _allocator_given.set(True)
+
+
+def _allocate(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 # What a candidate config that this GPU cannot run raises, at compile time or launch (as Triton's

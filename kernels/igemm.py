@@ -822,20 +822,6 @@ def kernel_operands(x, weight, stride, padding, dilation, groups, out_hw, margin
     return to_layout, x, weight, groups, stride, padding, rows
 
 
-_allocator_set = False
-
-
-def _ensure_descriptor_allocator():
-    """In-kernel tensor descriptors need scratch memory from an allocator Triton is given once."""
-    global _allocator_set
-    if not _allocator_set:
-        def alloc(size, alignment, stream):
-            return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
-
-        triton.set_allocator(alloc)
-        _allocator_set = True
-
-
 def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, dilation, groups, relu, *,
                 extra_reduction=0, traceable=False, dense=None, boxes=None, rows=False, split=False,
                 max_acc_per_thread=configs.MAX_ACC_PER_THREAD, shared_bytes=None, **extra):
@@ -904,15 +890,12 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
                   "ROWS": int(rows and INTERPRETER_ROWS)}
         if dense is not None:
             config["USE_TMA"] = int(bool(dense and INTERPRETER_TMA))
-            if config["USE_TMA"]:
-                _ensure_descriptor_allocator()
         if boxes and INTERPRETER_BOX_W:
             config["BOX_W"] = min(INTERPRETER_BOX_W, config["BLOCK_M"])
-            _ensure_descriptor_allocator()
         if split and not flat_k and config["FLAT_LOOP"] and not config.get("BOX_W") and not config.get("USE_TMA"):
             config["SPLIT_K"] = INTERPRETER_SPLIT_K
         return backend.KernelLaunch(kernel, grid, args, on_cuda=False, traceable=traceable, config=config,
-                                    scratch=scratch)
+                                    scratch=scratch, descriptors=bool(config.get("USE_TMA") or config.get("BOX_W")))
     # The key: every size and flag of the launch (the batch only through M, bucketed), no strides.
     # (ROWS and BOX_W in args are the defaults of config switches, which the config overrides.)
     sizes = {k: v for k, v in args.items()
@@ -921,13 +904,9 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     if dense is not None:
         sizes["dense"] = bool(dense)  # a config that reads through descriptors fits dense layouts only
         switches["USE_TMA"] = 0
-        if dense:
-            _ensure_descriptor_allocator()
     if boxes is not None:
         sizes["boxes"] = bool(boxes)  # a config with BOX_W fits box_schedule's layouts only
         switches["BOX_W"] = 0
-        if boxes:
-            _ensure_descriptor_allocator()
     if rows:
         sizes["rows"] = True  # a config with ROWS fits row-packed weights only
         switches["ROWS"] = 1
@@ -949,7 +928,8 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
         variants.append(dense_variant)
     return backend.KernelLaunch(kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable, op=name,
                                 key=configs.shape_key(groups=groups, bias=bias is not None, **sizes),
-                                candidates=configs.with_variants(candidates, *variants), scratch=scratch)
+                                candidates=configs.with_variants(candidates, *variants), scratch=scratch,
+                                descriptors=bool(dense or boxes))
 
 
 def gather_layout(x):

@@ -107,10 +107,12 @@ def test_the_per_tap_loop_too(shape, monkeypatch):
 def watch_descriptor_allocator(monkeypatch):
     """A list that records each scratch allocator the kernels hand Triton: one appears when a
     kernel with tensor descriptors is launched for the first time in the test."""
-    import triton
-    from fused_resnet.kernels import igemm
+    import contextvars
 
-    monkeypatch.setattr(igemm, "_allocator_set", False)
+    import triton
+    from fused_resnet.kernels import backend
+
+    monkeypatch.setattr(backend, "_allocator_given", contextvars.ContextVar("test_allocator", default=False))
     allocators = []
     real = triton.set_allocator
     monkeypatch.setattr(triton, "set_allocator", lambda fn: (allocators.append(fn), real(fn)))
@@ -225,6 +227,31 @@ def test_capture_counts_give_each_launch_its_own_zeroed_slice(monkeypatch):
         run()
         run()  # the buffer is spent: the second run's launches get new zeros
     assert [t is None for t in taken[2:]] == [False, False, True, True]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's descriptor switch")
+def test_a_descriptor_plan_launches_from_another_thread(monkeypatch):
+    # Triton keeps its allocator per context, and a new thread starts with none: a plan built in
+    # one thread gives Triton the allocator again in the thread that launches it.
+    import threading
+
+    from fused_resnet.kernels import igemm
+
+    # (The interpreter runs descriptors without one; a compiled launch asks Triton's allocator,
+    # in the launching context, for their scratch: test_a_descriptor_plan_compiled_in_another_thread.)
+    from triton.runtime import _allocation
+
+    monkeypatch.setattr(igemm, "INTERPRETER_TMA", 1)
+    allocators = watch_descriptor_allocator(monkeypatch)
+    x, weight, bias = make_case(2, 32, 4, 4, 16, 1, 1, 1, torch.float16)
+    plan = kernels.plan_conv2d_bias_act(x, weight, bias, relu=True)
+    expected = plan(x, None)
+    outputs, seen = [], []
+    thread = threading.Thread(target=lambda: (outputs.append(plan(x, None)), seen.append(_allocation._allocator.get())))
+    thread.start()
+    thread.join()
+    assert len(outputs) == 1 and torch.equal(outputs[0], expected)
+    assert len(allocators) == 2 and seen == allocators[1:]  # the thread's Triton sees the allocator
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter's descriptor switch")
@@ -703,6 +730,34 @@ def test_split_k_compiled(dtype):
     exp = torch.relu(conv_expected(x, weight, bias, 1, 0, 1, 1, None, False)
                      + F.conv2d(shortcut_in.cpu().double(), shortcut_w.cpu().double(), None, 2))
     assert_close(out, exp, rtol=TOL[dtype], atol=TOL[dtype] * exp.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_a_descriptor_plan_compiled_in_another_thread():
+    # A dense 1x1 read through tensor descriptors, planned here and launched from a new thread,
+    # whose context has no Triton allocator until the launch gives it one.
+    import threading
+
+    from fused_resnet.kernels import configs
+
+    x, weight, bias = make_case(2, 64, 8, 8, 64, 1, 1, 1, torch.float16)
+    with configs.override({**VARIANT_TILES, "FLAT_LOOP": 1, "USE_TMA": 1, "BOX_W": 0}) as asked:
+        plan = kernels.plan_conv2d_bias_act(x, weight, bias, relu=True)
+        expected = plan(x, None)
+    assert asked
+    outputs, errors = [], []
+
+    def launch():
+        try:
+            outputs.append(plan(x, None))
+            torch.cuda.synchronize()
+        except Exception as err:
+            errors.append(err)
+
+    thread = threading.Thread(target=launch)
+    thread.start()
+    thread.join()
+    assert not errors and torch.equal(outputs[0], expected)
 
 
 @pytest.mark.gpu

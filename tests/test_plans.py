@@ -337,6 +337,51 @@ def test_a_compiled_launch_goes_direct_once_the_kernel_is_known(monkeypatch):
     assert [entry[0] for entry in plain.launches] == ["plain"] * 3
 
 
+class _OnGPU:
+    """Stands in for a tensor on GPU `index`, 16-byte aligned."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def get_device(self):
+        return self.index
+
+    def data_ptr(self):
+        return 0
+
+
+def test_a_launch_runs_on_its_tensors_gpu(monkeypatch):
+    # Triton launches on the current GPU: a launch whose tensors are on another makes theirs
+    # current for the launch (plain and direct alike), and one on the current GPU changes nothing.
+    import contextlib
+
+    from fused_resnet.kernels import backend
+
+    current, entered = [0], []
+
+    @contextlib.contextmanager
+    def device(index):
+        entered.append(index)
+        current.insert(0, index)
+        yield
+        current.pop(0)
+
+    class OnWhichGPU(list):  # records each launch's kind with the GPU current when it ran
+        def append(self, entry):
+            super().append((entry[0], current[0]))
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    kernel = _FakeKernel()
+    kernel.launches = kernel.compiled.launches = OnWhichGPU()
+    launch = backend.KernelLaunch(kernel, lambda meta: (4,), {"n": 7}, on_cuda=True, config={"BLOCK": 32})
+    on_1, on_0 = (_OnGPU(1), _OnGPU(1)), (_OnGPU(0), _OnGPU(0))
+    launch(*on_1)
+    launch(*on_1)
+    launch(*on_0)
+    assert kernel.launches == [("plain", 1), ("direct", 1), ("direct", 0)] and entered == [1, 1]
+
+
 def test_a_compiled_kernel_that_refuses_direct_arguments_gets_plain_launches():
     from fused_resnet.kernels import backend
 
