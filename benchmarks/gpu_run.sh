@@ -16,6 +16,9 @@
 #   network  the whole resnet50 in fp16 at batch 256 beside eager, torch.compile and cuDNN
 #   first    first forward of resnet50 fp16 at batch 256 in a new process, cold and warm caches
 #
+# Where GPU time is short, in this order: check, sweep (its table serves every later stage; copy it
+# to kernels/ and commit), host, first, then sweep1, network, archs16, archs32.
+#
 # Results files (JSON with provenance) go to OUT_DIR, default benchmarks/results/; each stage
 # prints a short table last. Stages write as they go, so one stopped part-way keeps what it measured.
 # Afterwards: `python benchmarks/report.py --readme README.md` renders the README's results table.
@@ -24,7 +27,8 @@ cd "$(dirname "$0")/.."
 stage=${1:?"usage: bash benchmarks/gpu_run.sh check|archs16|archs32|sweep|sweep1|host|network|first [OUT_DIR]"}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
-if [ "$stage" = check ]; then
+# Installed in place, without network, by the first stage that runs on a fresh machine.
+if [ "$stage" = check ] || ! python3 -c "import fused_resnet" 2>/dev/null; then
   python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 fi
 # Results files are named by date and GPU family, as the config table names it ("h100").
