@@ -27,6 +27,11 @@ cd "$(dirname "$0")/.."
 stage=${1:?"usage: bash benchmarks/gpu_run.sh check|archs16|archs32|sweep|sweep1|host|network|first [OUT_DIR]"}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
+stages="check archs16 archs32 sweep sweep1 host network first"
+if [[ " $stages " != *" $stage "* ]]; then
+  echo "gpu_run.sh: unknown stage '$stage' (${stages// /, })" >&2
+  exit 2
+fi
 # Installed in place, without network, by the first stage that runs on a fresh machine.
 if [ "$stage" = check ] || ! python3 -c "import fused_resnet" 2>/dev/null; then
   python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
@@ -73,9 +78,5 @@ case "$stage" in
   first)
     python3 benchmarks/first_call.py --arch resnet50 --dtype float16 --how warmup forward --timeout 240 \
       --json "$out/$tag-first-call.json"
-    ;;
-  *)
-    echo "gpu_run.sh: unknown stage '$stage' (check, archs16, archs32, sweep, sweep1, host, network, first)" >&2
-    exit 2
     ;;
 esac
