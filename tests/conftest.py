@@ -128,3 +128,30 @@ COMPILED_VARIANTS = [
     (3, 64, 7, 2, 3, 29, {"FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 0, "ROWS": 0, "SPACE_TO_DEPTH": 1}),
 ]
 VARIANT_TILES = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+
+
+def variant_case(case, dtype):
+    """A COMPILED_VARIANTS case as it runs: (igemm.SPACE_TO_DEPTH for it, the config to force, and
+    the conv's x, weight, bias, stride, padding and residual; the ReLU is on)."""
+    c, k, ksize, stride, padding, hw, switches = case
+    switches = dict(switches)
+    blocks = bool(switches.pop("SPACE_TO_DEPTH", 0))
+    x, weight, bias = make_case(2, c, hw, hw, k, ksize, ksize, 1, dtype)
+    p = (hw + 2 * padding - ksize) // stride + 1
+    residual = torch.randn(2, k, p, p, device=DEVICE).to(dtype)
+    return blocks, {**VARIANT_TILES, **switches}, (x, weight, bias, stride, padding, residual)
+
+
+def compile_ahead(calls):
+    """On a GPU, compile at once, in parallel processes, every kernel that `calls` (functions
+    that launch kernels) would compile, so that tests which then launch them one by one find each
+    in Triton's cache, as fused_resnet.warmup does for a model. Elsewhere, nothing. A kernel
+    that fails to compile here fails again, with its error, in the test that launches it."""
+    if not HAS_CUDA:
+        return
+    from fused_resnet.kernels import precompile
+
+    with precompile.compile_only() as jobs:
+        for call in calls:
+            call()
+    precompile.compile_jobs(jobs, workers=min(16, os.cpu_count() or 1))

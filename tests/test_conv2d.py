@@ -5,6 +5,7 @@ GPU the same cases run compiled. Inputs are rounded to the dtype under test, and
 output is computed from those same values in float64, so the tolerance measures the kernel alone.
 """
 
+import functools
 
 import pytest
 import torch
@@ -17,9 +18,11 @@ from conftest import (
     KERNEL_TOL,
     VARIANT_TILES,
     assert_close,
+    compile_ahead,
     conv_expected,
     make_case,
     results_of,
+    variant_case,
 )
 from fused_resnet.kernels.igemm import normalize_padding
 from torch.profiler import ProfilerActivity, profile
@@ -663,20 +666,50 @@ def test_tensor_over_2_31_elements():
         assert_close(out[:, :, rows], exp, rtol=2e-3, atol=2e-2)
 
 
+def pooled_stem_config(rows, dtype):
+    return {**VARIANT_TILES, "BLOCK_K": 16 if dtype == torch.float32 else 32, "num_stages": 2, "FLAT_LOOP": 1,
+            "ROWS": rows}
+
+
+def pooled_stem(x, weight, bias):
+    """A ResNet stem: 7x7/2 conv (padding 3), ReLU, 3x3/2 max pooling (padding 1), in one kernel."""
+    return kernels.conv2d_bias_act_maxpool(x, weight, bias, 2, 3, relu=True, pool_size=3, pool_stride=2,
+                                           pool_padding=1)
+
+
+@pytest.fixture(scope="module")
+def compiled_ahead():
+    """On a GPU, the kernels of every compiled variant and pooled stem below, compiled at once in
+    parallel before their tests launch them one at a time."""
+    from unittest import mock
+
+    from fused_resnet.kernels import configs, igemm
+
+    def variant(case, dtype):
+        blocks, config, (x, weight, bias, stride, padding, res) = variant_case(case, dtype)
+        with mock.patch.object(igemm, "SPACE_TO_DEPTH", blocks), configs.override(config):
+            kernels.conv2d_bias_act(x, weight, bias, stride, padding, residual=res, relu=True)
+
+    def stem(rows, blocks, dtype):
+        x, weight, bias = make_case(2, 3, 38, 38, 64, 7, 7, 1, dtype)
+        with mock.patch.object(igemm, "SPACE_TO_DEPTH", blocks), configs.override(pooled_stem_config(rows, dtype)):
+            pooled_stem(x, weight, bias)
+
+    compile_ahead([functools.partial(variant, case, dtype) for case in COMPILED_VARIANTS for dtype in DTYPES]
+                  + [functools.partial(stem, rows, blocks, dtype)
+                     for rows in (0, 1) for blocks in (False, True) for dtype in DTYPES])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", COMPILED_VARIANTS, ids=lambda c: "C{}-K{}-k{}-s{}-p{}-hw{}-{}".format(
     *c[:6], "-".join(f"{k}{v}" for k, v in c[6].items())))
-def test_every_kernel_variant_compiled(case, dtype, monkeypatch):
+def test_every_kernel_variant_compiled(case, dtype, monkeypatch, compiled_ahead):
     from fused_resnet.kernels import configs, igemm
 
-    c, k, ksize, stride, padding, hw, switches = case
-    switches = dict(switches)
-    monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", bool(switches.pop("SPACE_TO_DEPTH", 0)))
-    x, weight, bias = make_case(2, c, hw, hw, k, ksize, ksize, 1, dtype)
-    p = (hw + 2 * padding - ksize) // stride + 1
-    res = torch.randn(2, k, p, p, device="cuda").to(dtype)
-    with configs.override({**VARIANT_TILES, **switches}) as asked:
+    blocks, config, (x, weight, bias, stride, padding, res) = variant_case(case, dtype)
+    monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", blocks)
+    with configs.override(config) as asked:
         check(x, weight, bias, stride, padding, 1, 1, res, True)
     assert asked, "the forced config was not looked up"
 
@@ -791,18 +824,15 @@ def test_split_k_in_a_cuda_graph_module():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("blocks", [True, False], ids=["space_to_depth", "direct"])
 @pytest.mark.parametrize("rows", [1, 0], ids=["rows", "gathered"])
-def test_the_pooled_stem_compiled(rows, blocks, dtype, monkeypatch):
+def test_the_pooled_stem_compiled(rows, blocks, dtype, monkeypatch, compiled_ahead):
     # The stem's conv + ReLU + max pooling in one kernel, each schedule compiled: the row schedule
     # reads the pool's padded taps unmasked, from the margin kept around the space-to-depth copy.
     from fused_resnet.kernels import configs, igemm
 
     monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", blocks)
     x, weight, bias = make_case(2, 3, 38, 38, 64, 7, 7, 1, dtype)
-    tiles = {**VARIANT_TILES, "BLOCK_K": 16 if dtype == torch.float32 else 32, "num_stages": 2,
-             "FLAT_LOOP": 1, "ROWS": rows}
-    with configs.override(tiles) as asked:
-        out = kernels.conv2d_bias_act_maxpool(x, weight, bias, 2, 3, relu=True, pool_size=3, pool_stride=2,
-                                              pool_padding=1)
+    with configs.override(pooled_stem_config(rows, dtype)) as asked:
+        out = pooled_stem(x, weight, bias)
     exp = F.max_pool2d(conv_expected(x, weight, bias, 2, 3, 1, 1, None, True), 3, 2, 1)
     assert asked and out.shape == exp.shape
     assert_close(out, exp, rtol=TOL[dtype], atol=TOL[dtype] * exp.abs().max().item())
