@@ -5,10 +5,22 @@ a CPU, compiled on a GPU), on small maps with real channel counts. Each case che
 profiler that the fused op ran and that no aten conv, pooling or linear op did.
 """
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, HAS_CUDA, KERNEL_TOL, assert_close, conv_expected, make_case, randomize_bn, results_of
+from conftest import (
+    DEVICE,
+    HAS_CUDA,
+    KERNEL_TOL,
+    assert_close,
+    compile_ahead,
+    conv_expected,
+    make_case,
+    randomize_bn,
+    results_of,
+)
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -230,18 +242,23 @@ def test_the_head_compiled_in_every_candidate(dtype):
     # tiles of up to 256; with so few tiles, the first two split-K over the channels too.
     from fused_resnet.kernels import configs
 
+    def head(config, x, weight, bias):
+        with configs.override(config) as asked:
+            return kernels.avgpool_linear(x, weight, bias), asked
+
+    cases = []
     for n in (20, 1):
         x = torch.randn(n, 2048, 7, 7, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
         weight = (torch.randn(1000, 2048, device=DEVICE) / 2048**0.5).to(dtype)
         bias = torch.randn(1000, device=DEVICE).to(dtype)
-        exp = avgpool_linear_expected(x, weight, bias)
         found = configs.head_candidates(n, 1000, 2048, 49, x.element_size())
         assert any(c.get("SPLIT_K", 1) > 1 for c in found)
-        for config in found:
-            with configs.override(config) as asked:
-                out = kernels.avgpool_linear(x, weight, bias)
-            assert asked, config
-            check_close(out, exp, dtype)
+        cases += [(config, x, weight, bias) for config in found]
+    compile_ahead([functools.partial(head, *case) for case in cases])  # all at once, in parallel
+    for config, x, weight, bias in cases:
+        out, asked = head(config, x, weight, bias)
+        assert asked, config
+        check_close(out, avgpool_linear_expected(x, weight, bias), dtype)
 
 
 def test_avgpool_linear_layouts_float64_and_empty():
