@@ -254,7 +254,8 @@ def profile(model, *, batch, size, dtype, device, iters=20, ablation=True, progr
     ref = fused = None
     if measured:
         ref = copy.deepcopy(model).to(device, dtype).to(memory_format=torch.channels_last).eval()
-        fused = fuse(model, dtype=dtype).to(device)
+        progress("compiling the fused model's kernels")
+        fused = fuse(model, dtype=dtype, example=_example(batch, size, dtype, device))  # in parallel, up front
     timed = {}
     out_rows = []
     for i, layer in enumerate(rows):
@@ -316,12 +317,14 @@ def _totals(rows):
     return totals
 
 
+def _example(batch, size, dtype, device):
+    return torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+
+
 def run_ablation(model, rows, by_name, element, batch, size, dtype, device, iters, progress):
     """One entry per ablation step: bytes and kernels from the traffic model, and the time on a GPU."""
     steps = []
-    x = None
-    if device.type == "cuda":
-        x = torch.randn(batch, 3, size, size, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x = _example(batch, size, dtype, device) if device.type == "cuda" else None
     for i, (step, backend, switches) in enumerate(bench.ABLATION):
         moved = [traffic(layer, step, by_name) for layer in rows]
         entry = {"step": step, "description": bench.ABLATION_LABELS[step],
@@ -332,7 +335,8 @@ def run_ablation(model, rows, by_name, element, batch, size, dtype, device, iter
                 net = copy.deepcopy(model).to(device, dtype).to(memory_format=torch.channels_last).eval()
                 entry["ms"] = round(_median_ms(lambda net=net: net(x), iters), 4)
             else:
-                net = fuse(model, dtype=dtype, **switches).to(device)
+                with kernels.use_backend(backend):  # its kernels compiled in parallel, up front
+                    net = fuse(model, dtype=dtype, example=x, **switches)
 
                 def run(net=net, backend=backend):
                     with kernels.use_backend(backend):
