@@ -77,10 +77,12 @@ def lookup(gpu: str, op: str, dtype: str, key: str):
 
 
 def remember(gpu: str, op: str, dtype: str, key: str, config: dict):
-    """Store a tuned config in the disk cache (written at once, atomically)."""
+    """Store a tuned config in the disk cache (written at once, atomically, with what other
+    processes stored there since this one read it: processes that tune at once lose nothing)."""
     config = {k: int(v) for k, v in config.items()}
     with _lock:
         cache = _load_cache()
+        cache.update(_read(cache_dir() / "configs.json"))
         cache[(gpu, op, dtype, key)] = config
         folder = cache_dir()
         folder.mkdir(parents=True, exist_ok=True)

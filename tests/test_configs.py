@@ -67,6 +67,18 @@ def test_table_then_cache_then_nothing(fresh):
     assert configs.lookup("H100", "add_relu_test", "float32", "shipped") is not None  # the table stays
 
 
+def test_processes_that_tune_at_once_keep_each_others_configs(fresh):
+    assert configs.lookup("H100", "add_relu_test", "float32", "mine") is None  # this process has read the file
+    configs.remember("H100", "add_relu_test", "float32", "mine", {"BLOCK_SIZE": 256})
+    other = json.loads((fresh / "cache" / "configs.json").read_text())  # another process stores one since
+    other["entries"].append({"gpu": "H100", "op": "add_relu_test", "dtype": "float32", "key": "theirs",
+                             "config": {"BLOCK_SIZE": 1024}})
+    (fresh / "cache" / "configs.json").write_text(json.dumps(other))
+    configs.remember("H100", "add_relu_test", "float32", "mine too", {"BLOCK_SIZE": 128})
+    stored = json.loads((fresh / "cache" / "configs.json").read_text())
+    assert sorted(e["key"] for e in stored["entries"]) == ["mine", "mine too", "theirs"]
+
+
 def test_a_damaged_cache_is_ignored(fresh):
     (fresh / "cache").mkdir()
     (fresh / "cache" / "configs.json").write_text("{not json")
