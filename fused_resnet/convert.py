@@ -18,7 +18,15 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from .graphs import CUDAGraphModule
-from .modules import FusedAvgPoolLinear, FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedConv2dMaxPool, warmup
+from .modules import (
+    CompileAhead,
+    FusedAvgPoolLinear,
+    FusedBasicBlock,
+    FusedBottleneck,
+    FusedConv2d,
+    FusedConv2dMaxPool,
+    warmup,
+)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -54,7 +62,9 @@ def fuse(
         torch's max pooling).
     avgpool_fc: the head's average pooling and fc run as one kernel (off: torch's modules).
 
-    With an `example` input, the fused model is moved to the example's device and run on it once,
+    On a GPU, the first call with each new input shape compiles every kernel that forward will
+    launch at once, in parallel (a CompileAhead forward pre-hook on the returned network). With an
+    `example` input, the fused model is moved to the example's device and run on it once,
     so that every kernel it launches for inputs like it is compiled and configured before fuse
     returns (see fused_resnet.warmup).
 
@@ -95,6 +105,7 @@ def fuse(
     fused = copy.deepcopy(model).eval()
     _swap_children(fused, options, stem_maxpool, avgpool_fc, prefix="")
     fused = _finish(fused, dtype, strict)
+    fused.register_forward_pre_hook(CompileAhead())  # a plain first call on a GPU compiles in parallel
     if example is not None:
         fused.to(example.device)
         warmup(fused, example)

@@ -16,6 +16,7 @@ import time
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from . import kernels
@@ -132,8 +133,11 @@ def warmup(model: nn.Module, example, *, progress=None, workers=None) -> float:
     if example.dim() == 4:
         example = example.contiguous(memory_format=torch.channels_last)
     start = time.perf_counter()
-    if example.is_cuda:
+    if _compiles_ahead(example):
         _compile_ahead(model, example, workers, progress)
+        for hook in model._forward_pre_hooks.values():  # fuse's CompileAhead: done for inputs like this
+            if isinstance(hook, CompileAhead):
+                hook.seen.add(_input_key(example))
     done = []
 
     def report(module, args):
@@ -165,6 +169,41 @@ def _compile_ahead(model, example, workers, progress):
     if progress is not None:
         progress(f"warm-up: compiling {len(jobs)} kernels in {workers} process(es)")
     precompile.compile_jobs(jobs, workers=workers, progress=progress)
+
+
+class CompileAhead:
+    """The forward pre-hook that `fuse` puts on a fused network, so that even a plain first call
+    compiles its kernels in parallel: the first call with each new input (shape, dtype, device)
+    on a GPU, with the Triton kernels in force, first lists and compiles every kernel that forward
+    will launch, all at once, as warmup does, instead of one after another as each layer meets
+    its own. Tracing, graph capture and the listing forward itself pass through; warmup marks
+    its input as done."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def __reduce__(self):  # a copy, or a network unpickled in a new process, has compiled nothing yet
+        return CompileAhead, ()
+
+    def __call__(self, model, args):
+        if torch.compiler.is_compiling() or not args or not _compiles_ahead(args[0]):
+            return
+        key = _input_key(args[0])
+        if key not in self.seen:
+            self.seen.add(key)
+            _compile_ahead(model, args[0], None, None)
+
+
+def _compiles_ahead(x):
+    """Whether a forward on x compiles kernels that can be compiled ahead, all at once: real CUDA
+    tensors, the Triton kernels in force, and neither graph capture nor a listing under way."""
+    return (isinstance(x, torch.Tensor) and x.is_cuda and not is_fake(x)
+            and kernels.current_backend() in ("auto", "triton") and precompile.session() is None
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def _input_key(x):
+    return tuple(x.shape), x.dtype, x.device  # (a layout of its own compiles no kernel of its own)
 
 
 def _recorded(name, plan, *operands):

@@ -6,6 +6,7 @@ made-up timings; the launches themselves run interpreted.
 """
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -243,6 +244,59 @@ def test_fuse_with_an_example_warms_up():
     with kernels.use_backend("reference"):
         fused = fuse(model, example=torch.randn(1, 3, 32, 32))
     assert all(len(m._plans) == 1 for m in fused.modules() if hasattr(m, "_plans"))
+
+
+def test_a_fused_networks_first_call_per_input_compiles_ahead(monkeypatch):
+    # fuse's CompileAhead hook: each new input (shape, dtype, device) first compiles the forward's
+    # kernels all at once; a layout of its own or a second call does not, nor inputs warmup has done.
+    from fused_resnet import modules
+
+    listed = []
+    monkeypatch.setattr(modules, "_compiles_ahead", lambda x: True)  # as for CUDA inputs with the kernels in force
+    monkeypatch.setattr(modules, "_compile_ahead", lambda model, x, *_: listed.append((model, tuple(x.shape))))
+    model = fuse(synthetic_batchnorm(torchvision.models.resnet18(num_classes=10), size=32)).to(DEVICE)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with kernels.use_backend("reference"), torch.no_grad():
+        model(x)
+        model(x)
+        model(x.contiguous(memory_format=torch.channels_last))
+        model(torch.randn(3, 3, 32, 32, device=DEVICE))
+        warmup(model, (4, 3, 32, 32))
+        model(torch.randn(4, 3, 32, 32, device=DEVICE))
+    assert listed == [(model, (2, 3, 32, 32)), (model, (3, 3, 32, 32)), (model, (4, 3, 32, 32))]
+    again = pickle.loads(pickle.dumps(model))  # as a new process loads it: nothing compiled there yet
+    with kernels.use_backend("reference"), torch.no_grad():
+        again(x)
+    assert listed[-1] == (again, (2, 3, 32, 32))
+
+
+def test_compiling_ahead_is_for_real_gpu_inputs_with_the_kernels_in_force():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fused_resnet.modules import _compiles_ahead
+
+    x = torch.randn(1, 3, 8, 8)
+    assert not _compiles_ahead(x) and not _compiles_ahead(None)  # a CPU tensor: interpreted or the reference
+    with FakeTensorMode() as mode:
+        assert not _compiles_ahead(mode.from_tensor(x))
+    if HAS_CUDA:
+        x = x.cuda()
+        assert _compiles_ahead(x)
+        with kernels.use_backend("cudnn"):
+            assert not _compiles_ahead(x)
+        with precompile.compile_only():  # the listing forward itself
+            assert not _compiles_ahead(x)
+
+
+def test_torch_compile_traces_a_fused_network_whole():
+    # The CompileAhead hook gives dynamo nothing to break the graph on.
+    model = fuse(synthetic_batchnorm(torchvision.models.resnet18(num_classes=10), size=32)).to(DEVICE)
+    x = torch.randn(2, 3, 32, 32, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    with kernels.use_backend("reference"), torch.no_grad():
+        expected = model(x)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(compiled, expected)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="interpreted launches with a made-up GPU name")
