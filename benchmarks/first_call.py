@@ -6,9 +6,10 @@
 For each (arch, dtype, how) a child process builds the fused model and times its first forward
 (compiling and choosing every kernel's config) with empty caches: Triton's kernel cache and
 fused_resnet's config cache both point into a new temporary folder ("cold"). A second child
-process with the same folders times it again ("warm"). `how`: "forward" is a plain first call,
-which compiles each kernel as it meets it; "warmup" is fused_resnet.warmup followed by that call,
-which compiles them all first, in parallel. fp32 runs twice, with TF32 off and on. Needs a CUDA
+process with the same folders times it again ("warm"). `how`: "forward" is a plain first call
+(whose CompileAhead hook lists and compiles the forward's kernels first, in parallel); "warmup"
+is fused_resnet.warmup followed by that call, which does the same explicitly. fp32 runs twice,
+with TF32 off and on. Needs a CUDA
 GPU. Cases: {"model", "impl": "fused", "dtype", "batch", "first_call_s", "cache", "how"}.
 """
 
