@@ -50,7 +50,7 @@ case "$stage" in
     ;;
   archs16|archs32)
     if [ "$stage" = archs16 ]; then precisions="float16"; else precisions="float32 or tf32"; fi
-    timeout 540 python3 -m pytest -m "gpu and slow" -k "$precisions" -q -p no:cacheprovider -rf \
+    timeout 540 python3 -m pytest -m "gpu and slow" -k "$precisions" -v --durations=10 -p no:cacheprovider -rf \
       --junitxml "$out/$tag-gpu-tests-$stage.xml" 2>&1 | tail -40
     ;;
   sweep)
