@@ -24,8 +24,8 @@ class CUDAGraphModule(nn.Module):
     layers is first warmed up by fused_resnet.warmup, which compiles their kernels in
     parallel), captures one forward
     with a static input buffer, then replays it; later calls copy x into that buffer and replay.
-    Graphs of one module share a memory pool, and at most `max_graphs` are kept (the oldest
-    goes). The counters of split-K launches are zeroed once, before capture, for each graph
+    Graphs of one module share a memory pool and the side stream of their warm-up runs, and at
+    most `max_graphs` are kept (the oldest goes). The counters of split-K launches are zeroed once, before capture, for each graph
     (kernels.backend.CaptureCounts), rather than by a memset in the graph at each replay.
 
     What a call returns: by default a new tensor, a copy of the graph's output, which stays valid
@@ -47,6 +47,7 @@ class CUDAGraphModule(nn.Module):
         self.max_graphs = max_graphs
         self._graphs = {}
         self._pool = None
+        self._streams = {}  # the side stream of each device's warm-up runs, one a device (per-stream scratch)
 
     def forward(self, x):
         if not isinstance(x, torch.Tensor) or not x.is_cuda:
@@ -69,7 +70,9 @@ class CUDAGraphModule(nn.Module):
         static_x = x.clone()
         if any(isinstance(m, PlannedLayer) for m in self.module.modules()):
             warmup(self.module, static_x)
-        stream = torch.cuda.Stream(device=x.device)
+        stream = self._streams.get(x.device)
+        if stream is None:
+            stream = self._streams[x.device] = torch.cuda.Stream(device=x.device)
         stream.wait_stream(torch.cuda.current_stream(x.device))
         counts = CaptureCounts()  # split-K's counters, zeroed once for the graph (kept with it)
         with torch.cuda.stream(stream):
@@ -90,7 +93,7 @@ class CUDAGraphModule(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_graphs"], state["_pool"] = {}, None
+        state["_graphs"], state["_pool"], state["_streams"] = {}, None, {}
         return state
 
     def extra_repr(self):

@@ -275,7 +275,9 @@ def test_cuda_graph_replays_the_fused_model(monkeypatch):
         shared(x2)
         torch.testing.assert_close(first, expected2, rtol=0, atol=0)  # the static buffer was overwritten
         graphed(torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.float16))
-        assert len(graphed._graphs) == 2
+        assert len(graphed._graphs) == 2 and len(graphed._streams) == 1  # one warm-up stream for both
+        twin = pickle.loads(pickle.dumps(graphed))  # graphs, pool and streams stay with the original
+        assert twin._graphs == {} and twin._streams == {} and twin._pool is None
 
 
 class _FakeCompiled:
