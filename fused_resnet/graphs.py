@@ -21,12 +21,13 @@ class CUDAGraphModule(nn.Module):
 
     The first call with a new signature runs the module a few times on a side stream (autotuning,
     compilation and lazy initialisation must not happen during capture; a module that holds fused
-    layers is first warmed up by fused_resnet.warmup, which compiles their kernels in
-    parallel), captures one forward
-    with a static input buffer, then replays it; later calls copy x into that buffer and replay.
+    layers is first warmed up by fused_resnet.warmup, which compiles their kernels in parallel),
+    captures one forward with a static input buffer, then replays it; later calls copy x into that
+    buffer and replay.
     Graphs of one module share a memory pool and the side stream of their warm-up runs, and at
-    most `max_graphs` are kept (the oldest goes). The counters of split-K launches are zeroed once, before capture, for each graph
-    (kernels.backend.CaptureCounts), rather than by a memset in the graph at each replay.
+    most `max_graphs` are kept (the oldest goes). The counters of split-K launches are zeroed
+    once, before capture, for each graph (kernels.backend.CaptureCounts), rather than by a memset
+    in the graph at each replay.
 
     What a call returns: by default a new tensor, a copy of the graph's output, which stays valid
     whatever happens next. With `copy_output=False` it is the graph's own output buffer: no copy,
