@@ -4,8 +4,9 @@
     python benchmarks/report.py --readme README.md    # rewrite the table between its markers
     python benchmarks/report.py --plot chart.png      # also draw the chart (needs the 'plot' extra)
 
-Only runs made on a GPU are reported; whole-network cases only (per-layer and per-block cases
-stay in their files). Each row names the file it came from, whose provenance says how it was made.
+Only runs made on a GPU are reported, and whole-network cases only (per-layer and per-block cases
+stay in their files): timings, host times per forward and first calls, each in a table of its own.
+Each row names the file it came from, whose provenance says how it was made.
 """
 
 import argparse
@@ -21,8 +22,9 @@ NETWORKS = ("resnet18", "resnet50")
 
 
 def load(paths):
-    """[(file name, provenance, case)] for every whole-network timing (a median) measured on a GPU;
-    host times and first-call times in the same files are not this table's."""
+    """[(file name, provenance, kind, case)] for every whole-network case measured on a GPU, of kind
+    "network" (a median time), "host" (CPU time per forward) or "first" (a first call in a new
+    process, caches cold or warm). Per-layer and per-block cases are not this report's."""
     rows = []
     for path in sorted(paths):
         with open(path) as f:
@@ -31,33 +33,66 @@ def load(paths):
         if not prov.get("gpu"):
             continue
         for case in payload["cases"]:
-            if case.get("model") in NETWORKS and "median_ms" in case:
-                case = {"images_per_s": case["batch"] / case["median_ms"] * 1e3, **case}
-                rows.append((os.path.basename(path), prov, case))
+            if case.get("model") not in NETWORKS:
+                continue
+            if "median_ms" in case:
+                rows.append((os.path.basename(path), prov, "network",
+                             {"images_per_s": case["batch"] / case["median_ms"] * 1e3, **case}))
+            elif "host_ms" in case:
+                rows.append((os.path.basename(path), prov, "host", case))
+            elif "first_call_s" in case and "cache" in case:
+                rows.append((os.path.basename(path), prov, "first", case))
     return rows
 
 
 def table(rows):
-    """A markdown table: one row per (run, model, dtype, batch, impl), with the speedup over the baseline."""
+    """Markdown: whole-network times with the speedup over the baseline, then (where measured) host
+    time per forward against the baseline's, then first calls, then how each run was made."""
     if not rows:
         return "No GPU run is committed in benchmarks/results/ yet."
-    base = {}
-    for name, _, c in rows:
-        if c["impl"] == BASELINE:
-            base[(name, c["model"], c["dtype"], c["batch"])] = c["median_ms"]
-    lines = ["| GPU | model | dtype | batch | implementation | median ms | images/s | vs eager channels_last | run |",
-             "|---|---|---|---:|---|---:|---:|---:|---|"]
-    for name, prov, c in rows:
-        ref = base.get((name, c["model"], c["dtype"], c["batch"]))
-        speedup = f"{ref / c['median_ms']:.2f}x" if ref else "-"
-        lines.append(f"| {prov['gpu']} | {c['model']} | {c['dtype']} | {c['batch']} | {c['impl']} | "
-                     f"{c['median_ms']:.3f} | {c['images_per_s']:.0f} | {speedup} | {name} |")
-    runs = {name: prov for name, prov, _ in rows}
+    lines = []
+    network = [(name, prov, c) for name, prov, kind, c in rows if kind == "network"]
+    if network:
+        base = _baseline(network, "median_ms")
+        lines += ["| GPU | model | dtype | batch | implementation | median ms | images/s | vs eager channels_last "
+                  "| run |", "|---|---|---|---:|---|---:|---:|---:|---|"]
+        for name, prov, c in network:
+            ref = base.get((name, c["model"], c["dtype"], c["batch"]))
+            speedup = f"{ref / c['median_ms']:.2f}x" if ref else "-"
+            lines.append(f"| {prov['gpu']} | {c['model']} | {c['dtype']} | {c['batch']} | {c['impl']} | "
+                         f"{c['median_ms']:.3f} | {c['images_per_s']:.0f} | {speedup} | {name} |")
+    host = [(name, prov, c) for name, prov, kind, c in rows if kind == "host"]
+    if host:
+        base = _baseline(host, "host_ms")
+        lines += ["", "Host (CPU) time per forward, forwards issued without waiting for the GPU:", "",
+                  "| GPU | model | dtype | batch | implementation | host ms | of eager channels_last's | run |",
+                  "|---|---|---|---:|---|---:|---:|---|"]
+        for name, prov, c in host:
+            ref = base.get((name, c["model"], c["dtype"], c["batch"]))
+            share = f"{c['host_ms'] / ref:.2f}x" if ref else "-"
+            lines.append(f"| {prov['gpu']} | {c['model']} | {c['dtype']} | {c['batch']} | {c['impl']} | "
+                         f"{c['host_ms']:.3f} | {share} | {name} |")
+    first = [(name, prov, c) for name, prov, kind, c in rows if kind == "first"]
+    if first:
+        lines += ["", "First forward in a new process (compiling and choosing every kernel's config):", "",
+                  "| GPU | model | dtype | batch | how | caches | seconds | run |",
+                  "|---|---|---|---:|---|---|---:|---|"]
+        for name, prov, c in first:
+            dtype = c["dtype"] + (f" (TF32 {'on' if c['tf32'] else 'off'})" if "tf32" in c else "")
+            seconds = c.get("error") or f"{c['first_call_s']:.1f}"
+            lines.append(f"| {prov['gpu']} | {c['model']} | {dtype} | {c['batch']} | {c.get('how', '-')} | "
+                         f"{c['cache']} | {seconds} | {name} |")
+    runs = {name: prov for name, prov, _, _ in rows}
     lines.append("")
     for name, prov in runs.items():
         lines.append(f"- {name}: {prov['gpu']}, driver {prov['driver']}, CUDA {prov['cuda']}, torch {prov['torch']}, "
                      f"triton {prov['triton']}, commit {prov['commit']}, {prov['date']}: `{prov['command']}`")
-    return "\n".join(lines)
+    return "\n".join(lines).strip("\n")
+
+
+def _baseline(rows, field):
+    """{(file, model, dtype, batch): the baseline implementation's `field`}."""
+    return {(name, c["model"], c["dtype"], c["batch"]): c[field] for name, _, c in rows if c["impl"] == BASELINE}
 
 
 def plot(rows, path):
@@ -68,7 +103,9 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
 
     groups = {}
-    for _, prov, c in rows:
+    for _, prov, kind, c in rows:
+        if kind != "network":
+            continue
         groups.setdefault((prov["gpu"], c["model"], c["dtype"], c["batch"]), []).append(c)
     if not groups:
         raise SystemExit("error: no GPU results to plot")

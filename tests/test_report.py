@@ -26,7 +26,11 @@ def results(tmp_path):
     gpu.write_text(json.dumps({"provenance": PROV, "cases": [
         case("eager_channels_last", 10.0), case("fused", 8.0), case("fused", 1.0, model="resnet50-conv"),
         {"model": "resnet50", "impl": "fused", "dtype": "float16", "batch": 256, "host_ms": 2.0},
-        {"model": "resnet50", "impl": "fused", "dtype": "float16", "batch": 256, "first_call_s": 20.0, "cache": "cold"},
+        {"model": "resnet50", "impl": "eager_channels_last", "dtype": "float16", "batch": 256, "host_ms": 8.0},
+        {"model": "resnet50", "impl": "fused", "dtype": "float16", "batch": 256, "first_call_s": 20.0, "cache": "cold",
+         "how": "forward"},
+        {"model": "resnet50", "impl": "fused", "dtype": "float32", "batch": 256, "first_call_s": None, "cache": "cold",
+         "how": "warmup", "tf32": False, "error": "did not finish within 240 s"},
         {"model": "resnet50", "impl": "fused", "dtype": "float16", "batch": 256, "median_ms": 4.0, "when": "after"}]}))
     cpu = tmp_path / "cpu.json"
     cpu.write_text(json.dumps({"provenance": {**PROV, "gpu": None}, "cases": [case("fused", 500.0)]}))
@@ -35,11 +39,17 @@ def results(tmp_path):
 
 def test_table_reports_gpu_network_cases_with_speedups(results):
     text = report.table(report.load(results))
-    rows = [line for line in text.splitlines() if line.startswith("| NVIDIA")]
-    assert len(rows) == 3  # the CPU run, the per-layer case, host and first-call times are left out
+    sections = text.split("\n\n")  # the timings; a title, the host times; a title, the first calls; the runs
+    timings, host, first = sections[0], sections[2], sections[4]
+    rows = [line for line in timings.splitlines() if line.startswith("| NVIDIA")]
+    assert len(rows) == 3  # the CPU run and the per-layer case are left out
     assert "| fused | 8.000 | 32000 | 1.25x | gpu.json |" in rows[1]
     assert "| fused | 4.000 | 64000 | 2.50x | gpu.json |" in rows[2]  # images/s from the batch where not given
     assert "driver 550.1" in text and "`pytest benchmarks/`" in text
+    # host times against the baseline's, and first calls (one that failed says why), each a table of its own
+    assert "| fused | 2.000 | 0.25x | gpu.json |" in host and "| eager_channels_last | 8.000 | 1.00x |" in host
+    assert "| float16 | 256 | forward | cold | 20.0 | gpu.json |" in first
+    assert "| float32 (TF32 off) | 256 | warmup | cold | did not finish within 240 s |" in first
 
 
 def test_readme_rewrite_between_markers(results, tmp_path):
