@@ -50,38 +50,24 @@ def table(rows):
     time per forward against the baseline's, then first calls, then how each run was made."""
     if not rows:
         return "No GPU run is committed in benchmarks/results/ yet."
-    lines = []
-    network = [(name, prov, c) for name, prov, kind, c in rows if kind == "network"]
-    if network:
-        base = _baseline(network, "median_ms")
-        lines += ["| GPU | model | dtype | batch | implementation | median ms | images/s | vs eager channels_last "
-                  "| run |", "|---|---|---|---:|---|---:|---:|---:|---|"]
-        for name, prov, c in network:
-            ref = base.get((name, c["model"], c["dtype"], c["batch"]))
-            speedup = f"{ref / c['median_ms']:.2f}x" if ref else "-"
-            lines.append(f"| {prov['gpu']} | {c['model']} | {c['dtype']} | {c['batch']} | {c['impl']} | "
-                         f"{c['median_ms']:.3f} | {c['images_per_s']:.0f} | {speedup} | {name} |")
-    host = [(name, prov, c) for name, prov, kind, c in rows if kind == "host"]
-    if host:
-        base = _baseline(host, "host_ms")
-        lines += ["", "Host (CPU) time per forward, forwards issued without waiting for the GPU:", "",
-                  "| GPU | model | dtype | batch | implementation | host ms | of eager channels_last's | run |",
-                  "|---|---|---|---:|---|---:|---:|---|"]
-        for name, prov, c in host:
-            ref = base.get((name, c["model"], c["dtype"], c["batch"]))
-            share = f"{c['host_ms'] / ref:.2f}x" if ref else "-"
-            lines.append(f"| {prov['gpu']} | {c['model']} | {c['dtype']} | {c['batch']} | {c['impl']} | "
-                         f"{c['host_ms']:.3f} | {share} | {name} |")
-    first = [(name, prov, c) for name, prov, kind, c in rows if kind == "first"]
-    if first:
-        lines += ["", "First forward in a new process (compiling and choosing every kernel's config):", "",
-                  "| GPU | model | dtype | batch | how | caches | seconds | run |",
-                  "|---|---|---|---:|---|---|---:|---|"]
-        for name, prov, c in first:
-            dtype = c["dtype"] + (f" (TF32 {'on' if c['tf32'] else 'off'})" if "tf32" in c else "")
-            seconds = c.get("error") or f"{c['first_call_s']:.1f}"
-            lines.append(f"| {prov['gpu']} | {c['model']} | {dtype} | {c['batch']} | {c.get('how', '-')} | "
-                         f"{c['cache']} | {seconds} | {name} |")
+    network = _against_baseline(_of_kind(rows, "network"), "median_ms", lambda ms, base: base / ms)
+    host = _against_baseline(_of_kind(rows, "host"), "host_ms", lambda ms, base: ms / base)
+    lines = _markdown(
+        None, ["GPU", "model", "dtype", "batch", "implementation", "median ms", "images/s", "vs eager channels_last",
+               "run"],
+        [(prov["gpu"], c["model"], c["dtype"], c["batch"], c["impl"], f"{c['median_ms']:.3f}",
+          f"{c['images_per_s']:.0f}", speedup, name) for name, prov, c, speedup in network])
+    lines += _markdown(
+        "Host (CPU) time per forward, forwards issued without waiting for the GPU:",
+        ["GPU", "model", "dtype", "batch", "implementation", "host ms", "of eager channels_last's", "run"],
+        [(prov["gpu"], c["model"], c["dtype"], c["batch"], c["impl"], f"{c['host_ms']:.3f}", share, name)
+         for name, prov, c, share in host])
+    lines += _markdown(
+        "First forward in a new process (compiling and choosing every kernel's config):",
+        ["GPU", "model", "dtype", "batch", "how", "caches", "seconds", "run"],
+        [(prov["gpu"], c["model"], c["dtype"] + (f" (TF32 {'on' if c['tf32'] else 'off'})" if "tf32" in c else ""),
+          c["batch"], c.get("how", "-"), c["cache"], c.get("error") or f"{c['first_call_s']:.1f}", name)
+         for name, prov, c in _of_kind(rows, "first")])
     runs = {name: prov for name, prov, _, _ in rows}
     lines.append("")
     for name, prov in runs.items():
@@ -90,9 +76,32 @@ def table(rows):
     return "\n".join(lines).strip("\n")
 
 
-def _baseline(rows, field):
-    """{(file, model, dtype, batch): the baseline implementation's `field`}."""
-    return {(name, c["model"], c["dtype"], c["batch"]): c[field] for name, _, c in rows if c["impl"] == BASELINE}
+# How each column of the tables is aligned: the batch and the figures to the right.
+_RIGHT = {"batch", "median ms", "images/s", "vs eager channels_last", "host ms", "of eager channels_last's", "seconds"}
+
+
+def _markdown(title, header, cells):
+    """A markdown table, after its title where one is given; nothing where there are no rows."""
+    if not cells:
+        return []
+    lines = ["", title, ""] if title else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if h in _RIGHT else "---" for h in header) + "|"]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in cells]
+
+
+def _of_kind(rows, kind):
+    return [(name, prov, c) for name, prov, k, c in rows if k == kind]
+
+
+def _against_baseline(rows, field, ratio):
+    """(file, provenance, case, ratio(its `field`, the baseline's in the same file, model, dtype and
+    batch) as "1.25x", or "-" where that run has no baseline) for each of `rows`."""
+    base = {(name, c["model"], c["dtype"], c["batch"]): c[field] for name, _, c in rows if c["impl"] == BASELINE}
+    out = []
+    for name, prov, c in rows:
+        ref = base.get((name, c["model"], c["dtype"], c["batch"]))
+        out.append((name, prov, c, f"{ratio(c[field], ref):.2f}x" if ref else "-"))
+    return out
 
 
 def plot(rows, path):
