@@ -168,14 +168,10 @@ def _prepare(args, progress, model, note):
 
 def run_verify(args, progress, model=None, note=None):
     device, dtype, model, note = _prepare(args, progress, model, note)
-    x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
-    if device.type == "cuda":  # every kernel compiled up front, in parallel (fused_resnet.warmup)
-        progress("fusing, and compiling the kernels")
-        fused = fuse(model, dtype=dtype, example=x.to(device, dtype))
-    else:
-        progress("fusing")
-        fused = fuse(model, dtype=dtype).to(device)
+    progress("fusing")
+    fused = fuse(model, dtype=dtype).to(device)
     reference = copy.deepcopy(model).to(device, dtype)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
     progress("running both networks")
     result = compare(reference, fused, x)
     progress.done()

@@ -3,11 +3,11 @@ that is not there.
 
 Left to itself, a model's first forward on a GPU compiles each Triton kernel it launches, one
 after another, as each launch meets it (the networks fused_resnet.fuse returns do what follows on
-their first call, by a forward pre-hook). Inside `compile_only()` the launches run nothing instead: each one's first
-call records a CompileJob for every config that call would compile (the config the shipped table
-or the disk cache holds; without one, each candidate it would time), and the outputs are left
-uninitialized. `compile_jobs` then compiles the jobs, in worker processes where asked, into
-Triton's on-disk cache, where the model's real first forward finds them:
+their first call, by a forward pre-hook). Inside `compile_only()` the launches run nothing
+instead: each one's first call records a CompileJob for every config that call would compile (the
+config the shipped table or the disk cache holds; without one, each candidate it would time), and
+the outputs are left uninitialized. `compile_jobs` then compiles the jobs, in worker processes
+where asked, into Triton's on-disk cache, where the model's real first forward finds them:
 
     with precompile.compile_only() as jobs:
         model(x)                                # CUDA tensors: nothing runs

@@ -255,10 +255,10 @@ def test_cuda_graph_replays_the_fused_model(monkeypatch):
     import torchvision
     from conftest import results_of
 
-    from fused_resnet import CUDAGraphModule, fuse, graphs
+    from fused_resnet import CUDAGraphModule, fuse, modules
     from fused_resnet.validate import synthetic_batchnorm
 
-    warmed = results_of(monkeypatch, graphs, "warmup")
+    warmed = results_of(monkeypatch, modules, "warmup")
     model = synthetic_batchnorm(torchvision.models.resnet18(num_classes=10), size=32)
     fused = fuse(model, dtype=torch.float16).cuda()
     graphed = CUDAGraphModule(fused)
