@@ -10,11 +10,11 @@ shortcuts), in the shapes the fused model launches, and for the head (average po
    matmul tutorial's, both main loops, and for dense 1x1 convs the tensor-descriptor read, for
    stride-1 convs with taps box tiles read through 4-D descriptors, where few output tiles leave
    most SMs idle (small batches) each gathered config split-K (kernels.configs.split_k), for the
-   3-channel stem the row and the gathered schedules, and the same again for its space-to-depth plan (a 4x4/1 conv
-   over 16 channels: kernels.igemm.space_to_depth) and for the stem's conv without its pooling,
-   which torch's max pooling then follows (fuse(stem_maxpool=False)), pruned to the layer, to
-   shared memory and registers) is compiled in parallel by worker processes that share Triton's
-   kernel cache with this one;
+   3-channel stem the row and the gathered schedules, and the same again for its space-to-depth
+   plan (a 4x4/1 conv over 16 channels: kernels.igemm.space_to_depth) and for the stem's conv
+   without its pooling, which torch's max pooling then follows (fuse(stem_maxpool=False)), pruned
+   to the layer, to shared memory and registers) is compiled in parallel by worker processes that
+   share Triton's kernel cache with this one;
 2. each is timed here by CUDA-graph replay (10 launches in a graph, kernel time = replay / 10),
    as is cuDNN's fused op on the same operands (`cudnn_convolution_relu` or `_add_relu`; for a
    merged shortcut, cuDNN's shortcut conv then its conv+add+ReLU; for the stem, cuDNN's
