@@ -15,7 +15,9 @@ shortcuts), in the shapes the fused model launches, and for the head (average po
    without its pooling, which torch's max pooling then follows (fuse(stem_maxpool=False)), pruned
    to the layer, to shared memory and registers) is compiled in parallel by worker processes that
    share Triton's kernel cache with this one;
-2. each is timed here by CUDA-graph replay (10 launches in a graph, kernel time = replay / 10),
+2. each is checked against cuDNN's output on operands of its own (OutputCheck: a config whose
+   output differs by more than TOLERANCE is reported as wrong, and is never timed nor written to
+   the table), then timed here by CUDA-graph replay (10 launches in a graph, kernel time = replay / 10),
    as is cuDNN's fused op on the same operands (`cudnn_convolution_relu` or `_add_relu`; for a
    merged shortcut, cuDNN's shortcut conv then its conv+add+ReLU; for the stem, cuDNN's
    conv+bias+ReLU then max pooling, and eager's conv, BatchNorm, ReLU and pooling; the head, with
@@ -24,7 +26,8 @@ shortcuts), in the shapes the fused model launches, and for the head (average po
    plan too, which settles igemm.SPACE_TO_DEPTH and fuse's stem_maxpool), and the cases
    {"model": "resnet50-conv" (the head: "resnet50-head"), "layer", "impl": "fused" | "cudnn_fused" |
    "eager", "dtype", "batch", "kernel_ms", "config"} are written with the run's provenance (each
-   fused case adds "timed", every config with its time, and the stem's "by_plan"); `--write-table`
+   fused case adds "timed", every config with its time, "wrong", each config that failed the
+   check with its error, and the stem's "by_plan"); `--write-table`
    merges the winners (of each plan) into kernels/tuned_configs.json, so that plans on this GPU
    find them;
 4. with `--network`, the whole resnet50 is timed (median of CUDA-event timings) for the
@@ -38,6 +41,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import copy
+import math
 import multiprocessing
 import os
 import statistics
@@ -122,19 +126,19 @@ def operands(layer, x_shape, r_shape, dtype, device):
 
 
 def plan_of(layer, x, r, pool_apart=False):
+    """The fused layer planned for operands laid out as x and r: run(x, r) -> its output."""
     if isinstance(layer, FusedConv2dMaxPool):
         args = layer._op_args()
         if pool_apart:  # the stem as fuse(stem_maxpool=False) runs it: the conv kernel, then torch's max pooling
             pool = [args.pop(name) for name in ("pool_size", "pool_stride", "pool_padding")]
             plan = kernels.plan_conv2d_bias_act(x, **args)
-            return lambda: F.max_pool2d(plan(x, None), *pool)
+            return lambda x, r: F.max_pool2d(plan(x, None), *pool)
         plan = kernels.plan_conv2d_bias_act_maxpool(x, **args)
-        return lambda: plan(x)
+        return lambda x, r: plan(x)
     if isinstance(layer, FusedAvgPoolLinear):
         plan = layer._build_plan(x, None)
-        return lambda: plan(x)
-    plan = layer._build_plan(x, r)
-    return lambda: plan(x, r)
+        return lambda x, r: plan(x)
+    return layer._build_plan(x, r)
 
 
 # Keys a sweep config may carry that choose the plan rather than the kernel's config (see `forced`):
@@ -264,19 +268,55 @@ def kernel_ms(fn, cuda, reps=10):
 
 
 def baselines(layer, x, r):
-    """{impl: callable} of what cuDNN (and for the stem, eager) runs for this layer; for the head,
-    which has no cuDNN form, what eager runs (fuse(avgpool_fc=False): torch's pooling, then the fc)."""
+    """{impl: run(x, r)} of what cuDNN (and for the stem, eager) runs for this layer, planned for
+    operands laid out as x and r; for the head, which has no cuDNN form, what eager runs
+    (fuse(avgpool_fc=False): torch's pooling, then the fc). The first computes what the layer
+    does (eager's stem, with a BatchNorm of its own, is there for its time alone)."""
     if isinstance(layer, FusedAvgPoolLinear):
-        return {"eager": lambda: kernels.avgpool_linear_reference(x, layer.weight, layer.bias)}
+        return {"eager": lambda x, r: kernels.avgpool_linear_reference(x, layer.weight, layer.bias)}
     with kernels.use_backend("cudnn"):
         plan = plan_of(layer, x, r)
     out = {"cudnn_fused": plan}
     if isinstance(layer, FusedConv2dMaxPool):
         weight = layer.weight
         bn = torch.nn.BatchNorm2d(weight.shape[0]).to(x.device, x.dtype).eval()
-        out["eager"] = lambda: F.max_pool2d(torch.relu(bn(F.conv2d(x, weight, None, layer.stride, layer.padding))),
-                                            layer.pool_size, layer.pool_stride, layer.pool_padding)
+        out["eager"] = lambda x, r: F.max_pool2d(torch.relu(bn(F.conv2d(x, weight, None, layer.stride, layer.padding))),
+                                                 layer.pool_size, layer.pool_stride, layer.pool_padding)
     return out
+
+
+# The most a config's output may differ from cuDNN's on the same operands (the largest difference
+# over the largest output): a few units in the last place of the output's dtype pass, a tile
+# that was not written or a wrong index does not.
+TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float32: 1e-2}
+
+
+class OutputCheck:
+    """What a layer must output on operands of its own (drawn apart from the timed ones, so that
+    memory left holding a timed run's output cannot pass for a result), and each config's error
+    against it. Each checked output is then filled with NaN, so that the next config cannot pass
+    by leaving some of it unwritten."""
+
+    def __init__(self, layer, x_shape, r_shape, dtype, device, seed):
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        self.x = torch.randn(x_shape, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
+        self.r = None if r_shape is None else torch.randn(r_shape, generator=g).to(device, dtype).contiguous(
+            memory_format=torch.channels_last)
+        run = next(iter(baselines(layer, self.x, self.r).values()))
+        self.expected = run(self.x, self.r).float()
+        self.scale = self.expected.abs().max().clamp_min(1e-6)
+        self.tolerance = TOLERANCE[dtype]
+
+    def error(self, run):
+        """The largest difference of run(x, r) from the expected output, over the largest expected
+        value (NaN where the output holds NaN or Inf)."""
+        out = run(self.x, self.r)
+        error = ((out.float() - self.expected).abs().max() / self.scale).item()
+        out.fill_(float("nan"))
+        return error
+
+    def passes(self, error):
+        return error <= self.tolerance  # False for NaN
 
 
 COMPILE_CHUNK = 12
@@ -292,7 +332,7 @@ def _compile_worker(task):
     for config in chosen:
         try:
             with forced(config):
-                plan_of(layer, x, r, pool_apart=bool(config.get("POOL_APART")))()
+                plan_of(layer, x, r, pool_apart=bool(config.get("POOL_APART")))(x, r)
         except Exception as err:  # a config that does not compile is skipped, and said so
             failed.append((config, f"{type(err).__name__}: {err}"[:200]))
     torch.cuda.synchronize()
@@ -382,25 +422,40 @@ def main(argv=None):
             break
         x, r = operands(layer, x_shape, r_shape, dtype, device)
         bad = [c for c, _ in failed]
+        check = OutputCheck(layer, x_shape, r_shape, dtype, device, seed=len(cases) + 1)
         by_plan = {}  # the best (ms, config, table entries) of each plan (plan_name: "direct" but for the stem)
         timed = []  # every config's time: with compile_report's counts of its compiled loop, what they predict
+        wrong = []  # configs whose output is not the layer's: never timed, never a winner
         for config in chosen:
             if config in bad:
                 continue
             with forced(config) as asked:
-                fn = plan_of(layer, x, r, pool_apart=bool((config or {}).get("POOL_APART")))
-                fn()  # binds the config
-            ms = kernel_ms(fn, cuda)
+                run = plan_of(layer, x, r, pool_apart=bool((config or {}).get("POOL_APART")))
+                error = check.error(run)  # the first call binds the config
+            if not check.passes(error):
+                wrong.append({"config": config, "error": error if math.isfinite(error) else repr(error)})
+                print(f"{name}: config {config} is WRONG (error {error:.3g} of the largest output, "
+                      f"tolerance {check.tolerance:g}); not timed", file=sys.stderr)
+                continue
+            ms = kernel_ms(lambda: run(x, r), cuda)
             timed.append({"config": config, "kernel_ms": round(ms, 5)})
             plan = plan_name(config)
             if plan not in by_plan or ms < by_plan[plan][0]:
                 by_plan[plan] = (ms, config, list(asked))
-        best = min(by_plan.values(), key=lambda b: b[0])
         label = describe(layer, x_shape)
         model_name = "resnet50-head" if isinstance(layer, FusedAvgPoolLinear) else "resnet50-conv"
         common = {"model": model_name, "layer": label, "dtype": args.dtype, "batch": batch}
+        if not by_plan:
+            print(f"{name}: no config compiled and gave the layer's output; nothing to time", file=sys.stderr)
+            cases.append({**common, "impl": "fused", "kernel_ms": None, "name": name, "wrong": wrong,
+                          "failed": [{"config": c, "error": e} for c, e in failed]})
+            save(cases + before)
+            continue
+        best = min(by_plan.values(), key=lambda b: b[0])
         fused = {**common, "impl": "fused", "kernel_ms": round(best[0], 5), "config": best[1],
-                 "configs_timed": len(chosen) - len(bad), "name": name, "timed": timed}
+                 "configs_timed": len(timed), "name": name, "timed": timed}
+        if wrong:
+            fused["wrong"] = wrong
         if len(by_plan) > 1:
             fused["by_plan"] = {plan: round(b[0], 5) for plan, b in by_plan.items()}
         cases.append(fused)
@@ -409,7 +464,7 @@ def main(argv=None):
                 winners[entry] = {k: v for k, v in (config or {}).items() if k not in PLAN_SWITCHES}
         if args.write_table and cuda and winners:
             configs.write_table(winners)  # layer by layer, should the run be stopped
-        base = {impl: kernel_ms(fn, cuda) for impl, fn in baselines(layer, x, r).items()}
+        base = {impl: kernel_ms(lambda: run(x, r), cuda) for impl, run in baselines(layer, x, r).items()}
         for impl, ms in base.items():
             cases.append({**common, "impl": impl, "kernel_ms": round(ms, 5), "name": name})
         save(cases + before)  # so far, should the run be stopped

@@ -106,3 +106,68 @@ def test_the_sweep_splits_k_where_the_batch_leaves_tiles_few():
         assert bool(split) == splits, name
         # split-K runs the gathered loop only
         assert all(c["FLAT_LOOP"] == 1 and c["USE_TMA"] == 0 and c["BOX_W"] == 0 for c in split)
+
+
+def test_the_sweep_never_times_or_keeps_a_config_whose_output_is_wrong(tmp_path, monkeypatch, capsys):
+    # A config that gives a wrong answer must not win on speed: here every space-to-depth config of
+    # the stem is made to scale its output, and the sweep reports them as wrong instead of timing them.
+    if HAS_CUDA:
+        pytest.skip("the CPU check of the harness")
+    import contextlib
+
+    sweep = load_sweep()
+    plan_of, forced = sweep.plan_of, sweep.forced
+    swept = {}  # the config the sweep is trying, while it tries it
+
+    @contextlib.contextmanager
+    def trying(config):
+        swept["config"] = config or {}
+        with forced(config) as asked:
+            yield asked
+        swept.clear()
+
+    def corrupted(layer, x, r, pool_apart=False):
+        run = plan_of(layer, x, r, pool_apart)
+        if swept.get("config", {}).get("SPACE_TO_DEPTH"):
+            return lambda x, r: run(x, r) * 1.5
+        return run
+
+    monkeypatch.setattr(sweep, "forced", trying)
+    monkeypatch.setattr(sweep, "plan_of", corrupted)
+    cases = sweep.main(["--device", "cpu", "--limit", "1", "--size", "32", "--json", str(tmp_path / "s.json")])
+    stem = next(c for c in cases if c["impl"] == "fused")
+    assert set(stem["by_plan"]) == {"direct", "pool_apart_direct"}
+    assert stem["configs_timed"] == 2 and len(stem["timed"]) == 2
+    assert [w["config"] for w in stem["wrong"]] == [{"SPACE_TO_DEPTH": 1}, {"SPACE_TO_DEPTH": 1, "POOL_APART": 1}]
+    assert all(0.3 < w["error"] < 0.6 for w in stem["wrong"])  # half the output's scale, near its largest value
+    assert "WRONG" in capsys.readouterr().err
+
+
+def test_the_output_check_fails_a_run_that_leaves_its_output_unwritten():
+    # The check fills each output it has read with NaN: a run that hands back memory it did not
+    # write (here, the same tensor again) fails the next check instead of passing on old contents.
+    import torch
+    import torchvision
+
+    sweep = load_sweep()
+
+    name, layer, x_shape, r_shape = sweep.distinct_layers(torchvision.models.resnet18(), 1, 16, torch.float32,
+                                                          "cpu")[2]
+    check = sweep.OutputCheck(layer, x_shape, r_shape, torch.float32, "cpu", seed=1)
+    with sweep.kernels.use_backend("reference"):
+        run = sweep.plan_of(layer, check.x, check.r)
+    kept = []
+
+    def writes_once(x, r):
+        if not kept:
+            kept.append(run(x, r))
+        return kept[0]
+
+    first = check.error(writes_once)
+    assert check.passes(first) and first < 1e-6, name
+    second = check.error(writes_once)
+    assert not check.passes(second), second
+    # and a run that is right each time passes each time
+    assert check.passes(check.error(run)) and check.passes(check.error(run))
+    # a wrong answer by a few percent fails
+    assert not check.passes(check.error(lambda x, r: run(x, r) * 1.05))
