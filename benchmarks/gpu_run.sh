@@ -3,6 +3,11 @@
 #
 #     bash benchmarks/gpu_run.sh STAGE [OUT_DIR]      (from the repository root)
 #
+#   lease    one call for a short lease (about 9 minutes in all, LEASE_S=540 seconds; a 15-minute
+#            lease spends 1-2 minutes starting the machine): the batch-256 sweep with the whole
+#            network before and after (as `sweep`, at most 330 s; its output check keeps wrong configs
+#            out of the table), then the quick gpu tests (as `check`, at most 150 s), then host times
+#            (as `host`) in what is left; a step that would not fit is skipped and said so
 #   check    install in place without network, then the quick gpu-marked tests (compiled kernels)
 #   archs16  the slow gpu test: every architecture compiled and run in fp16 and bf16
 #   archs32  the same in fp32, TF32 off and on
@@ -16,24 +21,25 @@
 #   network  the whole resnet50 in fp16 at batch 256 beside eager, torch.compile and cuDNN
 #   first    first forward of resnet50 fp16 at batch 256 in a new process, cold and warm caches
 #
-# Where GPU time is short, in this order: check, sweep (its table serves every later stage; copy it
-# to kernels/ and commit), host, first, then sweep1, network, archs16, archs32.
+# With a 15-minute lease: `lease` (copy the table it returns to kernels/ and commit it). With more,
+# in this order: check, sweep (its table serves every later stage), host, first, then sweep1,
+# network, archs16, archs32.
 #
 # Results files (JSON with provenance) go to OUT_DIR, default benchmarks/results/; each stage
 # prints a short table last. Stages write as they go, so one stopped part-way keeps what it measured.
 # Afterwards: `python benchmarks/report.py --readme README.md` renders the README's results table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?"usage: bash benchmarks/gpu_run.sh check|archs16|archs32|sweep|sweep1|host|network|first [OUT_DIR]"}
+stage=${1:?"usage: bash benchmarks/gpu_run.sh lease|check|archs16|archs32|sweep|sweep1|host|network|first [OUT_DIR]"}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
-stages="check archs16 archs32 sweep sweep1 host network first"
+stages="lease check archs16 archs32 sweep sweep1 host network first"
 if [[ " $stages " != *" $stage "* ]]; then
   echo "gpu_run.sh: unknown stage '$stage' (${stages// /, })" >&2
   exit 2
 fi
 # Installed in place, without network, by the first stage that runs on a fresh machine.
-if [ "$stage" = check ] || ! python3 -c "import fused_resnet" 2>/dev/null; then
+if [ "$stage" = check ] || [ "$stage" = lease ] || ! python3 -c "import fused_resnet" 2>/dev/null; then
   python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 fi
 # Results files are named by date and GPU family, as the config table names it ("h100").
@@ -41,12 +47,51 @@ gpu=$(python3 -c "import torch; from fused_resnet.kernels import configs
 print(configs.gpu_family(torch.cuda.get_device_name()).lower() if torch.cuda.is_available() else 'cpu')" \
   2>/dev/null || echo cpu)
 tag="$(date -u +%F)-$gpu"
+export out tag
+
+# The quick gpu-marked tests, cut at $1 seconds; their log is kept (a cut run writes no XML).
+gpu_tests() {
+  timeout "$1" python3 -m pytest -m "gpu and not slow" -v --durations=10 -p no:cacheprovider -rf \
+    --junitxml "$out/$tag-gpu-tests.xml" > "$out/$tag-gpu-tests.log" 2>&1
+  echo "gpu tests: exit $? after $2; $(grep -cE ' PASSED' "$out/$tag-gpu-tests.log") passed," \
+    "$(grep -cE ' (FAILED|ERROR)' "$out/$tag-gpu-tests.log") failed or errors (log: $tag-gpu-tests.log)"
+  tail -n 25 "$out/$tag-gpu-tests.log"
+}
+# The sweep at batch 256 (seconds for its timing: $1); it writes its results and the table as it goes.
+sweep256() {
+  python3 benchmarks/sweep_convs.py --json "$out/$tag-sweep.json" --write-table --budget "$1" \
+    --network fused cudnn_fused eager_channels_last
+}
+# Host time per forward and batch-1 latency, eager and fused, with and without CUDA graphs.
+host_times() {
+  python3 -m pytest benchmarks/test_host.py benchmarks/test_network.py -q -p no:cacheprovider --results "$out" \
+    -k "test_host or (resnet50 and float16 and not bfloat16 and b1 and not compile)"
+}
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 
 case "$stage" in
+  lease)
+    deadline=$((SECONDS + ${LEASE_S:-540}))
+    left() { echo $((deadline - SECONDS)); }
+    # The sweep saves layer by layer; stopped at its cut, what it measured and the table are kept.
+    cut=$(( $(left) < 330 ? $(left) : 330 ))
+    timeout "$cut" bash -c "$(declare -f sweep256); sweep256 200" > "$out/$tag-sweep.log" 2>&1
+    cp kernels/tuned_configs.json "$out/tuned_configs.json"
+    cut=$(( $(left) - 10 < 150 ? $(left) - 10 : 150 ))
+    if [ "$cut" -ge 60 ]; then gpu_tests "$cut" "${cut} s at most"; else echo "gpu tests skipped: ${cut} s left"; fi
+    cut=$(( $(left) - 5 ))
+    if [ "$cut" -ge 90 ]; then
+      timeout "$cut" bash -c "$(declare -f host_times); host_times" > "$out/$tag-host.log" 2>&1
+      tail -n 8 "$out/$tag-host.log"
+    else
+      echo "host times skipped: ${cut} s left"
+    fi
+    echo "== sweep (log: $tag-sweep.log) =="
+    grep -E "WRONG|compiled|budget|no config" "$out/$tag-sweep.log" | head -20
+    tail -n 32 "$out/$tag-sweep.log"
+    ;;
   check)
-    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-    timeout 540 python3 -m pytest -m "gpu and not slow" -v --durations=10 -p no:cacheprovider -rf \
-      --junitxml "$out/$tag-gpu-tests.xml" 2>&1 | tail -40
+    gpu_tests 540 "540 s at most"
     ;;
   archs16|archs32)
     if [ "$stage" = archs16 ]; then precisions="float16"; else precisions="float32 or tf32"; fi
@@ -56,8 +101,7 @@ case "$stage" in
   sweep)
     # The sweep writes its results file and the table layer by layer; stopped at 540 s, what it
     # measured is kept, and the table still reaches OUT_DIR.
-    timeout 540 python3 benchmarks/sweep_convs.py --json "$out/$tag-sweep.json" --write-table --budget 300 \
-      --network fused cudnn_fused eager_channels_last
+    timeout 540 bash -c "$(declare -f sweep256); sweep256 300"
     cp kernels/tuned_configs.json "$out/tuned_configs.json"
     ;;
   sweep1)
@@ -65,8 +109,7 @@ case "$stage" in
     cp kernels/tuned_configs.json "$out/tuned_configs.json"
     ;;
   host)
-    python3 -m pytest benchmarks/test_host.py benchmarks/test_network.py -q -p no:cacheprovider --results "$out" \
-      -k "test_host or (resnet50 and float16 and not bfloat16 and b1 and not compile)" 2>&1 | tail -40
+    host_times 2>&1 | tail -40
     ;;
   network)
     # torch.compile (max-autotune) apart and last: its tuning may take minutes.
