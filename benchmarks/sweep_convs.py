@@ -27,11 +27,14 @@ shortcuts), in the shapes the fused model launches, and for the head (average po
    {"model": "resnet50-conv" (the head: "resnet50-head"), "layer", "impl": "fused" | "cudnn_fused" |
    "eager", "dtype", "batch", "kernel_ms", "config"} are written with the run's provenance (each
    fused case adds "timed", every config with its time, "wrong", each config that failed the
-   check with its error, and the stem's "by_plan"); `--write-table`
-   merges the winners (of each plan) into kernels/tuned_configs.json, so that plans on this GPU
-   find them;
+   check with its error, "failed", each that did not compile or run, and the stem's "by_plan");
+   `--write-table` merges the winners (of each plan) into kernels/tuned_configs.json, so that
+   plans on this GPU find them;
 4. with `--network`, the whole resnet50 is timed (median of CUDA-event timings) for the
-   implementations named there, before the sweep and after it (with the table it wrote in force).
+   implementations named there, before the sweep and after it (with the table it wrote in force;
+   the fused model's case adds "warmup_s", the seconds fused_resnet.warmup took, which before the
+   sweep on a fresh machine means compiling into empty caches and tuning without a table); an
+   implementation that fails is a case with its "error", and the others are timed all the same.
 
 `--device cpu` runs the same harness under the Triton interpreter at a tiny size, with one config
 per layer and wall-clock times: a check of the harness, not a measurement.
@@ -349,18 +352,37 @@ def precompile(tasks, workers):
 
 def time_network(model, impls, dtype, device, batch, size, when):
     """Whole-network cases (median of 20 CUDA-event timings) for `impls`, tagged before or after
-    the sweep's table is written."""
+    the sweep's table is written; the fused model's with the seconds its warm-up took (compiling,
+    and choosing configs where the table has none). An implementation that fails is a case with
+    its error, and the others are timed all the same."""
     cases = []
     if not impls:
         return cases
+    common = {"model": "resnet50", "dtype": str(dtype).removeprefix("torch."), "batch": batch, "size": size,
+              "when": when}
     ready, _ = bench.build_impls(model, impls, dtype, device, batch, size)
-    if "fused" in ready and device.type == "cuda":
-        warmup(*ready["fused"])  # its kernels compiled in parallel, not one by one in the first timed call
     for impl, (fn, x) in ready.items():
-        median, _ = bench.time_impl(fn, x, iters=20)
-        cases.append({"model": "resnet50", "impl": impl, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
-                      "size": size, "median_ms": round(median, 4), "when": when})
+        try:
+            extra = {}
+            if impl == "fused" and device.type == "cuda":
+                # its kernels compiled in parallel, not one by one in the first timed call
+                extra["warmup_s"] = round(warmup(fn, x), 2)
+            median, _ = bench.time_impl(fn, x, iters=20)
+        except Exception as err:
+            if fatal(err):
+                raise
+            print(f"network {impl} ({when}) failed: {type(err).__name__}: {err}", file=sys.stderr)
+            cases.append({**common, "impl": impl, "error": f"{type(err).__name__}: {err}"[:300]})
+            continue
+        cases.append({**common, "impl": impl, "median_ms": round(median, 4), **extra})
     return cases
+
+
+def fatal(err):
+    """Whether `err` leaves the GPU unusable for this process (a fault inside a kernel), so that
+    nothing after it can be measured."""
+    text = str(err)
+    return "illegal" in text or "CUDA error" in text or "unspecified launch failure" in text
 
 
 def main(argv=None):
@@ -429,15 +451,23 @@ def main(argv=None):
         for config in chosen:
             if config in bad:
                 continue
-            with forced(config) as asked:
-                run = plan_of(layer, x, r, pool_apart=bool((config or {}).get("POOL_APART")))
-                error = check.error(run)  # the first call binds the config
+            try:
+                with forced(config) as asked:
+                    run = plan_of(layer, x, r, pool_apart=bool((config or {}).get("POOL_APART")))
+                    error = check.error(run)  # the first call binds the config
+                if check.passes(error):
+                    ms = kernel_ms(lambda: run(x, r), cuda)
+            except Exception as err:  # one config that fails to run is said so; a fault in the GPU ends the sweep
+                if fatal(err):
+                    raise
+                failed.append((config, f"{type(err).__name__}: {err}"[:200]))
+                print(f"{name}: config {config} failed: {failed[-1][1]}", file=sys.stderr)
+                continue
             if not check.passes(error):
                 wrong.append({"config": config, "error": error if math.isfinite(error) else repr(error)})
                 print(f"{name}: config {config} is WRONG (error {error:.3g} of the largest output, "
                       f"tolerance {check.tolerance:g}); not timed", file=sys.stderr)
                 continue
-            ms = kernel_ms(lambda: run(x, r), cuda)
             timed.append({"config": config, "kernel_ms": round(ms, 5)})
             plan = plan_name(config)
             if plan not in by_plan or ms < by_plan[plan][0]:
@@ -456,6 +486,8 @@ def main(argv=None):
                  "configs_timed": len(timed), "name": name, "timed": timed}
         if wrong:
             fused["wrong"] = wrong
+        if failed:
+            fused["failed"] = [{"config": c, "error": e} for c, e in failed]
         if len(by_plan) > 1:
             fused["by_plan"] = {plan: round(b[0], 5) for plan, b in by_plan.items()}
         cases.append(fused)
@@ -490,7 +522,8 @@ def main(argv=None):
         print(f"geomean over {len(ratios)} convs: fused at {geomean:.2f}x cuDNN's speed"
               + ("" if cuda else " (CPU, interpreted: a check of the harness, not a measurement)"))
     for c in network:
-        print(f"network {c['impl']:<24}{c['when']:<8}{c['median_ms']:>10.3f} ms")
+        timed = f"{c['median_ms']:>10.3f} ms" if "median_ms" in c else f"  failed: {c['error'][:60]}"
+        print(f"network {c['impl']:<24}{c['when']:<8}{timed}" + (f"  (warm-up {c['warmup_s']} s)" if "warmup_s" in c else ""))
     save(cases)
     return cases
 

@@ -171,3 +171,40 @@ def test_the_output_check_fails_a_run_that_leaves_its_output_unwritten():
     assert check.passes(check.error(run)) and check.passes(check.error(run))
     # a wrong answer by a few percent fails
     assert not check.passes(check.error(lambda x, r: run(x, r) * 1.05))
+
+
+def test_a_config_or_network_that_fails_to_run_is_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch, capsys):
+    # A GPU run is short: one config or one implementation that fails must not cost the rest of it.
+    if HAS_CUDA:
+        pytest.skip("the CPU check of the harness")
+    sweep = load_sweep()
+    plan_of = sweep.plan_of
+    message = "no such plan here"
+
+    def failing(layer, x, r, pool_apart=False):  # the stem's configs with its pooling apart fail
+        if pool_apart:
+            raise RuntimeError(message)
+        return plan_of(layer, x, r, pool_apart)
+
+    def unusable(*args, **kwargs):
+        raise ValueError("not timed today")
+
+    monkeypatch.setattr(sweep, "plan_of", failing)
+    monkeypatch.setattr(sweep.bench, "time_impl", unusable)
+    out = tmp_path / "s.json"
+    cases = sweep.main(["--device", "cpu", "--limit", "1", "--size", "32", "--json", str(out), "--network",
+                        "eager_channels_last"])
+    stem = next(c for c in cases if c["impl"] == "fused")
+    assert set(stem["by_plan"]) == {"direct", "space_to_depth"} and stem["configs_timed"] == 2
+    assert [f["config"] for f in stem["failed"]] == [{"POOL_APART": 1}, {"SPACE_TO_DEPTH": 1, "POOL_APART": 1}]
+    assert all("no such plan here" in f["error"] for f in stem["failed"])
+    network = [c for c in cases if c["model"] == "resnet50"]
+    assert [(c["impl"], c["when"]) for c in network] == [("eager_channels_last", "before"),
+                                                         ("eager_channels_last", "after")]
+    assert all("not timed today" in c["error"] and "median_ms" not in c for c in network)
+    assert "failed: ValueError" in capsys.readouterr().out
+
+    # A fault in the GPU leaves nothing to measure: the sweep stops there.
+    message = "CUDA error: an illegal memory access was encountered"
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        sweep.main(["--device", "cpu", "--limit", "1", "--size", "32"])
