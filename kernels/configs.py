@@ -9,7 +9,8 @@ op, dtype, shape key):
    compiles one config and benchmarks nothing;
 2. the disk cache, configs.json under $FUSED_RESNET_CACHE_DIR (default
    ~/.cache/fused_resnet), where earlier processes stored what they tuned;
-3. otherwise `candidates()` gives at most four configs for the shape class, each is timed once,
+3. the table's entry for the same chip under another name (SAME_CHIP: an H100 takes an H200's);
+4. otherwise `candidates()` gives at most four configs for the shape class, each is timed once,
    and the fastest is stored in the disk cache for every later process.
 
 Shape keys hold the layer's sizes (channels, kernel, strides, map) exactly and the batch only
@@ -65,15 +66,28 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("FUSED_RESNET_CACHE_DIR") or pathlib.Path.home() / ".cache" / "fused_resnet")
 
 
+# GPU families that are one chip under two names: the H200 is the H100's GH100 (the SXM parts both
+# with 132 SMs) with more and faster memory. Where the table has no entry for one, the other's
+# serves before anything is tuned: a config swept there over dozens of candidates is a better
+# first guess than the few candidates a first call would time.
+SAME_CHIP = {"H100": "H200", "H200": "H100"}
+
+
 def lookup(gpu: str, op: str, dtype: str, key: str):
-    """The config for this launch from the shipped table or the disk cache, or None."""
+    """The config for this launch from the shipped table or the disk cache, or None; where neither
+    has one for this GPU, the shipped table's for the same chip under another name (SAME_CHIP)."""
     entry = (gpu, op, dtype, key)
     if _forced is not None:
         _forced[1].append(entry)
         return _forced[0]
     with _lock:
-        found = _load_table().get(entry)
-        return found if found is not None else _load_cache().get(entry)
+        table = _load_table()
+        found = table.get(entry)
+        if found is None:
+            found = _load_cache().get(entry)
+        if found is None and gpu in SAME_CHIP:
+            found = table.get((SAME_CHIP[gpu], op, dtype, key))
+        return found
 
 
 def remember(gpu: str, op: str, dtype: str, key: str, config: dict):

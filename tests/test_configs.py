@@ -377,3 +377,20 @@ def test_split_k_where_few_tiles_run_long_loops():
     # a split launch takes its scratch after the tensors: partial tiles in fp32, int32 counts
     assert found[1][17] == (("tensor", torch.float32, True), ("tensor", torch.int32, True))
     assert found[64][1] == (("none",), ("none",))
+
+
+def test_an_h100_takes_the_h200s_entry_where_it_has_none_of_its_own(fresh):
+    # One chip under two names: what the sweep tuned on the one serves the other before anything is
+    # timed; the GPU's own entry, in the table or in its cache, comes first; other GPUs take nothing.
+    table = fresh / "tuned_configs.json"
+    rows = json.loads(table.read_text())["entries"]
+    rows += [{"gpu": "H200", "op": "add_relu_test", "dtype": "float32", "key": k, "config": {"BLOCK_SIZE": 1024}}
+             for k in ("shipped", "only_h200")]
+    table.write_text(json.dumps({"version": 1, "entries": rows}))
+    assert configs.lookup("H100", "add_relu_test", "float32", "shipped") == {"BLOCK_SIZE": 512, "num_warps": 4}
+    assert configs.lookup("H100", "add_relu_test", "float32", "only_h200") == {"BLOCK_SIZE": 1024}
+    assert configs.lookup("H200", "add_relu_test", "float32", "shipped") == {"BLOCK_SIZE": 1024}
+    assert configs.lookup("A100", "add_relu_test", "float32", "only_h200") is None
+    assert configs.lookup("H100", "add_relu_test", "float16", "only_h200") is None
+    configs.remember("H100", "add_relu_test", "float32", "only_h200", {"BLOCK_SIZE": 128})
+    assert configs.lookup("H100", "add_relu_test", "float32", "only_h200") == {"BLOCK_SIZE": 128}
