@@ -17,9 +17,12 @@ import sys
 import pytest
 import torch
 
+from fused_resnet import bench
+
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 _CASES = []
+bench.tuned_cudnn(DEVICE)  # every eager and cuDNN baseline here runs cuDNN's fastest algorithm
 
 
 def pytest_addoption(parser):
@@ -82,9 +85,7 @@ def pytest_sessionfinish(session, exitstatus):
     out_dir = session.config.getoption("--results")
     if not out_dir or not _CASES:
         return
-    from fused_resnet.bench import provenance
-
-    prov = provenance("pytest " + shlex.join(sys.argv[1:]), DEVICE)
+    prov = bench.provenance("pytest " + shlex.join(sys.argv[1:]), DEVICE)
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", prov["gpu"] or "cpu").strip("-").lower()
     os.makedirs(out_dir, exist_ok=True)
     stem = os.path.join(out_dir, f"{prov['date'][:10]}-{gpu}-{prov['commit'] or 'nocommit'}")

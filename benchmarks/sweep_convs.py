@@ -44,6 +44,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import copy
+import functools
 import math
 import multiprocessing
 import os
@@ -406,6 +407,7 @@ def main(argv=None):
     size = args.size or (224 if cuda else 32)
     dtype = bench.DTYPES[args.dtype]
     device = torch.device(args.device)
+    bench.tuned_cudnn(device)  # cuDNN's fastest algorithm for each baseline
     torch.manual_seed(0)
     model = synthetic_batchnorm(torchvision.models.resnet50(), size=32)
     layers = distinct_layers(model, batch, size, dtype, device)[: args.limit]
@@ -456,7 +458,7 @@ def main(argv=None):
                     run = plan_of(layer, x, r, pool_apart=bool((config or {}).get("POOL_APART")))
                     error = check.error(run)  # the first call binds the config
                 if check.passes(error):
-                    ms = kernel_ms(lambda: run(x, r), cuda)
+                    ms = kernel_ms(functools.partial(run, x, r), cuda)
             except Exception as err:  # one config that fails to run is said so; a fault in the GPU ends the sweep
                 if fatal(err):
                     raise
@@ -496,7 +498,7 @@ def main(argv=None):
                 winners[entry] = {k: v for k, v in (config or {}).items() if k not in PLAN_SWITCHES}
         if args.write_table and cuda and winners:
             configs.write_table(winners)  # layer by layer, should the run be stopped
-        base = {impl: kernel_ms(lambda: run(x, r), cuda) for impl, run in baselines(layer, x, r).items()}
+        base = {impl: kernel_ms(functools.partial(run, x, r), cuda) for impl, run in baselines(layer, x, r).items()}
         for impl, ms in base.items():
             cases.append({**common, "impl": impl, "kernel_ms": round(ms, 5), "name": name})
         save(cases + before)  # so far, should the run be stopped
@@ -523,7 +525,8 @@ def main(argv=None):
               + ("" if cuda else " (CPU, interpreted: a check of the harness, not a measurement)"))
     for c in network:
         timed = f"{c['median_ms']:>10.3f} ms" if "median_ms" in c else f"  failed: {c['error'][:60]}"
-        print(f"network {c['impl']:<24}{c['when']:<8}{timed}" + (f"  (warm-up {c['warmup_s']} s)" if "warmup_s" in c else ""))
+        warm = f"  (warm-up {c['warmup_s']} s)" if "warmup_s" in c else ""
+        print(f"network {c['impl']:<24}{c['when']:<8}{timed}{warm}")
     save(cases)
     return cases
 

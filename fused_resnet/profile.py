@@ -253,6 +253,7 @@ def profile(model, *, batch, size, dtype, device, iters=20, ablation=True, progr
     roof_info = roof(device, dtype)
     ref = fused = None
     if measured:
+        bench.tuned_cudnn(device)
         ref = copy.deepcopy(model).to(device, dtype).to(memory_format=torch.channels_last).eval()
         progress("compiling the fused model's kernels")
         # in parallel, up front: the rows below call its layers one by one, which CompileAhead does not see

@@ -149,3 +149,19 @@ def test_weights_from_a_state_dict_file(tmp_path, capsys):
     with kernels.use_backend("reference"):
         cli.main(["verify", "--arch", "resnet18", "--batch", "1", "--size", "32", "--weights", str(path), "--quiet"])
     assert f"state_dict from {path}" in capsys.readouterr().out
+
+
+def test_cudnn_baselines_run_cudnns_fastest_algorithm(monkeypatch):
+    # A baseline timed against tuned kernels must be tuned too: on a GPU every timing path turns on
+    # cuDNN's own search for the fastest algorithm, and the results file says whether it was on.
+    import torch
+
+    from fused_resnet import bench
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    bench.tuned_cudnn(torch.device("cpu"))
+    assert torch.backends.cudnn.benchmark is False and bench.provenance("x", torch.device("cpu"))[
+        "cudnn_benchmark"] is False
+    bench.tuned_cudnn(torch.device("cuda"))
+    assert torch.backends.cudnn.benchmark is True
+    assert bench.provenance("x", torch.device("cpu"))["cudnn_benchmark"] is True
