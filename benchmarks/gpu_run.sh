@@ -48,6 +48,7 @@ print(configs.gpu_family(torch.cuda.get_device_name()).lower() if torch.cuda.is_
   2>/dev/null || echo cpu)
 tag="$(date -u +%F)-$gpu"
 export out tag
+export PYTHONUNBUFFERED=1  # logs keep their order, and a step cut at its limit keeps what it printed
 
 # The quick gpu-marked tests, cut at $1 seconds; their log is kept (a cut run writes no XML).
 gpu_tests() {
@@ -87,8 +88,8 @@ case "$stage" in
       echo "host times skipped: ${cut} s left"
     fi
     echo "== sweep (log: $tag-sweep.log) =="
-    grep -E "WRONG|compiled|budget|no config" "$out/$tag-sweep.log" | head -20
-    tail -n 32 "$out/$tag-sweep.log"
+    grep -E "WRONG|failed|compiled|budget|no config" "$out/$tag-sweep.log" | head -20
+    tail -n 40 "$out/$tag-sweep.log"
     ;;
   check)
     gpu_tests 540 "540 s at most"
