@@ -457,15 +457,14 @@ def main(argv=None):
                 with forced(config) as asked:
                     run = plan_of(layer, x, r, pool_apart=bool((config or {}).get("POOL_APART")))
                     error = check.error(run)  # the first call binds the config
-                if check.passes(error):
-                    ms = kernel_ms(functools.partial(run, x, r), cuda)
+                ms = kernel_ms(functools.partial(run, x, r), cuda) if check.passes(error) else None
             except Exception as err:  # one config that fails to run is said so; a fault in the GPU ends the sweep
                 if fatal(err):
                     raise
                 failed.append((config, f"{type(err).__name__}: {err}"[:200]))
                 print(f"{name}: config {config} failed: {failed[-1][1]}", file=sys.stderr)
                 continue
-            if not check.passes(error):
+            if ms is None:
                 wrong.append({"config": config, "error": error if math.isfinite(error) else repr(error)})
                 print(f"{name}: config {config} is WRONG (error {error:.3g} of the largest output, "
                       f"tolerance {check.tolerance:g}); not timed", file=sys.stderr)
@@ -477,19 +476,16 @@ def main(argv=None):
         label = describe(layer, x_shape)
         model_name = "resnet50-head" if isinstance(layer, FusedAvgPoolLinear) else "resnet50-conv"
         common = {"model": model_name, "layer": label, "dtype": args.dtype, "batch": batch}
+        unfit = {"wrong": wrong, "failed": [{"config": c, "error": e} for c, e in failed]}
+        unfit = {k: v for k, v in unfit.items() if v}
         if not by_plan:
             print(f"{name}: no config compiled and gave the layer's output; nothing to time", file=sys.stderr)
-            cases.append({**common, "impl": "fused", "kernel_ms": None, "name": name, "wrong": wrong,
-                          "failed": [{"config": c, "error": e} for c, e in failed]})
+            cases.append({**common, "impl": "fused", "kernel_ms": None, "name": name, **unfit})
             save(cases + before)
             continue
         best = min(by_plan.values(), key=lambda b: b[0])
         fused = {**common, "impl": "fused", "kernel_ms": round(best[0], 5), "config": best[1],
-                 "configs_timed": len(timed), "name": name, "timed": timed}
-        if wrong:
-            fused["wrong"] = wrong
-        if failed:
-            fused["failed"] = [{"config": c, "error": e} for c, e in failed]
+                 "configs_timed": len(timed), "name": name, "timed": timed, **unfit}
         if len(by_plan) > 1:
             fused["by_plan"] = {plan: round(b[0], 5) for plan, b in by_plan.items()}
         cases.append(fused)
@@ -524,9 +520,9 @@ def main(argv=None):
         print(f"geomean over {len(ratios)} convs: fused at {geomean:.2f}x cuDNN's speed"
               + ("" if cuda else " (CPU, interpreted: a check of the harness, not a measurement)"))
     for c in network:
-        timed = f"{c['median_ms']:>10.3f} ms" if "median_ms" in c else f"  failed: {c['error'][:60]}"
+        shown = f"{c['median_ms']:>10.3f} ms" if "median_ms" in c else f"  failed: {c['error'][:60]}"
         warm = f"  (warm-up {c['warmup_s']} s)" if "warmup_s" in c else ""
-        print(f"network {c['impl']:<24}{c['when']:<8}{timed}{warm}")
+        print(f"network {c['impl']:<24}{c['when']:<8}{shown}{warm}")
     save(cases)
     return cases
 
