@@ -26,10 +26,10 @@ shortcuts), in the shapes the fused model launches, and for the head (average po
    plan too, which settles igemm.SPACE_TO_DEPTH and fuse's stem_maxpool), and the cases
    {"model": "resnet50-conv" (the head: "resnet50-head"), "layer", "impl": "fused" | "cudnn_fused" |
    "eager", "dtype", "batch", "kernel_ms", "config"} are written with the run's provenance (each
-   fused case adds "timed", every config with its time, "wrong", each config that failed the
-   check with its error, "failed", each that did not compile or run, and the stem's "by_plan");
-   `--write-table` merges the winners (of each plan) into kernels/tuned_configs.json, so that
-   plans on this GPU find them;
+   fused case adds "timed", every config with its time and its error against cuDNN, "wrong", each
+   config that failed the check with its error, "failed", each that did not compile or run, and
+   the stem's "by_plan"); `--write-table` merges the winners (of each plan) into
+   kernels/tuned_configs.json, so that plans on this GPU find them;
 4. with `--network`, the whole resnet50 is timed (median of CUDA-event timings) for the
    implementations named there, before the sweep and after it (with the table it wrote in force;
    the fused model's case adds "warmup_s", the seconds fused_resnet.warmup took, which before the
@@ -469,7 +469,7 @@ def main(argv=None):
                 print(f"{name}: config {config} is WRONG (error {error:.3g} of the largest output, "
                       f"tolerance {check.tolerance:g}); not timed", file=sys.stderr)
                 continue
-            timed.append({"config": config, "kernel_ms": round(ms, 5)})
+            timed.append({"config": config, "kernel_ms": round(ms, 5), "error": float(f"{error:.3g}")})
             plan = plan_name(config)
             if plan not in by_plan or ms < by_plan[plan][0]:
                 by_plan[plan] = (ms, config, list(asked))
