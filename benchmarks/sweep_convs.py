@@ -343,12 +343,25 @@ def _compile_worker(task):
     return failed
 
 
-def precompile(tasks, workers):
+def precompile(tasks, workers, work=_compile_worker):
+    """Each task's configs that failed to compile, [(config, error)], compiled by work(task) in
+    `workers` processes. Should a worker die (a crash inside the compiler), the tasks not yet done
+    are left to compile where they are timed, and the sweep goes on."""
     if workers <= 1 or not tasks:
-        return [_compile_worker(t) for t in tasks]
+        return [work(t) for t in tasks]
     context = multiprocessing.get_context("spawn")
+    results, lost = [[] for _ in tasks], 0
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        return list(pool.map(_compile_worker, tasks))
+        futures = {pool.submit(work, task): i for i, task in enumerate(tasks)}
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                results[futures[future]] = future.result()
+            except concurrent.futures.process.BrokenProcessPool:
+                lost += 1
+    if lost:
+        print(f"a compile worker died: the configs of {lost} of {len(tasks)} chunks compile when timed",
+              file=sys.stderr)
+    return results
 
 
 def time_network(model, impls, dtype, device, batch, size, when):

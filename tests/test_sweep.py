@@ -212,3 +212,24 @@ def test_a_config_or_network_that_fails_to_run_is_recorded_and_the_sweep_goes_on
     message = "CUDA error: an illegal memory access was encountered"
     with pytest.raises(RuntimeError, match="illegal memory access"):
         sweep.main(["--device", "cpu", "--limit", "1", "--size", "32"])
+
+
+def exits_at_task_1(task):
+    """A compile worker for the test below: task 1 ends its process as a crashing compiler would."""
+    import os
+
+    if task == 1:
+        os._exit(3)
+    return [(task, "no fit")]
+
+
+def test_a_compile_worker_that_dies_costs_the_sweep_its_unfinished_chunks_only(capsys):
+    # A crash inside the compiler kills its worker process, and with it the pool: the chunks not
+    # done are left to compile when timed (empty failure lists) instead of ending the sweep.
+    sweep = load_sweep()
+    results = sweep.precompile([0, 1, 2, 3, 4, 5], 2, work=exits_at_task_1)
+    assert len(results) == 6 and results[1] == []
+    assert all(r in ([], [(i, "no fit")]) for i, r in enumerate(results))
+    assert "a compile worker died" in capsys.readouterr().err
+    # one process, nothing dies: every task's own result
+    assert sweep.precompile([0, 2], 1, work=exits_at_task_1) == [[(0, "no fit")], [(2, "no fit")]]
