@@ -6,8 +6,9 @@
 #   lease    one call for a short lease (about 9 minutes in all, LEASE_S=540 seconds; a 15-minute
 #            lease spends 1-2 minutes starting the machine): the batch-256 sweep with the whole
 #            network before and after (as `sweep`, at most 330 s; its output check keeps wrong configs
-#            out of the table), then the quick gpu tests (as `check`, at most 150 s), then host times
-#            (as `host`) in what is left; a step that would not fit is skipped and said so
+#            out of the table), then the quick gpu tests (as `check`, at most 120 s), then in what is
+#            left the fp16 first call, cold and warm, with the new table (as `first`), and host times
+#            (as `host`); a step that would not fit is skipped and said so. At most 8 files in OUT_DIR
 #   check    install in place without network, then the quick gpu-marked tests (compiled kernels)
 #   archs16  the slow gpu test: every architecture compiled and run in fp16 and bf16
 #   archs32  the same in fp32, TF32 off and on
@@ -50,10 +51,11 @@ tag="$(date -u +%F)-$gpu"
 export out tag
 export PYTHONUNBUFFERED=1  # logs keep their order, and a step cut at its limit keeps what it printed
 
-# The quick gpu-marked tests, cut at $1 seconds; their log is kept (a cut run writes no XML).
+# The quick gpu-marked tests, cut at $1 seconds; their log is kept (a cut run writes no XML), and
+# with a third argument their JUnit XML too.
 gpu_tests() {
   timeout "$1" python3 -m pytest -m "gpu and not slow" -v --durations=10 -p no:cacheprovider -rf \
-    --junitxml "$out/$tag-gpu-tests.xml" > "$out/$tag-gpu-tests.log" 2>&1
+    ${3:+--junitxml "$out/$tag-gpu-tests.xml"} > "$out/$tag-gpu-tests.log" 2>&1
   echo "gpu tests: exit $? after $2; $(grep -cE ' PASSED' "$out/$tag-gpu-tests.log") passed," \
     "$(grep -cE ' (FAILED|ERROR)' "$out/$tag-gpu-tests.log") failed or errors (log: $tag-gpu-tests.log)"
   tail -n 25 "$out/$tag-gpu-tests.log"
@@ -62,6 +64,12 @@ gpu_tests() {
 sweep256() {
   python3 benchmarks/sweep_convs.py --json "$out/$tag-sweep.json" --write-table --budget "$1" \
     --network fused cudnn_fused eager_channels_last
+}
+# The first forward of resnet50 fp16 at batch 256 in a new process, with cold caches (the shipped
+# table in force) and then warm ones; each child cut at $1 seconds.
+first_calls() {
+  python3 benchmarks/first_call.py --arch resnet50 --dtype float16 --how $2 --timeout "$1" \
+    --json "$out/$tag-first-call.json"
 }
 # Host time per forward and batch-1 latency, eager and fused, with and without CUDA graphs.
 host_times() {
@@ -78,8 +86,16 @@ case "$stage" in
     cut=$(( $(left) < 330 ? $(left) : 330 ))
     timeout "$cut" bash -c "$(declare -f sweep256); sweep256 200" > "$out/$tag-sweep.log" 2>&1
     cp kernels/tuned_configs.json "$out/tuned_configs.json"
-    cut=$(( $(left) - 10 < 150 ? $(left) - 10 : 150 ))
+    cut=$(( $(left) - 10 < 120 ? $(left) - 10 : 120 ))
     if [ "$cut" -ge 60 ]; then gpu_tests "$cut" "${cut} s at most"; else echo "gpu tests skipped: ${cut} s left"; fi
+    # The first call, now that the sweep's table is in force; then host times, which write
+    # their results file only when they finish, so they run only with time for it.
+    cut=$(( $(left) - 5 ))
+    if [ "$cut" -ge 100 ]; then
+      timeout "$cut" bash -c "$(declare -f first_calls); first_calls 80 forward"
+    else
+      echo "first calls skipped: ${cut} s left"
+    fi
     cut=$(( $(left) - 5 ))
     if [ "$cut" -ge 90 ]; then
       timeout "$cut" bash -c "$(declare -f host_times); host_times" > "$out/$tag-host.log" 2>&1
@@ -92,7 +108,7 @@ case "$stage" in
     tail -n 40 "$out/$tag-sweep.log"
     ;;
   check)
-    gpu_tests 540 "540 s at most"
+    gpu_tests 540 "540 s at most" xml
     ;;
   archs16|archs32)
     if [ "$stage" = archs16 ]; then precisions="float16"; else precisions="float32 or tf32"; fi
@@ -120,7 +136,6 @@ case "$stage" in
       -k "resnet50 and float16 and not bfloat16 and b256 and compile" 2>&1 | tail -20
     ;;
   first)
-    python3 benchmarks/first_call.py --arch resnet50 --dtype float16 --how warmup forward --timeout 240 \
-      --json "$out/$tag-first-call.json"
+    first_calls 240 "warmup forward"
     ;;
 esac
