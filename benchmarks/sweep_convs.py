@@ -121,8 +121,8 @@ def describe(layer, x_shape):
     return text
 
 
-def operands(layer, x_shape, r_shape, dtype, device):
-    g = torch.Generator(device="cpu").manual_seed(0)
+def operands(x_shape, r_shape, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(x_shape, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
     r = None if r_shape is None else torch.randn(r_shape, generator=g).to(device, dtype).contiguous(
         memory_format=torch.channels_last)
@@ -296,18 +296,14 @@ TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.float32: 1e-2}
 
 
 class OutputCheck:
-    """What a layer must output on operands of its own (drawn apart from the timed ones, so that
-    memory left holding a timed run's output cannot pass for a result), and each config's error
-    against it. Each checked output is then filled with NaN, so that the next config cannot pass
-    by leaving some of it unwritten."""
+    """What a layer must output, reference(x, r) (the first of its baselines), on operands of its
+    own (drawn apart from the timed ones, so that memory left holding a timed run's output cannot
+    pass for a result), and each config's error against it. Each checked output is then filled
+    with NaN, so that the next config cannot pass by leaving some of it unwritten."""
 
-    def __init__(self, layer, x_shape, r_shape, dtype, device, seed):
-        g = torch.Generator(device="cpu").manual_seed(seed)
-        self.x = torch.randn(x_shape, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
-        self.r = None if r_shape is None else torch.randn(r_shape, generator=g).to(device, dtype).contiguous(
-            memory_format=torch.channels_last)
-        run = next(iter(baselines(layer, self.x, self.r).values()))
-        self.expected = run(self.x, self.r).float()
+    def __init__(self, reference, x_shape, r_shape, dtype, device, seed):
+        self.x, self.r = operands(x_shape, r_shape, dtype, device, seed)
+        self.expected = reference(self.x, self.r).float()
         self.scale = self.expected.abs().max().clamp_min(1e-6)
         self.tolerance = TOLERANCE[dtype]
 
@@ -331,7 +327,7 @@ def _compile_worker(task):
     spec, chosen = task
     layer, x_shape, r_shape, dtype = spec
     layer = layer.to("cuda")
-    x, r = operands(layer, x_shape, r_shape, dtype, "cuda")
+    x, r = operands(x_shape, r_shape, dtype, "cuda")
     failed = []
     for config in chosen:
         try:
@@ -457,9 +453,10 @@ def main(argv=None):
             print(f"budget of {args.budget:.0f} s spent: {name} and the layers after it were not timed",
                   file=sys.stderr)
             break
-        x, r = operands(layer, x_shape, r_shape, dtype, device)
+        x, r = operands(x_shape, r_shape, dtype, device)
         bad = [c for c, _ in failed]
-        check = OutputCheck(layer, x_shape, r_shape, dtype, device, seed=len(cases) + 1)
+        base_runs = baselines(layer, x, r)  # planned for x's layout, which the check's operands share
+        check = OutputCheck(next(iter(base_runs.values())), x_shape, r_shape, dtype, device, seed=len(cases) + 1)
         by_plan = {}  # the best (ms, config, table entries) of each plan (plan_name: "direct" but for the stem)
         timed = []  # every config's time: with compile_report's counts of its compiled loop, what they predict
         wrong = []  # configs whose output is not the layer's: never timed, never a winner
@@ -507,7 +504,7 @@ def main(argv=None):
                 winners[entry] = {k: v for k, v in (config or {}).items() if k not in PLAN_SWITCHES}
         if args.write_table and cuda and winners:
             configs.write_table(winners)  # layer by layer, should the run be stopped
-        base = {impl: kernel_ms(functools.partial(run, x, r), cuda) for impl, run in baselines(layer, x, r).items()}
+        base = {impl: kernel_ms(functools.partial(run, x, r), cuda) for impl, run in base_runs.items()}
         for impl, ms in base.items():
             cases.append({**common, "impl": impl, "kernel_ms": round(ms, 5), "name": name})
         save(cases + before)  # so far, should the run be stopped

@@ -157,7 +157,10 @@ def test_the_output_check_fails_a_run_that_leaves_its_output_unwritten():
 
     name, layer, x_shape, r_shape = sweep.distinct_layers(torchvision.models.resnet18(), 1, 16, torch.float32,
                                                           "cpu")[2]
-    check = sweep.OutputCheck(layer, x_shape, r_shape, torch.float32, "cpu", seed=1)
+    x, r = sweep.operands(x_shape, r_shape, torch.float32, "cpu")
+    reference = next(iter(sweep.baselines(layer, x, r).values()))
+    check = sweep.OutputCheck(reference, x_shape, r_shape, torch.float32, "cpu", seed=1)
+    assert not torch.equal(check.x, x)  # operands of its own
     with sweep.kernels.use_backend("reference"):
         run = sweep.plan_of(layer, check.x, check.r)
     kept = []
