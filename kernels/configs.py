@@ -288,8 +288,8 @@ def with_variants(candidates, *variants):
     """The first call's candidates with the first two also as each `variant(config)` (split-K, box
     tiles, the dense GEMM through descriptors; None: that one does not fit), timed first; at most
     four. Compiled for an H100, at the same tile, box tiles issue about half the instructions per
-    tensor-core cycle of the gathered loop (3x3, 128x64x64: 86 against 177), the dense 1x1 two
-    thirds (84 against 126)."""
+    tensor-core cycle of the gathered loop (3x3, 128x64x64: 86 against 158), the dense 1x1 four
+    fifths (84 against 105)."""
     found = [v for variant in variants for v in map(variant, candidates[:2]) if v is not None]
     return (found + candidates)[:4]
 
@@ -300,8 +300,8 @@ SWEEP_16BIT = [
     (64, 256, 16, 2, 4), (256, 64, 16, 2, 4), (128, 128, 32, 2, 8), (64, 64, 32, 2, 4), (64, 256, 32, 2, 8),
     (256, 64, 32, 2, 8), (128, 128, 64, 3, 8), (128, 256, 64, 3, 8), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
     (64, 128, 64, 4, 4), (256, 128, 64, 3, 8), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4),
-    # Deeper channel blocks, which halve a gathered loop's instructions per MMA cycle (0.69 -> 0.53
-    # for a 128x64 3x3, 0.47 -> 0.34 for a 1x1; compiled for an H100, compile_report.py).
+    # Deeper channel blocks, which cut a gathered loop's instructions per MMA cycle by a third (0.62
+    # -> 0.43 for a 128x64 3x3, 0.41 -> 0.29 for a 1x1; compiled for an H100, compile_report.py).
     (256, 64, 64, 3, 8), (128, 64, 128, 3, 4), (128, 64, 128, 3, 8), (128, 128, 128, 3, 8),
 ]
 SWEEP_FP32 = [(128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4), (128, 128, 16, 3, 8), (32, 64, 32, 2, 4)]

@@ -333,9 +333,10 @@ def conv_tile(
             acc = dot(acc, a, b, DOT_FP32, INPUT_PRECISION)
     elif FLAT_LOOP:
         # What varies per row (the window's corner, which taps fall inside the map) is computed once,
-        # before the loop; what varies per iteration (the tap, the channel block) is a scalar
-        # offset added to it, so each iteration costs a 64-bit add and a bit test per row.
-        a_rows = x_row + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw
+        # before the loop: a 64-bit pointer to each row's window. What varies per iteration (the
+        # tap, the channel block) is an offset within a window, in 32 bits (MAX_WINDOW_SPAN), so
+        # each element's address costs one multiply-add onto its row's pointer and a bit test.
+        a_rows = x_ptr + (x_row + h0.to(tl.int64) * stride_xh + w0.to(tl.int64) * stride_xw)
         if PADDED:
             inside_taps = taps_inside(h0, w0, H, W, dil_h, dil_w, R, S)
         if first is None:
@@ -351,8 +352,8 @@ def conv_tile(
             s = rs % S
             c = c0 + offs_k
             mask_c = tl.full([BLOCK_K], True, tl.int1) if EVEN_C else c < Cg
-            a_tap = (r * dil_h).to(tl.int64) * stride_xh + (s * dil_w).to(tl.int64) * stride_xw
-            a_ptrs = x_ptr + a_rows[:, None] + (a_tap + c * stride_xc)[None, :]
+            a_tap = r * dil_h * stride_xh + s * dil_w * stride_xw
+            a_ptrs = a_rows[:, None] + (a_tap + c * stride_xc)[None, :]
             if PADDED:
                 inside = tap_inside(inside_taps, h0, w0, H, W, r * dil_h, s * dil_w, rs, R, S)
                 a = tl.load(a_ptrs, mask=inside[:, None] & mask_c[None, :], other=0.0)
@@ -815,7 +816,8 @@ def kernel_operands(x, weight, stride, padding, dilation, groups, out_hw, margin
         to_layout, x, weight, padding = space_to_depth(x, weight, padding, out_hw, margin, traceable=traceable)
         stride, rows = (1, 1), True
     else:
-        to_layout, x = gather_layout(x)
+        k, cg, r, s = weight.shape
+        to_layout, x = gather_layout(x, lambda strides: window_span(strides, cg, (r, s), dilation))
         rows = row_schedule(x, weight, dilation, groups) and (margin == 0 or any(padding))
     if rows:
         weight = row_weight(weight)
@@ -845,6 +847,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
         raise ValueError(f"{name}: {m} output rows; at most 2**31 - 1 are supported")
     interpret = not backend.on_gpu(x)
     k, cg, r, s = weight.shape
+    check_window(name, (x.stride(1), x.stride(2), x.stride(3)), cg, (r, s), dilation)
     kg = k // groups
     flat_k = cg < FLAT_K_BELOW or rows  # (space_to_depth's 16 channels take the row schedule too)
     y_strides = backend.channels_last_strides(out_shape)
@@ -932,11 +935,38 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
                                 descriptors=bool(dense or boxes))
 
 
-def gather_layout(x):
-    """How the kernel reads x: as it is, or (a CUDA tensor whose channels are strided) copied to
-    channels_last once per call, since gathering along a strided channel axis is uncoalesced.
+# The gathered main loop (conv_tile's FLAT_LOOP) adds each iteration's offset within a window (its
+# tap and channel block) to each row's 64-bit window pointer in 32 bits: compiled for an H100, the
+# 3x3 64x64x64 loop issued 130 instructions a warp per iteration with 64-bit offsets there, 115
+# with these. So the elements a window spans, as a kernel reads it (channel blocks past the last
+# channel included, masked), must stay below this; an input laid out otherwise is copied to dense
+# channels_last, where a window spans a few of an image's rows.
+MAX_WINDOW_SPAN = 2**31 - 1
+
+
+def window_span(strides, channels, taps=(1, 1), dilation=(1, 1)):
+    """The elements from a window's first to the last that a gathered main loop's offsets reach,
+    for input strides (stride_c, stride_h, stride_w), `channels` per group, R x S taps: every
+    channel block of up to 256 (the largest C_DIVISOR) included."""
+    stride_c, stride_h, stride_w = strides
+    return ((taps[0] - 1) * dilation[0] * stride_h + (taps[1] - 1) * dilation[1] * stride_w
+            + (channels + 256) * stride_c)
+
+
+def check_window(op, strides, channels, taps=(1, 1), dilation=(1, 1)):
+    span = window_span(strides, channels, taps, dilation)
+    if span > MAX_WINDOW_SPAN:
+        raise ValueError(f"{op}: a conv window spans {span} elements of its input, even channels_last; "
+                         f"at most {MAX_WINDOW_SPAN} are supported")
+
+
+def gather_layout(x, span=None):
+    """How the kernel reads x: as it is, or copied to channels_last once per call, where x is a
+    CUDA tensor whose channels are strided (gathering along them is uncoalesced), or where
+    `span(strides)` (window_span for its (stride_c, stride_h, stride_w)) passes MAX_WINDOW_SPAN.
     Returns (to_layout, x as the kernel sees it)."""
-    if x.stride(1) != 1 and backend.on_gpu(x):
+    too_wide = span is not None and span((x.stride(1), x.stride(2), x.stride(3))) > MAX_WINDOW_SPAN
+    if (x.stride(1) != 1 and backend.on_gpu(x)) or too_wide:
         def to_layout(t):
             return t.contiguous(memory_format=torch.channels_last)
     else:

@@ -456,6 +456,59 @@ def test_memory_formats_and_views(layout):
     check(x, weight, torch.randn(7, device=DEVICE), 1, 1, residual=res, relu=True)
 
 
+def test_window_span_counts_every_tap_and_channel_block():
+    from fused_resnet.kernels.igemm import window_span
+
+    # Dense channels_last (N, 64, 14, 14): strides (c, h, w) = (1, 14 * 64, 64).
+    assert window_span((1, 896, 64), 64, (3, 3)) == 2 * 896 + 2 * 64 + 64 + 256
+    assert window_span((1, 896, 64), 64, (3, 3), (2, 2)) == 4 * 896 + 4 * 64 + 64 + 256
+    assert window_span((196, 14, 1), 64, (1, 1)) == (64 + 256) * 196  # NCHW: channels 196 apart
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed_hw"])
+def test_an_input_whose_windows_pass_32_bit_offsets_is_copied(layout, monkeypatch):
+    # The gathered loop adds 32-bit offsets within a window: an input whose windows span more is
+    # read as a dense channels_last copy. (The limit is lowered so that a small input passes it:
+    # an NCHW input's channels lie H*W apart, (10 + 256) * 63 = 16758 here; channels_last, 1.)
+    from fused_resnet.kernels import igemm
+
+    monkeypatch.setattr(igemm, "MAX_WINDOW_SPAN", 8000)
+    copied = []
+    real = igemm.gather_layout
+
+    def watch(x, span=None):
+        to_layout, seen = real(x, span)
+        copied.append(seen.is_contiguous(memory_format=torch.channels_last) and seen.data_ptr() != x.data_ptr())
+        return to_layout, seen
+
+    monkeypatch.setattr(igemm, "gather_layout", watch)
+    base = torch.randn(2, 10, 7, 9, device=DEVICE)
+    x = base if layout == "contiguous" else base.transpose(2, 3)
+    check(x, torch.randn(6, 10, 3, 3, device=DEVICE), torch.randn(6, device=DEVICE), 1, 1, relu=True)
+    assert copied == [True]
+    # And a window that spans too much even channels_last is refused, not read with wrapped offsets.
+    monkeypatch.setattr(igemm, "MAX_WINDOW_SPAN", 300)
+    with pytest.raises(ValueError, match="conv window spans"):
+        kernels.conv2d_bias_act(x, torch.randn(6, 10, 3, 3, device=DEVICE), padding=1)
+
+
+def test_a_shortcut_input_whose_windows_pass_32_bit_offsets_is_copied(monkeypatch):
+    # The shortcut's input in NCHW: its channels lie 14 * 14 apart, (12 + 256) * 196 elements a
+    # window. Read as it is, the launch refuses it (check_window); copied to channels_last, 268.
+    from fused_resnet.kernels import igemm
+
+    monkeypatch.setattr(igemm, "MAX_WINDOW_SPAN", 50000)
+    monkeypatch.setattr(kernels.conv2d, "MAX_WINDOW_SPAN", 50000)
+    x, weight, bias = make_case(2, 8, 7, 7, 16, 1, 1, 1, torch.float32)
+    shortcut_in = torch.randn(2, 12, 14, 14, device=DEVICE)
+    shortcut_w = torch.randn(16, 12, 1, 1, device=DEVICE)
+    out = kernels.conv2d_bias_act(x, weight, bias, residual=shortcut_in, relu=True, shortcut_weight=shortcut_w,
+                                  shortcut_stride=2)
+    exp = torch.relu(conv_expected(x, weight, bias, 1, 0, 1, 1, None, False)
+                     + F.conv2d(shortcut_in.cpu().double(), shortcut_w.cpu().double(), None, 2))
+    assert_close(out, exp, rtol=TOL[torch.float32], atol=TOL[torch.float32] * exp.abs().max().item())
+
+
 def test_empty_batch_gives_empty_output():
     x, weight, bias = make_case(0, 8, 6, 6, 4, 3, 3)
     out = kernels.conv2d_bias_act(x, weight, bias, 1, 1, relu=True)
