@@ -946,8 +946,9 @@ MAX_WINDOW_SPAN = 2**31 - 1
 
 def window_span(strides, channels, taps=(1, 1), dilation=(1, 1)):
     """The elements from a window's first to the last that a gathered main loop's offsets reach,
-    for input strides (stride_c, stride_h, stride_w), `channels` per group, R x S taps: every
-    channel block of up to 256 (the largest C_DIVISOR) included."""
+    for input strides (stride_c, stride_h, stride_w), `channels` per group, R x S taps. The last
+    channel block's lanes past the last channel are masked, but their offsets are computed too:
+    up to 256 of them (no config's BLOCK_K is wider) are counted."""
     stride_c, stride_h, stride_w = strides
     return ((taps[0] - 1) * dilation[0] * stride_h + (taps[1] - 1) * dilation[1] * stride_w
             + (channels + 256) * stride_c)
