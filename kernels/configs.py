@@ -211,17 +211,27 @@ def gemm_shared_bytes(config, element_size):
     return (config["BLOCK_M"] + config["BLOCK_N"]) * config["BLOCK_K"] * element_size * config["num_stages"]
 
 
+# fp32 dots in IEEE precision (TF32 not allowed) run on the FMA units, not the tensor cores, and
+# hold their operand fragments in registers beside the accumulator: compiled for an H100, a 3x3's
+# 128x64x32 tile over 4 warps (64 accumulators a thread) took 254 registers a thread and several
+# spilled; at 32 accumulators a thread, 128 registers and none (compile_report.py --no-tf32).
+IEEE_FP32_SHAPES = [(128, 64, 16, 3, 8), (64, 128, 16, 3, 8), (64, 64, 32, 3, 4), (32, 64, 32, 2, 4)]
+
+
 def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory: int = 228 * 1024, switches=None,
-               max_acc_per_thread: int = MAX_ACC_PER_THREAD, shared_bytes=None):
+               max_acc_per_thread: int = MAX_ACC_PER_THREAD, shared_bytes=None, ieee: bool = False):
     """At most four configs for a GEMM of m rows, n columns and a reduction this long, from its
     shape class: wide tiles for large memory-bound layers, small ones where few tiles exist,
-    smaller K tiles and fewer stages for 4-byte (fp32) operands. Each fits `shared_memory` (as
-    `shared_bytes(config)` counts it; gemm_shared_bytes if None) and gives no thread more than
-    `max_acc_per_thread` accumulator elements; `switches` (the kernel's own, such as FLAT_LOOP)
-    are added to each."""
+    smaller K tiles and fewer stages for 4-byte (fp32) operands, and with `ieee` (fp32 dots in
+    IEEE precision) at most 32 accumulator elements a thread (IEEE_FP32_SHAPES). Each fits
+    `shared_memory` (as `shared_bytes(config)` counts it; gemm_shared_bytes if None) and gives
+    no thread more than `max_acc_per_thread` accumulator elements; `switches` (the kernel's own,
+    such as FLAT_LOOP) are added to each."""
     shared_bytes = shared_bytes or functools.partial(gemm_shared_bytes, element_size=element_size)
     fp32 = element_size >= 4
-    if fp32:
+    if fp32 and ieee:
+        shapes = IEEE_FP32_SHAPES
+    elif fp32:
         shapes = [(128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4), (32, 64, 32, 2, 4)]
     elif m >= 65536:
         # (256x64 tiles take BLOCK_K 64: at 32, compiled for an H100, the gathered loop issues 0.98

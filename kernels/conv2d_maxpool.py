@@ -93,8 +93,11 @@ def _conv2d_bias_act_maxpool_kernel(
     # input runs, from a start that moves by a scalar from tap to tap: (h0, w0) of the first tap's
     # window, and of the others, unclamped. A tap in the pool's padding reads a window outside the
     # conv's map, inside the margin of zeros that kernel_operands keeps for it. (With padding, the
-    # masks of so wide a tile cost more registers than a thread has: conv_tile's loop over rows.)
-    ALL_ROWS: tl.constexpr = FLAT_K and ROWS and not PADDED
+    # masks of so wide a tile cost more registers than a thread has: conv_tile's loop over rows.
+    # So does an fp32 dot in IEEE precision, which runs on the FMA units with its operands in
+    # registers: compiled for an H100, a 64x64 tile spilled 3296 bytes a thread.)
+    FMA_DOT: tl.constexpr = INPUT_PRECISION == "ieee" and x_ptr.dtype.element_ty == tl.float32
+    ALL_ROWS: tl.constexpr = FLAT_K and ROWS and not PADDED and not FMA_DOT
     if ALL_ROWS:
         R_PAD: tl.constexpr = triton.next_power_of_2(R)
         w_rows = row_filters(w_ptr, w_col, mask_n, 0, stride_wr, R, ROW_PAD, R_PAD)

@@ -915,7 +915,8 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
         switches["ROWS"] = 1
     smem = max_shared_memory(x.device.index or 0) if x.is_cuda else 228 * 1024
     candidates = configs.candidates(m, kg, reduction, x.element_size(), smem, switches=switches,
-                                    max_acc_per_thread=max_acc_per_thread, shared_bytes=shared_bytes)
+                                    max_acc_per_thread=max_acc_per_thread, shared_bytes=shared_bytes,
+                                    ieee=x.dtype == torch.float32 and args["INPUT_PRECISION"] == "ieee")
     if not flat_k:  # (the shortcut's channel blocks are a loop of their own unless split)
         candidates = configs.cap_stages(candidates, lambda c: max(r * s * triton.cdiv(cg, c["BLOCK_K"]),
                                                                   triton.cdiv(extra_reduction, c["BLOCK_K"])))

@@ -351,6 +351,39 @@ def test_the_stems_candidates_fit_an_h100_in_every_dtype(tmp_path):
         assert 0 < result["shared"] <= 232448, (config, result)  # an H100's shared memory a block
 
 
+IEEE_SCRIPT = textwrap.dedent("""
+    import json
+    import torch
+    from fused_resnet import kernels
+    from fused_resnet.kernels import precompile
+
+    torch.backends.cudnn.allow_tf32 = False  # fp32 dots in IEEE precision: FMA units, operands in registers
+    x = torch.empty(8, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    stem = torch.empty(64, 3, 7, 7).contiguous(memory_format=torch.channels_last)
+    h = torch.empty(8, 128, 28, 28).contiguous(memory_format=torch.channels_last)
+    conv = torch.empty(128, 128, 3, 3).contiguous(memory_format=torch.channels_last)
+    with precompile.compile_only("H100") as jobs:
+        kernels.plan_conv2d_bias_act_maxpool(x, stem, None, 2, 3, relu=True, pool_size=3, pool_stride=2,
+                                             pool_padding=1)(x)
+        kernels.plan_conv2d_bias_act(h, conv, None, 1, 1, residual=h, relu=True)(h, h)
+    found = [job for job in jobs if job.op]
+    results = precompile.compile_jobs(found, workers=2, machine_code=True)
+    print(json.dumps([[job.op, job.config, result] for job, result in zip(found, results)]))
+""")
+
+
+def test_fp32_ieee_candidates_do_not_spill(tmp_path):
+    # Compiled for an H100, the stem's pooled kernel reducing all its filter rows at once spilled
+    # 3296 bytes a thread in IEEE fp32, and a 3x3's 64x128x32 tile over 4 warps 8: IEEE fp32 takes
+    # IEEE_FP32_SHAPES, and the stem its loop over filter rows.
+    found = run_compiling(IEEE_SCRIPT, tmp_path)
+    assert {op for op, _, _ in found} == {"conv2d_bias_act_maxpool", "conv2d_bias_act"}
+    for op, config, result in found:
+        assert "error" not in result, (op, config, result)
+        assert result["spill_bytes"] == 0, (op, config, result)
+        assert config["BLOCK_M"] * config["BLOCK_N"] <= 32 * 32 * config["num_warps"], (op, config)
+
+
 WARMUP_SCRIPT = textwrap.dedent("""
     import json, os, pathlib
     import torch, torchvision
