@@ -35,6 +35,7 @@ from .igemm import (
     row_filters,
     row_pad,
     row_runs,
+    tf32_allowed,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -93,11 +94,8 @@ def _conv2d_bias_act_maxpool_kernel(
     # input runs, from a start that moves by a scalar from tap to tap: (h0, w0) of the first tap's
     # window, and of the others, unclamped. A tap in the pool's padding reads a window outside the
     # conv's map, inside the margin of zeros that kernel_operands keeps for it. (With padding, the
-    # masks of so wide a tile cost more registers than a thread has: conv_tile's loop over rows.
-    # So does an fp32 dot in IEEE precision, which runs on the FMA units with its operands in
-    # registers: compiled for an H100, a 64x64 tile spilled 3296 bytes a thread.)
-    FMA_DOT: tl.constexpr = INPUT_PRECISION == "ieee" and x_ptr.dtype.element_ty == tl.float32
-    ALL_ROWS: tl.constexpr = FLAT_K and ROWS and not PADDED and not FMA_DOT
+    # masks of so wide a tile cost more registers than a thread has: conv_tile's loop over rows.)
+    ALL_ROWS: tl.constexpr = FLAT_K and ROWS and not PADDED
     if ALL_ROWS:
         R_PAD: tl.constexpr = triton.next_power_of_2(R)
         w_rows = row_filters(w_ptr, w_col, mask_n, 0, stride_wr, R, ROW_PAD, R_PAD)
@@ -145,6 +143,11 @@ def _conv2d_bias_act_maxpool_kernel(
 # Accumulator elements per thread that a config may give this kernel: it holds two tiles (the
 # running maximum and the conv tile under one pooling tap), and spills registers at 64 each.
 MAX_ACC_PER_THREAD = 32
+# The same in fp32 with TF32 off: its dots run on the FMA units, with the row schedule's (BLOCK_M,
+# 256) input runs in registers beside the tiles. Compiled for an H100, the candidates of 32 a
+# thread (128x64 over 8 warps, 64x64 over 4) spilled 3-5 KB a thread on triton 3.8 (19-21 KB on
+# 3.6); those of 16 (64x64 over 8 warps, 32x64 over 4), none on either.
+IEEE_MAX_ACC_PER_THREAD = 16
 
 
 def shared_bytes(weight, element_size, padded):
@@ -209,7 +212,9 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, p
         x, weight, stride, padding, dilation, groups, (p, q), margin=max(pool_padding), traceable=traceable)
     launch = conv_launch(
         "conv2d_bias_act_maxpool", _conv2d_bias_act_maxpool_kernel, x, weight, bias, out_shape, n * ph * pw,
-        stride, padding, dilation, groups, relu, traceable=traceable, rows=rows, max_acc_per_thread=MAX_ACC_PER_THREAD,
+        stride, padding, dilation, groups, relu, traceable=traceable, rows=rows,
+        max_acc_per_thread=IEEE_MAX_ACC_PER_THREAD if x.dtype == torch.float32 and not tf32_allowed()
+        else MAX_ACC_PER_THREAD,
         shared_bytes=shared_bytes(weight, x.element_size(), any(padding)),
         P=p, Q=q, PH=ph, PW=pw, POOL_R=pool_size[0], POOL_S=pool_size[1],
         pool_stride_h=pool_stride[0], pool_stride_w=pool_stride[1],
