@@ -182,6 +182,9 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     reduction = cg * rr * ss if flat_k else cg
     loops = (1,) if flat_k or rr * ss == 1 else (0, 1)
     element = torch.empty((), dtype=dtype).element_size()
+    # fp32 with TF32 off: IEEE dots, on the FMA units, with lists (and a stem limit) of their own.
+    ieee = dtype == torch.float32 and not igemm.tf32_allowed()
+    candidates = functools.partial(configs.sweep_candidates, ieee=ieee)
     # The sweep's inputs are dense channels_last, as these are.
     x = torch.empty(x_shape, dtype=dtype, device="meta", memory_format=torch.channels_last)
     variants = [{"FLAT_LOOP": loop} for loop in loops]
@@ -199,23 +202,23 @@ def sweep_configs(layer, x_shape, dtype, cuda):
         shared = None
         if pooled:  # the row schedule holds its weight tile, of the blocked weight's shape, throughout
             shared = conv2d_maxpool.shared_bytes(torch.empty(kg, 16, *taps, device="meta"), element, False)
-        return [{**c, "SPACE_TO_DEPTH": 1} for c in configs.sweep_candidates(
+        return [{**c, "SPACE_TO_DEPTH": 1} for c in candidates(
             rows, kg, 16 * taps[0] * taps[1], element, variants=schedules, max_acc_per_thread=limit,
             shared_bytes=shared)]
 
     if pooled:
-        limit = conv2d_maxpool.MAX_ACC_PER_THREAD
+        limit = conv2d_maxpool.IEEE_MAX_ACC_PER_THREAD if ieee else conv2d_maxpool.MAX_ACC_PER_THREAD
         padded = any(pair("padding", layer.padding))
-        together = configs.sweep_candidates(m // 4, kg, reduction, element, variants=variants, max_acc_per_thread=limit,
-                                            shared_bytes=conv2d_maxpool.shared_bytes(layer.weight, element, padded))
+        together = candidates(m // 4, kg, reduction, element, variants=variants, max_acc_per_thread=limit,
+                              shared_bytes=conv2d_maxpool.shared_bytes(layer.weight, element, padded))
         together += blocked(m // 4, {}, limit, pooled=True)
-        apart = configs.sweep_candidates(m, kg, reduction, element, variants=[{**v, **conv_switches} for v in variants])
+        apart = candidates(m, kg, reduction, element, variants=[{**v, **conv_switches} for v in variants])
         apart += blocked(m, conv_switches, configs.MAX_ACC_PER_THREAD)
         return together + [{**c, "POOL_APART": 1} for c in apart]
     variants = [{**v, **conv_switches} for v in variants]
     if dense_1x1(x, layer.weight, layer.stride, layer.padding, layer.dilation, layer.groups):
         variants.append({"FLAT_LOOP": 1, "USE_TMA": 1, "BOX_W": 0})
-    chosen = configs.sweep_candidates(m, kg, reduction, element, variants=variants)
+    chosen = candidates(m, kg, reduction, element, variants=variants)
     split = []
     if not flat_k:
         # Split-K where the tiles leave most SMs idle (small batches): each gathered config again, split.

@@ -315,16 +315,19 @@ SWEEP_16BIT = [
     (256, 64, 64, 3, 8), (128, 64, 128, 3, 4), (128, 64, 128, 3, 8), (128, 128, 128, 3, 8),
 ]
 SWEEP_FP32 = [(128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4), (128, 128, 16, 3, 8), (32, 64, 32, 2, 4)]
+SWEEP_IEEE_FP32 = IEEE_FP32_SHAPES + [(64, 64, 16, 3, 4), (128, 64, 32, 2, 8)]
 
 
 def sweep_candidates(m, n, reduction, element_size, shared_memory=228 * 1024, variants=({"FLAT_LOOP": 1},),
-                     max_acc_per_thread=MAX_ACC_PER_THREAD, shared_bytes=None):
-    """Every config of the sweep's list for this GEMM: tiles capped to the layer, pruned to what
-    fits `shared_memory` and registers (as candidates()), once per kernel variant in `variants`
-    (the kernel's own switches, such as FLAT_LOOP and USE_TMA)."""
+                     max_acc_per_thread=MAX_ACC_PER_THREAD, shared_bytes=None, ieee=False):
+    """Every config of the sweep's list for this GEMM (with `ieee`, fp32 dots in IEEE precision,
+    its own): tiles capped to the layer, pruned to what fits `shared_memory` and registers (as
+    candidates()), once per kernel variant in `variants` (the kernel's own switches, such as
+    FLAT_LOOP and USE_TMA)."""
     shared_bytes = shared_bytes or functools.partial(gemm_shared_bytes, element_size=element_size)
+    shapes = SWEEP_16BIT if element_size < 4 else (SWEEP_IEEE_FP32 if ieee else SWEEP_FP32)
     kept = []
-    for bm, bn, bk, stages, warps in _capped(SWEEP_FP32 if element_size >= 4 else SWEEP_16BIT, m, n, reduction):
+    for bm, bn, bk, stages, warps in _capped(shapes, m, n, reduction):
         if not _fits_registers(bm, bn, warps, max_acc_per_thread):
             continue
         for variant in variants:

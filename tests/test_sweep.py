@@ -112,6 +112,29 @@ def test_the_sweep_splits_k_where_the_batch_leaves_tiles_few():
         assert all(c["FLAT_LOOP"] == 1 and c["USE_TMA"] == 0 and c["BOX_W"] == 0 for c in split)
 
 
+def test_the_sweep_gives_ieee_fp32_its_own_tiles(monkeypatch):
+    # fp32 with TF32 off runs its dots on the FMA units: the sweep times tiles of at most 32
+    # accumulators a thread there (16 for the pooled stem), as the first call's candidates are.
+    import torch
+    import torchvision
+
+    sweep = load_sweep()
+    layers = sweep.distinct_layers(torchvision.models.resnet50(), 256, 224, torch.float32, "cpu")
+    picked = [entry for entry in layers if sweep.describe(entry[1], entry[2]) in (
+        "C3 K64 7x7/2 224x224 +maxpool", "C256 K256 3x3/1 14x14")]
+    assert len(picked) == 2
+
+    def per_thread():  # the most accumulator elements a thread of each layer's configs
+        return [max(c["BLOCK_M"] * c["BLOCK_N"] // (32 * c["num_warps"])
+                    for c in sweep.sweep_configs(layer, x_shape, torch.float32, cuda=True)
+                    if c and not c.get("POOL_APART")) for _, layer, x_shape, _ in picked]
+
+    tf32 = per_thread()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    ieee = per_thread()
+    assert tf32 == [32, 64] and ieee == [16, 32]
+
+
 def test_the_sweep_never_times_or_keeps_a_config_whose_output_is_wrong(tmp_path, monkeypatch, capsys):
     # A config that gives a wrong answer must not win on speed: here every space-to-depth config of
     # the stem is made to scale its output, and the sweep reports them as wrong instead of timing them.
