@@ -183,7 +183,7 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     loops = (1,) if flat_k or rr * ss == 1 else (0, 1)
     element = torch.empty((), dtype=dtype).element_size()
     # fp32 with TF32 off: IEEE dots, on the FMA units, with lists (and a stem limit) of their own.
-    ieee = dtype == torch.float32 and not igemm.tf32_allowed()
+    ieee = igemm.ieee_fp32(dtype)
     candidates = functools.partial(configs.sweep_candidates, ieee=ieee)
     # The sweep's inputs are dense channels_last, as these are.
     x = torch.empty(x_shape, dtype=dtype, device="meta", memory_format=torch.channels_last)

@@ -28,6 +28,7 @@ from .igemm import (
     conv_tile,
     dot,
     epilogue,
+    ieee_fp32,
     kernel_operands,
     normalize_args,
     output_size,
@@ -35,7 +36,6 @@ from .igemm import (
     row_filters,
     row_pad,
     row_runs,
-    tf32_allowed,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -213,8 +213,7 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, p
     launch = conv_launch(
         "conv2d_bias_act_maxpool", _conv2d_bias_act_maxpool_kernel, x, weight, bias, out_shape, n * ph * pw,
         stride, padding, dilation, groups, relu, traceable=traceable, rows=rows,
-        max_acc_per_thread=IEEE_MAX_ACC_PER_THREAD if x.dtype == torch.float32 and not tf32_allowed()
-        else MAX_ACC_PER_THREAD,
+        max_acc_per_thread=IEEE_MAX_ACC_PER_THREAD if ieee_fp32(x.dtype) else MAX_ACC_PER_THREAD,
         shared_bytes=shared_bytes(weight, x.element_size(), any(padding)),
         P=p, Q=q, PH=ph, PW=pw, POOL_R=pool_size[0], POOL_S=pool_size[1],
         pool_stride_h=pool_stride[0], pool_stride_w=pool_stride[1],

@@ -565,6 +565,12 @@ def tf32_allowed():
     return bool(torch.backends.cudnn.allow_tf32)
 
 
+def ieee_fp32(dtype):
+    """Whether convs of this dtype take fp32 dots in IEEE precision (TF32 not allowed), which run on
+    the FMA units with their operands in registers, and so take configs of their own."""
+    return dtype == torch.float32 and not tf32_allowed()
+
+
 def dense_1x1(x, weight, stride, padding, dilation, groups):
     """True when the conv is a dense GEMM that tensor descriptors can read and write: 1x1, stride 1,
     no padding, ungrouped, x dense channels_last and the weight (K, 1, 1, C) in memory, rows (C in,
@@ -916,7 +922,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     smem = max_shared_memory(x.device.index or 0) if x.is_cuda else 228 * 1024
     candidates = configs.candidates(m, kg, reduction, x.element_size(), smem, switches=switches,
                                     max_acc_per_thread=max_acc_per_thread, shared_bytes=shared_bytes,
-                                    ieee=x.dtype == torch.float32 and args["INPUT_PRECISION"] == "ieee")
+                                    ieee=ieee_fp32(x.dtype))
     if not flat_k:  # (the shortcut's channel blocks are a loop of their own unless split)
         candidates = configs.cap_stages(candidates, lambda c: max(r * s * triton.cdiv(cg, c["BLOCK_K"]),
                                                                   triton.cdiv(extra_reduction, c["BLOCK_K"])))
