@@ -16,7 +16,6 @@ from torch.library import triton_op
 
 from . import backend
 from .igemm import (
-    MAX_WINDOW_SPAN,
     box_schedule,
     box_tile,
     check_conv_args,
@@ -33,7 +32,7 @@ from .igemm import (
     split_range,
     split_sum,
     tile_ids,
-    window_span,
+    window_too_wide,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -187,11 +186,11 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
     c_sc = shortcut_weight.shape[1] if kind == "shortcut" else 0
     # The kernel reads a residual as it writes the output, by dense NHWC rows: a residual of
     # other strides is copied so at each call. A shortcut's input is read as it is, unless its
-    # 1x1 windows span too much for the main loop's 32-bit offsets (window_span). (r_strides are
+    # 1x1 windows span too much for the main loop's 32-bit offsets (window_too_wide). (r_strides are
     # the shortcut input's, as the kernel sees it.)
     dense_residual = residual is not None and residual.is_contiguous(memory_format=torch.channels_last)
     copy_residual = not dense_residual and (
-        kind == "residual" or (kind == "shortcut" and window_span(residual.stride()[1:], c_sc) > MAX_WINDOW_SPAN))
+        kind == "residual" or (kind == "shortcut" and window_too_wide(residual.stride()[1:], c_sc)))
     r_strides = (0, 0, 0, 0)
     if kind == "shortcut":
         r_strides = backend.channels_last_strides(residual.shape) if copy_residual else residual.stride()

@@ -823,7 +823,7 @@ def kernel_operands(x, weight, stride, padding, dilation, groups, out_hw, margin
         stride, rows = (1, 1), True
     else:
         k, cg, r, s = weight.shape
-        to_layout, x = gather_layout(x, lambda strides: window_span(strides, cg, (r, s), dilation))
+        to_layout, x = gather_layout(x, lambda strides: window_too_wide(strides, cg, (r, s), dilation))
         rows = row_schedule(x, weight, dilation, groups) and (margin == 0 or any(padding))
     if rows:
         weight = row_weight(weight)
@@ -961,20 +961,25 @@ def window_span(strides, channels, taps=(1, 1), dilation=(1, 1)):
             + (channels + 256) * stride_c)
 
 
+def window_too_wide(strides, channels, taps=(1, 1), dilation=(1, 1)):
+    """Whether window_span passes MAX_WINDOW_SPAN: the gathered loop's 32-bit offsets cannot read it."""
+    return window_span(strides, channels, taps, dilation) > MAX_WINDOW_SPAN
+
+
 def check_window(op, strides, channels, taps=(1, 1), dilation=(1, 1)):
-    span = window_span(strides, channels, taps, dilation)
-    if span > MAX_WINDOW_SPAN:
+    if window_too_wide(strides, channels, taps, dilation):
+        span = window_span(strides, channels, taps, dilation)
         raise ValueError(f"{op}: a conv window spans {span} elements of its input, even channels_last; "
                          f"at most {MAX_WINDOW_SPAN} are supported")
 
 
-def gather_layout(x, span=None):
+def gather_layout(x, too_wide=None):
     """How the kernel reads x: as it is, or copied to channels_last once per call, where x is a
     CUDA tensor whose channels are strided (gathering along them is uncoalesced), or where
-    `span(strides)` (window_span for its (stride_c, stride_h, stride_w)) passes MAX_WINDOW_SPAN.
+    `too_wide(strides)` (window_too_wide for its (stride_c, stride_h, stride_w)) says so.
     Returns (to_layout, x as the kernel sees it)."""
-    too_wide = span is not None and span((x.stride(1), x.stride(2), x.stride(3))) > MAX_WINDOW_SPAN
-    if (x.stride(1) != 1 and backend.on_gpu(x)) or too_wide:
+    wide = too_wide is not None and too_wide((x.stride(1), x.stride(2), x.stride(3)))
+    if (x.stride(1) != 1 and backend.on_gpu(x)) or wide:
         def to_layout(t):
             return t.contiguous(memory_format=torch.channels_last)
     else:
