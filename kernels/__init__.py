@@ -3,6 +3,7 @@
 conv2d_bias_act: conv + bias (+ residual, or a 1x1 projection of it) (+ ReLU) in one implicit-GEMM kernel.
 conv2d_bias_act_maxpool: conv + bias (+ ReLU) + max pooling in one kernel (a ResNet stem).
 avgpool_linear: global average pooling + linear in one kernel (a ResNet head).
+chain_1x1: a block's last 1x1 conv (+ residual, ReLU) and the next block's first, in one kernel.
 add_relu: residual add + ReLU in one elementwise kernel.
 use_backend: pick Triton, the reference (plain torch ops) or cuDNN for a scope.
 plan_<op>: the op checked and bound once for operands of one signature; the plan takes the tensors
@@ -22,6 +23,7 @@ if __name__ != "fused_resnet.kernels":
 from .add_relu import add_relu, add_relu_reference, plan_add_relu
 from .avgpool_linear import avgpool_linear, avgpool_linear_reference, plan_avgpool_linear
 from .backend import current_backend, interpreting, use_backend
+from .chain_1x1 import chain_1x1, chain_1x1_reference, plan_chain_1x1
 from .conv2d import conv2d_bias_act, conv2d_bias_act_reference, plan_conv2d_bias_act
 from .conv2d_maxpool import conv2d_bias_act_maxpool, conv2d_bias_act_maxpool_reference, plan_conv2d_bias_act_maxpool
 
@@ -30,6 +32,8 @@ __all__ = [
     "add_relu_reference",
     "avgpool_linear",
     "avgpool_linear_reference",
+    "chain_1x1",
+    "chain_1x1_reference",
     "conv2d_bias_act",
     "conv2d_bias_act_maxpool",
     "conv2d_bias_act_maxpool_reference",
@@ -38,6 +42,7 @@ __all__ = [
     "interpreting",
     "plan_add_relu",
     "plan_avgpool_linear",
+    "plan_chain_1x1",
     "plan_conv2d_bias_act",
     "plan_conv2d_bias_act_maxpool",
     "use_backend",

@@ -374,3 +374,33 @@ def head_candidates(images: int, classes: int, channels: int, pixels: int, eleme
 def head_interpreter(images: int, classes: int, channels: int, pixels: int) -> dict:
     """The head's tiles under the Triton interpreter: interpreter()'s, reading up to 16 pixels at once."""
     return {**interpreter(images, classes, channels), "BLOCK_HW": min(16, triton.next_power_of_2(pixels))}
+
+
+# The chained 1x1 convs (chain_1x1): (BLOCK_M, BLOCK_N, stages, warps). A program holds x's tile
+# (BLOCK_M by all of x's channels), y's chunk and z's accumulator (BLOCK_M by all of z's channels)
+# at once, so its rows are fewer than a plain GEMM tile's where z is wide.
+CHAIN_SHAPES = [(128, 64, 2, 8), (64, 64, 2, 4), (64, 64, 2, 8), (64, 32, 3, 4), (32, 64, 2, 4), (16, 32, 2, 4)]
+
+
+def chain_shared_bytes(config, block_c, block_j, element_size):
+    """Shared memory of a chain config: x's tile once, and per stage a chunk of each weight."""
+    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
+    return (bm * block_c + (block_c + block_j) * bn * config["num_stages"]) * element_size
+
+
+def chain_candidates(block_c, k, block_j, element_size, shared_memory=228 * 1024, ieee=False):
+    """At most four configs for a chain over x of block_c channels (a power of two) into y of k and
+    z of block_j: accumulators (y's chunk and z's) within MAX_ACC_PER_THREAD elements a thread (32
+    with IEEE fp32 dots, whose operands sit in registers too), x's tile within as many again. None
+    may fit (wide fp32 chains): the chain then runs as two convs."""
+    limit = 32 if ieee else MAX_ACC_PER_THREAD
+    kept = []
+    for bm, bn, stages, warps in CHAIN_SHAPES:
+        bn = min(bn, max(16, triton.next_power_of_2(k)))
+        threads = 32 * warps
+        config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+        if (bm * (block_j + bn) <= limit * threads and bm * block_c * element_size // 4 <= limit * threads
+                and chain_shared_bytes(config, block_c, block_j, element_size) <= shared_memory
+                and config not in kept):
+            kept.append(config)
+    return kept[:4]

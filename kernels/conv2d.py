@@ -282,20 +282,23 @@ def conv2d_bias_act(input, weight, bias=None, stride=1, padding=0, dilation=1, g
 
 
 def plan_conv2d_bias_act(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                         residual=None, relu=False, shortcut_weight=None, shortcut_stride=1):
+                         residual=None, relu=False, shortcut_weight=None, shortcut_stride=1, backend_name=None,
+                         traceable=False):
     """conv2d_bias_act planned for 4-D operands laid out as `input` and `residual`: run(x, residual) -> y.
 
     Every check and everything that follows from the operands' shapes, strides, dtype and device
-    and from the backend in force is done here, once; the plan runs the same computation as
-    conv2d_bias_act on further tensors of that signature without checking them again (in eager
-    mode, outside tracing: the plan launches kernels directly, not through the registered op).
+    and from the backend in force (or `backend_name`) is done here, once; the plan runs the same
+    computation as conv2d_bias_act on further tensors of that signature without checking them again
+    (in eager mode, outside tracing: the plan launches kernels directly, not through the registered
+    op; inside another registered op, pass `traceable`).
     """
     stride, padding, dilation, shortcut_stride = normalize_args(input, weight, stride, padding, dilation, groups,
                                                                 shortcut_stride)
     if input.dim() != 4:
         raise ValueError(f"plan_conv2d_bias_act: input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}")
     return _plan(input, weight, bias, list(stride), padding, list(dilation), groups, residual, bool(relu),
-                 shortcut_weight, list(shortcut_stride), backend.current_backend())
+                 shortcut_weight, list(shortcut_stride),
+                 backend.current_backend() if backend_name is None else backend_name, traceable=traceable)
 
 
 def cudnn_fused(x, weight, bias, stride, padding, dilation, groups, residual, relu,

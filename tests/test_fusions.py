@@ -1,4 +1,5 @@
-"""The deeper fusions: projection shortcut inside the conv's GEMM, conv + max pooling, avgpool + fc.
+"""The deeper fusions: projection shortcut inside the conv's GEMM, conv + max pooling, avgpool + fc,
+two 1x1 convs back to back.
 
 Kernels and modules against PyTorch in float64, through the real Triton kernels (interpreted on
 a CPU, compiled on a GPU), on small maps with real channel counts. Each case checks with the
@@ -282,6 +283,129 @@ def test_avgpool_linear_bad_inputs_and_opcheck():
         kernels.avgpool_linear(x, torch.randn(10, 16, device=DEVICE), torch.randn(3, device=DEVICE))
     torch.library.opcheck(torch.ops.fused_resnet.avgpool_linear.default,
                           (x, torch.randn(10, 16, device=DEVICE), torch.randn(10, device=DEVICE), "auto"))
+
+
+# ---- two 1x1 convs back to back (chain_1x1) --------------------------------------------------
+
+CHAINS = [
+    # (n, c, k, j, h, w): x of c channels -> y of k (with the residual) -> z of j
+    (2, 64, 256, 64, 3, 5),  # resnet50 layer1: conv3 of one block, conv1 of the next
+    (1, 128, 512, 128, 4, 3),  # layer2
+    (1, 256, 128, 256, 2, 3),  # the widest x and z one program holds (layer3 has k=1024)
+    (3, 24, 40, 20, 3, 3),  # sizes of no block: channels not a power of two, rows past a tile
+]
+
+
+def chain_operands(n, c, k, j, h, w, dtype, bias=True):
+    x, weight, b = make_case(n, c, h, w, k, 1, 1, dtype=dtype, bias=bias)
+    residual = torch.randn(n, k, h, w, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+    _, next_weight, next_b = make_case(n, k, h, w, j, 1, 1, dtype=dtype, bias=bias)
+    return x, weight, b, residual, next_weight, next_b
+
+
+def chain_expected(x, weight, b, residual, next_weight, next_b, y):
+    """float64 answers: y from the operands, and z from the kernel's own (rounded) y, as the next
+    conv would read it back."""
+    return (conv_expected(x, weight, b, 1, 0, 1, 1, residual, True),
+            conv_expected(y, next_weight, next_b, 1, 0, 1, 1, None, True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CHAINS, ids=lambda c: "C{1}-K{2}-J{3}".format(*c))
+def test_chain_1x1(case, dtype):
+    operands = chain_operands(*case, dtype)
+    y, z = run_fused("chain_1x1", lambda: kernels.chain_1x1(*operands))
+    n, c, k, j, h, w = case
+    assert y.shape == (n, k, h, w) and z.shape == (n, j, h, w)
+    assert y.is_contiguous(memory_format=torch.channels_last) and z.is_contiguous(memory_format=torch.channels_last)
+    y_exp, z_exp = chain_expected(*operands, y)
+    check_close(y, y_exp, dtype)
+    check_close(z, z_exp, dtype)
+
+
+def test_chain_1x1_without_biases_keeps_nan_and_takes_any_layout():
+    x, weight, _, residual, next_weight, _ = chain_operands(2, 32, 48, 16, 3, 4, torch.float32)
+    x[0, 3, 1, 2] = float("nan")
+    for x_in, r_in in ((x, residual), (x.contiguous(), residual.contiguous()), (x, residual.transpose(2, 3).mT)):
+        y, z = kernels.chain_1x1(x_in, weight, None, r_in, next_weight)
+        y_exp, z_exp = chain_expected(x, weight, None, residual, next_weight, None, y)
+        assert bool(y[0, :, 1, 2].isnan().all()) and bool(z[0, :, 1, 2].isnan().all())
+        assert_close(y, y_exp, rtol=1e-5, atol=1e-5)
+        assert_close(z, z_exp, rtol=1e-5, atol=1e-5)
+
+
+def test_chain_1x1_too_wide_runs_two_convs(monkeypatch):
+    # x of 320 channels is more than one program holds: the two convs run apart, same answer.
+    from fused_resnet.kernels.chain_1x1 import fits
+
+    assert not fits(320, 64) and fits(256, 256)
+    from fused_resnet.kernels import backend
+
+    launched = []
+    real = backend.KernelLaunch._launch
+    monkeypatch.setattr(backend.KernelLaunch, "_launch", lambda self, t: launched.append(self.kernel) or real(self, t))
+    operands = chain_operands(1, 320, 64, 32, 2, 3, torch.float32)
+    y, z = kernels.chain_1x1(*operands)
+    assert [k.__name__ for k in launched] == ["_conv2d_bias_act_kernel"] * 2
+    y_exp, z_exp = chain_expected(*operands, y)
+    check_close(y, y_exp, torch.float32)
+    check_close(z, z_exp, torch.float32)
+
+
+def test_chain_1x1_reference_float64_and_empty():
+    operands = chain_operands(2, 16, 32, 8, 3, 3, torch.float64)
+    y, z = kernels.chain_1x1(*operands)
+    y_exp, z_exp = chain_expected(*operands, y)
+    assert_close(y, y_exp, rtol=1e-12, atol=1e-12)
+    assert_close(z, z_exp, rtol=1e-12, atol=1e-12)
+    with kernels.use_backend("reference"):
+        ref = kernels.chain_1x1(*chain_operands(2, 16, 32, 8, 3, 3, torch.float32))
+    assert ref[0].shape == (2, 32, 3, 3) and ref[1].shape == (2, 8, 3, 3)
+    empty = [t[:0] if i in (0, 3) else t for i, t in enumerate(chain_operands(2, 16, 32, 8, 3, 3, torch.float32))]
+    y, z = kernels.chain_1x1(*empty)
+    assert y.shape == (0, 32, 3, 3) and z.shape == (0, 8, 3, 3)
+
+
+def test_chain_1x1_bad_inputs_and_opcheck():
+    x, weight, b, residual, next_weight, next_b = chain_operands(1, 16, 32, 8, 2, 2, torch.float32)
+    with pytest.raises(ValueError, match=r"next_weight must be a 1x1 conv weight \(out_channels, 32, 1, 1\)"):
+        kernels.chain_1x1(x, weight, b, residual, next_weight[:, :16], next_b)
+    with pytest.raises(ValueError, match=r"weight must be a 1x1 conv weight"):
+        kernels.chain_1x1(x, torch.randn(32, 16, 3, 3, device=DEVICE), b, residual, next_weight, next_b)
+    with pytest.raises(ValueError, match="residual must have the first conv's output shape"):
+        kernels.chain_1x1(x, weight, b, residual[:, :8], next_weight, next_b)
+    with pytest.raises(ValueError, match=r"next_bias must have shape \(8,\)"):
+        kernels.chain_1x1(x, weight, b, residual, next_weight, b)
+    with pytest.raises(TypeError, match="all tensors must share one dtype"):
+        kernels.chain_1x1(x, weight, b, residual.half(), next_weight, next_b)
+    torch.library.opcheck(torch.ops.fused_resnet.chain_1x1.default,
+                          (x, weight, b, residual, next_weight, next_b, "auto"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_chain_1x1_compiled_in_every_candidate(dtype):
+    # ResNet-50's chained shapes, each first-call candidate compiled (fp32 in IEEE precision here:
+    # wide chains have no candidate within its register budget and run apart).
+    from fused_resnet.kernels import configs
+
+    def chain(config, operands):
+        with configs.override(config) as asked:
+            return kernels.chain_1x1(*operands), asked
+
+    cases = []
+    for c, k, j in ((64, 256, 64), (128, 512, 128), (256, 1024, 256)):
+        operands = chain_operands(8, c, k, j, 14, 14, dtype)
+        for config in configs.chain_candidates(c, k, j, operands[0].element_size(), ieee=dtype == torch.float32):
+            cases.append((config, operands))
+    assert cases
+    compile_ahead([functools.partial(chain, *case) for case in cases])
+    for config, operands in cases:
+        (y, z), asked = chain(config, operands)
+        assert asked, config
+        y_exp, z_exp = chain_expected(*operands, y)
+        check_close(y, y_exp, dtype)
+        check_close(z, z_exp, dtype)
 
 
 # ---- the modules against torchvision's stem and head -----------------------------------------
