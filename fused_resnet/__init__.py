@@ -8,7 +8,16 @@
 from .convert import fuse
 from .folding import fold_bn
 from .graphs import CUDAGraphModule
-from .modules import FusedAvgPoolLinear, FusedBasicBlock, FusedBottleneck, FusedConv2d, FusedConv2dMaxPool, warmup
+from .modules import (
+    FusedAvgPoolLinear,
+    FusedBasicBlock,
+    FusedBottleneck,
+    FusedChain1x1,
+    FusedConv2d,
+    FusedConv2dMaxPool,
+    FusedStage,
+    warmup,
+)
 from .validate import Comparison, compare
 
 __all__ = [
@@ -17,8 +26,10 @@ __all__ = [
     "FusedAvgPoolLinear",
     "FusedBasicBlock",
     "FusedBottleneck",
+    "FusedChain1x1",
     "FusedConv2d",
     "FusedConv2dMaxPool",
+    "FusedStage",
     "compare",
     "fold_bn",
     "fuse",

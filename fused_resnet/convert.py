@@ -6,7 +6,8 @@ forward order, a fused module takes the place of the first module it covers and 
 absorbs become Identity:
 
     conv1 -> bn1 -> relu -> maxpool   conv1 = FusedConv2dMaxPool (or FusedConv2d(relu) + maxpool)
-    layer1..layer4                    each block a FusedBasicBlock or FusedBottleneck
+    layer1..layer4                    each block a FusedBasicBlock or FusedBottleneck (with
+                                      chain_blocks, each stage a FusedStage)
     avgpool -> flatten -> fc          avgpool = FusedAvgPoolLinear (or both stay torch modules)
 """
 
@@ -25,6 +26,7 @@ from .modules import (
     FusedBottleneck,
     FusedConv2d,
     FusedConv2dMaxPool,
+    FusedStage,
     warmup,
 )
 
@@ -42,6 +44,7 @@ def fuse(
     merge_downsample: bool = True,
     stem_maxpool: bool = True,
     avgpool_fc: bool = True,
+    chain_blocks: bool = False,
     cuda_graph: bool = False,
     example: torch.Tensor | None = None,
 ) -> nn.Module:
@@ -61,6 +64,10 @@ def fuse(
     stem_maxpool: the stem's conv + ReLU + max pooling run as one kernel (off: conv + ReLU, then
         torch's max pooling).
     avgpool_fc: the head's average pooling and fc run as one kernel (off: torch's modules).
+    chain_blocks: a Bottleneck whose shortcut is the identity runs its last conv and the next
+        block's first conv as one kernel (FusedChain1x1), so the next block does not read the
+        block's output back for it; each stage becomes a FusedStage. Off by default until GPU
+        timings show it pays (benchmarks/test_fusions.py, `bench --impl fused_chain`).
 
     On a GPU, the first call with each new input shape compiles every kernel that forward will
     launch at once, in parallel (a CompileAhead forward pre-hook on the returned network). With an
@@ -103,7 +110,7 @@ def fuse(
         fused = _BLOCKS[type(model)].from_torchvision(copy.deepcopy(model).eval(), **options)
         return fused if dtype is None else fused.to(dtype)
     fused = copy.deepcopy(model).eval()
-    _swap_children(fused, options, stem_maxpool, avgpool_fc, prefix="")
+    _swap_children(fused, options, stem_maxpool, avgpool_fc, chain_blocks, prefix="")
     fused = _finish(fused, dtype, strict)
     fused.register_forward_pre_hook(CompileAhead())  # a plain first call on a GPU compiles in parallel
     if example is not None:
@@ -126,7 +133,7 @@ def _finish(fused, dtype, strict):
     return fused
 
 
-def _swap_children(module, options, stem_maxpool, avgpool_fc, prefix):
+def _swap_children(module, options, stem_maxpool, avgpool_fc, chain_blocks, prefix):
     dtype = options["dtype"]
     if _is_resnet_stem(module):
         if stem_maxpool and _is_plain_maxpool(getattr(module, "maxpool", None)):
@@ -149,8 +156,12 @@ def _swap_children(module, options, stem_maxpool, avgpool_fc, prefix):
                 setattr(module, name, fused_type.from_torchvision(child, **options))
             except TypeError as err:
                 raise TypeError(f"fuse: cannot fuse '{prefix}{name}': {err}") from err
+        elif chain_blocks and isinstance(child, nn.Sequential) and any(type(b) in _BLOCKS for b in child):
+            originals = list(child)
+            _swap_children(child, options, stem_maxpool, avgpool_fc, chain_blocks, prefix=f"{prefix}{name}.")
+            setattr(module, name, FusedStage.chained(list(child), originals))
         else:
-            _swap_children(child, options, stem_maxpool, avgpool_fc, prefix=f"{prefix}{name}.")
+            _swap_children(child, options, stem_maxpool, avgpool_fc, chain_blocks, prefix=f"{prefix}{name}.")
 
 
 def _is_resnet_stem(module):

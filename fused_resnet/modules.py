@@ -390,6 +390,63 @@ class FusedAvgPoolLinear(PlannedLayer):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+class FusedChain1x1(PlannedLayer):
+    """A Bottleneck's last conv and the next block's first as one kernel (kernels.chain_1x1).
+
+    forward(x, residual) -> (y, z): y = relu(conv1x1(x, weight) + bias + residual), the block's
+    output, and z = relu(conv1x1(y, next_weight) + next_bias), the next block's first conv, which
+    then does not read y back from memory. It takes the place of the block's conv3 in a FusedStage
+    (fuse(chain_blocks=True)); the next block keeps its own conv1 for when it runs alone.
+    """
+
+    op_name = "fused_resnet::chain_1x1"
+
+    def __init__(self, weight, bias, next_weight, next_bias):
+        super().__init__()
+        for name, w in (("weight", weight), ("next_weight", next_weight)):
+            if w.dim() != 4 or tuple(w.shape[2:]) != (1, 1):
+                raise ValueError(f"FusedChain1x1: {name} must be a 1x1 conv weight, got {tuple(w.shape)}")
+        if next_weight.shape[1] != weight.shape[0]:
+            raise ValueError(f"FusedChain1x1: next_weight takes {next_weight.shape[1]} channels, but weight gives "
+                             f"{weight.shape[0]}")
+        self.in_channels, self.out_channels, self.next_channels = weight.shape[1], weight.shape[0], next_weight.shape[0]
+        for name, t in (("weight", weight), ("bias", bias), ("next_weight", next_weight), ("next_bias", next_bias)):
+            self.register_buffer(name, None if t is None else t.detach().contiguous())
+
+    @classmethod
+    def from_convs(cls, last: FusedConv2d, next_first: FusedConv2d):
+        """The chain of a block's last conv (with the identity shortcut in its epilogue) and the next
+        block's first, both plain 1x1 convs with a ReLU."""
+        for name, conv in (("last", last), ("next_first", next_first)):
+            plain = (conv.kernel_size == (1, 1) and _pair(conv.stride) == (1, 1) and _pair(conv.padding) == (0, 0)
+                     and _pair(conv.dilation) == (1, 1) and conv.groups == 1 and conv.relu
+                     and conv.shortcut_weight is None)
+            if not plain:
+                raise ValueError(f"FusedChain1x1: {name} must be a 1x1 conv of stride 1 with a ReLU and no merged "
+                                 f"shortcut, got {conv.extra_repr()}")
+        return cls(last.weight, last.bias, next_first.weight, next_first.bias)
+
+    def forward(self, x, residual):
+        if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched, as a block run alone may be
+            y, z = self.forward(x.unsqueeze(0), residual.unsqueeze(0))
+            return y.squeeze(0), z.squeeze(0)
+        plan = self._planned(x, residual)
+        if plan is not None:
+            return plan(x, residual)
+        return kernels.chain_1x1(x, self.weight, self.bias, residual, self.next_weight, self.next_bias)
+
+    def _build_plan(self, x, residual):
+        return kernels.plan_chain_1x1(x, self.weight, self.bias, residual, self.next_weight, self.next_bias)
+
+    def extra_repr(self):
+        return (f"{self.in_channels} -> {self.out_channels} (+ residual) -> {self.next_channels}, 1x1 convs, "
+                f"bias={self.bias is not None}, relu=True")
+
+
+def _pair(value):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
 def check_input(module, x, channels, weight):
     """Errors that name the module and what it expected, before any kernel sees the input."""
     name = type(module).__name__
@@ -548,4 +605,53 @@ class FusedBottleneck(_FusedBlock):
         )
 
     def forward(self, x):
-        return self._finish(self.conv3, self.conv2(self.conv1(x)), x)
+        return self.forward_chained(x)[0]
+
+    def forward_chained(self, x, first=None):
+        """(y, z): the block's output y, and z, the next block's first conv of y where this block's
+        conv3 is a FusedChain1x1 (else None). `first`: this block's own first conv of x, where the
+        block before computed it."""
+        h = self.conv2(self.conv1(x) if first is None else first)
+        if isinstance(self.conv3, FusedChain1x1):
+            return self.conv3(h, x)
+        return self._finish(self.conv3, h, x), None
+
+
+def can_chain(block, next_block) -> bool:
+    """Whether a torchvision Bottleneck and the block after it can run as a FusedStage chains them:
+    the block's shortcut is the identity, its last conv and the next block's first are plain 1x1
+    convs, and their channels fit one program (kernels.chain_fits)."""
+    if not (isinstance(block, Bottleneck) and isinstance(next_block, Bottleneck)) or block.downsample is not None:
+        return False
+    last, first = block.conv3, next_block.conv1
+    plain = all(conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+                and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+                for conv in (last, first))
+    return plain and kernels.chain_fits(last.in_channels, first.out_channels)
+
+
+class FusedStage(nn.Sequential):
+    """A stage of fused blocks (torchvision's layer1..layer4) that hands each block's chained
+    output on: where a block's conv3 is a FusedChain1x1, it also computes the next block's first
+    conv, and the next block starts from that. Indexing and names stay nn.Sequential's."""
+
+    def forward(self, x):
+        first = None  # the next block's first conv of x, where the block before computed it
+        for block in self:
+            if isinstance(block, FusedBottleneck):
+                x, first = block.forward_chained(x, first)
+            else:
+                x, first = block(x), None
+        return x
+
+    @classmethod
+    def chained(cls, blocks, originals):
+        """The fused `blocks` as a stage in which each block that can_chain with the next (judged on
+        the torchvision `originals` they came from) computes the next one's first conv."""
+        stage = cls(*blocks)
+        for i in range(len(blocks) - 1):
+            block, after = blocks[i], blocks[i + 1]
+            if (can_chain(originals[i], originals[i + 1]) and isinstance(block, FusedBottleneck)
+                    and block.residual_epilogue and block.downsample is None and isinstance(after, FusedBottleneck)):
+                block.conv3 = FusedChain1x1.from_convs(block.conv3, after.conv1)
+        return stage

@@ -23,7 +23,7 @@ if __name__ != "fused_resnet.kernels":
 from .add_relu import add_relu, add_relu_reference, plan_add_relu
 from .avgpool_linear import avgpool_linear, avgpool_linear_reference, plan_avgpool_linear
 from .backend import current_backend, interpreting, use_backend
-from .chain_1x1 import chain_1x1, chain_1x1_reference, plan_chain_1x1
+from .chain_1x1 import chain_1x1, chain_1x1_reference, chain_fits, plan_chain_1x1
 from .conv2d import conv2d_bias_act, conv2d_bias_act_reference, plan_conv2d_bias_act
 from .conv2d_maxpool import conv2d_bias_act_maxpool, conv2d_bias_act_maxpool_reference, plan_conv2d_bias_act_maxpool
 
@@ -34,6 +34,7 @@ __all__ = [
     "avgpool_linear_reference",
     "chain_1x1",
     "chain_1x1_reference",
+    "chain_fits",
     "conv2d_bias_act",
     "conv2d_bias_act_maxpool",
     "conv2d_bias_act_maxpool_reference",

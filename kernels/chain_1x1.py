@@ -13,7 +13,7 @@ kernels (Q K^T, an elementwise step, times V): x's tile plays Q and stays put, w
 chunks stream past. The sums are the same as the two convs' apart; y never returns from memory.
 
 It takes what fits one program: x's channels and z's each at most MAX_CHANNELS (x's tile and z's
-accumulator are held across the loop; `fits()`), and a config within the register budget
+accumulator are held across the loop; `chain_fits()`), and a config within the register budget
 (configs.chain_candidates; wide fp32 chains have none). Elsewhere the op runs the two convs one
 after the other. ResNet-50's chained blocks have 64-256 of each.
 
@@ -93,7 +93,7 @@ def _chain_1x1_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def fits(channels: int, next_channels: int) -> bool:
+def chain_fits(channels: int, next_channels: int) -> bool:
     """Whether a chain over x of `channels` and a z of `next_channels` fits one program."""
     return channels <= MAX_CHANNELS and next_channels <= MAX_CHANNELS
 
@@ -139,7 +139,7 @@ def plan_chain_1x1(x, weight, bias, residual, next_weight, next_bias=None, *, ba
     block_c, block_j = max(16, triton.next_power_of_2(c)), max(16, triton.next_power_of_2(j))
     smem = igemm.max_shared_memory(x.device.index or 0) if x.is_cuda else 228 * 1024
     candidates = configs.chain_candidates(block_c, k, block_j, x.element_size(), smem, ieee=igemm.ieee_fp32(x.dtype))
-    if path != "triton" or not fits(c, j) or not candidates:
+    if path != "triton" or not chain_fits(c, j) or not candidates:
         return _apart_plan(x, weight, bias, residual, next_weight, next_bias, backend_name, traceable)
     m = y_shape[0] * y_shape[2] * y_shape[3]
     if m >= 2**31:
@@ -220,7 +220,7 @@ def chain_1x1(input, weight, bias, residual, next_weight, next_bias=None):
     next_bias)), both 1x1 convs of stride 1, in one kernel that never reads y back from memory.
 
     input (N, C, H, W), weight (K, C, 1, 1), residual (N, K, H, W), next_weight (J, K, 1, 1); any
-    memory format; y and z come channels_last. Where the chain does not fit one program (fits(),
+    memory format; y and z come channels_last. Where the chain does not fit one program (chain_fits(),
     configs.chain_candidates), and on the cuDNN and reference backends, the two convs run one
     after the other (the same result).
     """

@@ -19,8 +19,10 @@ from fused_resnet import (
     FusedAvgPoolLinear,
     FusedBasicBlock,
     FusedBottleneck,
+    FusedChain1x1,
     FusedConv2d,
     FusedConv2dMaxPool,
+    FusedStage,
     compare,
     fuse,
     kernels,
@@ -168,6 +170,100 @@ def test_fusion_switches(arch, switch, reference_backend):
     result = compare(ref, fused, images())
     assert result.max_rel_err < 1e-4, result
     assert result.top1_agreement == 1.0
+
+
+# Which blocks chain their last conv with the next block's first (fuse(chain_blocks=True)): those
+# whose shortcut is the identity, followed by a block in the same stage, with x's and z's channels
+# within what one program holds (256): in resnet50, layer1 to layer3 but not layer4 (512).
+CHAINED = {"resnet50": ["layer1.1", "layer2.1", "layer2.2", "layer3.1", "layer3.2", "layer3.3", "layer3.4"],
+           "wide_resnet50_2": ["layer1.1", "layer2.1", "layer2.2"],
+           "resnext50_32x4d": ["layer1.1", "layer2.1", "layer2.2"],
+           "resnet18": []}
+
+
+def chained_blocks(fused):
+    return [name for name, m in fused.named_modules() if isinstance(getattr(m, "conv3", None), FusedChain1x1)]
+
+
+@pytest.mark.parametrize("dilated", [False, True], ids=["", "dilated"])
+@pytest.mark.parametrize("arch", list(CHAINED))
+def test_chain_blocks_structure_and_parity(arch, dilated, reference_backend):
+    if dilated and arch == "resnet18":
+        pytest.skip("torchvision's BasicBlock has no dilation")
+    ref = model(arch, dilated)
+    fused = fuse(ref, chain_blocks=True)
+    assert all(isinstance(getattr(fused, f"layer{i}"), FusedStage) for i in range(1, 5))
+    assert chained_blocks(fused) == CHAINED[arch]
+    assert chained_blocks(fuse(ref)) == [] and not isinstance(fuse(ref).layer1, FusedStage)
+    for name in CHAINED[arch]:  # the chain holds the block's last conv and the next block's first
+        stage, index = name.split(".")
+        chain, after = getattr(fused, stage)[int(index)].conv3, getattr(fused, stage)[int(index) + 1].conv1
+        assert torch.equal(chain.next_weight, after.weight) and torch.equal(chain.next_bias, after.bias)
+    result = compare(ref, fused, images())
+    assert result.max_rel_err < 1e-4, result
+    assert result.top1_agreement == 1.0
+
+
+def test_chain_blocks_through_the_kernels():
+    # resnet50 on the Triton kernels with chained blocks: 7 chains, each in place of two convs,
+    # and the network's answer that of the unchained one.
+    ref = model("resnet50")
+    x = torch.randn(1, 3, 32, 32)
+    fused = fuse(ref, chain_blocks=True).to(DEVICE)
+    with kernels.use_backend("triton"), torch.profiler.profile() as prof:
+        result = compare(ref, fused, x)
+    assert result.max_rel_err < 1e-4, result
+    counts = {e.key: e.count for e in prof.key_averages()}
+    convs = sum(isinstance(m, nn.Conv2d) for m in ref.modules())
+    assert counts["fused_resnet::chain_1x1"] == 7, counts
+    assert counts["fused_resnet::conv2d_bias_act"] == convs - 1 - 4 - 2 * 7, counts  # stem, shortcuts, chains
+
+
+def test_a_chained_block_runs_alone_and_the_state_carries_over(reference_backend):
+    ref = model("resnet50")
+    fused, plain = fuse(ref, chain_blocks=True), fuse(ref)
+    x = torch.randn(2, 256, 8, 8)
+    with torch.no_grad():
+        alone = fused.layer1[1](x)  # the chain's z is dropped
+        torch.testing.assert_close(alone, plain.layer1[1](x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused.layer1[1](x[0]), alone[0], rtol=1e-5, atol=1e-5)  # unbatched
+    again = fuse(model("resnet50"), chain_blocks=True)
+    again.load_state_dict(fused.state_dict())
+    copied = copy.deepcopy(fused).double()
+    with torch.no_grad():
+        y = images()
+        torch.testing.assert_close(again(y), fused(y))
+        torch.testing.assert_close(copied(y.double()), fused(y).double(), rtol=1e-4, atol=1e-4)
+    assert "layer1.1.conv3.next_weight" in fused.state_dict()
+
+
+def test_chain_refuses_what_it_cannot_run():
+    ref = model("resnet50")
+    fused = fuse(ref)
+    with pytest.raises(ValueError, match="next_first must be a 1x1 conv of stride 1"):
+        FusedChain1x1.from_convs(fused.layer1[1].conv3, fused.layer1[2].conv2)
+    with pytest.raises(ValueError, match="last must be a 1x1 conv .* no merged shortcut"):
+        FusedChain1x1.from_convs(fused.layer1[0].conv3, fused.layer1[1].conv1)
+    with pytest.raises(ValueError, match="next_weight takes 256 channels, but weight gives 64"):
+        FusedChain1x1(fused.layer1[1].conv1.weight, None, fused.layer1[2].conv1.weight, None)
+
+
+def test_torch_compile_traces_chained_blocks_as_the_chain_op():
+    block = fuse(model("resnet50"), chain_blocks=True).layer1
+    x = torch.randn(2, 64, 6, 6)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with kernels.use_backend("reference"), torch.no_grad():
+        eager = block(x)
+        traced = torch.compile(block, backend=record, fullgraph=True)(x)
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert targets.count("fused_resnet.chain_1x1") == 1 and targets.count("fused_resnet.conv2d_bias_act") == 7, targets
+    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_merge_downsample_needs_the_residual_epilogue():

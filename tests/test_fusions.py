@@ -336,9 +336,7 @@ def test_chain_1x1_without_biases_keeps_nan_and_takes_any_layout():
 
 def test_chain_1x1_too_wide_runs_two_convs(monkeypatch):
     # x of 320 channels is more than one program holds: the two convs run apart, same answer.
-    from fused_resnet.kernels.chain_1x1 import fits
-
-    assert not fits(320, 64) and fits(256, 256)
+    assert not kernels.chain_fits(320, 64) and kernels.chain_fits(256, 256)
     from fused_resnet.kernels import backend
 
     launched = []
