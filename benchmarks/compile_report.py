@@ -36,12 +36,14 @@ from fused_resnet.kernels import precompile
 from fused_resnet import bench, fuse
 from fused_resnet.validate import synthetic_batchnorm
 
-OP_NAMES = {"conv2d_bias_act": "conv", "conv2d_bias_act_maxpool": "conv+pool"}
+OP_NAMES = {"conv2d_bias_act": "conv", "conv2d_bias_act_maxpool": "conv+pool", "chain_1x1": "chain"}
 
 
 def describe(job):
     """A short name of the launch: op and the sizes that tell layers apart."""
     sizes = dict(part.split("=", 1) for part in job.key.split(",") if "=" in part)
+    if job.op == "chain_1x1":
+        return f"chain: C{sizes['C']} K{sizes['K']} J{sizes['J']} 1x1 +residual"
     if "Cg" in sizes:
         text = f"C{sizes['Cg']} K{sizes.get('Kg', '?')} {sizes.get('R', '?')}x{sizes.get('S', '?')}"
         text += f" {sizes.get('H', '?')}->{sizes.get('P', '?')}"
@@ -86,13 +88,15 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, default=1, help="compile in this many processes (default: 1)")
     parser.add_argument("--limit", type=int, default=None, help="compile only the first N jobs")
     parser.add_argument("--no-tf32", action="store_true", help="fp32 dots in IEEE precision, not TF32")
+    parser.add_argument("--chain-blocks", action="store_true", help="the network as fuse(chain_blocks=True) runs it")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     dtype = bench.DTYPES[args.dtype]
     if args.no_tf32:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
-    model = fuse(synthetic_batchnorm(getattr(torchvision.models, args.arch)(), size=32), dtype=dtype)
+    model = fuse(synthetic_batchnorm(getattr(torchvision.models, args.arch)(), size=32), dtype=dtype,
+                 chain_blocks=args.chain_blocks)
     x = torch.empty(args.batch, 3, args.size, args.size, dtype=dtype).contiguous(memory_format=torch.channels_last)
     with precompile.compile_only(args.gpu, every_candidate=args.every_candidate) as jobs, torch.no_grad():
         model(x)

@@ -1,4 +1,5 @@
-"""What each fusion buys: resnet50, fp16, batch 256, every fusion on against the same model with one off.
+"""What each fusion buys: resnet50, fp16, batch 256, fuse's defaults against the same model with one off
+(or, for chain_blocks, on).
 
 The cumulative ablation (one fusion added at a time) is `fused-resnet profile --ablation`; this
 suite puts each fusion's own gain beside the full model in one pytest-benchmark group.
@@ -20,6 +21,7 @@ VARIANTS = {
     "no_stem_maxpool": dict(stem_maxpool=False),
     "no_avgpool_fc": dict(avgpool_fc=False),
     "no_residual_epilogue": dict(residual_epilogue=False, merge_downsample=False),
+    "chain_blocks": dict(chain_blocks=True),  # off by default: this times whether it pays
 }
 _MODEL = []
 

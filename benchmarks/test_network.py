@@ -1,4 +1,5 @@
-"""Whole networks: eager, eager channels_last, torch.compile, cuDNN fused, fused (+ CUDA graphs at batch 1)."""
+"""Whole networks: eager, eager channels_last, torch.compile, cuDNN fused, fused, fused with chained
+blocks (+ CUDA graphs at batch 1)."""
 
 import pytest
 from conftest import DEVICE, HAS_CUDA, measure
@@ -21,7 +22,7 @@ def gpu_cases():
     for arch in ARCHS:
         for dtype in DTYPES:
             for batch in (1, LARGE_BATCH):
-                impls = ["eager", "eager_channels_last", "compile", "cudnn_fused", "fused"]
+                impls = ["eager", "eager_channels_last", "compile", "cudnn_fused", "fused", "fused_chain"]
                 if batch == 1:
                     impls += ["fused_cuda_graph", "eager_channels_last_cuda_graph"]
                 for impl in impls:
@@ -30,7 +31,7 @@ def gpu_cases():
 
 
 CPU_CASES = [pytest.param("resnet18", "float32", 2, impl, id=f"cpu-resnet18-float32-b2-{impl}")
-             for impl in ("eager", "eager_channels_last", "fused")]
+             for impl in ("eager", "eager_channels_last", "fused", "fused_chain")]
 
 
 @pytest.mark.parametrize("arch,dtype,batch,impl", list(gpu_cases()) if HAS_CUDA else CPU_CASES)

@@ -7,6 +7,7 @@ An implementation is a name and a callable that runs one batch and returns the l
     compile               torch.compile of the channels_last model (max-autotune on a GPU)
     cudnn_fused           BatchNorm folded, cuDNN's fused conv+bias(+add)+ReLU where it applies
     fused                 fused_resnet: every conv one Triton kernel
+    fused_chain           the same with fuse(chain_blocks=True): chained blocks' last and next first conv one kernel
     fused_cuda_graph      fused_resnet replayed from a CUDA graph (fused_resnet.CUDAGraphModule)
     eager_channels_last_cuda_graph   torchvision NHWC replayed from a CUDA graph, the like-for-like baseline
 """
@@ -31,7 +32,7 @@ from .validate import synthetic_batchnorm
 # The architectures fuse() covers, as torchvision names them (each also with replace_stride_with_dilation).
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
          "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
-IMPLS = ("eager", "eager_channels_last", "compile", "cudnn_fused", "fused", "fused_cuda_graph",
+IMPLS = ("eager", "eager_channels_last", "compile", "cudnn_fused", "fused", "fused_chain", "fused_cuda_graph",
          "eager_channels_last_cuda_graph")
 
 # The fusion ablation, one step at a time: (step, kernels backend, fuse() switches). "unfused" is
@@ -45,6 +46,7 @@ ABLATION = (
     ("downsample", "triton", dict(NO_FUSIONS, residual_epilogue=True, merge_downsample=True)),
     ("stem", "triton", dict(NO_FUSIONS, residual_epilogue=True, merge_downsample=True, stem_maxpool=True)),
     ("head", "triton", {}),
+    ("chain", "triton", dict(chain_blocks=True)),
 )
 ABLATION_LABELS = {
     "unfused": "torchvision: conv, BN, ReLU, add, ReLU as separate ops",
@@ -53,7 +55,8 @@ ABLATION_LABELS = {
     "residual": "+ shortcut add and ReLU in the last conv's epilogue",
     "downsample": "+ projection shortcut merged into the last conv's GEMM",
     "stem": "+ stem conv and max pooling in one kernel",
-    "head": "+ head average pooling and fc in one kernel (all fusions)",
+    "head": "+ head average pooling and fc in one kernel (fuse's defaults)",
+    "chain": "+ a block's last conv and the next block's first in one kernel (chain_blocks=True)",
 }
 BASELINE = "eager_channels_last"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -168,6 +171,8 @@ def build_impls(model, names, dtype, device, batch, size):
             fused = fused if fused is not None else fuse(model, dtype=dtype).to(device)
             if name == "fused":
                 ready[name] = (fused, x_cl)
+            elif name == "fused_chain":
+                ready[name] = (fuse(model, dtype=dtype, chain_blocks=True).to(device), x_cl)
             elif name == "cudnn_fused":
                 ready[name] = (_with_backend(fused, "cudnn"), x_cl)
             else:

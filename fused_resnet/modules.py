@@ -4,8 +4,9 @@ Each module is built from its torchvision counterpart with BatchNorm folded in, 
 torchvision's attribute names (conv1, conv2, conv3, downsample) so that one reads like the other.
 The deeper fusions are switches on the blocks and on fuse(): a projection shortcut merged into the
 block's last GEMM (the block's `downsample` is then None and its last conv holds the shortcut's
-weight), conv + max pooling for the stem (FusedConv2dMaxPool), and the head's average pooling +
-fc (FusedAvgPoolLinear).
+weight), conv + max pooling for the stem (FusedConv2dMaxPool), the head's average pooling +
+fc (FusedAvgPoolLinear), and a block's last conv with the next block's first (FusedChain1x1, in a
+FusedStage).
 The folded weights are buffers, not parameters: these modules are for inference only, and refuse
 training mode and gradients with an error rather than silently returning wrong gradients.
 """

@@ -10,12 +10,14 @@ from shapes and dtype alone, under each step of the ablation (bench.ABLATION):
     residual    the shortcut add and last ReLU in the last conv's epilogue
     downsample  the projection shortcut inside the last conv's GEMM
     stem        stem conv + max pooling in one kernel
-    head        head average pooling + fc in one kernel
+    head        head average pooling + fc in one kernel (fuse's defaults)
+    chain       a block's last conv and the next block's first in one kernel (chain_blocks=True)
 
 With X, W and Y the elements of a conv's input, weight and output, a conv + BN + ReLU moves
 X + W + 5Y unfused (the conv writes Y; BN and ReLU each read and write it) and X + W + Y fused;
 a block's last conv moves X + W + 8Y unfused (the add reads two tensors and writes one) and
-X + W + 2Y fused (the shortcut is read in the epilogue). Each count is a lower bound: every
+X + W + 2Y fused (the shortcut is read in the epilogue); chained with the next block's first conv
+(weight W', output Z), X + W + 2Y + W' + Z, and that conv's own row nothing. Each count is a lower bound: every
 operand is read once. Bias and BN parameter vectors are left out (under 0.1%).
 
 On a GPU, each row's unfused and fused kernels are also timed (CUDA events, median), which gives
@@ -32,6 +34,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from . import bench, kernels
 from .convert import fuse
+from .modules import can_chain
 
 STEPS = tuple(step for step, _, _ in bench.ABLATION)
 
@@ -69,6 +72,8 @@ class Layer:
     pooled: int = 0
     shortcut: str | None = None
     recompute: float = 1.0  # the stem kernel computes each conv pixel this many times
+    chains: str | None = None  # a "last" row: the next block's first conv, which its kernel computes when chained
+    chained: bool = False  # a "conv" row that the block before computes when chained
 
     @property
     def x(self):
@@ -97,6 +102,12 @@ def traffic(layer, step, rows=None):
     """
     x, w, y = layer.x, layer.w, layer.y
     fused_conv = step_on(step, "epilogue")
+    chained = step_on(step, "chain")
+    if layer.kind == "conv" and layer.chained and chained:
+        return 0, 0
+    if layer.kind == "last" and layer.chains and chained:
+        following = rows[layer.chains]
+        return x + w + 2 * y + following.w + following.y, 1
     if layer.kind == "conv":
         return (x + w + y, 1) if fused_conv else (x + w + 5 * y, 3)
     if layer.kind == "downsample":
@@ -125,6 +136,10 @@ def executed_flops(layer, step, rows=None):
     """FLOPs that `layer`'s kernels execute under `step` (merges and recomputation included)."""
     if layer.kind == "downsample" and step_on(step, "downsample"):
         return 0
+    if layer.kind == "conv" and layer.chained and step_on(step, "chain"):
+        return 0
+    if layer.kind == "last" and layer.chains and step_on(step, "chain"):
+        return layer.flops + rows[layer.chains].flops
     if layer.kind == "last" and step_on(step, "downsample") and layer.shortcut is not None:
         return layer.flops + rows[layer.shortcut].flops
     if layer.kind == "stem" and step_on(step, "stem"):
@@ -161,16 +176,21 @@ def layers(model, batch, size):
     rows = [conv_row("conv1", "stem", model.conv1, pooled=math.prod(pool_out),
                      recompute=taps * math.prod(pool_out) / math.prod(pool_in))]
     for stage in ("layer1", "layer2", "layer3", "layer4"):
-        for i, block in enumerate(getattr(model, stage)):
+        blocks = list(getattr(model, stage))
+        for i, block in enumerate(blocks):
             prefix = f"{stage}.{i}"
             if not isinstance(block, (BasicBlock, Bottleneck)):
                 raise TypeError(f"profile: {prefix} is a {type(block).__name__}, not a torchvision block")
             convs = ["conv1", "conv2"] + (["conv3"] if isinstance(block, Bottleneck) else [])
             ds = f"{prefix}.downsample" if block.downsample is not None else None
+            chains = i + 1 < len(blocks) and can_chain(block, blocks[i + 1])
+            chained = i > 0 and can_chain(blocks[i - 1], block)
             for conv_name in convs:
                 last = conv_name == convs[-1]
                 rows.append(conv_row(f"{prefix}.{conv_name}", "last" if last else "conv", getattr(block, conv_name),
-                                     shortcut=ds if last else None))
+                                     shortcut=ds if last else None,
+                                     chains=f"{stage}.{i + 1}.conv1" if last and chains else None,
+                                     chained=chained and conv_name == "conv1"))
             if ds:
                 row = conv_row(f"{ds}.0", "downsample", block.downsample[0])
                 row.name = ds

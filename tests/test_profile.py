@@ -18,6 +18,7 @@ from fused_resnet.profile import (
     _callables,
     _rates,
     _totals,
+    executed_flops,
     format_table,
     layers,
     plot_roofline,
@@ -76,6 +77,24 @@ def test_traffic_of_a_bottleneck_by_hand():
     assert c2.flops == 2 * 4096 * 64 * 9 and ds.flops == 2 * 16384 * 64
 
 
+def test_traffic_of_chained_blocks_by_hand():
+    # resnet50, batch 1, 32x32: layer1.1's conv3 (8x8, 64 -> 256, + the block's input) chained
+    # with layer1.2's conv1 (256 -> 64): X + W + 2Y (the residual read, y written) + W' + Z, one
+    # kernel; layer1.2.conv1's own row then moves nothing. layer4 (512 channels) does not chain.
+    rows = rows_of("resnet50", 1, 32)
+    last, following = rows["layer1.1.conv3"], rows["layer1.2.conv1"]
+    assert last.chains == "layer1.2.conv1" and following.chained
+    assert traffic(last, "head", rows) == (4096 + 16384 + 2 * 16384, 1)
+    assert traffic(last, "chain", rows) == (4096 + 16384 + 2 * 16384 + 16384 + 4096, 1) == (73728, 1)
+    assert traffic(following, "head", rows) == (16384 + 16384 + 4096, 1)
+    assert traffic(following, "chain", rows) == (0, 0)
+    assert executed_flops(last, "chain", rows) == last.flops + following.flops
+    assert executed_flops(following, "chain", rows) == 0
+    assert [r.name for r in rows.values() if r.chains] == ["layer1.1.conv3", "layer2.1.conv3", "layer2.2.conv3",
+                                                           "layer3.1.conv3", "layer3.2.conv3", "layer3.3.conv3",
+                                                           "layer3.4.conv3"]
+
+
 def test_traffic_of_the_stem_and_head_by_hand():
     rows = rows_of("resnet18", 2, 32)
     stem, head = rows["conv1"], rows["fc"]
@@ -95,10 +114,10 @@ def test_traffic_of_the_stem_and_head_by_hand():
 UNFUSED_TORCH_OPS = ("aten::max_pool2d", "aten::adaptive_avg_pool2d", "aten::linear")
 
 
-@pytest.mark.parametrize("step", STEPS[2:])
-def test_kernel_counts_match_the_kernels_that_run(step):
+@pytest.mark.parametrize("arch,step", [("resnet18", step) for step in STEPS[2:]] + [("resnet50", "chain")])
+def test_kernel_counts_match_the_kernels_that_run(arch, step):
     # The model's kernel count at each Triton step against the ops the fused network really launches.
-    model = synthetic_batchnorm(torchvision.models.resnet18(num_classes=10), size=32)
+    model = synthetic_batchnorm(getattr(torchvision.models, arch)(num_classes=10), size=32)
     _, backend, switches = next(s for s in bench.ABLATION if s[0] == step)
     fused = fuse(model, **switches).to(DEVICE)
     rows = layers(model, 1, 32)
