@@ -43,7 +43,8 @@ def describe(job):
     """A short name of the launch: op and the sizes that tell layers apart."""
     sizes = dict(part.split("=", 1) for part in job.key.split(",") if "=" in part)
     if job.op == "chain_1x1":
-        return f"chain: C{sizes['C']} K{sizes['K']} J{sizes['J']} 1x1 +residual"
+        added = f"+shortcut C{sizes['Cs']}" if sizes.get("SHORTCUT") == "1" else "+residual"
+        return f"chain: C{sizes['C']} K{sizes['K']} J{sizes['J']} 1x1 {added}"
     if "Cg" in sizes:
         text = f"C{sizes['Cg']} K{sizes.get('Kg', '?')} {sizes.get('R', '?')}x{sizes.get('S', '?')}"
         text += f" {sizes.get('H', '?')}->{sizes.get('P', '?')}"

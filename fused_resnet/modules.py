@@ -396,13 +396,14 @@ class FusedChain1x1(PlannedLayer):
 
     forward(x, residual) -> (y, z): y = relu(conv1x1(x, weight) + bias + residual), the block's
     output, and z = relu(conv1x1(y, next_weight) + next_bias), the next block's first conv, which
-    then does not read y back from memory. It takes the place of the block's conv3 in a FusedStage
-    (fuse(chain_blocks=True)); the next block keeps its own conv1 for when it runs alone.
+    then does not read y back from memory. With a `shortcut_weight`, the residual is a merged
+    projection shortcut's input, as for FusedConv2d. It takes the place of the block's conv3 in a
+    FusedStage (fuse(chain_blocks=True)); the next block keeps its own conv1 for when it runs alone.
     """
 
     op_name = "fused_resnet::chain_1x1"
 
-    def __init__(self, weight, bias, next_weight, next_bias):
+    def __init__(self, weight, bias, next_weight, next_bias, shortcut_weight=None, shortcut_stride=1):
         super().__init__()
         for name, w in (("weight", weight), ("next_weight", next_weight)):
             if w.dim() != 4 or tuple(w.shape[2:]) != (1, 1):
@@ -411,21 +412,23 @@ class FusedChain1x1(PlannedLayer):
             raise ValueError(f"FusedChain1x1: next_weight takes {next_weight.shape[1]} channels, but weight gives "
                              f"{weight.shape[0]}")
         self.in_channels, self.out_channels, self.next_channels = weight.shape[1], weight.shape[0], next_weight.shape[0]
-        for name, t in (("weight", weight), ("bias", bias), ("next_weight", next_weight), ("next_bias", next_bias)):
+        for name, t in (("weight", weight), ("bias", bias), ("next_weight", next_weight), ("next_bias", next_bias),
+                        ("shortcut_weight", shortcut_weight)):
             self.register_buffer(name, None if t is None else t.detach().contiguous())
+        self.shortcut_stride = shortcut_stride
 
     @classmethod
     def from_convs(cls, last: FusedConv2d, next_first: FusedConv2d):
-        """The chain of a block's last conv (with the identity shortcut in its epilogue) and the next
-        block's first, both plain 1x1 convs with a ReLU."""
+        """The chain of a block's last conv (with the shortcut in its epilogue: the identity, or a merged
+        projection) and the next block's first, both plain 1x1 convs with a ReLU."""
         for name, conv in (("last", last), ("next_first", next_first)):
             plain = (conv.kernel_size == (1, 1) and _pair(conv.stride) == (1, 1) and _pair(conv.padding) == (0, 0)
-                     and _pair(conv.dilation) == (1, 1) and conv.groups == 1 and conv.relu
-                     and conv.shortcut_weight is None)
-            if not plain:
-                raise ValueError(f"FusedChain1x1: {name} must be a 1x1 conv of stride 1 with a ReLU and no merged "
-                                 f"shortcut, got {conv.extra_repr()}")
-        return cls(last.weight, last.bias, next_first.weight, next_first.bias)
+                     and _pair(conv.dilation) == (1, 1) and conv.groups == 1 and conv.relu)
+            if not plain or (conv is next_first and conv.shortcut_weight is not None):
+                raise ValueError(f"FusedChain1x1: {name} must be a 1x1 conv of stride 1 with a ReLU"
+                                 f"{'' if conv is last else ' and no merged shortcut'}, got {conv.extra_repr()}")
+        return cls(last.weight, last.bias, next_first.weight, next_first.bias, last.shortcut_weight,
+                   last.shortcut_stride)
 
     def forward(self, x, residual):
         if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched, as a block run alone may be
@@ -434,13 +437,17 @@ class FusedChain1x1(PlannedLayer):
         plan = self._planned(x, residual)
         if plan is not None:
             return plan(x, residual)
-        return kernels.chain_1x1(x, self.weight, self.bias, residual, self.next_weight, self.next_bias)
+        return kernels.chain_1x1(x, self.weight, self.bias, residual, self.next_weight, self.next_bias,
+                                 shortcut_weight=self.shortcut_weight, shortcut_stride=self.shortcut_stride)
 
     def _build_plan(self, x, residual):
-        return kernels.plan_chain_1x1(x, self.weight, self.bias, residual, self.next_weight, self.next_bias)
+        return kernels.plan_chain_1x1(x, self.weight, self.bias, residual, self.next_weight, self.next_bias,
+                                      shortcut_weight=self.shortcut_weight, shortcut_stride=self.shortcut_stride)
 
     def extra_repr(self):
-        return (f"{self.in_channels} -> {self.out_channels} (+ residual) -> {self.next_channels}, 1x1 convs, "
+        added = "residual" if self.shortcut_weight is None else \
+            f"1x1 conv {self.shortcut_weight.shape[1]}->{self.out_channels} stride={self.shortcut_stride}"
+        return (f"{self.in_channels} -> {self.out_channels} (+ {added}) -> {self.next_channels}, 1x1 convs, "
                 f"bias={self.bias is not None}, relu=True")
 
 
@@ -619,16 +626,21 @@ class FusedBottleneck(_FusedBlock):
 
 
 def can_chain(block, next_block) -> bool:
-    """Whether a torchvision Bottleneck and the block after it can run as a FusedStage chains them:
-    the block's shortcut is the identity, its last conv and the next block's first are plain 1x1
-    convs, and their channels fit one program (kernels.chain_fits)."""
-    if not (isinstance(block, Bottleneck) and isinstance(next_block, Bottleneck)) or block.downsample is not None:
+    """Whether a torchvision Bottleneck and the block after it can run as a FusedStage chains them
+    (with fuse's default merge_downsample): the block's shortcut is the identity or a projection
+    merged into its last conv, its last conv and the next block's first are plain 1x1 convs, and
+    their channels fit one program (kernels.chain_fits)."""
+    if not (isinstance(block, Bottleneck) and isinstance(next_block, Bottleneck)):
         return False
     last, first = block.conv3, next_block.conv1
+    parts = _downsample_parts(block)
+    if parts is not None and not _can_merge(last, parts[0]):
+        return False
     plain = all(conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
                 and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
                 for conv in (last, first))
-    return plain and kernels.chain_fits(last.in_channels, first.out_channels)
+    shortcut_channels = 0 if parts is None else parts[0].in_channels
+    return plain and kernels.chain_fits(last.in_channels, first.out_channels, shortcut_channels)
 
 
 class FusedStage(nn.Sequential):
@@ -648,7 +660,8 @@ class FusedStage(nn.Sequential):
     @classmethod
     def chained(cls, blocks, originals):
         """The fused `blocks` as a stage in which each block that can_chain with the next (judged on
-        the torchvision `originals` they came from) computes the next one's first conv."""
+        the torchvision `originals` they came from; its shortcut, if a projection, merged into its
+        last conv) computes the next one's first conv."""
         stage = cls(*blocks)
         for i in range(len(blocks) - 1):
             block, after = blocks[i], blocks[i + 1]

@@ -17,7 +17,7 @@ With X, W and Y the elements of a conv's input, weight and output, a conv + BN +
 X + W + 5Y unfused (the conv writes Y; BN and ReLU each read and write it) and X + W + Y fused;
 a block's last conv moves X + W + 8Y unfused (the add reads two tensors and writes one) and
 X + W + 2Y fused (the shortcut is read in the epilogue); chained with the next block's first conv
-(weight W', output Z), X + W + 2Y + W' + Z, and that conv's own row nothing. Each count is a lower bound: every
+(weight W', output Z), W' + Z more, and that conv's own row nothing. Each count is a lower bound: every
 operand is read once. Bias and BN parameter vectors are left out (under 0.1%).
 
 On a GPU, each row's unfused and fused kernels are also timed (CUDA events, median), which gives
@@ -107,7 +107,8 @@ def traffic(layer, step, rows=None):
         return 0, 0
     if layer.kind == "last" and layer.chains and chained:
         following = rows[layer.chains]
-        return x + w + 2 * y + following.w + following.y, 1
+        own = x + w + 2 * y if layer.shortcut is None else x + w + y + rows[layer.shortcut].x + rows[layer.shortcut].w
+        return own + following.w + following.y, 1
     if layer.kind == "conv":
         return (x + w + y, 1) if fused_conv else (x + w + 5 * y, 3)
     if layer.kind == "downsample":
@@ -139,7 +140,8 @@ def executed_flops(layer, step, rows=None):
     if layer.kind == "conv" and layer.chained and step_on(step, "chain"):
         return 0
     if layer.kind == "last" and layer.chains and step_on(step, "chain"):
-        return layer.flops + rows[layer.chains].flops
+        shortcut = 0 if layer.shortcut is None else rows[layer.shortcut].flops
+        return layer.flops + shortcut + rows[layer.chains].flops
     if layer.kind == "last" and step_on(step, "downsample") and layer.shortcut is not None:
         return layer.flops + rows[layer.shortcut].flops
     if layer.kind == "stem" and step_on(step, "stem"):

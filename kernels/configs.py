@@ -382,25 +382,29 @@ def head_interpreter(images: int, classes: int, channels: int, pixels: int) -> d
 CHAIN_SHAPES = [(128, 64, 2, 8), (64, 64, 2, 4), (64, 64, 2, 8), (64, 32, 3, 4), (32, 64, 2, 4), (16, 32, 2, 4)]
 
 
-def chain_shared_bytes(config, block_c, block_j, element_size):
-    """Shared memory of a chain config: x's tile once, and per stage a chunk of each weight."""
+def chain_shared_bytes(config, block_c, block_j, element_size, block_s=0):
+    """Shared memory of a chain config: x's (and the shortcut input's) tile once, per stage a chunk of
+    each weight, and y's fp32 chunk once more, where the compiler converts its layout (compiled for
+    an H100, the resnet50 chains' configs took this to the byte, or 16 KB less)."""
     bm, bn = config["BLOCK_M"], config["BLOCK_N"]
-    return (bm * block_c + (block_c + block_j) * bn * config["num_stages"]) * element_size
+    operands = bm * (block_c + block_s) + (block_c + block_s + block_j) * bn * config["num_stages"]
+    return operands * element_size + bm * bn * 4
 
 
-def chain_candidates(block_c, k, block_j, element_size, shared_memory=228 * 1024, ieee=False):
-    """At most four configs for a chain over x of block_c channels (a power of two) into y of k and
-    z of block_j: accumulators (y's chunk and z's) within MAX_ACC_PER_THREAD elements a thread (32
-    with IEEE fp32 dots, whose operands sit in registers too), x's tile within as many again. None
-    may fit (wide fp32 chains): the chain then runs as two convs."""
+def chain_candidates(block_c, k, block_j, element_size, shared_memory=228 * 1024, ieee=False, block_s=0):
+    """At most four configs for a chain over x of block_c channels (a power of two; and a projection
+    shortcut's input of block_s) into y of k and z of block_j: accumulators (y's chunk and z's) within
+    MAX_ACC_PER_THREAD elements a thread (32 with IEEE fp32 dots, whose operands sit in registers
+    too), the input tiles within as many again. None may fit (wide fp32 chains): the chain then
+    runs as two convs."""
     limit = 32 if ieee else MAX_ACC_PER_THREAD
     kept = []
     for bm, bn, stages, warps in CHAIN_SHAPES:
         bn = min(bn, max(16, triton.next_power_of_2(k)))
         threads = 32 * warps
         config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
-        if (bm * (block_j + bn) <= limit * threads and bm * block_c * element_size // 4 <= limit * threads
-                and chain_shared_bytes(config, block_c, block_j, element_size) <= shared_memory
+        if (bm * (block_j + bn) <= limit * threads and bm * (block_c + block_s) * element_size // 4 <= limit * threads
+                and chain_shared_bytes(config, block_c, block_j, element_size, block_s) <= shared_memory
                 and config not in kept):
             kept.append(config)
     return kept[:4]

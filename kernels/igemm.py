@@ -528,7 +528,7 @@ def check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual
         )
     out_shape = (x.shape[0], k, p, q)
     if shortcut_weight is not None:
-        check_shortcut(residual, shortcut_weight, shortcut_stride, groups, out_shape)
+        check_shortcut(residual, shortcut_weight, shortcut_stride, groups, out_shape, op)
     elif residual is not None and tuple(residual.shape) != out_shape:
         raise ValueError(
             f"{op}: residual must have the output's shape {out_shape}, got {tuple(residual.shape)}"
@@ -536,27 +536,27 @@ def check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual
     return out_shape
 
 
-def check_shortcut(residual, weight, stride, groups, out_shape):
+def check_shortcut(residual, weight, stride, groups, out_shape, op="conv2d_bias_act"):
     n, k, p, q = out_shape
     if residual is None:
-        raise ValueError("conv2d_bias_act: shortcut_weight needs a residual (the shortcut conv's input)")
+        raise ValueError(f"{op}: shortcut_weight needs a residual (the shortcut conv's input)")
     if groups != 1:
-        raise ValueError(f"conv2d_bias_act: shortcut_weight needs groups=1 for the main conv, got groups={groups}")
+        raise ValueError(f"{op}: shortcut_weight needs groups=1 for the main conv, got groups={groups}")
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1) or weight.shape[0] != k:
         raise ValueError(
-            f"conv2d_bias_act: shortcut_weight must be a 1x1 conv weight ({k}, C, 1, 1), got {tuple(weight.shape)}"
+            f"{op}: shortcut_weight must be a 1x1 conv weight ({k}, C, 1, 1), got {tuple(weight.shape)}"
         )
     if len(stride) != 2 or min(stride) < 1:
-        raise ValueError(f"conv2d_bias_act: shortcut_stride must be 2 values >= 1, got {tuple(stride)}")
+        raise ValueError(f"{op}: shortcut_stride must be 2 values >= 1, got {tuple(stride)}")
     if residual.dim() != 4 or residual.shape[0] != n or residual.shape[1] != weight.shape[1]:
         raise ValueError(
-            f"conv2d_bias_act: residual must be ({n}, {weight.shape[1]}, H, W) for shortcut_weight "
+            f"{op}: residual must be ({n}, {weight.shape[1]}, H, W) for shortcut_weight "
             f"{tuple(weight.shape)}, got {tuple(residual.shape)}"
         )
     projected = output_size(residual.shape[2], residual.shape[3], 1, 1, stride, (0, 0, 0, 0), (1, 1))
     if projected != (p, q):
         raise ValueError(
-            f"conv2d_bias_act: the shortcut conv maps the {tuple(residual.shape[2:])} residual to {projected} "
+            f"{op}: the shortcut conv maps the {tuple(residual.shape[2:])} residual to {projected} "
             f"with stride {tuple(stride)}, but the output is {(p, q)}"
         )
 

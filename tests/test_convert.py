@@ -173,11 +173,13 @@ def test_fusion_switches(arch, switch, reference_backend):
 
 
 # Which blocks chain their last conv with the next block's first (fuse(chain_blocks=True)): those
-# whose shortcut is the identity, followed by a block in the same stage, with x's and z's channels
-# within what one program holds (256): in resnet50, layer1 to layer3 but not layer4 (512).
-CHAINED = {"resnet50": ["layer1.1", "layer2.1", "layer2.2", "layer3.1", "layer3.2", "layer3.3", "layer3.4"],
-           "wide_resnet50_2": ["layer1.1", "layer2.1", "layer2.2"],
-           "resnext50_32x4d": ["layer1.1", "layer2.1", "layer2.2"],
+# followed by a block in the same stage, whose shortcut is the identity or a merged projection, with
+# the channels of x, z and the shortcut's input within what one program holds (256): in resnet50,
+# layer1 and layer2, and layer3 but for its first block (a shortcut from 512 channels), not layer4.
+CHAINED = {"resnet50": ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer2.2", "layer3.1", "layer3.2",
+                        "layer3.3", "layer3.4"],
+           "wide_resnet50_2": ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer2.2"],
+           "resnext50_32x4d": ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer2.2"],
            "resnet18": []}
 
 
@@ -195,6 +197,9 @@ def test_chain_blocks_structure_and_parity(arch, dilated, reference_backend):
     assert all(isinstance(getattr(fused, f"layer{i}"), FusedStage) for i in range(1, 5))
     assert chained_blocks(fused) == CHAINED[arch]
     assert chained_blocks(fuse(ref)) == [] and not isinstance(fuse(ref).layer1, FusedStage)
+    # A projection shortcut left as a kernel of its own: its block does not chain.
+    apart = fuse(ref, chain_blocks=True, merge_downsample=False)
+    assert chained_blocks(apart) == [name for name in CHAINED[arch] if not name.endswith(".0")]
     for name in CHAINED[arch]:  # the chain holds the block's last conv and the next block's first
         stage, index = name.split(".")
         chain, after = getattr(fused, stage)[int(index)].conv3, getattr(fused, stage)[int(index) + 1].conv1
@@ -205,7 +210,7 @@ def test_chain_blocks_structure_and_parity(arch, dilated, reference_backend):
 
 
 def test_chain_blocks_through_the_kernels():
-    # resnet50 on the Triton kernels with chained blocks: 7 chains, each in place of two convs,
+    # resnet50 on the Triton kernels with chained blocks: 9 chains, each in place of two convs,
     # and the network's answer that of the unchained one.
     ref = model("resnet50")
     x = torch.randn(1, 3, 32, 32)
@@ -215,8 +220,8 @@ def test_chain_blocks_through_the_kernels():
     assert result.max_rel_err < 1e-4, result
     counts = {e.key: e.count for e in prof.key_averages()}
     convs = sum(isinstance(m, nn.Conv2d) for m in ref.modules())
-    assert counts["fused_resnet::chain_1x1"] == 7, counts
-    assert counts["fused_resnet::conv2d_bias_act"] == convs - 1 - 4 - 2 * 7, counts  # stem, shortcuts, chains
+    assert counts["fused_resnet::chain_1x1"] == 9, counts
+    assert counts["fused_resnet::conv2d_bias_act"] == convs - 1 - 4 - 2 * 9, counts  # stem, shortcuts, chains
 
 
 def test_a_chained_block_runs_alone_and_the_state_carries_over(reference_backend):
@@ -242,8 +247,8 @@ def test_chain_refuses_what_it_cannot_run():
     fused = fuse(ref)
     with pytest.raises(ValueError, match="next_first must be a 1x1 conv of stride 1"):
         FusedChain1x1.from_convs(fused.layer1[1].conv3, fused.layer1[2].conv2)
-    with pytest.raises(ValueError, match="last must be a 1x1 conv .* no merged shortcut"):
-        FusedChain1x1.from_convs(fused.layer1[0].conv3, fused.layer1[1].conv1)
+    with pytest.raises(ValueError, match="next_first must be a 1x1 conv .* no merged shortcut"):
+        FusedChain1x1.from_convs(fused.layer1[1].conv3, fused.layer2[0].conv3)
     with pytest.raises(ValueError, match="next_weight takes 256 channels, but weight gives 64"):
         FusedChain1x1(fused.layer1[1].conv1.weight, None, fused.layer1[2].conv1.weight, None)
 
@@ -262,7 +267,8 @@ def test_torch_compile_traces_chained_blocks_as_the_chain_op():
         eager = block(x)
         traced = torch.compile(block, backend=record, fullgraph=True)(x)
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
-    assert targets.count("fused_resnet.chain_1x1") == 1 and targets.count("fused_resnet.conv2d_bias_act") == 7, targets
+    # layer1: block 0 runs conv1, conv2 and the chain; block 1 conv2 and the chain; block 2 conv2, conv3.
+    assert targets.count("fused_resnet.chain_1x1") == 2 and targets.count("fused_resnet.conv2d_bias_act") == 5, targets
     torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
 
 

@@ -11,6 +11,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from conftest import (
     DEVICE,
     HAS_CUDA,
@@ -288,43 +289,75 @@ def test_avgpool_linear_bad_inputs_and_opcheck():
 # ---- two 1x1 convs back to back (chain_1x1) --------------------------------------------------
 
 CHAINS = [
-    # (n, c, k, j, h, w): x of c channels -> y of k (with the residual) -> z of j
-    (2, 64, 256, 64, 3, 5),  # resnet50 layer1: conv3 of one block, conv1 of the next
-    (1, 128, 512, 128, 4, 3),  # layer2
-    (1, 256, 128, 256, 2, 3),  # the widest x and z one program holds (layer3 has k=1024)
-    (3, 24, 40, 20, 3, 3),  # sizes of no block: channels not a power of two, rows past a tile
+    # (n, c, k, j, h, w, shortcut): x of c channels -> y of k (with the residual, or with a projection
+    # shortcut of cs channels at a stride) -> z of j
+    (2, 64, 256, 64, 3, 5, None),  # resnet50 layer1: conv3 of one block, conv1 of the next
+    (1, 128, 512, 128, 4, 3, None),  # layer2
+    (1, 256, 128, 256, 2, 3, None),  # the widest x and z one program holds (layer3 has k=1024)
+    (3, 24, 40, 20, 3, 3, None),  # sizes of no block: channels not a power of two, rows past a tile
+    (2, 64, 256, 64, 3, 5, (64, 1)),  # layer1.0 with its projection shortcut, into layer1.1's conv1
+    (1, 128, 512, 128, 3, 2, (256, 2)),  # layer2.0: the shortcut reads every other pixel of a 6x4 map
+    (2, 24, 40, 20, 3, 3, (10, 3)),  # odd sizes and stride
 ]
 
 
-def chain_operands(n, c, k, j, h, w, dtype, bias=True):
+def chain_operands(n, c, k, j, h, w, shortcut, dtype, bias=True):
+    """(x, weight, bias, residual, next_weight, next_bias) and chain_1x1's shortcut keywords."""
     x, weight, b = make_case(n, c, h, w, k, 1, 1, dtype=dtype, bias=bias)
-    residual = torch.randn(n, k, h, w, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
     _, next_weight, next_b = make_case(n, k, h, w, j, 1, 1, dtype=dtype, bias=bias)
-    return x, weight, b, residual, next_weight, next_b
+    if shortcut is None:
+        residual = torch.randn(n, k, h, w, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+        return (x, weight, b, residual, next_weight, next_b), {}
+    cs, stride = shortcut
+    residual, shortcut_weight, _ = make_case(n, cs, (h - 1) * stride + 1, (w - 1) * stride + 1, k, 1, 1, dtype=dtype)
+    return (x, weight, b, residual, next_weight, next_b), dict(shortcut_weight=shortcut_weight, shortcut_stride=stride)
 
 
-def chain_expected(x, weight, b, residual, next_weight, next_b, y):
+def chain_expected(x, weight, b, residual, next_weight, next_b, y, shortcut_weight=None, shortcut_stride=1):
     """float64 answers: y from the operands, and z from the kernel's own (rounded) y, as the next
     conv would read it back."""
+    if shortcut_weight is not None:
+        residual = F.conv2d(residual.cpu().double(), shortcut_weight.cpu().double(), None, shortcut_stride)
     return (conv_expected(x, weight, b, 1, 0, 1, 1, residual, True),
             conv_expected(y, next_weight, next_b, 1, 0, 1, 1, None, True))
 
 
+def launched_kernels(monkeypatch):
+    """The names of the Triton kernels launched while the test runs, in order."""
+    from fused_resnet.kernels import backend
+
+    launched = []
+    real = backend.KernelLaunch._launch
+    monkeypatch.setattr(backend.KernelLaunch, "_launch",
+                        lambda self, tensors: launched.append(self.kernel.__name__) or real(self, tensors))
+    return launched
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", CHAINS, ids=lambda c: "C{1}-K{2}-J{3}".format(*c))
-def test_chain_1x1(case, dtype):
-    operands = chain_operands(*case, dtype)
-    y, z = run_fused("chain_1x1", lambda: kernels.chain_1x1(*operands))
-    n, c, k, j, h, w = case
+@pytest.mark.parametrize("case", CHAINS, ids=lambda c: "C{1}-K{2}-J{3}".format(*c) + ("-Cs{}-s{}".format(*c[6]) if c[6]
+                                                                                  else ""))
+def test_chain_1x1(case, dtype, monkeypatch):
+    operands, shortcut = chain_operands(*case, dtype)
+    launched = launched_kernels(monkeypatch)
+    y, z = run_fused("chain_1x1", lambda: kernels.chain_1x1(*operands, **shortcut))
+    n, c, k, j, h, w, sc = case
+    # One kernel, but where no config holds the chain within the register budget (fp32 in IEEE
+    # precision, this file's setting, with 256 channels anywhere): then the two convs apart.
+    from fused_resnet.kernels import configs
+
+    fits = configs.chain_candidates(*(triton.next_power_of_2(v) for v in (c, k, j)), operands[0].element_size(),
+                                    ieee=dtype == torch.float32, block_s=triton.next_power_of_2(sc[0]) if sc else 0)
+    assert launched == (["_chain_1x1_kernel"] if fits else ["_conv2d_bias_act_kernel"] * 2)
+    assert fits or (dtype == torch.float32 and max(c, j, sc[0] if sc else 0) == 256)
     assert y.shape == (n, k, h, w) and z.shape == (n, j, h, w)
     assert y.is_contiguous(memory_format=torch.channels_last) and z.is_contiguous(memory_format=torch.channels_last)
-    y_exp, z_exp = chain_expected(*operands, y)
+    y_exp, z_exp = chain_expected(*operands, y, **shortcut)
     check_close(y, y_exp, dtype)
     check_close(z, z_exp, dtype)
 
 
 def test_chain_1x1_without_biases_keeps_nan_and_takes_any_layout():
-    x, weight, _, residual, next_weight, _ = chain_operands(2, 32, 48, 16, 3, 4, torch.float32)
+    (x, weight, _, residual, next_weight, _), _ = chain_operands(2, 32, 48, 16, 3, 4, None, torch.float32)
     x[0, 3, 1, 2] = float("nan")
     for x_in, r_in in ((x, residual), (x.contiguous(), residual.contiguous()), (x, residual.transpose(2, 3).mT)):
         y, z = kernels.chain_1x1(x_in, weight, None, r_in, next_weight)
@@ -336,48 +369,51 @@ def test_chain_1x1_without_biases_keeps_nan_and_takes_any_layout():
 
 def test_chain_1x1_too_wide_runs_two_convs(monkeypatch):
     # x of 320 channels is more than one program holds: the two convs run apart, same answer.
-    assert not kernels.chain_fits(320, 64) and kernels.chain_fits(256, 256)
-    from fused_resnet.kernels import backend
-
-    launched = []
-    real = backend.KernelLaunch._launch
-    monkeypatch.setattr(backend.KernelLaunch, "_launch", lambda self, t: launched.append(self.kernel) or real(self, t))
-    operands = chain_operands(1, 320, 64, 32, 2, 3, torch.float32)
+    assert not kernels.chain_fits(320, 64) and kernels.chain_fits(256, 256) and not kernels.chain_fits(64, 64, 512)
+    launched = launched_kernels(monkeypatch)
+    operands, _ = chain_operands(1, 320, 64, 32, 2, 3, None, torch.float32)
     y, z = kernels.chain_1x1(*operands)
-    assert [k.__name__ for k in launched] == ["_conv2d_bias_act_kernel"] * 2
+    assert launched == ["_conv2d_bias_act_kernel"] * 2
     y_exp, z_exp = chain_expected(*operands, y)
     check_close(y, y_exp, torch.float32)
     check_close(z, z_exp, torch.float32)
 
 
 def test_chain_1x1_reference_float64_and_empty():
-    operands = chain_operands(2, 16, 32, 8, 3, 3, torch.float64)
+    operands, _ = chain_operands(2, 16, 32, 8, 3, 3, None, torch.float64)
     y, z = kernels.chain_1x1(*operands)
     y_exp, z_exp = chain_expected(*operands, y)
     assert_close(y, y_exp, rtol=1e-12, atol=1e-12)
     assert_close(z, z_exp, rtol=1e-12, atol=1e-12)
     with kernels.use_backend("reference"):
-        ref = kernels.chain_1x1(*chain_operands(2, 16, 32, 8, 3, 3, torch.float32))
+        ref = kernels.chain_1x1(*chain_operands(2, 16, 32, 8, 3, 3, None, torch.float32)[0])
     assert ref[0].shape == (2, 32, 3, 3) and ref[1].shape == (2, 8, 3, 3)
-    empty = [t[:0] if i in (0, 3) else t for i, t in enumerate(chain_operands(2, 16, 32, 8, 3, 3, torch.float32))]
+    empty = [t[:0] if i in (0, 3) else t
+             for i, t in enumerate(chain_operands(2, 16, 32, 8, 3, 3, None, torch.float32)[0])]
     y, z = kernels.chain_1x1(*empty)
     assert y.shape == (0, 32, 3, 3) and z.shape == (0, 8, 3, 3)
 
 
 def test_chain_1x1_bad_inputs_and_opcheck():
-    x, weight, b, residual, next_weight, next_b = chain_operands(1, 16, 32, 8, 2, 2, torch.float32)
+    (x, weight, b, residual, next_weight, next_b), _ = chain_operands(1, 16, 32, 8, 2, 2, None, torch.float32)
     with pytest.raises(ValueError, match=r"next_weight must be a 1x1 conv weight \(out_channels, 32, 1, 1\)"):
         kernels.chain_1x1(x, weight, b, residual, next_weight[:, :16], next_b)
     with pytest.raises(ValueError, match=r"weight must be a 1x1 conv weight"):
         kernels.chain_1x1(x, torch.randn(32, 16, 3, 3, device=DEVICE), b, residual, next_weight, next_b)
-    with pytest.raises(ValueError, match="residual must have the first conv's output shape"):
+    with pytest.raises(ValueError, match=r"chain_1x1: residual must have the output's shape \(1, 32, 2, 2\)"):
         kernels.chain_1x1(x, weight, b, residual[:, :8], next_weight, next_b)
     with pytest.raises(ValueError, match=r"next_bias must have shape \(8,\)"):
         kernels.chain_1x1(x, weight, b, residual, next_weight, b)
     with pytest.raises(TypeError, match="all tensors must share one dtype"):
         kernels.chain_1x1(x, weight, b, residual.half(), next_weight, next_b)
+    with pytest.raises(ValueError, match="chain_1x1: the shortcut conv maps the"):
+        kernels.chain_1x1(x, weight, b, residual, next_weight, next_b, shortcut_weight=torch.randn(32, 32, 1, 1),
+                          shortcut_stride=3)
     torch.library.opcheck(torch.ops.fused_resnet.chain_1x1.default,
-                          (x, weight, b, residual, next_weight, next_b, "auto"))
+                          (x, weight, b, residual, next_weight, next_b, None, [1, 1], "auto"))
+    (x, weight, b, residual, next_weight, next_b), shortcut = chain_operands(1, 16, 32, 8, 2, 2, (8, 2), torch.float32)
+    torch.library.opcheck(torch.ops.fused_resnet.chain_1x1.default,
+                          (x, weight, b, residual, next_weight, next_b, shortcut["shortcut_weight"], [2, 2], "auto"))
 
 
 @pytest.mark.gpu
@@ -387,21 +423,24 @@ def test_chain_1x1_compiled_in_every_candidate(dtype):
     # wide chains have no candidate within its register budget and run apart).
     from fused_resnet.kernels import configs
 
-    def chain(config, operands):
+    def chain(config, operands, keywords):
         with configs.override(config) as asked:
-            return kernels.chain_1x1(*operands), asked
+            return kernels.chain_1x1(*operands, **keywords), asked
 
     cases = []
-    for c, k, j in ((64, 256, 64), (128, 512, 128), (256, 1024, 256)):
-        operands = chain_operands(8, c, k, j, 14, 14, dtype)
-        for config in configs.chain_candidates(c, k, j, operands[0].element_size(), ieee=dtype == torch.float32):
-            cases.append((config, operands))
+    for c, k, j, shortcut in ((64, 256, 64, None), (128, 512, 128, None), (256, 1024, 256, None),
+                              (64, 256, 64, (64, 1)), (128, 512, 128, (256, 2))):
+        operands, keywords = chain_operands(8, c, k, j, 14, 14, shortcut, dtype)
+        block_s = shortcut[0] if shortcut else 0
+        for config in configs.chain_candidates(c, k, j, operands[0].element_size(), ieee=dtype == torch.float32,
+                                               block_s=block_s):
+            cases.append((config, operands, keywords))
     assert cases
     compile_ahead([functools.partial(chain, *case) for case in cases])
-    for config, operands in cases:
-        (y, z), asked = chain(config, operands)
+    for config, operands, keywords in cases:
+        (y, z), asked = chain(config, operands, keywords)
         assert asked, config
-        y_exp, z_exp = chain_expected(*operands, y)
+        y_exp, z_exp = chain_expected(*operands, y, **keywords)
         check_close(y, y_exp, dtype)
         check_close(z, z_exp, dtype)
 

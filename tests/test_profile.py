@@ -90,9 +90,14 @@ def test_traffic_of_chained_blocks_by_hand():
     assert traffic(following, "chain", rows) == (0, 0)
     assert executed_flops(last, "chain", rows) == last.flops + following.flops
     assert executed_flops(following, "chain", rows) == 0
-    assert [r.name for r in rows.values() if r.chains] == ["layer1.1.conv3", "layer2.1.conv3", "layer2.2.conv3",
-                                                           "layer3.1.conv3", "layer3.2.conv3", "layer3.3.conv3",
-                                                           "layer3.4.conv3"]
+    # layer1.0's conv3 with its merged projection shortcut (8x8x64 -> 256 at stride 1), chained too:
+    # its own X + W + Y + the shortcut's X and W, then W' + Z.
+    first, ds = rows["layer1.0.conv3"], rows["layer1.0.downsample"]
+    assert traffic(first, "chain", rows) == (4096 + 16384 + 16384 + ds.x + ds.w + 16384 + 4096, 1)
+    assert executed_flops(first, "chain", rows) == first.flops + ds.flops + rows["layer1.1.conv1"].flops
+    # layer3.0's shortcut reads 512 channels, more than one program holds.
+    assert [r.name for r in rows.values() if r.chains] == [f"{b}.conv3" for b in (
+        "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer2.2", "layer3.1", "layer3.2", "layer3.3", "layer3.4")]
 
 
 def test_traffic_of_the_stem_and_head_by_hand():
