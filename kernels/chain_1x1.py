@@ -17,9 +17,9 @@ chunks stream past. The sums are the same as the two convs' apart; y never retur
 
 It takes what fits one program: x's channels, z's and a projection's input's each at most
 MAX_CHANNELS (the input tiles and z's accumulator are held across the loop; `chain_fits()`),
-and a config within the register budget
-(configs.chain_candidates; wide fp32 chains have none). Elsewhere the op runs the two convs one
-after the other. ResNet-50's chained blocks have 64-256 of each.
+and a config within the register budget (configs.chain_candidates; wide fp32 chains have
+none); on a GPU, enough rows for its programs to fill half the SMs (_too_few_programs). Elsewhere
+the op runs the two convs one after the other. ResNet-50's chained blocks have 64-256 of each.
 
 Order of this file: @triton.jit kernel, launcher, op registration, reference.
 """
@@ -170,11 +170,11 @@ def plan_chain_1x1(x, weight, bias, residual, next_weight, next_bias=None, *, sh
     smem = igemm.max_shared_memory(x.device.index or 0) if x.is_cuda else 228 * 1024
     candidates = configs.chain_candidates(block_c, k, block_j, x.element_size(), smem, ieee=igemm.ieee_fp32(x.dtype),
                                           block_s=block_s)
-    if path != "triton" or not chain_fits(c, j, cs) or not candidates:
-        return _apart_plan(x, weight, bias, residual, next_weight, next_bias, shortcut_weight, shortcut_stride,
-                           backend_name, traceable)
     n, _, p, q = y_shape
     m = n * p * q
+    if path != "triton" or not chain_fits(c, j, cs) or not candidates or _too_few_programs(x, m, candidates):
+        return _apart_plan(x, weight, bias, residual, next_weight, next_bias, shortcut_weight, shortcut_stride,
+                           backend_name, traceable)
     if m >= 2**31:
         raise ValueError(f"chain_1x1: {m} output rows; at most 2**31 - 1 are supported")
     interpret = not backend.on_gpu(x)
@@ -220,6 +220,17 @@ def plan_chain_1x1(x, weight, bias, residual, next_weight, next_bias=None, *, sh
         return y, z
 
     return run
+
+
+def _too_few_programs(x, m, candidates):
+    """On a GPU, whether a chain over m rows would keep fewer than half the SMs busy even at its
+    candidates' smallest tiles: a chain program owns all of y's channels, so a small batch (a 14x14
+    map at batch 1: 196 rows) makes a handful, where the two convs apart tile y's channels too.
+    (Not under the interpreter, where there are no SMs to fill and the tests' maps are small.)"""
+    if not backend.on_gpu(x):
+        return False
+    sms = igemm.multiprocessors(x.device.index or 0) if x.is_cuda else configs.H100_SMS
+    return 2 * triton.cdiv(m, min(config["BLOCK_M"] for config in candidates)) < sms
 
 
 def _apart_plan(x, weight, bias, residual, next_weight, next_bias, shortcut_weight, shortcut_stride, backend_name,

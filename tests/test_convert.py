@@ -227,11 +227,12 @@ def test_chain_blocks_through_the_kernels():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_chained_blocks_compiled_give_the_unchained_network(dtype):
-    # Compiled, at a batch that fills several tiles: the chained network's logits are the unchained
-    # one's (the same sums, in another order), and the 9 chains ran.
+    # Compiled, at a batch whose chains fill the SMs (32 images of 128x128: layer3's 8x8 maps make
+    # 2048 rows): the chained network's logits are the unchained one's (the same sums, in another
+    # order), and the 9 chains ran.
     ref = model("resnet50")
     plain, chained = (fuse(ref, dtype=dtype, chain_blocks=c).to(DEVICE) for c in (False, True))
-    x = torch.randn(16, 3, SIZE, SIZE, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(32, 3, 128, 128, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         expected = plain(x).float()
         with torch.profiler.profile() as prof:

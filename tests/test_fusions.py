@@ -379,6 +379,20 @@ def test_chain_1x1_too_wide_runs_two_convs(monkeypatch):
     check_close(z, z_exp, torch.float32)
 
 
+def test_chain_1x1_runs_apart_where_its_programs_would_leave_the_gpu_idle():
+    # For an H100 (compiled here, nothing run): resnet50 layer3's chain at batch 1 (196 rows, a
+    # handful of programs for 132 SMs) runs as the two convs; at batch 64 (12,544 rows), one kernel.
+    from fused_resnet.kernels import precompile
+
+    kernels_of = {}
+    for n in (1, 64):
+        operands, _ = chain_operands(n, 256, 1024, 256, 14, 14, None, torch.float16)
+        with precompile.compile_only("H100") as jobs:
+            kernels.plan_chain_1x1(*operands)(operands[0], operands[3])
+        kernels_of[n] = sorted({job.kernel[1] for job in jobs})
+    assert kernels_of == {1: ["_conv2d_bias_act_kernel"], 64: ["_chain_1x1_kernel"]}
+
+
 def test_chain_1x1_reference_float64_and_empty():
     operands, _ = chain_operands(2, 16, 32, 8, 3, 3, None, torch.float64)
     y, z = kernels.chain_1x1(*operands)
@@ -430,7 +444,8 @@ def test_chain_1x1_compiled_in_every_candidate(dtype):
     cases = []
     for c, k, j, shortcut in ((64, 256, 64, None), (128, 512, 128, None), (256, 1024, 256, None),
                               (64, 256, 64, (64, 1)), (128, 512, 128, (256, 2))):
-        operands, keywords = chain_operands(8, c, k, j, 14, 14, shortcut, dtype)
+        # 64 images of 14x14: enough rows for the chain's programs to fill an H100's SMs (else it runs apart)
+        operands, keywords = chain_operands(64, c, k, j, 14, 14, shortcut, dtype)
         block_s = shortcut[0] if shortcut else 0
         for config in configs.chain_candidates(c, k, j, operands[0].element_size(), ieee=dtype == torch.float32,
                                                block_s=block_s):
