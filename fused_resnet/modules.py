@@ -412,9 +412,11 @@ class FusedChain1x1(PlannedLayer):
             raise ValueError(f"FusedChain1x1: next_weight takes {next_weight.shape[1]} channels, but weight gives "
                              f"{weight.shape[0]}")
         self.in_channels, self.out_channels, self.next_channels = weight.shape[1], weight.shape[0], next_weight.shape[0]
+        # Weights channels_last, as FusedConv2d keeps them (the layout the convs read when they run apart).
         for name, t in (("weight", weight), ("bias", bias), ("next_weight", next_weight), ("next_bias", next_bias),
                         ("shortcut_weight", shortcut_weight)):
-            self.register_buffer(name, None if t is None else t.detach().contiguous())
+            layout = torch.channels_last if t is not None and t.dim() == 4 else torch.contiguous_format
+            self.register_buffer(name, None if t is None else t.detach().contiguous(memory_format=layout))
         self.shortcut_stride = shortcut_stride
 
     @classmethod
