@@ -20,21 +20,23 @@
 #   host     host time per forward and batch-1 latency (eager and fused, with and without CUDA graphs),
 #            resnet50 fp16 (test_host.py, test_network.py)
 #   network  the whole resnet50 in fp16 at batch 256 beside eager, torch.compile and cuDNN
+#   chain    the chained blocks' kernel (fuse(chain_blocks=True)) layer by layer against the same two
+#            convs apart, fused and cuDNN's (test_layers.py -k chain); its network figure is the sweep's
 #   first    first forward of resnet50 fp16 at batch 256 in a new process, cold and warm caches
 #
 # With a 15-minute lease: `lease` (copy the table it returns to kernels/ and commit it). With more,
 # in this order: check, sweep (its table serves every later stage), host, first, then sweep1,
-# network, archs16, archs32.
+# chain, network, archs16, archs32.
 #
 # Results files (JSON with provenance) go to OUT_DIR, default benchmarks/results/; each stage
 # prints a short table last. Stages write as they go, so one stopped part-way keeps what it measured.
 # Afterwards: `python benchmarks/report.py --readme README.md` renders the README's results table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?"usage: bash benchmarks/gpu_run.sh lease|check|archs16|archs32|sweep|sweep1|host|network|first [OUT_DIR]"}
+stage=${1:?"usage: bash benchmarks/gpu_run.sh lease|check|archs16|archs32|sweep|sweep1|host|network|chain|first [OUT_DIR]"}
 out=${2:-benchmarks/results}
 mkdir -p "$out"
-stages="lease check archs16 archs32 sweep sweep1 host network first"
+stages="lease check archs16 archs32 sweep sweep1 host network chain first"
 if [[ " $stages " != *" $stage "* ]]; then
   echo "gpu_run.sh: unknown stage '$stage' (${stages// /, })" >&2
   exit 2
@@ -134,6 +136,9 @@ case "$stage" in
       -k "resnet50 and float16 and not bfloat16 and b256 and not compile" 2>&1 | tail -20
     timeout 280 python3 -m pytest benchmarks/test_network.py -q -p no:cacheprovider --results "$out" \
       -k "resnet50 and float16 and not bfloat16 and b256 and compile" 2>&1 | tail -20
+    ;;
+  chain)
+    timeout 540 python3 -m pytest benchmarks/test_layers.py -q -p no:cacheprovider --results "$out" -k chain 2>&1 | tail -30
     ;;
   first)
     first_calls 240 "warmup forward"

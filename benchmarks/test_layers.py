@@ -2,7 +2,8 @@
 
 The shortcut add is part of the case for the convs that end a block (conv3 of a Bottleneck). The
 deeper fusions follow: conv3 with its projection shortcut merged, the stem with its max pooling,
-and the head's pooling with the fc, each against the same op run as separate kernels.
+the head's pooling with the fc, and a block's last conv chained with the next block's first,
+each against the same op run as separate kernels.
 """
 
 import pytest
@@ -139,3 +140,48 @@ def test_head_layer(benchmark, impl):
     benchmark.group = "head avgpool 7x7 + fc 2048->1000"
     measure(benchmark, run, model="resnet50-layer", impl=impl, dtype=str(DTYPE).removeprefix("torch."),
             batch=BATCH, size=7, layer=benchmark.group)
+
+
+# A block's last conv chained with the next block's first (chain_1x1), at resnet50's chained shapes:
+# one kernel ("fused"), the two fused conv kernels apart ("fused_apart"), cuDNN's fused op twice
+# ("cudnn_fused") and cuDNN's conv with separate ops ("cudnn_separate").
+CHAINS = {
+    # name: (C, K, J, H, shortcut (Cs, stride) or None)
+    "layer1.0 -> layer1.1": (64, 256, 64, 56, (64, 1)),
+    "layer1.1 -> layer1.2": (64, 256, 64, 56, None),
+    "layer2.0 -> layer2.1": (128, 512, 128, 28, (256, 2)),
+    "layer2.1 -> layer2.2": (128, 512, 128, 28, None),
+    "layer3.1 -> layer3.2": (256, 1024, 256, 14, None),
+}
+CHAIN_CASES = list(CHAINS) if HAS_CUDA else list(CHAINS)[:1]
+CHAIN_IMPLS = {"fused": "triton", "fused_apart": "triton", "cudnn_fused": "cudnn", "cudnn_separate": "reference"}
+
+
+@pytest.mark.parametrize("impl", list(CHAIN_IMPLS))
+@pytest.mark.parametrize("name", CHAIN_CASES)
+def test_chain_layer(benchmark, name, impl):
+    c, k, j, h, shortcut = CHAINS[name]
+    if impl != "cudnn_separate" and not HAS_CUDA:
+        pytest.skip("timed on a GPU only; on a CPU the reference path alone runs")
+    x = _nhwc(BATCH, c, h, h)
+    weight, next_weight = _nhwc(k, c, 1, 1) * c**-0.5, _nhwc(j, k, 1, 1) * k**-0.5
+    bias, next_bias = (torch.randn(n, device=DEVICE, dtype=DTYPE) for n in (k, j))
+    keywords = {}
+    if shortcut is None:
+        res = _nhwc(BATCH, k, h, h)
+    else:
+        cs, sc_stride = shortcut
+        res = _nhwc(BATCH, cs, h * sc_stride, h * sc_stride)
+        keywords = dict(shortcut_weight=_nhwc(k, cs, 1, 1) * cs**-0.5, shortcut_stride=sc_stride)
+
+    def run():
+        with kernels.use_backend(CHAIN_IMPLS[impl]):
+            if impl == "fused_apart":
+                y = kernels.conv2d_bias_act(x, weight, bias, residual=res, relu=True, **keywords)
+                return y, kernels.conv2d_bias_act(y, next_weight, next_bias, relu=True)
+            return kernels.chain_1x1(x, weight, bias, res, next_weight, next_bias, **keywords)
+
+    benchmark.group = f"chain: {name} C{c} K{k} J{j} {h}x{h}" + (f", shortcut C{shortcut[0]}/{shortcut[1]}"
+                                                                  if shortcut else "")
+    measure(benchmark, run, model="resnet50-layer", impl=impl, dtype=str(DTYPE).removeprefix("torch."),
+            batch=BATCH, size=h, layer=benchmark.group)
