@@ -64,10 +64,10 @@ def fuse(
     stem_maxpool: the stem's conv + ReLU + max pooling run as one kernel (off: conv + ReLU, then
         torch's max pooling).
     avgpool_fc: the head's average pooling and fc run as one kernel (off: torch's modules).
-    chain_blocks: a Bottleneck whose shortcut is the identity runs its last conv and the next
-        block's first conv as one kernel (FusedChain1x1), so the next block does not read the
-        block's output back for it; each stage becomes a FusedStage. Off by default until GPU
-        timings show it pays (benchmarks/test_fusions.py, `bench --impl fused_chain`).
+    chain_blocks: a Bottleneck whose shortcut is the identity or a merged projection runs its last
+        conv and the next block's first conv as one kernel (FusedChain1x1), so the next block does
+        not read the block's output back for it; each stage becomes a FusedStage. Off by default
+        until GPU timings show it pays (benchmarks/test_fusions.py, `bench --impl fused_chain`).
 
     On a GPU, the first call with each new input shape compiles every kernel that forward will
     launch at once, in parallel (a CompileAhead forward pre-hook on the returned network). With an
