@@ -3,7 +3,7 @@
 conv2d_bias_act: conv + bias (+ residual, or a 1x1 projection of it) (+ ReLU) in one implicit-GEMM kernel.
 conv2d_bias_act_maxpool: conv + bias (+ ReLU) + max pooling in one kernel (a ResNet stem).
 avgpool_linear: global average pooling + linear in one kernel (a ResNet head).
-chain_1x1: a block's last 1x1 conv (+ residual, ReLU) and the next block's first, in one kernel.
+chain_1x1: a block's last 1x1 conv (+ residual or projection shortcut, ReLU) and the next block's first, one kernel.
 add_relu: residual add + ReLU in one elementwise kernel.
 use_backend: pick Triton, the reference (plain torch ops) or cuDNN for a scope.
 plan_<op>: the op checked and bound once for operands of one signature; the plan takes the tensors
