@@ -85,7 +85,7 @@ def test_the_gpu_run_script_asks_only_for_options_that_exist(tmp_path):
         for option in re.findall(r"(--[\w-]+)", args):
             assert option in helped.stdout, (path, option)
     stages = re.findall(r"^  ([\w|]+)\)$", script, flags=re.M)
-    assert stages == ["lease", "check", "archs16|archs32", "sweep", "sweep1", "host", "network", "first"]
+    assert stages == ["lease", "check", "archs16|archs32", "sweep", "sweep1", "host", "network", "chain", "first"]
     known = re.search(r'^stages="([\w ]+)"$', script, flags=re.M).group(1).split()
     assert known == "|".join(stages).split("|")  # the stages it accepts are the stages it runs
     wrong = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "no-such-stage", str(tmp_path)],
