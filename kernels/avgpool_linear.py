@@ -145,7 +145,7 @@ def plan_avgpool_linear(x, weight, bias=None, *, backend_name=None, traceable=Fa
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(j, meta["BLOCK_N"]), 1, meta.get("SPLIT_K", 1))
 
-    sms = igemm.multiprocessors(x.device.index or 0) if x.is_cuda else configs.H100_SMS
+    sms = igemm.launch_multiprocessors(x)
     launch = backend.KernelLaunch(_avgpool_linear_kernel, grid, {**args, "SPLIT_K": 1}, on_cuda=x.is_cuda,
                                   traceable=traceable, op="avgpool_linear",
                                   config={**configs.head_interpreter(n, j, c, h * w),

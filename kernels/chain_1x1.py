@@ -167,9 +167,8 @@ def plan_chain_1x1(x, weight, bias, residual, next_weight, next_bias=None, *, sh
     cs = 0 if shortcut_weight is None else shortcut_weight.shape[1]
     block_c, block_j = (max(16, triton.next_power_of_2(v)) for v in (c, j))
     block_s = max(16, triton.next_power_of_2(cs)) if cs else 0
-    smem = igemm.max_shared_memory(x.device.index or 0) if x.is_cuda else 228 * 1024
-    candidates = configs.chain_candidates(block_c, k, block_j, x.element_size(), smem, ieee=igemm.ieee_fp32(x.dtype),
-                                          block_s=block_s)
+    candidates = configs.chain_candidates(block_c, k, block_j, x.element_size(), igemm.launch_shared_memory(x),
+                                          ieee=igemm.ieee_fp32(x.dtype), block_s=block_s)
     n, _, p, q = y_shape
     m = n * p * q
     if path != "triton" or not chain_fits(c, j, cs) or not candidates or _too_few_programs(x, m, candidates):
@@ -229,8 +228,7 @@ def _too_few_programs(x, m, candidates):
     (Not under the interpreter, where there are no SMs to fill and the tests' maps are small.)"""
     if not backend.on_gpu(x):
         return False
-    sms = igemm.multiprocessors(x.device.index or 0) if x.is_cuda else configs.H100_SMS
-    return 2 * triton.cdiv(m, min(config["BLOCK_M"] for config in candidates)) < sms
+    return 2 * triton.cdiv(m, min(config["BLOCK_M"] for config in candidates)) < igemm.launch_multiprocessors(x)
 
 
 def _apart_plan(x, weight, bias, residual, next_weight, next_bias, shortcut_weight, shortcut_stride, backend_name,

@@ -76,6 +76,17 @@ def multiprocessors(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def launch_shared_memory(x):
+    """The shared memory a program may take on the GPU a launch on `x` runs on: x's, or, for the CPU
+    tensors of the interpreter and of precompile.compile_only, an H100's."""
+    return max_shared_memory(x.device.index or 0) if x.is_cuda else 228 * 1024
+
+
+def launch_multiprocessors(x):
+    """The SMs of the GPU a launch on `x` runs on: x's, or an H100's for CPU tensors (as above)."""
+    return multiprocessors(x.device.index or 0) if x.is_cuda else configs.H100_SMS
+
+
 # ----------------------------------------------------------------------------------------------
 # The GEMM core (@triton.jit helpers)
 # ----------------------------------------------------------------------------------------------
@@ -919,7 +930,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     if rows:
         sizes["rows"] = True  # a config with ROWS fits row-packed weights only
         switches["ROWS"] = 1
-    smem = max_shared_memory(x.device.index or 0) if x.is_cuda else 228 * 1024
+    smem = launch_shared_memory(x)
     candidates = configs.candidates(m, kg, reduction, x.element_size(), smem, switches=switches,
                                     max_acc_per_thread=max_acc_per_thread, shared_bytes=shared_bytes,
                                     ieee=ieee_fp32(x.dtype))
@@ -928,7 +939,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
                                                                   triton.cdiv(extra_reduction, c["BLOCK_K"])))
     variants = []
     if split and not flat_k:
-        sms = multiprocessors(x.device.index or 0) if x.is_cuda else configs.H100_SMS
+        sms = launch_multiprocessors(x)
         split_k = configs.split_variant(m, kg, groups, loop_trips(r * s, cg, extra_reduction), sms)
         if split_k(candidates[0]) is not None:  # the layer's tiles are few even at the first candidate's size
             variants.append(split_k)
