@@ -36,15 +36,18 @@ from fused_resnet.kernels import precompile
 from fused_resnet import bench, fuse
 from fused_resnet.validate import synthetic_batchnorm
 
-OP_NAMES = {"conv2d_bias_act": "conv", "conv2d_bias_act_maxpool": "conv+pool", "chain_1x1": "chain"}
+OP_NAMES = {"conv2d_bias_act": "conv", "conv2d_bias_act_maxpool": "conv+pool", "chain_1x1": "chain",
+            "conv_chain_1x1": "chain3x3"}
 
 
 def describe(job):
     """A short name of the launch: op and the sizes that tell layers apart."""
     sizes = dict(part.split("=", 1) for part in job.key.split(",") if "=" in part)
-    if job.op == "chain_1x1":
+    if job.op in ("chain_1x1", "conv_chain_1x1"):
         added = f"+shortcut C{sizes['Cs']}" if sizes.get("SHORTCUT") == "1" else "+residual"
-        return f"chain: C{sizes['C']} K{sizes['K']} J{sizes['J']} 1x1 {added}"
+        head = f"Ch{sizes['Ch']} {sizes['H']}->{sizes['P']} " if sizes.get("HEAD") == "1" else ""
+        nxt = f" J{sizes['J']}" if sizes.get("NEXT", "1") == "1" else ""
+        return f"{OP_NAMES[job.op]}: {head}C{sizes['C']} K{sizes['K']}{nxt} {added}"
     if "Cg" in sizes:
         text = f"C{sizes['Cg']} K{sizes.get('Kg', '?')} {sizes.get('R', '?')}x{sizes.get('S', '?')}"
         text += f" {sizes.get('H', '?')}->{sizes.get('P', '?')}"
@@ -90,6 +93,7 @@ def main(argv=None):
     parser.add_argument("--limit", type=int, default=None, help="compile only the first N jobs")
     parser.add_argument("--no-tf32", action="store_true", help="fp32 dots in IEEE precision, not TF32")
     parser.add_argument("--chain-blocks", action="store_true", help="the network as fuse(chain_blocks=True) runs it")
+    parser.add_argument("--chain-3x3", action="store_true", help="the network as fuse(chain_3x3=True) runs it")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     dtype = bench.DTYPES[args.dtype]
@@ -97,7 +101,7 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
     model = fuse(synthetic_batchnorm(getattr(torchvision.models, args.arch)(), size=32), dtype=dtype,
-                 chain_blocks=args.chain_blocks)
+                 chain_blocks=args.chain_blocks, chain_3x3=args.chain_3x3)
     x = torch.empty(args.batch, 3, args.size, args.size, dtype=dtype).contiguous(memory_format=torch.channels_last)
     with precompile.compile_only(args.gpu, every_candidate=args.every_candidate) as jobs, torch.no_grad():
         model(x)
@@ -108,7 +112,7 @@ def main(argv=None):
     results = precompile.compile_jobs(jobs, workers=args.workers, machine_code=True)
     wall = time.perf_counter() - start
     cases = []
-    print(f"{'launch':<40}{'config':<34}{'s':>6}{'smem KB':>9}{'regs':>6}{'spill B':>8}{'async':>7}{'tma':>5}"
+    print(f"{'launch':<48}{'config':<34}{'s':>6}{'smem KB':>9}{'regs':>6}{'spill B':>8}{'async':>7}{'tma':>5}"
           f"{'wgmma':>7}{'mma':>5}{'loop':>6}{'issue':>7}{'loads':>6}")
     for job, result in zip(jobs, results):
         case = {"arch": args.arch, "dtype": args.dtype, "batch": args.batch, "target": args.gpu,
@@ -116,9 +120,9 @@ def main(argv=None):
                 "launch": describe(job), "op": job.op, "key": job.key, "config": job.config, **result}
         cases.append(case)
         if "error" in result:
-            print(f"{describe(job):<40}{config_text(job.config):<34}  failed: {result['error'][:80]}")
+            print(f"{describe(job):<48}{config_text(job.config):<34}  failed: {result['error'][:80]}")
             continue
-        print(f"{describe(job):<40}{config_text(job.config):<34}{result['seconds']:>6.1f}"
+        print(f"{describe(job):<48}{config_text(job.config):<34}{result['seconds']:>6.1f}"
               f"{result['shared'] / 1024:>9.0f}{result['registers']:>6}{result['spill_bytes']:>8}"
               f"{result['async_copies']:>7}{result['tma_loads']:>5}"
               f"{result['wgmma']:>7}{result['mma']:>5}{loop_text(result)}"

@@ -20,8 +20,9 @@
 #   host     host time per forward and batch-1 latency (eager and fused, with and without CUDA graphs),
 #            resnet50 fp16 (test_host.py, test_network.py)
 #   network  the whole resnet50 in fp16 at batch 256 beside eager, torch.compile and cuDNN
-#   chain    the chained blocks' kernel (fuse(chain_blocks=True)) layer by layer against the same two
-#            convs apart, fused and cuDNN's (test_layers.py -k chain); its network figure is the sweep's
+#   chain    the chained blocks' kernels (fuse(chain_blocks=True), fuse(chain_3x3=True)) layer by layer
+#            against the same convs apart, fused and cuDNN's (test_layers.py -k chain); their network
+#            figures are the sweep's (fused_chain, fused_chain3x3)
 #   first    first forward of resnet50 fp16 at batch 256 in a new process, cold and warm caches
 #
 # With a 15-minute lease: `lease` (copy the table it returns to kernels/ and commit it). With more,
@@ -65,7 +66,7 @@ gpu_tests() {
 # The sweep at batch 256 (seconds for its timing: $1); it writes its results and the table as it goes.
 sweep256() {
   python3 benchmarks/sweep_convs.py --json "$out/$tag-sweep.json" --write-table --budget "$1" \
-    --network fused cudnn_fused eager_channels_last fused_chain
+    --network fused cudnn_fused eager_channels_last fused_chain fused_chain3x3
 }
 # The first forward of resnet50 fp16 at batch 256 in a new process, with cold caches (the shipped
 # table in force) and then warm ones; each child cut at $1 seconds.

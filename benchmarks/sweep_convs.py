@@ -377,7 +377,7 @@ def time_network(model, impls, dtype, device, batch, size, when):
     for impl, (fn, x) in ready.items():
         try:
             extra = {}
-            if impl in ("fused", "fused_chain") and device.type == "cuda":
+            if impl in ("fused", "fused_chain", "fused_chain3x3") and device.type == "cuda":
                 # its kernels compiled in parallel, not one by one in the first timed call
                 extra["warmup_s"] = round(warmup(fn, x), 2)
             median, _ = bench.time_impl(fn, x, iters=20)

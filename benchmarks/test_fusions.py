@@ -1,5 +1,5 @@
 """What each fusion buys: resnet50, fp16, batch 256, fuse's defaults against the same model with one off
-(or, for chain_blocks, on).
+(or, for chain_blocks and chain_3x3, on).
 
 The cumulative ablation (one fusion added at a time) is `fused-resnet profile --ablation`; this
 suite puts each fusion's own gain beside the full model in one pytest-benchmark group.
@@ -22,6 +22,7 @@ VARIANTS = {
     "no_avgpool_fc": dict(avgpool_fc=False),
     "no_residual_epilogue": dict(residual_epilogue=False, merge_downsample=False),
     "chain_blocks": dict(chain_blocks=True),  # off by default: this times whether it pays
+    "chain_3x3": dict(chain_3x3=True),  # the same
 }
 _MODEL = []
 

@@ -2,8 +2,8 @@
 
 The shortcut add is part of the case for the convs that end a block (conv3 of a Bottleneck). The
 deeper fusions follow: conv3 with its projection shortcut merged, the stem with its max pooling,
-the head's pooling with the fc, and a block's last conv chained with the next block's first,
-each against the same op run as separate kernels.
+the head's pooling with the fc, a block's last conv chained with the next block's first, and a
+block's 3x3 conv inside its last conv's kernel, each against the same op run as separate kernels.
 """
 
 import pytest
@@ -183,5 +183,53 @@ def test_chain_layer(benchmark, name, impl):
 
     benchmark.group = f"chain: {name} C{c} K{k} J{j} {h}x{h}" + (f", shortcut C{shortcut[0]}/{shortcut[1]}"
                                                                   if shortcut else "")
+    measure(benchmark, run, model="resnet50-layer", impl=impl, dtype=str(DTYPE).removeprefix("torch."),
+            batch=BATCH, size=h, layer=benchmark.group)
+
+
+# A Bottleneck's 3x3 conv inside its last conv's kernel (conv_chain_1x1), with the next block's first
+# conv where it chains: one kernel ("fused"), the fused conv kernels apart ("fused_apart"), cuDNN's
+# fused op for each conv ("cudnn_fused") and cuDNN's convs with separate ops ("cudnn_separate").
+HEADS = {
+    # name: (Ch, C, K, J (0: none), H (the 3x3's input map), stride, shortcut Cs or None)
+    "layer1.1 -> layer1.2": (64, 64, 256, 64, 56, 1, None),
+    "layer1.2": (64, 64, 256, 0, 56, 1, None),
+    "layer2.0 -> layer2.1": (128, 128, 512, 128, 56, 2, 256),
+    "layer2.1 -> layer2.2": (128, 128, 512, 128, 28, 1, None),
+    "layer3.1 -> layer3.2": (256, 256, 1024, 256, 14, 1, None),
+}
+HEAD_CASES = list(HEADS) if HAS_CUDA else list(HEADS)[:1]
+
+
+@pytest.mark.parametrize("impl", list(CHAIN_IMPLS))
+@pytest.mark.parametrize("name", HEAD_CASES)
+def test_chain3x3_layer(benchmark, name, impl):
+    ch, c, k, j, h, stride, shortcut = HEADS[name]
+    if impl != "cudnn_separate" and not HAS_CUDA:
+        pytest.skip("timed on a GPU only; on a CPU the reference path alone runs")
+    p = (h - 1) // stride + 1
+    x = _nhwc(BATCH, ch, h, h)
+    head_weight, weight = _nhwc(c, ch, 3, 3) * (9 * ch) ** -0.5, _nhwc(k, c, 1, 1) * c**-0.5
+    next_weight = _nhwc(j, k, 1, 1) * k**-0.5 if j else None
+    head_bias, bias = (torch.randn(n, device=DEVICE, dtype=DTYPE) for n in (c, k))
+    next_bias = torch.randn(j, device=DEVICE, dtype=DTYPE) if j else None
+    keywords = {}
+    if shortcut is None:
+        res = _nhwc(BATCH, k, p, p)
+    else:  # the projection shortcut reads the block's input, on the 3x3's input map
+        res = _nhwc(BATCH, shortcut, h, h)
+        keywords = dict(shortcut_weight=_nhwc(k, shortcut, 1, 1) * shortcut**-0.5, shortcut_stride=stride)
+
+    def run():
+        with kernels.use_backend(CHAIN_IMPLS[impl]):
+            if impl == "fused_apart":
+                mid = kernels.conv2d_bias_act(x, head_weight, head_bias, stride, 1, relu=True)
+                y = kernels.conv2d_bias_act(mid, weight, bias, residual=res, relu=True, **keywords)
+                return y, kernels.conv2d_bias_act(y, next_weight, next_bias, relu=True) if j else None
+            return kernels.conv_chain_1x1(x, head_weight, head_bias, weight, bias, res, next_weight, next_bias,
+                                          stride=stride, padding=1, **keywords)
+
+    benchmark.group = (f"chain3x3: {name} Ch{ch} 3x3/{stride} {h}x{h} C{c} K{k}" + (f" J{j}" if j else "")
+                       + (f", shortcut C{shortcut}" if shortcut else ""))
     measure(benchmark, run, model="resnet50-layer", impl=impl, dtype=str(DTYPE).removeprefix("torch."),
             batch=BATCH, size=h, layer=benchmark.group)

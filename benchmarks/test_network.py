@@ -22,7 +22,8 @@ def gpu_cases():
     for arch in ARCHS:
         for dtype in DTYPES:
             for batch in (1, LARGE_BATCH):
-                impls = ["eager", "eager_channels_last", "compile", "cudnn_fused", "fused", "fused_chain"]
+                impls = ["eager", "eager_channels_last", "compile", "cudnn_fused", "fused", "fused_chain",
+                         "fused_chain3x3"]
                 if batch == 1:
                     impls += ["fused_cuda_graph", "eager_channels_last_cuda_graph"]
                 for impl in impls:
@@ -31,7 +32,7 @@ def gpu_cases():
 
 
 CPU_CASES = [pytest.param("resnet18", "float32", 2, impl, id=f"cpu-resnet18-float32-b2-{impl}")
-             for impl in ("eager", "eager_channels_last", "fused", "fused_chain")]
+             for impl in ("eager", "eager_channels_last", "fused", "fused_chain", "fused_chain3x3")]
 
 
 @pytest.mark.parametrize("arch,dtype,batch,impl", list(gpu_cases()) if HAS_CUDA else CPU_CASES)

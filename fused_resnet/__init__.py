@@ -15,6 +15,7 @@ from .modules import (
     FusedChain1x1,
     FusedConv2d,
     FusedConv2dMaxPool,
+    FusedConvChain1x1,
     FusedStage,
     warmup,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "FusedChain1x1",
     "FusedConv2d",
     "FusedConv2dMaxPool",
+    "FusedConvChain1x1",
     "FusedStage",
     "compare",
     "fold_bn",

@@ -8,6 +8,7 @@ An implementation is a name and a callable that runs one batch and returns the l
     cudnn_fused           BatchNorm folded, cuDNN's fused conv+bias(+add)+ReLU where it applies
     fused                 fused_resnet: every conv one Triton kernel
     fused_chain           the same with fuse(chain_blocks=True): chained blocks' last and next first conv one kernel
+    fused_chain3x3        fused_chain with chain_3x3=True too: a block's 3x3 conv inside its last conv's kernel
     fused_cuda_graph      fused_resnet replayed from a CUDA graph (fused_resnet.CUDAGraphModule)
     eager_channels_last_cuda_graph   torchvision NHWC replayed from a CUDA graph, the like-for-like baseline
 """
@@ -32,8 +33,8 @@ from .validate import synthetic_batchnorm
 # The architectures fuse() covers, as torchvision names them (each also with replace_stride_with_dilation).
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
          "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
-IMPLS = ("eager", "eager_channels_last", "compile", "cudnn_fused", "fused", "fused_chain", "fused_cuda_graph",
-         "eager_channels_last_cuda_graph")
+IMPLS = ("eager", "eager_channels_last", "compile", "cudnn_fused", "fused", "fused_chain", "fused_chain3x3",
+         "fused_cuda_graph", "eager_channels_last_cuda_graph")
 
 # The fusion ablation, one step at a time: (step, kernels backend, fuse() switches). "unfused" is
 # torchvision itself; each later step adds one fusion to the one before it.
@@ -47,6 +48,7 @@ ABLATION = (
     ("stem", "triton", dict(NO_FUSIONS, residual_epilogue=True, merge_downsample=True, stem_maxpool=True)),
     ("head", "triton", {}),
     ("chain", "triton", dict(chain_blocks=True)),
+    ("chain3x3", "triton", dict(chain_blocks=True, chain_3x3=True)),
 )
 ABLATION_LABELS = {
     "unfused": "torchvision: conv, BN, ReLU, add, ReLU as separate ops",
@@ -57,6 +59,7 @@ ABLATION_LABELS = {
     "stem": "+ stem conv and max pooling in one kernel",
     "head": "+ head average pooling and fc in one kernel (fuse's defaults)",
     "chain": "+ a block's last conv and the next block's first in one kernel (chain_blocks=True)",
+    "chain3x3": "+ a block's 3x3 conv in its last conv's kernel (chain_3x3=True)",
 }
 BASELINE = "eager_channels_last"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -173,6 +176,8 @@ def build_impls(model, names, dtype, device, batch, size):
                 ready[name] = (fused, x_cl)
             elif name == "fused_chain":
                 ready[name] = (fuse(model, dtype=dtype, chain_blocks=True).to(device), x_cl)
+            elif name == "fused_chain3x3":
+                ready[name] = (fuse(model, dtype=dtype, chain_blocks=True, chain_3x3=True).to(device), x_cl)
             elif name == "cudnn_fused":
                 ready[name] = (_with_backend(fused, "cudnn"), x_cl)
             else:

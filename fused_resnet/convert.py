@@ -7,7 +7,7 @@ absorbs become Identity:
 
     conv1 -> bn1 -> relu -> maxpool   conv1 = FusedConv2dMaxPool (or FusedConv2d(relu) + maxpool)
     layer1..layer4                    each block a FusedBasicBlock or FusedBottleneck (with
-                                      chain_blocks, each stage a FusedStage)
+                                      chain_blocks or chain_3x3, each stage a FusedStage)
     avgpool -> flatten -> fc          avgpool = FusedAvgPoolLinear (or both stay torch modules)
 """
 
@@ -45,6 +45,7 @@ def fuse(
     stem_maxpool: bool = True,
     avgpool_fc: bool = True,
     chain_blocks: bool = False,
+    chain_3x3: bool = False,
     cuda_graph: bool = False,
     example: torch.Tensor | None = None,
 ) -> nn.Module:
@@ -68,6 +69,10 @@ def fuse(
         conv and the next block's first conv as one kernel (FusedChain1x1), so the next block does
         not read the block's output back for it; each stage becomes a FusedStage. Off by default
         until GPU timings show it pays (benchmarks/test_fusions.py, `bench --impl fused_chain`).
+    chain_3x3: a Bottleneck whose shortcut is the identity or a merged projection runs its 3x3 conv
+        inside its last conv's kernel (FusedConvChain1x1): the 3x3's output never goes to memory.
+        With chain_blocks, the same kernel also computes the next block's first conv. Off by
+        default, as chain_blocks (`bench --impl fused_chain3x3`).
 
     On a GPU, the first call with each new input shape compiles every kernel that forward will
     launch at once, in parallel (a CompileAhead forward pre-hook on the returned network). With an
@@ -110,7 +115,8 @@ def fuse(
         fused = _BLOCKS[type(model)].from_torchvision(copy.deepcopy(model).eval(), **options)
         return fused if dtype is None else fused.to(dtype)
     fused = copy.deepcopy(model).eval()
-    _swap_children(fused, options, stem_maxpool, avgpool_fc, chain_blocks, prefix="")
+    chains = dict(chain_blocks=chain_blocks, chain_3x3=chain_3x3)
+    _swap_children(fused, options, stem_maxpool, avgpool_fc, chains, prefix="")
     fused = _finish(fused, dtype, strict)
     fused.register_forward_pre_hook(CompileAhead())  # a plain first call on a GPU compiles in parallel
     if example is not None:
@@ -133,7 +139,7 @@ def _finish(fused, dtype, strict):
     return fused
 
 
-def _swap_children(module, options, stem_maxpool, avgpool_fc, chain_blocks, prefix):
+def _swap_children(module, options, stem_maxpool, avgpool_fc, chains, prefix):
     dtype = options["dtype"]
     if _is_resnet_stem(module):
         if stem_maxpool and _is_plain_maxpool(getattr(module, "maxpool", None)):
@@ -156,12 +162,12 @@ def _swap_children(module, options, stem_maxpool, avgpool_fc, chain_blocks, pref
                 setattr(module, name, fused_type.from_torchvision(child, **options))
             except TypeError as err:
                 raise TypeError(f"fuse: cannot fuse '{prefix}{name}': {err}") from err
-        elif chain_blocks and isinstance(child, nn.Sequential) and any(type(b) in _BLOCKS for b in child):
+        elif any(chains.values()) and isinstance(child, nn.Sequential) and any(type(b) in _BLOCKS for b in child):
             originals = list(child)
-            _swap_children(child, options, stem_maxpool, avgpool_fc, chain_blocks, prefix=f"{prefix}{name}.")
-            setattr(module, name, FusedStage.chained(list(child), originals))
+            _swap_children(child, options, stem_maxpool, avgpool_fc, chains, prefix=f"{prefix}{name}.")
+            setattr(module, name, FusedStage.chained(list(child), originals, **chains))
         else:
-            _swap_children(child, options, stem_maxpool, avgpool_fc, chain_blocks, prefix=f"{prefix}{name}.")
+            _swap_children(child, options, stem_maxpool, avgpool_fc, chains, prefix=f"{prefix}{name}.")
 
 
 def _is_resnet_stem(module):

@@ -5,8 +5,8 @@ torchvision's attribute names (conv1, conv2, conv3, downsample) so that one read
 The deeper fusions are switches on the blocks and on fuse(): a projection shortcut merged into the
 block's last GEMM (the block's `downsample` is then None and its last conv holds the shortcut's
 weight), conv + max pooling for the stem (FusedConv2dMaxPool), the head's average pooling +
-fc (FusedAvgPoolLinear), and a block's last conv with the next block's first (FusedChain1x1, in a
-FusedStage).
+fc (FusedAvgPoolLinear), a block's last conv with the next block's first (FusedChain1x1, in a
+FusedStage), and a Bottleneck's 3x3 conv inside its last conv's kernel (FusedConvChain1x1).
 The folded weights are buffers, not parameters: these modules are for inference only, and refuse
 training mode and gradients with an error rather than silently returning wrong gradients.
 """
@@ -402,16 +402,21 @@ class FusedChain1x1(PlannedLayer):
     """
 
     op_name = "fused_resnet::chain_1x1"
+    next_optional = False  # (FusedConvChain1x1 may end at y)
 
     def __init__(self, weight, bias, next_weight, next_bias, shortcut_weight=None, shortcut_stride=1):
         super().__init__()
-        for name, w in (("weight", weight), ("next_weight", next_weight)):
-            if w.dim() != 4 or tuple(w.shape[2:]) != (1, 1):
-                raise ValueError(f"FusedChain1x1: {name} must be a 1x1 conv weight, got {tuple(w.shape)}")
-        if next_weight.shape[1] != weight.shape[0]:
-            raise ValueError(f"FusedChain1x1: next_weight takes {next_weight.shape[1]} channels, but weight gives "
+        name = type(self).__name__
+        if next_weight is None and not self.next_optional:
+            raise ValueError(f"{name}: next_weight is required")
+        for what, w in (("weight", weight), ("next_weight", next_weight)):
+            if w is not None and (w.dim() != 4 or tuple(w.shape[2:]) != (1, 1)):
+                raise ValueError(f"{name}: {what} must be a 1x1 conv weight, got {tuple(w.shape)}")
+        if next_weight is not None and next_weight.shape[1] != weight.shape[0]:
+            raise ValueError(f"{name}: next_weight takes {next_weight.shape[1]} channels, but weight gives "
                              f"{weight.shape[0]}")
-        self.in_channels, self.out_channels, self.next_channels = weight.shape[1], weight.shape[0], next_weight.shape[0]
+        self.in_channels, self.out_channels = weight.shape[1], weight.shape[0]
+        self.next_channels = None if next_weight is None else next_weight.shape[0]
         # Weights channels_last, as FusedConv2d keeps them (the layout the convs read when they run apart).
         for name, t in (("weight", weight), ("bias", bias), ("next_weight", next_weight), ("next_bias", next_bias),
                         ("shortcut_weight", shortcut_weight)):
@@ -423,12 +428,7 @@ class FusedChain1x1(PlannedLayer):
     def from_convs(cls, last: FusedConv2d, next_first: FusedConv2d):
         """The chain of a block's last conv (with the shortcut in its epilogue: the identity, or a merged
         projection) and the next block's first, both plain 1x1 convs with a ReLU."""
-        for name, conv in (("last", last), ("next_first", next_first)):
-            plain = (conv.kernel_size == (1, 1) and _pair(conv.stride) == (1, 1) and _pair(conv.padding) == (0, 0)
-                     and _pair(conv.dilation) == (1, 1) and conv.groups == 1 and conv.relu)
-            if not plain or (conv is next_first and conv.shortcut_weight is not None):
-                raise ValueError(f"FusedChain1x1: {name} must be a 1x1 conv of stride 1 with a ReLU"
-                                 f"{'' if conv is last else ' and no merged shortcut'}, got {conv.extra_repr()}")
+        _check_chained(cls, last, next_first)
         return cls(last.weight, last.bias, next_first.weight, next_first.bias, last.shortcut_weight,
                    last.shortcut_stride)
 
@@ -451,6 +451,84 @@ class FusedChain1x1(PlannedLayer):
             f"1x1 conv {self.shortcut_weight.shape[1]}->{self.out_channels} stride={self.shortcut_stride}"
         return (f"{self.in_channels} -> {self.out_channels} (+ {added}) -> {self.next_channels}, 1x1 convs, "
                 f"bias={self.bias is not None}, relu=True")
+
+
+class FusedConvChain1x1(FusedChain1x1):
+    """A Bottleneck's 3x3 conv, its last conv and, optionally, the next block's first, as one kernel
+    (kernels.conv_chain_1x1).
+
+    forward(x, residual) -> (y, z): h = relu(conv(x, head_weight) + head_bias), the 3x3 conv's
+    output, never leaves the kernel; y and z are FusedChain1x1's, computed from h (z is None
+    without a next conv). It takes the place of the block's conv3 (fuse(chain_3x3=True)); the block
+    keeps its conv2, which no longer runs, and the next block its conv1, for when it runs alone.
+    """
+
+    op_name = "fused_resnet::conv_chain_1x1"
+    next_optional = True
+
+    def __init__(self, head_weight, head_bias, weight, bias, next_weight=None, next_bias=None, shortcut_weight=None,
+                 shortcut_stride=1, *, stride=1, padding=0, dilation=1):
+        super().__init__(weight, bias, next_weight, next_bias, shortcut_weight, shortcut_stride)
+        if head_weight.dim() != 4 or head_weight.shape[0] != weight.shape[1]:
+            raise ValueError(f"FusedConvChain1x1: head_weight must be a conv weight ({weight.shape[1]}, C, R, S), "
+                             f"got {tuple(head_weight.shape)}")
+        self.head_channels = self.in_channels  # the 1x1's input: the head's output
+        self.in_channels = head_weight.shape[1]
+        self.kernel_size = tuple(head_weight.shape[2:])
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.register_buffer("head_weight", head_weight.detach().contiguous(memory_format=torch.channels_last))
+        self.register_buffer("head_bias", None if head_bias is None else head_bias.detach().contiguous())
+
+    @classmethod
+    def from_convs(cls, head: FusedConv2d, last: FusedConv2d, next_first: FusedConv2d | None = None):
+        """The chain of a block's 3x3 conv (one group, with its ReLU), its last conv and, if given, the
+        next block's first."""
+        if head.groups != 1 or not head.relu or head.shortcut_weight is not None:
+            raise ValueError(f"FusedConvChain1x1: head must be a conv of one group with a ReLU, "
+                             f"got {head.extra_repr()}")
+        _check_chained(cls, last, next_first)
+        return cls(head.weight, head.bias, last.weight, last.bias,
+                   None if next_first is None else next_first.weight, None if next_first is None else next_first.bias,
+                   last.shortcut_weight, last.shortcut_stride,
+                   stride=head.stride, padding=head.padding, dilation=head.dilation)
+
+    def forward(self, x, residual):
+        if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched, as a block run alone may be
+            y, z = self.forward(x.unsqueeze(0), residual.unsqueeze(0))
+            return y.squeeze(0), None if z is None else z.squeeze(0)
+        plan = self._planned(x, residual)
+        if plan is not None:
+            return plan(x, residual)
+        out = kernels.conv_chain_1x1(x, self.head_weight, self.head_bias, self.weight, self.bias, residual,
+                                     self.next_weight, self.next_bias, stride=self.stride, padding=self.padding,
+                                     dilation=self.dilation, shortcut_weight=self.shortcut_weight,
+                                     shortcut_stride=self.shortcut_stride)
+        return out if self.next_weight is not None else (out, None)
+
+    def _build_plan(self, x, residual):
+        return kernels.plan_conv_chain_1x1(x, self.head_weight, self.head_bias, self.weight, self.bias, residual,
+                                           self.next_weight, self.next_bias, stride=self.stride,
+                                           padding=self.padding, dilation=self.dilation,
+                                           shortcut_weight=self.shortcut_weight, shortcut_stride=self.shortcut_stride)
+
+    def extra_repr(self):
+        head = (f"{self.in_channels} -> {self.head_channels}, {self.kernel_size[0]}x{self.kernel_size[1]} conv, "
+                f"stride={self.stride}, padding={self.padding}")
+        if self.dilation not in (1, (1, 1)):
+            head += f", dilation={self.dilation}"
+        return f"{head}; then {super().extra_repr()}"
+
+
+def _check_chained(cls, last, next_first):
+    """A chain's 1x1 convs: plain 1x1 convs of stride 1 with a ReLU; the next one without a shortcut."""
+    for name, conv in (("last", last), ("next_first", next_first)):
+        if conv is None:
+            continue
+        plain = (conv.kernel_size == (1, 1) and _pair(conv.stride) == (1, 1) and _pair(conv.padding) == (0, 0)
+                 and _pair(conv.dilation) == (1, 1) and conv.groups == 1 and conv.relu)
+        if not plain or (conv is next_first and conv.shortcut_weight is not None):
+            raise ValueError(f"{cls.__name__}: {name} must be a 1x1 conv of stride 1 with a ReLU"
+                             f"{'' if conv is last else ' and no merged shortcut'}, got {conv.extra_repr()}")
 
 
 def _pair(value):
@@ -619,9 +697,12 @@ class FusedBottleneck(_FusedBlock):
 
     def forward_chained(self, x, first=None):
         """(y, z): the block's output y, and z, the next block's first conv of y where this block's
-        conv3 is a FusedChain1x1 (else None). `first`: this block's own first conv of x, where the
-        block before computed it."""
-        h = self.conv2(self.conv1(x) if first is None else first)
+        conv3 is a FusedChain1x1 that computes it (else None). `first`: this block's own first conv
+        of x, where the block before computed it."""
+        h = self.conv1(x) if first is None else first
+        if isinstance(self.conv3, FusedConvChain1x1):  # conv2 runs inside it
+            return self.conv3(h, x)
+        h = self.conv2(h)
         if isinstance(self.conv3, FusedChain1x1):
             return self.conv3(h, x)
         return self._finish(self.conv3, h, x), None
@@ -634,15 +715,38 @@ def can_chain(block, next_block) -> bool:
     their channels fit one program (kernels.chain_fits)."""
     if not (isinstance(block, Bottleneck) and isinstance(next_block, Bottleneck)):
         return False
-    last, first = block.conv3, next_block.conv1
-    parts = _downsample_parts(block)
-    if parts is not None and not _can_merge(last, parts[0]):
+    first = next_block.conv1
+    return (_last_chains(block) and _plain_1x1(first)
+            and kernels.chain_fits(block.conv3.in_channels, first.out_channels, _shortcut_channels(block)))
+
+
+def can_chain_3x3(block) -> bool:
+    """Whether a torchvision Bottleneck's 3x3 conv can run inside its last conv's kernel
+    (fuse(chain_3x3=True), with the default merge_downsample): its shortcut is the identity or a
+    merged projection, its last conv a plain 1x1, its 3x3 conv of one group, and the 3x3's output
+    channels fit one program (kernels.chain_fits)."""
+    if not isinstance(block, Bottleneck):
         return False
-    plain = all(conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
-                and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-                for conv in (last, first))
-    shortcut_channels = 0 if parts is None else parts[0].in_channels
-    return plain and kernels.chain_fits(last.in_channels, first.out_channels, shortcut_channels)
+    head = block.conv2
+    return (_last_chains(block) and head.groups == 1 and head.padding_mode == "zeros"
+            and not isinstance(head.padding, str)
+            and kernels.chain_fits(block.conv3.in_channels, 0, _shortcut_channels(block)))
+
+
+def _plain_1x1(conv):
+    return (conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
+def _last_chains(block):
+    """A Bottleneck's last conv can lead a chain: a plain 1x1, with the identity or a mergeable shortcut."""
+    parts = _downsample_parts(block)
+    return _plain_1x1(block.conv3) and (parts is None or _can_merge(block.conv3, parts[0]))
+
+
+def _shortcut_channels(block):
+    parts = _downsample_parts(block)
+    return 0 if parts is None else parts[0].in_channels
 
 
 class FusedStage(nn.Sequential):
@@ -660,14 +764,21 @@ class FusedStage(nn.Sequential):
         return x
 
     @classmethod
-    def chained(cls, blocks, originals):
-        """The fused `blocks` as a stage in which each block that can_chain with the next (judged on
-        the torchvision `originals` they came from; its shortcut, if a projection, merged into its
-        last conv) computes the next one's first conv."""
+    def chained(cls, blocks, originals, *, chain_blocks=True, chain_3x3=False):
+        """The fused `blocks` as a stage in which, judged on the torchvision `originals` they came from
+        (a projection shortcut merged into the block's last conv): with `chain_blocks`, each block that
+        can_chain with the next computes the next one's first conv; with `chain_3x3`, each block that
+        can_chain_3x3 runs its 3x3 conv inside its last conv's kernel (FusedConvChain1x1)."""
         stage = cls(*blocks)
-        for i in range(len(blocks) - 1):
-            block, after = blocks[i], blocks[i + 1]
-            if (can_chain(originals[i], originals[i + 1]) and isinstance(block, FusedBottleneck)
-                    and block.residual_epilogue and block.downsample is None and isinstance(after, FusedBottleneck)):
-                block.conv3 = FusedChain1x1.from_convs(block.conv3, after.conv1)
+        for i, block in enumerate(blocks):
+            if not (isinstance(block, FusedBottleneck) and block.residual_epilogue and block.downsample is None):
+                continue
+            after = blocks[i + 1] if i + 1 < len(blocks) else None
+            next_first = None
+            if chain_blocks and isinstance(after, FusedBottleneck) and can_chain(originals[i], originals[i + 1]):
+                next_first = after.conv1
+            if chain_3x3 and can_chain_3x3(originals[i]):
+                block.conv3 = FusedConvChain1x1.from_convs(block.conv2, block.conv3, next_first)
+            elif next_first is not None:
+                block.conv3 = FusedChain1x1.from_convs(block.conv3, next_first)
         return stage

@@ -12,12 +12,14 @@ from shapes and dtype alone, under each step of the ablation (bench.ABLATION):
     stem        stem conv + max pooling in one kernel
     head        head average pooling + fc in one kernel (fuse's defaults)
     chain       a block's last conv and the next block's first in one kernel (chain_blocks=True)
+    chain3x3    a Bottleneck's 3x3 conv inside its last conv's kernel (chain_3x3=True)
 
 With X, W and Y the elements of a conv's input, weight and output, a conv + BN + ReLU moves
 X + W + 5Y unfused (the conv writes Y; BN and ReLU each read and write it) and X + W + Y fused;
 a block's last conv moves X + W + 8Y unfused (the add reads two tensors and writes one) and
 X + W + 2Y fused (the shortcut is read in the epilogue); chained with the next block's first conv
-(weight W', output Z), W' + Z more, and that conv's own row nothing. Each count is a lower bound: every
+(weight W', output Z), W' + Z more, and that conv's own row nothing; with its 3x3 conv inside (input X3,
+weight W3), X3 + W3 in place of X, and the 3x3's own row nothing. Each count is a lower bound: every
 operand is read once. Bias and BN parameter vectors are left out (under 0.1%).
 
 On a GPU, each row's unfused and fused kernels are also timed (CUDA events, median), which gives
@@ -34,7 +36,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from . import bench, kernels
 from .convert import fuse
-from .modules import can_chain
+from .modules import can_chain, can_chain_3x3
 
 STEPS = tuple(step for step, _, _ in bench.ABLATION)
 
@@ -74,6 +76,8 @@ class Layer:
     recompute: float = 1.0  # the stem kernel computes each conv pixel this many times
     chains: str | None = None  # a "last" row: the next block's first conv, which its kernel computes when chained
     chained: bool = False  # a "conv" row that the block before computes when chained
+    head: str | None = None  # a "last" row: the block's 3x3 conv, which its kernel computes with chain_3x3
+    in_head: bool = False  # a "conv" row (a 3x3) that its block's last conv computes with chain_3x3
 
     @property
     def x(self):
@@ -103,8 +107,10 @@ def traffic(layer, step, rows=None):
     x, w, y = layer.x, layer.w, layer.y
     fused_conv = step_on(step, "epilogue")
     chained = step_on(step, "chain")
-    if layer.kind == "conv" and layer.chained and chained:
+    if layer.kind == "conv" and ((layer.chained and chained) or (layer.in_head and step_on(step, "chain3x3"))):
         return 0, 0
+    if layer.kind == "last" and layer.head and step_on(step, "chain3x3"):
+        x = rows[layer.head].x + rows[layer.head].w  # the kernel reads the 3x3's input and weight instead
     if layer.kind == "last" and layer.chains and chained:
         following = rows[layer.chains]
         own = x + w + 2 * y if layer.shortcut is None else x + w + y + rows[layer.shortcut].x + rows[layer.shortcut].w
@@ -137,13 +143,18 @@ def executed_flops(layer, step, rows=None):
     """FLOPs that `layer`'s kernels execute under `step` (merges and recomputation included)."""
     if layer.kind == "downsample" and step_on(step, "downsample"):
         return 0
-    if layer.kind == "conv" and layer.chained and step_on(step, "chain"):
+    if layer.kind == "conv" and ((layer.chained and step_on(step, "chain"))
+                                 or (layer.in_head and step_on(step, "chain3x3"))):
         return 0
-    if layer.kind == "last" and layer.chains and step_on(step, "chain"):
-        shortcut = 0 if layer.shortcut is None else rows[layer.shortcut].flops
-        return layer.flops + shortcut + rows[layer.chains].flops
-    if layer.kind == "last" and step_on(step, "downsample") and layer.shortcut is not None:
-        return layer.flops + rows[layer.shortcut].flops
+    if layer.kind == "last":
+        flops = layer.flops
+        if layer.shortcut is not None and step_on(step, "downsample"):
+            flops += rows[layer.shortcut].flops
+        if layer.chains and step_on(step, "chain"):
+            flops += rows[layer.chains].flops
+        if layer.head and step_on(step, "chain3x3"):
+            flops += rows[layer.head].flops
+        return flops
     if layer.kind == "stem" and step_on(step, "stem"):
         return round(layer.flops * layer.recompute)
     return layer.flops
@@ -187,12 +198,15 @@ def layers(model, batch, size):
             ds = f"{prefix}.downsample" if block.downsample is not None else None
             chains = i + 1 < len(blocks) and can_chain(block, blocks[i + 1])
             chained = i > 0 and can_chain(blocks[i - 1], block)
+            headed = can_chain_3x3(block)
             for conv_name in convs:
                 last = conv_name == convs[-1]
                 rows.append(conv_row(f"{prefix}.{conv_name}", "last" if last else "conv", getattr(block, conv_name),
                                      shortcut=ds if last else None,
                                      chains=f"{stage}.{i + 1}.conv1" if last and chains else None,
-                                     chained=chained and conv_name == "conv1"))
+                                     chained=chained and conv_name == "conv1",
+                                     head=f"{prefix}.conv2" if last and headed else None,
+                                     in_head=headed and conv_name == "conv2"))
             if ds:
                 row = conv_row(f"{ds}.0", "downsample", block.downsample[0])
                 row.name = ds

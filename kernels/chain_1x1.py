@@ -24,6 +24,8 @@ the op runs the two convs one after the other. ResNet-50's chained blocks have 6
 Order of this file: @triton.jit kernel, launcher, op registration, reference.
 """
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -32,7 +34,7 @@ from torch.library import triton_op
 
 from . import backend, configs, igemm
 from ._checks import check_same_device, check_supported_dtype, pair
-from .igemm import dot, epilogue
+from .igemm import conv_tile, dot, epilogue
 
 # The most channels of x (y's reduction), of a projection shortcut's input (its second stretch) and
 # of z (its accumulator's width) one program holds.
@@ -45,24 +47,34 @@ MAX_CHANNELS = 256
 
 @triton.jit
 def _chain_1x1_kernel(
-    x_ptr,  # (M, C): dense NHWC rows, one an output pixel
-    w_ptr,  # (K, C), row stride stride_wk: the first conv's weight
+    x_ptr,  # HEAD: the head conv's input (N, Ch, H, W), dense NHWC; else x (M, C), dense NHWC rows
+    hw_ptr,  # HEAD: the head conv's weight (C, Ch, R, S), dense channels_last ((C, R, S, Ch) in memory); else None
+    hb_ptr,  # HEAD: the head conv's bias (C,), or None
+    w_ptr,  # (K, C), row stride stride_wk: the first 1x1 conv's weight
     b_ptr,  # (K,), or None (with a shortcut: both convs' biases summed)
     r_ptr,  # SHORTCUT: the shortcut's input (N, Cs, Hs, Ws), dense NHWC; else the residual (M, K), dense NHWC rows
     ws_ptr,  # SHORTCUT: the shortcut's weight (K, Cs), row stride stride_sk; else None
     y_ptr,  # (M, K): y, dense NHWC rows, written once
-    v_ptr,  # (J, K), row stride stride_vj: the second conv's weight
-    c_ptr,  # (J,), or None
-    z_ptr,  # (M, J): z, dense NHWC rows
+    v_ptr,  # NEXT: (J, K), row stride stride_vj: the next 1x1 conv's weight; else None
+    c_ptr,  # NEXT: (J,), or None
+    z_ptr,  # NEXT: (M, J): z, dense NHWC rows; else None
     M, C, K, J,
-    P, Q, Cs, Hs, Ws,  # SHORTCUT: the output map, the shortcut input's channels and map
+    P, Q, Cs, Hs, Ws,  # the output map; SHORTCUT: the shortcut input's channels and map
+    Ch, H, W,  # HEAD: the head conv's input channels and map
+    head_stride_h, head_stride_w, pad_h, pad_w, dil_h, dil_w,
     shortcut_stride_h, shortcut_stride_w,
     stride_wk, stride_vj, stride_sk,
+    HEAD: tl.constexpr,  # x is computed here: relu(conv(head input, head weight) + head bias), rounded as stored
+    R: tl.constexpr,  # HEAD: the head conv's filter size
+    S: tl.constexpr,
+    CH_DIVISOR: tl.constexpr,  # HEAD: a power of two dividing Ch: where BLOCK_K divides it, no channel mask
+    NEXT: tl.constexpr,  # z is computed (else the chain ends at y)
     SHORTCUT: tl.constexpr,  # y adds a projection shortcut, a 1x1 conv of r, computed here, not a residual
     DOT_FP32: tl.constexpr,  # upcast operands before tl.dot (the interpreter's bf16 dot is wrong)
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # y's channels a chunk
+    BLOCK_K: tl.constexpr,  # HEAD: the head conv's channels a step of its main loop
     BLOCK_C: tl.constexpr,  # C rounded up to a power of two: the whole reduction of y at once
     BLOCK_S: tl.constexpr,  # SHORTCUT: Cs rounded up to a power of two
     BLOCK_J: tl.constexpr,  # J rounded up to a power of two: z's accumulator holds every channel
@@ -75,19 +87,35 @@ def _chain_1x1_kernel(
     offs_j = tl.arange(0, BLOCK_J)
     mask_c = offs_c < C
     mask_j = offs_j < J
-    # x's tile, loaded once: every chunk of y reduces over all of it.
-    x = tl.load(x_ptr + rows[:, None] * C + offs_c[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+    if HEAD or SHORTCUT:
+        # Each row's output pixel; rows past M wrap onto valid ones (the head's loads mask taps, not rows).
+        wrapped = offs_m % M
+        n = (wrapped // (P * Q)).to(tl.int64)
+        p = (wrapped // Q) % P
+        q = wrapped % Q
+    if HEAD:
+        # x's tile computed, not loaded: the head conv (the Bottleneck's 3x3) for these rows and all
+        # of its C output channels, by igemm's main loop, then its bias and ReLU, rounded to the
+        # dtype as the unchained conv would store it. It never goes to memory.
+        acc_x = conv_tile(tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32), x_ptr, hw_ptr, n * (H * W * Ch),
+                          p * head_stride_h - pad_h, q * head_stride_w - pad_w, offs_c.to(tl.int64) * (R * S * Ch),
+                          mask_c, None, None, Ch, (H, W), (dil_h, dil_w), (1, W * Ch, Ch), (1, S * Ch, Ch),
+                          R, S, True, False, 1, CH_DIVISOR % BLOCK_K == 0, False, 1, True, DOT_FP32,
+                          INPUT_PRECISION, BLOCK_K)
+        acc_x = epilogue(acc_x, hb_ptr, None, rows, 1, offs_c, mask_c, mask_m[:, None] & mask_c[None, :], False, True)
+        x = acc_x.to(y_ptr.dtype.element_ty)
+    else:
+        # x's tile, loaded once: every chunk of y reduces over all of it.
+        x = tl.load(x_ptr + rows[:, None] * C + offs_c[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
     if SHORTCUT:
         # The shortcut's input under each output pixel (strided), loaded once as well: y's
         # reduction continues over it, as conv2d_bias_act's merged shortcut does.
-        n = rows // (P * Q)
-        p = (offs_m // Q) % P
-        q = offs_m % Q
         offs_s = tl.arange(0, BLOCK_S)
         mask_s = offs_s < Cs
         s_rows = ((n * Hs + p * shortcut_stride_h) * Ws + q * shortcut_stride_w) * Cs
         xs = tl.load(r_ptr + s_rows[:, None] + offs_s[None, :], mask=mask_m[:, None] & mask_s[None, :], other=0.0)
-    acc_z = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
+    if NEXT:
+        acc_z = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_N):
         cols = k0 + tl.arange(0, BLOCK_N)
         mask_n = cols < K
@@ -104,12 +132,14 @@ def _chain_1x1_kernel(
         # (Columns past K are 0 after the epilogue, and their weights are masked to 0 below.)
         y = acc.to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + rows[:, None] * K + cols[None, :], y, mask=mask_y)
-        v = tl.load(v_ptr + offs_j[None, :] * stride_vj + cols[:, None], mask=mask_n[:, None] & mask_j[None, :],
-                    other=0.0)  # (BLOCK_N, BLOCK_J)
-        acc_z = dot(acc_z, y, v, DOT_FP32, INPUT_PRECISION)
-    mask_z = mask_m[:, None] & mask_j[None, :]
-    acc_z = epilogue(acc_z, c_ptr, None, rows, 1, offs_j, mask_j, mask_z, False, True)
-    tl.store(z_ptr + rows[:, None] * J + offs_j[None, :], acc_z.to(z_ptr.dtype.element_ty), mask=mask_z)
+        if NEXT:
+            v = tl.load(v_ptr + offs_j[None, :] * stride_vj + cols[:, None], mask=mask_n[:, None] & mask_j[None, :],
+                        other=0.0)  # (BLOCK_N, BLOCK_J)
+            acc_z = dot(acc_z, y, v, DOT_FP32, INPUT_PRECISION)
+    if NEXT:
+        mask_z = mask_m[:, None] & mask_j[None, :]
+        acc_z = epilogue(acc_z, c_ptr, None, rows, 1, offs_j, mask_j, mask_z, False, True)
+        tl.store(z_ptr + rows[:, None] * J + offs_j[None, :], acc_z.to(z_ptr.dtype.element_ty), mask=mask_z)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,23 +159,34 @@ def _as_matrix(weight):
     return matrix if matrix.stride(1) == 1 else matrix.contiguous()
 
 
-def _check_args(x, weight, bias, residual, next_weight, next_bias, shortcut_weight, shortcut_stride):
-    """(y's shape, z's shape), after the first conv's checks (conv2d_bias_act's, residual or shortcut
-    included) and the second's."""
-    op = "chain_1x1"
+def _check_args(x, weight, bias, residual, next_weight, next_bias, shortcut_weight, shortcut_stride, head,
+                op="chain_1x1"):
+    """(y's shape, z's shape or None), after the head conv's checks (conv2d_bias_act's), the first 1x1
+    conv's (its residual or shortcut included) and the next one's."""
     named = {"input": x, "weight": weight, "bias": bias, "residual": residual, "next_weight": next_weight,
              "next_bias": next_bias, "shortcut_weight": shortcut_weight}
+    if head is not None:
+        named.update(head_weight=head.weight, head_bias=head.bias)
     for name, t in named.items():
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
     if residual is None:
-        raise ValueError(f"{op}: the first conv takes a residual (or, with shortcut_weight, the shortcut's input)")
+        raise ValueError(f"{op}: the 1x1 conv takes a residual (or, with shortcut_weight, the shortcut's input)")
     check_supported_dtype(op, named)
     check_same_device(op, named)
+    if head is not None:
+        h_shape = igemm.check_conv_args(x, head.weight, head.bias, head.stride, head.padding, head.dilation, 1, None,
+                                        None, (1, 1), op=op)
+        # The 1x1 conv's input is the head's output, which is never made: a stand-in of its shape.
+        x = torch.empty(1, dtype=x.dtype, device=x.device).as_strided(h_shape, (0, 0, 0, 0))
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (1, 1):
         raise ValueError(f"{op}: weight must be a 1x1 conv weight (K, C, 1, 1), got {tuple(weight.shape)}")
     y_shape = igemm.check_conv_args(x, weight, bias, (1, 1), (0, 0, 0, 0), (1, 1), 1, residual, shortcut_weight,
                                     shortcut_stride, op=op)
+    if next_weight is None:
+        if next_bias is not None:
+            raise ValueError(f"{op}: next_bias without next_weight")
+        return y_shape, None
     k = weight.shape[0]
     if next_weight.dim() != 4 or tuple(next_weight.shape[1:]) != (k, 1, 1):
         raise ValueError(f"{op}: next_weight must be a 1x1 conv weight (out_channels, {k}, 1, 1), "
@@ -155,39 +196,84 @@ def _check_args(x, weight, bias, residual, next_weight, next_bias, shortcut_weig
     return y_shape, (y_shape[0], next_weight.shape[0], *y_shape[2:])
 
 
+class Head(NamedTuple):
+    """The conv that makes a chain's x (a Bottleneck's 3x3), with its bias and ReLU: one group, its
+    stride, padding (top, bottom, left, right) and dilation as pairs."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+
+
 def plan_chain_1x1(x, weight, bias, residual, next_weight, next_bias=None, *, shortcut_weight=None,
                    shortcut_stride=1, backend_name=None, traceable=False):
     """Check the arguments once and return run(x, residual) -> (y, z) for operands laid out as
     these (under the backend in force, or `backend_name`). The plan holds the weights and biases."""
-    shortcut_stride = pair("shortcut_stride", shortcut_stride)
+    return _plan(x, None, weight, bias, residual, next_weight, next_bias, pair("shortcut_stride", shortcut_stride),
+                 shortcut_weight, backend_name, traceable)
+
+
+def plan_conv_chain_1x1(x, head_weight, head_bias, weight, bias, residual, next_weight=None, next_bias=None, *,
+                        stride=1, padding=0, dilation=1, shortcut_weight=None, shortcut_stride=1, backend_name=None,
+                        traceable=False):
+    """plan_chain_1x1 with a head: x is the head conv's input. run(x, residual) -> (y, z), z None
+    without a next conv."""
+    stride, padding, dilation, shortcut_stride = igemm.normalize_args(x, head_weight, stride, padding, dilation, 1,
+                                                                      shortcut_stride, op="conv_chain_1x1")
+    head = Head(head_weight, head_bias, stride, padding, dilation)
+    return _plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_stride, shortcut_weight,
+                 backend_name, traceable)
+
+
+def _plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_stride, shortcut_weight, backend_name,
+          traceable):
+    op = "chain_1x1" if head is None else "conv_chain_1x1"
     y_shape, z_shape = _check_args(x, weight, bias, residual, next_weight, next_bias, shortcut_weight,
-                                   shortcut_stride)
+                                   shortcut_stride, head, op)
     path = backend.choose(x, backend_name, cudnn=True)
-    c, k, j = weight.shape[1], weight.shape[0], next_weight.shape[0]
+    c, k = weight.shape[1], weight.shape[0]
+    j = 0 if next_weight is None else next_weight.shape[0]
     cs = 0 if shortcut_weight is None else shortcut_weight.shape[1]
+    ch = 0 if head is None else x.shape[1]
     block_c, block_j = (max(16, triton.next_power_of_2(v)) for v in (c, j))
     block_s = max(16, triton.next_power_of_2(cs)) if cs else 0
-    candidates = configs.chain_candidates(block_c, k, block_j, x.element_size(), igemm.launch_shared_memory(x),
-                                          ieee=igemm.ieee_fp32(x.dtype), block_s=block_s)
+    candidates = configs.chain_candidates(block_c, k, block_j if j else 0, x.element_size(),
+                                          igemm.launch_shared_memory(x), ieee=igemm.ieee_fp32(x.dtype),
+                                          block_s=block_s, head_channels=ch)
     n, _, p, q = y_shape
     m = n * p * q
     if path != "triton" or not chain_fits(c, j, cs) or not candidates or _too_few_programs(x, m, candidates):
-        return _apart_plan(x, weight, bias, residual, next_weight, next_bias, shortcut_weight, shortcut_stride,
-                           backend_name, traceable)
+        return _apart_plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_weight,
+                           shortcut_stride, backend_name, traceable)
     if m >= 2**31:
-        raise ValueError(f"chain_1x1: {m} output rows; at most 2**31 - 1 are supported")
+        raise ValueError(f"{op}: {m} output rows; at most 2**31 - 1 are supported")
     interpret = not backend.on_gpu(x)
-    w2, v2 = _as_matrix(weight), _as_matrix(next_weight)
+    w2 = _as_matrix(weight)
+    v2 = None if next_weight is None else _as_matrix(next_weight)
     ws2 = None if shortcut_weight is None else _as_matrix(shortcut_weight)
     hs, ws = residual.shape[2:] if cs else (1, 1)
+    hh, hw = x.shape[2:] if head is not None else (1, 1)
+    r, s = head.weight.shape[2:] if head is not None else (1, 1)
+    if head is not None:
+        igemm.check_window(op, backend.channels_last_strides(x.shape)[1:], ch, (r, s), head.dilation)
+        # The head's weight as the kernel reads it: (C, R, S, Ch) in memory.
+        head_w = head.weight.contiguous(memory_format=torch.channels_last)
     args = dict(
-        M=m, C=c, K=k, J=j, P=p, Q=q, Cs=cs, Hs=hs, Ws=ws,
+        M=m, C=c, K=k, J=j, P=p, Q=q, Cs=cs, Hs=hs, Ws=ws, Ch=ch, H=hh, W=hw,
+        head_stride_h=head.stride[0] if head else 1, head_stride_w=head.stride[1] if head else 1,
+        pad_h=head.padding[0] if head else 0, pad_w=head.padding[2] if head else 0,
+        dil_h=head.dilation[0] if head else 1, dil_w=head.dilation[1] if head else 1,
         shortcut_stride_h=shortcut_stride[0], shortcut_stride_w=shortcut_stride[1],
-        stride_wk=w2.stride(0), stride_vj=v2.stride(0), stride_sk=0 if ws2 is None else ws2.stride(0),
+        stride_wk=w2.stride(0), stride_vj=0 if v2 is None else v2.stride(0),
+        stride_sk=0 if ws2 is None else ws2.stride(0),
+        HEAD=head is not None, R=r, S=s, CH_DIVISOR=igemm.channel_divisor(ch) if ch else 1,
+        NEXT=next_weight is not None,
         SHORTCUT=bool(cs),
         DOT_FP32=interpret,
         INPUT_PRECISION="tf32" if x.dtype == torch.float32 and not interpret and igemm.tf32_allowed() else "ieee",
-        BLOCK_C=block_c, BLOCK_S=max(block_s, 16), BLOCK_J=block_j,
+        BLOCK_C=block_c, BLOCK_S=max(block_s, 16), BLOCK_J=max(block_j, 16),
     )
 
     def grid(meta):
@@ -195,17 +281,20 @@ def plan_chain_1x1(x, weight, bias, residual, next_weight, next_bias=None, *, sh
 
     if interpret:
         config = {"BLOCK_M": min(64, max(16, triton.next_power_of_2(m))),
-                  "BLOCK_N": min(64, max(16, triton.next_power_of_2(k)))}
+                  "BLOCK_N": min(64, max(16, triton.next_power_of_2(k))),
+                  "BLOCK_K": configs.chain_head_block_k(ch, x.element_size(), interpreter=True)}
         launch = backend.KernelLaunch(_chain_1x1_kernel, grid, args, on_cuda=False, traceable=traceable,
                                       config=config)
     else:
         sizes = {name: v for name, v in args.items() if not name.startswith("stride_") and name != "DOT_FP32"}
         launch = backend.KernelLaunch(
-            _chain_1x1_kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable, op="chain_1x1",
-            key=configs.shape_key(bias=bias is not None, next_bias=next_bias is not None, **sizes),
+            _chain_1x1_kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable, op=op,
+            key=configs.shape_key(bias=bias is not None, next_bias=next_bias is not None,
+                                  head_bias=head is not None and head.bias is not None, **sizes),
             candidates=candidates)
     # The kernel reads its operands as dense NHWC rows: others are copied so at each call.
     dense = backend.channels_last_strides
+    head_operands = (None, None) if head is None else (head_w, head.bias)
 
     def run(x, residual):
         if x.stride() != dense(x.shape):
@@ -213,9 +302,10 @@ def plan_chain_1x1(x, weight, bias, residual, next_weight, next_bias=None, *, sh
         if residual.stride() != dense(residual.shape):
             residual = residual.contiguous(memory_format=torch.channels_last)
         y = torch.empty(y_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-        z = torch.empty(z_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        z = None if z_shape is None else torch.empty(z_shape, dtype=x.dtype, device=x.device,
+                                                     memory_format=torch.channels_last)
         if m > 0:
-            launch(x, w2, bias, residual, ws2, y, v2, next_bias, z)
+            launch(x, *head_operands, w2, bias, residual, ws2, y, v2, next_bias, z)
         return y, z
 
     return run
@@ -231,22 +321,44 @@ def _too_few_programs(x, m, candidates):
     return 2 * triton.cdiv(m, min(config["BLOCK_M"] for config in candidates)) < igemm.launch_multiprocessors(x)
 
 
-def _apart_plan(x, weight, bias, residual, next_weight, next_bias, shortcut_weight, shortcut_stride, backend_name,
-                traceable):
-    """The chain as two conv2d_bias_act plans, one after the other (cuDNN, the reference, or a chain
-    that does not fit one program): run(x, residual) -> (y, z)."""
+def _apart_plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_weight, shortcut_stride,
+                backend_name, traceable):
+    """The chain as conv2d_bias_act plans, one after the other (cuDNN, the reference, or a chain
+    that does not fit one program): run(x, residual) -> (y, z). With a head, the head conv runs
+    first and the rest is planned as a chain of its own (which may fit where the whole did not)."""
+    from . import conv2d
     from .conv2d import plan_conv2d_bias_act
+
+    later = {}  # planned at the first call, for the tensors it makes
+
+    if head is not None:
+        first = conv2d._plan(x, head.weight, head.bias, list(head.stride), list(head.padding), list(head.dilation), 1,
+                             None, True, None, [1, 1], backend_name or backend.current_backend(), traceable=traceable)
+
+        def run_head_apart(x, residual):
+            h = first(x)
+            if "plan" not in later:
+                if next_weight is None:
+                    last = plan_conv2d_bias_act(h, weight, bias, residual=residual, relu=True,
+                                                shortcut_weight=shortcut_weight, shortcut_stride=shortcut_stride,
+                                                backend_name=backend_name, traceable=traceable)
+                    later["plan"] = lambda h, residual: (last(h, residual), None)
+                else:
+                    later["plan"] = _plan(h, None, weight, bias, residual, next_weight, next_bias, shortcut_stride,
+                                          shortcut_weight, backend_name, traceable)
+            return later["plan"](h, residual)
+
+        return run_head_apart
 
     first = plan_conv2d_bias_act(x, weight, bias, residual=residual, relu=True, shortcut_weight=shortcut_weight,
                                  shortcut_stride=shortcut_stride, backend_name=backend_name, traceable=traceable)
-    second = {}  # planned at the first call, for the y it makes
 
     def run_apart(x, residual):
         y = first(x, residual)
-        if "plan" not in second:
-            second["plan"] = plan_conv2d_bias_act(y, next_weight, next_bias, relu=True, backend_name=backend_name,
-                                                  traceable=traceable)
-        return y, second["plan"](y, None)
+        if "plan" not in later:
+            later["plan"] = plan_conv2d_bias_act(y, next_weight, next_bias, relu=True, backend_name=backend_name,
+                                                 traceable=traceable)
+        return y, later["plan"](y, None)
 
     return run_apart
 
@@ -262,6 +374,18 @@ def _chain_1x1_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   shortcut_stride: list[int], backend_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return plan_chain_1x1(x, weight, bias, residual, next_weight, next_bias, shortcut_weight=shortcut_weight,
                           shortcut_stride=shortcut_stride, backend_name=backend_name, traceable=True)(x, residual)
+
+
+@triton_op("fused_resnet::conv_chain_1x1", mutates_args=())
+def _conv_chain_1x1_op(x: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None,
+                       stride: list[int], padding: list[int], dilation: list[int], weight: torch.Tensor,
+                       bias: torch.Tensor | None, residual: torch.Tensor, next_weight: torch.Tensor | None,
+                       next_bias: torch.Tensor | None, shortcut_weight: torch.Tensor | None,
+                       shortcut_stride: list[int], backend_name: str) -> list[torch.Tensor]:
+    head = Head(head_weight, head_bias, tuple(stride), tuple(padding), tuple(dilation))
+    y, z = _plan(x, head, weight, bias, residual, next_weight, next_bias, tuple(shortcut_stride), shortcut_weight,
+                 backend_name, True)(x, residual)
+    return [y] if z is None else [y, z]
 
 
 def chain_1x1(input, weight, bias, residual, next_weight, next_bias=None, *, shortcut_weight=None, shortcut_stride=1):
@@ -280,6 +404,24 @@ def chain_1x1(input, weight, bias, residual, next_weight, next_bias=None, *, sho
                                             list(pair("shortcut_stride", shortcut_stride)), backend.current_backend())
 
 
+def conv_chain_1x1(input, head_weight, head_bias, weight, bias, residual, next_weight=None, next_bias=None, *,
+                   stride=1, padding=0, dilation=1, shortcut_weight=None, shortcut_stride=1):
+    """chain_1x1 whose x is made in the same kernel by a head conv: h = relu(conv2d(input,
+    head_weight, head_bias, stride, padding, dilation)) (one group; a Bottleneck's 3x3), then y =
+    relu(conv2d(h, weight, bias) + residual) and, with next_weight, z = relu(conv2d(y, next_weight,
+    next_bias)). h never goes to memory: each program computes its rows of h for all of h's
+    channels, rounded to the dtype as a stored h would be. Returns y, or (y, z) with next_weight.
+    padding as F.conv2d takes it (an int, a pair, or "same"/"valid"); the rest as chain_1x1. Where
+    it does not fit one program, the head runs as a conv of its own and the rest as chain_1x1.
+    """
+    stride, padding, dilation, shortcut_stride = igemm.normalize_args(input, head_weight, stride, padding, dilation, 1,
+                                                                      shortcut_stride, op="conv_chain_1x1")
+    out = torch.ops.fused_resnet.conv_chain_1x1(input, head_weight, head_bias, list(stride), list(padding),
+                                                list(dilation), weight, bias, residual, next_weight, next_bias,
+                                                shortcut_weight, list(shortcut_stride), backend.current_backend())
+    return out[0] if next_weight is None else (out[0], out[1])
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference
 # ----------------------------------------------------------------------------------------------
@@ -292,3 +434,15 @@ def chain_1x1_reference(x, weight, bias, residual, next_weight, next_bias=None, 
         residual = F.conv2d(residual, shortcut_weight, None, shortcut_stride)
     y = F.conv2d(x, weight, bias).add_(residual).relu_()
     return y, F.conv2d(y, next_weight, next_bias).relu_()
+
+
+def conv_chain_1x1_reference(x, head_weight, head_bias, weight, bias, residual, next_weight=None, next_bias=None,
+                             stride=1, padding=0, dilation=1, shortcut_weight=None, shortcut_stride=1):
+    """The same as plain torch ops: the head conv and its ReLU, then chain_1x1_reference (or, without
+    a next conv, its y alone)."""
+    h = F.conv2d(x, head_weight, head_bias, stride, padding, dilation).relu_()
+    if next_weight is None:
+        if shortcut_weight is not None:
+            residual = F.conv2d(residual, shortcut_weight, None, shortcut_stride)
+        return F.conv2d(h, weight, bias).add_(residual).relu_()
+    return chain_1x1_reference(h, weight, bias, residual, next_weight, next_bias, shortcut_weight, shortcut_stride)

@@ -382,29 +382,44 @@ def head_interpreter(images: int, classes: int, channels: int, pixels: int) -> d
 CHAIN_SHAPES = [(128, 64, 2, 8), (64, 64, 2, 4), (64, 64, 2, 8), (64, 32, 3, 4), (32, 64, 2, 4), (16, 32, 2, 4)]
 
 
+def chain_head_block_k(head_channels, element_size, interpreter=False):
+    """BLOCK_K of a chain's head conv: its input channels a main-loop step (16 where there is no head)."""
+    cap = 32 if interpreter or element_size >= 4 else 64
+    return min(cap, max(16, triton.next_power_of_2(head_channels))) if head_channels else 16
+
+
 def chain_shared_bytes(config, block_c, block_j, element_size, block_s=0):
     """Shared memory of a chain config: x's (and the shortcut input's) tile once, per stage a chunk of
     each weight, and y's fp32 chunk once more, where the compiler converts its layout (compiled for
-    an H100, the resnet50 chains' configs took this to the byte, or 16 KB less)."""
-    bm, bn = config["BLOCK_M"], config["BLOCK_N"]
-    operands = bm * (block_c + block_s) + (block_c + block_s + block_j) * bn * config["num_stages"]
+    an H100, the resnet50 chains' configs took this to the byte, or 16 KB less); with a head, per
+    stage its operand tiles as well (BLOCK_M by BLOCK_K of its input, BLOCK_K by block_c of its weight)."""
+    bm, bn, stages = config["BLOCK_M"], config["BLOCK_N"], config["num_stages"]
+    operands = bm * (block_c + block_s) + (block_c + block_s + block_j) * bn * stages
+    if config.get("HEAD"):
+        operands += (bm + block_c) * config["BLOCK_K"] * stages
     return operands * element_size + bm * bn * 4
 
 
-def chain_candidates(block_c, k, block_j, element_size, shared_memory=228 * 1024, ieee=False, block_s=0):
+def chain_candidates(block_c, k, block_j, element_size, shared_memory=228 * 1024, ieee=False, block_s=0,
+                     head_channels=0):
     """At most four configs for a chain over x of block_c channels (a power of two; and a projection
-    shortcut's input of block_s) into y of k and z of block_j: accumulators (y's chunk and z's) within
-    MAX_ACC_PER_THREAD elements a thread (32 with IEEE fp32 dots, whose operands sit in registers
-    too), the input tiles within as many again. None may fit (wide fp32 chains): the chain then
-    runs as two convs."""
+    shortcut's input of block_s) into y of k and z of block_j (0: no next conv): accumulators (y's
+    chunk and z's; a head's, x's whole tile in fp32) within MAX_ACC_PER_THREAD elements a thread
+    (32 with IEEE fp32 dots, whose operands sit in registers too), the input tiles within as many
+    again. None may fit (wide fp32 chains): the chain then runs as separate convs. With a head
+    (head_channels > 0: x is made by a conv over that many channels), each config takes its BLOCK_K."""
     limit = 32 if ieee else MAX_ACC_PER_THREAD
+    block_k = chain_head_block_k(head_channels, element_size)
     kept = []
     for bm, bn, stages, warps in CHAIN_SHAPES:
         bn = min(bn, max(16, triton.next_power_of_2(k)))
         threads = 32 * warps
-        config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
-        if (bm * (block_j + bn) <= limit * threads and bm * (block_c + block_s) * element_size // 4 <= limit * threads
-                and chain_shared_bytes(config, block_c, block_j, element_size, block_s) <= shared_memory
-                and config not in kept):
+        config = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages}
+        room = limit * threads
+        fits = (bm * (block_j + bn) <= room and bm * (block_c + block_s) * element_size // 4 <= room
+                and (not head_channels or bm * block_c <= room)
+                and chain_shared_bytes({**config, "HEAD": bool(head_channels)}, block_c, block_j, element_size,
+                                       block_s) <= shared_memory)
+        if fits and config not in kept:
             kept.append(config)
     return kept[:4]

@@ -22,6 +22,7 @@ from fused_resnet import (
     FusedChain1x1,
     FusedConv2d,
     FusedConv2dMaxPool,
+    FusedConvChain1x1,
     FusedStage,
     compare,
     fuse,
@@ -289,6 +290,122 @@ def test_torch_compile_traces_chained_blocks_as_the_chain_op():
     # layer1: block 0 runs conv1, conv2 and the chain; block 1 conv2 and the chain; block 2 conv2, conv3.
     assert targets.count("fused_resnet.chain_1x1") == 2 and targets.count("fused_resnet.conv2d_bias_act") == 5, targets
     torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+
+
+# Which Bottlenecks run their 3x3 conv inside their last conv's kernel (fuse(chain_3x3=True)): those
+# whose shortcut is the identity or a merged projection, whose 3x3 has one group, with the 3x3's
+# output and the shortcut's input within 256 channels: in resnet50 every block of layer1 to layer3
+# but layer3.0 (a shortcut from 512 channels); in wide_resnet50_2 (twice as wide) layer1 and layer2;
+# in ResNeXt none (grouped 3x3s).
+CHAINED_3X3 = {"resnet50": [f"layer{i}.{j}" for i, n in ((1, 3), (2, 4), (3, 6)) for j in range(n)
+                            if (i, j) != (3, 0)],
+               "wide_resnet50_2": [f"layer{i}.{j}" for i, n in ((1, 3), (2, 4)) for j in range(n)],
+               "resnext50_32x4d": [],
+               "resnet18": []}
+
+
+def chained_3x3(fused):
+    return [name for name, m in fused.named_modules() if isinstance(getattr(m, "conv3", None), FusedConvChain1x1)]
+
+
+@pytest.mark.parametrize("dilated", [False, True], ids=["", "dilated"])
+@pytest.mark.parametrize("arch", list(CHAINED_3X3))
+def test_chain_3x3_structure_and_parity(arch, dilated, reference_backend):
+    if dilated and arch == "resnet18":
+        pytest.skip("torchvision's BasicBlock has no dilation")
+    ref = model(arch, dilated)
+    x = images()
+    for chain_blocks in (False, True):
+        fused = fuse(ref, chain_3x3=True, chain_blocks=chain_blocks)
+        assert chained_3x3(fused) == CHAINED_3X3[arch]
+        # With chain_blocks, a block with a 3x3 head computes the next block's first conv as well
+        # where the two chain; the others keep their FusedChain1x1.
+        with_next = [name for name, m in fused.named_modules()
+                     if isinstance(getattr(m, "conv3", None), FusedChain1x1) and m.conv3.next_weight is not None]
+        assert with_next == (CHAINED[arch] if chain_blocks else [])
+        for name in CHAINED_3X3[arch]:  # the chain holds the block's own 3x3, as folded
+            stage, index = name.split(".")
+            block = getattr(fused, stage)[int(index)]
+            assert torch.equal(block.conv3.head_weight, block.conv2.weight)
+            assert (block.conv3.stride, block.conv3.padding, block.conv3.dilation) == (
+                block.conv2.stride, block.conv2.padding, block.conv2.dilation)
+        result = compare(ref, fused, x)
+        assert result.max_rel_err < 1e-4, result
+        assert result.top1_agreement == 1.0
+    apart = fuse(ref, chain_3x3=True, merge_downsample=False)  # a projection shortcut of its own: not chained
+    assert chained_3x3(apart) == [name for name in CHAINED_3X3[arch] if not name.endswith(".0")]
+
+
+def test_chain_3x3_through_the_kernels():
+    # resnet50 on the Triton kernels with 3x3 heads, with and without chained blocks: 12 blocks run
+    # their 3x3 in their last conv's kernel, and the network's answer is the plain one's.
+    ref = model("resnet50")
+    x = torch.randn(1, 3, 32, 32)
+    convs = sum(isinstance(m, nn.Conv2d) for m in ref.modules())
+    for chain_blocks, chained_with_next in ((False, 0), (True, 9)):
+        fused = fuse(ref, chain_3x3=True, chain_blocks=chain_blocks).to(DEVICE)
+        with kernels.use_backend("triton"), torch.profiler.profile() as prof:
+            result = compare(ref, fused, x)
+        assert result.max_rel_err < 1e-4, result
+        counts = {e.key: e.count for e in prof.key_averages()}
+        assert counts["fused_resnet::conv_chain_1x1"] == 12 and "fused_resnet::chain_1x1" not in counts, counts
+        # stem, 4 merged shortcuts, 12 heads and their last convs, and the first convs chained before them
+        assert counts["fused_resnet::conv2d_bias_act"] == convs - 1 - 4 - 2 * 12 - chained_with_next, counts
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_chain_3x3_compiled_gives_the_unchained_network(dtype):
+    # As test_chained_blocks_compiled_give_the_unchained_network, with 3x3 heads (and chained blocks).
+    ref = model("resnet50")
+    plain = fuse(ref, dtype=dtype).to(DEVICE)
+    x = torch.randn(32, 3, 128, 128, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = plain(x).float()
+    for chain_blocks in (False, True):
+        chained = fuse(ref, dtype=dtype, chain_3x3=True, chain_blocks=chain_blocks).to(DEVICE)
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            out = chained(x).float()
+        counts = {e.key: e.count for e in prof.key_averages()}
+        assert counts.get("fused_resnet::conv_chain_1x1") == 12, counts
+        tol = 4e-2 if dtype == torch.bfloat16 else 1e-2  # rounding flips, through 50 layers; a wrong kernel is O(1)
+        torch.testing.assert_close(out, expected, rtol=0, atol=tol * expected.abs().max().item())
+
+
+def test_a_block_with_a_3x3_head_runs_alone_traces_as_one_op_and_refuses_what_it_cannot_run(reference_backend):
+    ref = model("resnet50")
+    fused, plain = fuse(ref, chain_3x3=True, chain_blocks=True), fuse(ref)
+    x = torch.randn(2, 256, 8, 8)
+    with torch.no_grad():
+        alone = fused.layer1[1](x)
+        torch.testing.assert_close(alone, plain.layer1[1](x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused.layer1[2](x[0]), plain.layer1[2](x[0]), rtol=1e-5, atol=1e-5)  # unbatched
+    again = fuse(model("resnet50"), chain_3x3=True, chain_blocks=True)
+    again.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(again(images()), fused(images()))
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = fused.layer1(torch.randn(2, 64, 6, 6, generator=torch.Generator().manual_seed(2)))
+        traced = torch.compile(fused.layer1, backend=record, fullgraph=True)(
+            torch.randn(2, 64, 6, 6, generator=torch.Generator().manual_seed(2)))
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    # layer1: block 0 runs conv1 and its chain; blocks 1 and 2 their chains alone.
+    assert targets.count("fused_resnet.conv_chain_1x1") == 3 and targets.count("fused_resnet.conv2d_bias_act") == 1, \
+        targets
+    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="head must be a conv of one group with a ReLU"):
+        FusedConvChain1x1.from_convs(fuse(model("resnext50_32x4d")).layer1[1].conv2, plain.layer1[1].conv3)
+    with pytest.raises(ValueError, match=r"head_weight must be a conv weight \(64, C, R, S\)"):
+        FusedConvChain1x1(plain.layer1[1].conv1.weight[:32], None, plain.layer1[1].conv3.weight, None)
+    with pytest.raises(ValueError, match="FusedChain1x1: next_weight is required"):
+        FusedChain1x1(plain.layer1[1].conv3.weight, None, None, None)
 
 
 def test_merge_downsample_needs_the_residual_epilogue():

@@ -314,12 +314,12 @@ def chain_operands(n, c, k, j, h, w, shortcut, dtype, bias=True):
 
 
 def chain_expected(x, weight, b, residual, next_weight, next_b, y, shortcut_weight=None, shortcut_stride=1):
-    """float64 answers: y from the operands, and z from the kernel's own (rounded) y, as the next
-    conv would read it back."""
+    """float64 answers: y from the operands, and z (None without a next conv) from the kernel's own
+    (rounded) y, as the next conv would read it back."""
     if shortcut_weight is not None:
         residual = F.conv2d(residual.cpu().double(), shortcut_weight.cpu().double(), None, shortcut_stride)
     return (conv_expected(x, weight, b, 1, 0, 1, 1, residual, True),
-            conv_expected(y, next_weight, next_b, 1, 0, 1, 1, None, True))
+            None if next_weight is None else conv_expected(y, next_weight, next_b, 1, 0, 1, 1, None, True))
 
 
 def launched_kernels(monkeypatch):
@@ -458,6 +458,144 @@ def test_chain_1x1_compiled_in_every_candidate(dtype):
         y_exp, z_exp = chain_expected(*operands, y, **keywords)
         check_close(y, y_exp, dtype)
         check_close(z, z_exp, dtype)
+
+
+# ---- a 3x3 conv leading the chain (conv_chain_1x1) ---------------------------------------------
+
+HEADED = [
+    # (n, ch, c, k, j, h, w, stride, dilation, shortcut): the head conv (3x3, padding = dilation) maps
+    # ch channels on an h x w map to c; then y of k (with the residual, or a projection shortcut of
+    # the head's input, cs channels, at the head's stride) and, where j, z of j
+    (2, 64, 64, 256, 64, 4, 5, 1, 1, None),  # resnet50 layer1.1: conv2, conv3 + residual, layer1.2's conv1
+    (1, 128, 128, 512, 128, 6, 4, 2, 1, 256),  # layer2.0: conv2 of stride 2, conv3 + the projection shortcut
+    (1, 64, 64, 256, 0, 3, 4, 1, 1, None),  # a stage's last block: no next conv
+    (3, 20, 24, 40, 20, 5, 3, 1, 2, None),  # odd sizes: channels in part-blocks, dilation 2, rows past a tile
+    (2, 24, 16, 40, 0, 5, 5, 2, 1, 10),  # odd shortcut at stride 2, no next conv
+]
+
+
+def headed_operands(n, ch, c, k, j, h, w, stride, dilation, shortcut, dtype, bias=True):
+    """(x, head_weight, head_bias, weight, bias, residual, next_weight, next_bias) and the keywords."""
+    x, head_weight, head_b = make_case(n, ch, h, w, c, 3, 3, dtype=dtype, bias=bias)
+    p, q = (h - 1) // stride + 1, (w - 1) // stride + 1
+    _, weight, b = make_case(n, c, p, q, k, 1, 1, dtype=dtype, bias=bias)
+    next_weight, next_b = make_case(n, k, p, q, j, 1, 1, dtype=dtype, bias=bias)[1:] if j else (None, None)
+    keywords = dict(stride=stride, padding=dilation, dilation=dilation)
+    if shortcut is None:
+        residual = torch.randn(n, k, p, q, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+    else:
+        residual, shortcut_weight, _ = make_case(n, shortcut, h, w, k, 1, 1, dtype=dtype)
+        keywords.update(shortcut_weight=shortcut_weight, shortcut_stride=stride)
+    return (x, head_weight, head_b, weight, b, residual, next_weight, next_b), keywords
+
+
+def headed_expected(x, head_weight, head_b, weight, b, residual, next_weight, next_b, y, stride, padding, dilation,
+                    shortcut_weight=None, shortcut_stride=1):
+    """float64 answers: the head's output rounded to the dtype, as the kernel rounds it, then y from
+    it, and z from the kernel's own y (chain_expected)."""
+    h = conv_expected(x, head_weight, head_b, stride, padding, dilation, 1, None, True).to(x.dtype)
+    return chain_expected(h, weight, b, residual, next_weight, next_b, y, shortcut_weight, shortcut_stride)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", HEADED, ids=lambda c: "Ch{1}-C{2}-K{3}-J{4}-s{7}-d{8}".format(*c)
+                         + (f"-Cs{c[9]}" if c[9] else ""))
+def test_conv_chain_1x1(case, dtype, monkeypatch):
+    operands, keywords = headed_operands(*case, dtype)
+    launched = launched_kernels(monkeypatch)
+    out = run_fused("conv_chain_1x1", lambda: kernels.conv_chain_1x1(*operands, **keywords))
+    n, ch, c, k, j, h, w, stride, dilation, sc = case
+    y, z = out if j else (out, None)
+    from fused_resnet.kernels import configs
+
+    # One kernel, but where no config holds it within the register budget (fp32 in IEEE precision,
+    # this file's setting, with 256 channels of z or the shortcut's input): the head conv apart,
+    # then chain_1x1 (itself apart there).
+    fits = configs.chain_candidates(*(triton.next_power_of_2(v) if v else 0 for v in (c, k, j)),
+                                    operands[0].element_size(), ieee=dtype == torch.float32,
+                                    block_s=triton.next_power_of_2(sc) if sc else 0, head_channels=ch)
+    assert launched == (["_chain_1x1_kernel"] if fits else ["_conv2d_bias_act_kernel"] * (3 if j else 2))
+    assert fits or (dtype == torch.float32 and max(j, sc or 0) == 256)
+    p, q = (h - 1) // stride + 1, (w - 1) // stride + 1
+    assert y.shape == (n, k, p, q) and y.is_contiguous(memory_format=torch.channels_last)
+    y_exp, z_exp = headed_expected(*operands, y, **keywords)
+    check_close(y, y_exp, dtype)
+    if j:
+        assert z.shape == (n, j, p, q) and z.is_contiguous(memory_format=torch.channels_last)
+        check_close(z, z_exp, dtype)
+
+
+def test_conv_chain_1x1_keeps_nan_takes_any_layout_and_runs_apart_when_too_wide(monkeypatch):
+    (x, head_weight, _, weight, _, residual, next_weight, _), keywords = headed_operands(
+        2, 16, 32, 48, 16, 4, 4, 1, 1, None, torch.float32)
+    x[0, 3, 1, 2] = float("nan")  # every output pixel whose window holds it
+    for x_in, r_in in ((x, residual), (x.contiguous(), residual.contiguous())):
+        y, z = kernels.conv_chain_1x1(x_in, head_weight, None, weight, None, r_in, next_weight, **keywords)
+        y_exp, z_exp = headed_expected(x, head_weight, None, weight, None, residual, next_weight, None, y, **keywords)
+        assert bool(y[0, :, :3, 1:4].isnan().all()) and not bool(y[0, :, 3].isnan().any())
+        assert_close(y, y_exp, rtol=1e-5, atol=1e-5)
+        assert_close(z, z_exp, rtol=1e-5, atol=1e-5)
+    # A head of 320 output channels is more than one program holds: the head conv apart, then the chain.
+    launched = launched_kernels(monkeypatch)
+    operands, keywords = headed_operands(1, 16, 320, 64, 32, 3, 3, 1, 1, None, torch.float32)
+    y, z = kernels.conv_chain_1x1(*operands, **keywords)
+    assert launched == ["_conv2d_bias_act_kernel"] * 3
+    y_exp, z_exp = headed_expected(*operands, y, **keywords)
+    check_close(y, y_exp, torch.float32)
+    check_close(z, z_exp, torch.float32)
+
+
+def test_conv_chain_1x1_reference_float64_bad_inputs_and_opcheck():
+    operands, keywords = headed_operands(2, 8, 16, 32, 8, 3, 3, 1, 1, None, torch.float64)
+    y, z = kernels.conv_chain_1x1(*operands, **keywords)
+    ref_y, ref_z = kernels.conv_chain_1x1_reference(*operands, 1, 1, 1)
+    assert_close(y, ref_y, rtol=1e-12, atol=1e-12)
+    assert_close(z, ref_z, rtol=1e-12, atol=1e-12)
+    (x, hw, hb, weight, b, residual, next_weight, next_b), keywords = headed_operands(
+        1, 8, 16, 32, 8, 4, 4, 2, 1, None, torch.float32)
+    with pytest.raises(ValueError, match=r"conv_chain_1x1: input has 8 channels, but weight \(16, 4, 3, 3\)"):
+        kernels.conv_chain_1x1(x, hw[:, :4], hb, weight, b, residual, next_weight, next_b, **keywords)
+    with pytest.raises(ValueError, match=r"residual must have the output's shape \(1, 32, 4, 4\), got \(1, 32, 2"):
+        kernels.conv_chain_1x1(x, hw, hb, weight, b, residual, next_weight, next_b, stride=1, padding=1)
+    with pytest.raises(ValueError, match="next_bias without next_weight"):
+        kernels.conv_chain_1x1(x, hw, hb, weight, b, residual, None, next_b, **keywords)
+    with pytest.raises(ValueError, match=r"conv_chain_1x1: input has 16 channels, but weight \(32, 8, 1, 1\)"):
+        kernels.conv_chain_1x1(x, hw, hb, weight[:, :8], b, residual, next_weight, next_b, **keywords)
+    for nw, nb in ((next_weight, next_b), (None, None)):
+        torch.library.opcheck(torch.ops.fused_resnet.conv_chain_1x1.default,
+                              (x, hw, hb, [2, 2], [1, 1, 1, 1], [1, 1], weight, b, residual, nw, nb, None, [1, 1],
+                               "auto"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_conv_chain_1x1_compiled_in_every_candidate(dtype):
+    # ResNet-50's blocks with their 3x3 conv inside (with and without the next block's first), each
+    # first-call candidate compiled; 32 images: enough rows to fill an H100's SMs.
+    from fused_resnet.kernels import configs
+
+    def chain(config, operands, keywords):
+        with configs.override(config) as asked:
+            return kernels.conv_chain_1x1(*operands, **keywords), asked
+
+    cases = []
+    for ch, c, k, j, h, stride, shortcut in ((64, 64, 256, 64, 28, 1, None), (64, 64, 256, 0, 28, 1, 64),
+                                             (128, 128, 512, 128, 28, 2, 256), (256, 256, 1024, 256, 14, 1, None),
+                                             (256, 256, 1024, 0, 14, 1, None)):
+        operands, keywords = headed_operands(32, ch, c, k, j, h, h, stride, 1, shortcut, dtype)
+        for config in configs.chain_candidates(c, k, j, operands[0].element_size(), ieee=dtype == torch.float32,
+                                               block_s=shortcut or 0, head_channels=ch):
+            cases.append((config, operands, keywords))
+    assert cases
+    compile_ahead([functools.partial(chain, *case) for case in cases])
+    for config, operands, keywords in cases:
+        out, asked = chain(config, operands, keywords)
+        assert asked, config
+        y, z = out if operands[6] is not None else (out, None)
+        y_exp, z_exp = headed_expected(*operands, y, **keywords)
+        check_close(y, y_exp, dtype)
+        if z is not None:
+            check_close(z, z_exp, dtype)
 
 
 # ---- the modules against torchvision's stem and head -----------------------------------------

@@ -100,6 +100,29 @@ def test_traffic_of_chained_blocks_by_hand():
         "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer2.2", "layer3.1", "layer3.2", "layer3.3", "layer3.4")]
 
 
+def test_traffic_of_3x3_heads_by_hand():
+    # resnet50, batch 1, 32x32, with chain_3x3: layer1.1's conv3 kernel reads the 3x3's input (8x8x64)
+    # and weight (64x64x3x3) in place of the 3x3's output, which is never stored: the 3x3's row moves
+    # nothing. Chained with layer1.2's conv1 as well: + W' + Z, as before.
+    rows = rows_of("resnet50", 1, 32)
+    last, head = rows["layer1.1.conv3"], rows["layer1.1.conv2"]
+    assert last.head == "layer1.1.conv2" and head.in_head
+    x3, w3 = 4096, 64 * 64 * 9
+    assert traffic(head, "chain", rows) == (4096 + w3 + 4096, 1) and traffic(head, "chain3x3", rows) == (0, 0)
+    assert traffic(last, "chain3x3", rows) == (x3 + w3 + 16384 + 2 * 16384 + 16384 + 4096, 1)
+    assert executed_flops(last, "chain3x3", rows) == last.flops + head.flops + rows["layer1.2.conv1"].flops
+    assert executed_flops(head, "chain3x3", rows) == 0
+    # layer2.0: its 3x3 of stride 2 (8x8x128 -> 4x4x128) inside conv3 with the merged shortcut
+    # (from 8x8x256 at stride 2), and layer2.1's conv1.
+    last, head, ds = rows["layer2.0.conv3"], rows["layer2.0.conv2"], rows["layer2.0.downsample"]
+    assert traffic(last, "chain3x3", rows) == (head.x + head.w + last.w + last.y + ds.x + ds.w
+                                              + rows["layer2.1.conv1"].w + rows["layer2.1.conv1"].y, 1)
+    # layer3.0 (a shortcut from 512 channels) and layer4 (512-channel 3x3s) keep their 3x3 apart.
+    assert [r.name for r in rows.values() if r.head] == [f"{b}.conv3" for b in (
+        "layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2", "layer2.3",
+        "layer3.1", "layer3.2", "layer3.3", "layer3.4", "layer3.5")]
+
+
 def test_traffic_of_the_stem_and_head_by_hand():
     rows = rows_of("resnet18", 2, 32)
     stem, head = rows["conv1"], rows["fc"]
@@ -119,7 +142,8 @@ def test_traffic_of_the_stem_and_head_by_hand():
 UNFUSED_TORCH_OPS = ("aten::max_pool2d", "aten::adaptive_avg_pool2d", "aten::linear")
 
 
-@pytest.mark.parametrize("arch,step", [("resnet18", step) for step in STEPS[2:]] + [("resnet50", "chain")])
+@pytest.mark.parametrize("arch,step", [("resnet18", step) for step in STEPS[2:]]
+                         + [("resnet50", "chain"), ("resnet50", "chain3x3")])
 def test_kernel_counts_match_the_kernels_that_run(arch, step):
     # The model's kernel count at each Triton step against the ops the fused network really launches.
     model = synthetic_batchnorm(getattr(torchvision.models, arch)(num_classes=10), size=32)
