@@ -1,5 +1,5 @@
-"""Two 1x1 convs back to back as one Triton kernel: a Bottleneck's last conv (with its shortcut
-add and ReLU) and the next block's first conv (with its ReLU).
+"""1x1 convs back to back as one Triton kernel: a Bottleneck's last conv (with its shortcut add
+and ReLU) and the next block's first conv (with its ReLU); optionally led by the block's 3x3 conv.
 
     y = relu(conv1x1(x, w) + b + residual)          the block's output, written once
     z = relu(conv1x1(y, w_next) + b_next)           the next block's first conv, from y in registers
@@ -15,11 +15,17 @@ as the next conv would read it, straight into z's accumulator. It is the structu
 kernels (Q K^T, an elementwise step, times V): x's tile plays Q and stays put, w's and w_next's
 chunks stream past. The sums are the same as the two convs' apart; y never returns from memory.
 
+With a head (conv_chain_1x1), x itself is made in the kernel: x = relu(conv(h_in, w_head) +
+b_head), the block's 3x3 conv, whose only reader is the 1x1 conv after it. The program computes
+x's tile for its rows and all of x's channels with igemm's main loop (conv_tile), rounds it to
+the dtype as a stored x would be, and goes on as above: x never goes to memory. Without a next
+conv (NEXT off) the kernel ends at y.
+
 It takes what fits one program: x's channels, z's and a projection's input's each at most
 MAX_CHANNELS (the input tiles and z's accumulator are held across the loop; `chain_fits()`),
 and a config within the register budget (configs.chain_candidates; wide fp32 chains have
 none); on a GPU, enough rows for its programs to fill half the SMs (_too_few_programs). Elsewhere
-the op runs the two convs one after the other. ResNet-50's chained blocks have 64-256 of each.
+the op runs the convs one after the other. ResNet-50's chained blocks have 64-256 of each.
 
 Order of this file: @triton.jit kernel, launcher, op registration, reference.
 """

@@ -184,8 +184,9 @@ CHAINED = {"resnet50": ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer2.
            "resnet18": []}
 
 
-def chained_blocks(fused):
-    return [name for name, m in fused.named_modules() if isinstance(getattr(m, "conv3", None), FusedChain1x1)]
+def chained_blocks(fused, kind=FusedChain1x1):
+    """The blocks whose conv3 is a `kind` (FusedChain1x1 includes FusedConvChain1x1)."""
+    return [name for name, m in fused.named_modules() if isinstance(getattr(m, "conv3", None), kind)]
 
 
 @pytest.mark.parametrize("dilated", [False, True], ids=["", "dilated"])
@@ -226,20 +227,25 @@ def test_chain_blocks_through_the_kernels():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("switches,op,count", [
+    (dict(chain_blocks=True), "chain_1x1", 9),
+    (dict(chain_3x3=True), "conv_chain_1x1", 12),
+    (dict(chain_blocks=True, chain_3x3=True), "conv_chain_1x1", 12),
+], ids=["chain_blocks", "chain_3x3", "both"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_chained_blocks_compiled_give_the_unchained_network(dtype):
+def test_chained_blocks_compiled_give_the_unchained_network(dtype, switches, op, count):
     # Compiled, at a batch whose chains fill the SMs (32 images of 128x128: layer3's 8x8 maps make
     # 2048 rows): the chained network's logits are the unchained one's (the same sums, in another
-    # order), and the 9 chains ran.
+    # order), and the chains ran.
     ref = model("resnet50")
-    plain, chained = (fuse(ref, dtype=dtype, chain_blocks=c).to(DEVICE) for c in (False, True))
+    plain, chained = fuse(ref, dtype=dtype).to(DEVICE), fuse(ref, dtype=dtype, **switches).to(DEVICE)
     x = torch.randn(32, 3, 128, 128, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         expected = plain(x).float()
         with torch.profiler.profile() as prof:
             out = chained(x).float()
     counts = {e.key: e.count for e in prof.key_averages()}
-    assert counts.get("fused_resnet::chain_1x1") == 9, counts
+    assert counts.get(f"fused_resnet::{op}") == count, counts
     tol = 4e-2 if dtype == torch.bfloat16 else 1e-2  # rounding flips, through 50 layers; a wrong kernel is O(1)
     torch.testing.assert_close(out, expected, rtol=0, atol=tol * expected.abs().max().item())
 
@@ -304,10 +310,6 @@ CHAINED_3X3 = {"resnet50": [f"layer{i}.{j}" for i, n in ((1, 3), (2, 4), (3, 6))
                "resnet18": []}
 
 
-def chained_3x3(fused):
-    return [name for name, m in fused.named_modules() if isinstance(getattr(m, "conv3", None), FusedConvChain1x1)]
-
-
 @pytest.mark.parametrize("dilated", [False, True], ids=["", "dilated"])
 @pytest.mark.parametrize("arch", list(CHAINED_3X3))
 def test_chain_3x3_structure_and_parity(arch, dilated, reference_backend):
@@ -317,7 +319,7 @@ def test_chain_3x3_structure_and_parity(arch, dilated, reference_backend):
     x = images()
     for chain_blocks in (False, True):
         fused = fuse(ref, chain_3x3=True, chain_blocks=chain_blocks)
-        assert chained_3x3(fused) == CHAINED_3X3[arch]
+        assert chained_blocks(fused, FusedConvChain1x1) == CHAINED_3X3[arch]
         # With chain_blocks, a block with a 3x3 head computes the next block's first conv as well
         # where the two chain; the others keep their FusedChain1x1.
         with_next = [name for name, m in fused.named_modules()
@@ -333,7 +335,7 @@ def test_chain_3x3_structure_and_parity(arch, dilated, reference_backend):
         assert result.max_rel_err < 1e-4, result
         assert result.top1_agreement == 1.0
     apart = fuse(ref, chain_3x3=True, merge_downsample=False)  # a projection shortcut of its own: not chained
-    assert chained_3x3(apart) == [name for name in CHAINED_3X3[arch] if not name.endswith(".0")]
+    assert chained_blocks(apart, FusedConvChain1x1) == [name for name in CHAINED_3X3[arch] if not name.endswith(".0")]
 
 
 def test_chain_3x3_through_the_kernels():
@@ -351,25 +353,6 @@ def test_chain_3x3_through_the_kernels():
         assert counts["fused_resnet::conv_chain_1x1"] == 12 and "fused_resnet::chain_1x1" not in counts, counts
         # stem, 4 merged shortcuts, 12 heads and their last convs, and the first convs chained before them
         assert counts["fused_resnet::conv2d_bias_act"] == convs - 1 - 4 - 2 * 12 - chained_with_next, counts
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-def test_chain_3x3_compiled_gives_the_unchained_network(dtype):
-    # As test_chained_blocks_compiled_give_the_unchained_network, with 3x3 heads (and chained blocks).
-    ref = model("resnet50")
-    plain = fuse(ref, dtype=dtype).to(DEVICE)
-    x = torch.randn(32, 3, 128, 128, device=DEVICE, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        expected = plain(x).float()
-    for chain_blocks in (False, True):
-        chained = fuse(ref, dtype=dtype, chain_3x3=True, chain_blocks=chain_blocks).to(DEVICE)
-        with torch.no_grad(), torch.profiler.profile() as prof:
-            out = chained(x).float()
-        counts = {e.key: e.count for e in prof.key_averages()}
-        assert counts.get("fused_resnet::conv_chain_1x1") == 12, counts
-        tol = 4e-2 if dtype == torch.bfloat16 else 1e-2  # rounding flips, through 50 layers; a wrong kernel is O(1)
-        torch.testing.assert_close(out, expected, rtol=0, atol=tol * expected.abs().max().item())
 
 
 def test_a_block_with_a_3x3_head_runs_alone_traces_as_one_op_and_refuses_what_it_cannot_run(reference_backend):

@@ -437,10 +437,6 @@ def test_chain_1x1_compiled_in_every_candidate(dtype):
     # wide chains have no candidate within its register budget and run apart).
     from fused_resnet.kernels import configs
 
-    def chain(config, operands, keywords):
-        with configs.override(config) as asked:
-            return kernels.chain_1x1(*operands, **keywords), asked
-
     cases = []
     for c, k, j, shortcut in ((64, 256, 64, None), (128, 512, 128, None), (256, 1024, 256, None),
                               (64, 256, 64, (64, 1)), (128, 512, 128, (256, 2))):
@@ -450,14 +446,29 @@ def test_chain_1x1_compiled_in_every_candidate(dtype):
         for config in configs.chain_candidates(c, k, j, operands[0].element_size(), ieee=dtype == torch.float32,
                                                block_s=block_s):
             cases.append((config, operands, keywords))
+    run_every_candidate(kernels.chain_1x1, cases, chain_expected, dtype)
+
+
+def run_every_candidate(op, cases, expected, dtype):
+    """Compile (in parallel), then run, op(*operands, **keywords) with each (config, operands,
+    keywords) of `cases`, and check its y, and its z where it returns one, against
+    expected(*operands, y, **keywords)."""
+    from fused_resnet.kernels import configs
+
+    def run(config, operands, keywords):
+        with configs.override(config) as asked:
+            return op(*operands, **keywords), asked
+
     assert cases
-    compile_ahead([functools.partial(chain, *case) for case in cases])
+    compile_ahead([functools.partial(run, *case) for case in cases])
     for config, operands, keywords in cases:
-        (y, z), asked = chain(config, operands, keywords)
+        out, asked = run(config, operands, keywords)
         assert asked, config
-        y_exp, z_exp = chain_expected(*operands, y, **keywords)
+        y, z = out if isinstance(out, tuple) else (out, None)
+        y_exp, z_exp = expected(*operands, y, **keywords)
         check_close(y, y_exp, dtype)
-        check_close(z, z_exp, dtype)
+        if z_exp is not None:
+            check_close(z, z_exp, dtype)
 
 
 # ---- a 3x3 conv leading the chain (conv_chain_1x1) ---------------------------------------------
@@ -574,10 +585,6 @@ def test_conv_chain_1x1_compiled_in_every_candidate(dtype):
     # first-call candidate compiled; 32 images: enough rows to fill an H100's SMs.
     from fused_resnet.kernels import configs
 
-    def chain(config, operands, keywords):
-        with configs.override(config) as asked:
-            return kernels.conv_chain_1x1(*operands, **keywords), asked
-
     cases = []
     for ch, c, k, j, h, stride, shortcut in ((64, 64, 256, 64, 28, 1, None), (64, 64, 256, 0, 28, 1, 64),
                                              (128, 128, 512, 128, 28, 2, 256), (256, 256, 1024, 256, 14, 1, None),
@@ -586,16 +593,7 @@ def test_conv_chain_1x1_compiled_in_every_candidate(dtype):
         for config in configs.chain_candidates(c, k, j, operands[0].element_size(), ieee=dtype == torch.float32,
                                                block_s=shortcut or 0, head_channels=ch):
             cases.append((config, operands, keywords))
-    assert cases
-    compile_ahead([functools.partial(chain, *case) for case in cases])
-    for config, operands, keywords in cases:
-        out, asked = chain(config, operands, keywords)
-        assert asked, config
-        y, z = out if operands[6] is not None else (out, None)
-        y_exp, z_exp = headed_expected(*operands, y, **keywords)
-        check_close(y, y_exp, dtype)
-        if z is not None:
-            check_close(z, z_exp, dtype)
+    run_every_candidate(kernels.conv_chain_1x1, cases, headed_expected, dtype)
 
 
 # ---- the modules against torchvision's stem and head -----------------------------------------
