@@ -391,13 +391,16 @@ def chain_head_block_k(head_channels, element_size, interpreter=False):
 def chain_shared_bytes(config, block_c, block_j, element_size, block_s=0):
     """Shared memory of a chain config: x's (and the shortcut input's) tile once, per stage a chunk of
     each weight, and y's fp32 chunk once more, where the compiler converts its layout (compiled for
-    an H100, the resnet50 chains' configs took this to the byte, or 16 KB less); with a head, per
-    stage its operand tiles as well (BLOCK_M by BLOCK_K of its input, BLOCK_K by block_c of its weight)."""
+    an H100, the resnet50 chains' configs took this to the byte, or 16 KB less). With a head, its
+    main loop runs before the chain's and its buffers (per stage BLOCK_M by BLOCK_K of its input and
+    BLOCK_K by block_c of its weight, then x's tile) are used again by the chain's: the larger of
+    the two loops counts (compiled for an H100, resnet50's shapes took this, or 8 KB less)."""
     bm, bn, stages = config["BLOCK_M"], config["BLOCK_N"], config["num_stages"]
-    operands = bm * (block_c + block_s) + (block_c + block_s + block_j) * bn * stages
-    if config.get("HEAD"):
-        operands += (bm + block_c) * config["BLOCK_K"] * stages
-    return operands * element_size + bm * bn * 4
+    chain = (bm * (block_c + block_s) + (block_c + block_s + block_j) * bn * stages) * element_size + bm * bn * 4
+    if not config.get("HEAD"):
+        return chain
+    head = ((bm + block_c) * config["BLOCK_K"] * stages + bm * block_c) * element_size
+    return max(chain, head)
 
 
 def chain_candidates(block_c, k, block_j, element_size, shared_memory=228 * 1024, ieee=False, block_s=0,

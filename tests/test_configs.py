@@ -394,3 +394,28 @@ def test_an_h100_takes_the_h200s_entry_where_it_has_none_of_its_own(fresh):
     assert configs.lookup("H100", "add_relu_test", "float16", "only_h200") is None
     configs.remember("H100", "add_relu_test", "float32", "only_h200", {"BLOCK_SIZE": 128})
     assert configs.lookup("H100", "add_relu_test", "float32", "only_h200") == {"BLOCK_SIZE": 128}
+
+
+def test_chain_candidates_with_a_3x3_head():
+    # Shared memory of a chain led by a 3x3 (its main loop's buffers serve the chain's loop after it):
+    # the larger of the two loops. resnet50 layer3's (Ch 256 -> C 256 -> K 1024 -> J 256, fp16) in
+    # 64x64 tiles of 8 warps compiled for an H100 to 180,224 bytes, the chain loop's count; layer1's
+    # head without a next conv (Ch 64 -> C 64 -> K 256) to 32 KB, under the head loop's 48 KB.
+    big = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=8, num_stages=2, HEAD=True)
+    assert configs.chain_shared_bytes(big, 256, 256, 2) == 180224
+    assert configs.chain_shared_bytes(big, 64, 0, 2) == ((64 + 64) * 64 * 2 + 64 * 64) * 2 == 40960
+    assert configs.chain_shared_bytes({**big, "HEAD": False}, 64, 0, 2) == (64 * 64 + 64 * 64 * 2) * 2 + 64 * 64 * 4
+    for ch, c, k, j, cs in ((64, 64, 256, 64, 64), (128, 128, 512, 128, 256), (256, 256, 1024, 256, 0),
+                            (256, 256, 1024, 0, 0)):
+        fp16 = configs.chain_candidates(c, k, j, 2, block_s=cs, head_channels=ch)
+        # every resnet50 head gets a first candidate of 64 rows or more (Hopper's warpgroup MMAs), BLOCK_K 64
+        assert fp16 and fp16[0]["BLOCK_M"] >= 64 and {cfg["BLOCK_K"] for cfg in fp16} == {64}, fp16
+        for cfg in fp16 + configs.chain_candidates(c, k, j, 4, block_s=cs, head_channels=ch):
+            threads = 32 * cfg["num_warps"]
+            assert cfg["BLOCK_M"] * c <= configs.MAX_ACC_PER_THREAD * threads  # the head's accumulator
+            assert configs.chain_shared_bytes({**cfg, "HEAD": True}, c, j, 4 if cfg["BLOCK_K"] == 32 else 2,
+                                              cs) <= 228 * 1024
+    # IEEE fp32 (operands in registers too): the widest chain has no candidate and runs apart.
+    assert configs.chain_candidates(256, 1024, 256, 4, ieee=True, head_channels=256) == []
+    assert configs.chain_head_block_k(0, 2) == 16 and configs.chain_head_block_k(20, 2) == 32
+    assert configs.chain_head_block_k(256, 4) == 32 and configs.chain_head_block_k(256, 2, interpreter=True) == 32
