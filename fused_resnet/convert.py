@@ -67,7 +67,8 @@ def fuse(
     avgpool_fc: the head's average pooling and fc run as one kernel (off: torch's modules).
     chain_blocks: a Bottleneck whose shortcut is the identity or a merged projection runs its last
         conv and the next block's first conv as one kernel (FusedChain1x1), so the next block does
-        not read the block's output back for it; each stage becomes a FusedStage. Off by default
+        not read the block's output back for it; each stage becomes a FusedStage, and a stage's last
+        block chains with the next stage's first through a StageHandoff. Off by default
         until GPU timings show it pays (benchmarks/test_fusions.py, `bench --impl fused_chain`).
     chain_3x3: a Bottleneck whose shortcut is the identity or a merged projection runs its 3x3 conv
         inside its last conv's kernel (FusedConvChain1x1): the 3x3's output never goes to memory.
@@ -155,7 +156,8 @@ def _swap_children(module, options, stem_maxpool, avgpool_fc, chains, prefix):
     if avgpool_fc and _is_resnet_head(module):
         module.avgpool = FusedAvgPoolLinear.from_linear(module.fc, dtype=dtype)
         module.fc = nn.Identity()
-    for name, child in module.named_children():
+    stages = []  # (position among the children, name, fused blocks, torchvision blocks) of each stage
+    for position, (name, child) in enumerate(module.named_children()):
         fused_type = _BLOCKS.get(type(child))
         if fused_type is not None:
             try:
@@ -165,9 +167,17 @@ def _swap_children(module, options, stem_maxpool, avgpool_fc, chains, prefix):
         elif any(chains.values()) and isinstance(child, nn.Sequential) and any(type(b) in _BLOCKS for b in child):
             originals = list(child)
             _swap_children(child, options, stem_maxpool, avgpool_fc, chains, prefix=f"{prefix}{name}.")
-            setattr(module, name, FusedStage.chained(list(child), originals, **chains))
+            stages.append((position, name, list(child), originals))
         else:
             _swap_children(child, options, stem_maxpool, avgpool_fc, chains, prefix=f"{prefix}{name}.")
+    # Last stage first, so that each stage is built knowing the one after it (layer1 then layer2 are
+    # neighbouring children; a stage's last block may chain with the next stage's first).
+    following = None  # (position, the next stage, the torchvision block its first block came from)
+    for position, name, blocks, originals in reversed(stages):
+        after = following[1:] if following is not None and following[0] == position + 1 else None
+        stage = FusedStage.chained(blocks, originals, following=after, **chains)
+        setattr(module, name, stage)
+        following = (position, stage, originals[0])
 
 
 def _is_resnet_stem(module):

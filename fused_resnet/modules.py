@@ -14,6 +14,7 @@ training mode and gradients with an error rather than silently returning wrong g
 import functools
 import os
 import time
+import weakref
 
 import torch
 from torch import nn
@@ -749,34 +750,83 @@ def _shortcut_channels(block):
     return 0 if parts is None else parts[0].in_channels
 
 
+class StageHandoff:
+    """What a FusedStage hands the stage after it when its last block chains across the two
+    (fuse(chain_blocks=True)): z, the next stage's first conv of this stage's output y, computed by
+    this stage's last kernel.
+
+    The next stage takes z only for that same y, unmodified: the same tensor object and, outside
+    inference mode, the same version counter (inference tensors have none: an in-place change to
+    y between the two stages there goes unseen). Any other input runs the next stage's own first
+    conv, as does a traced call (torch.compile, torch.jit.trace), where nothing is handed over. z is
+    taken once, and the handoff lets go of it then."""
+
+    def __init__(self):
+        self._held = None  # (weak reference to y, y's version or None, z)
+
+    def give(self, y, z):
+        self._held = (weakref.ref(y), None if y.is_inference() else y._version, z)
+
+    def take(self, x):
+        held, self._held = self._held, None
+        if held is None:
+            return None
+        ref, version, z = held
+        if ref() is not x or (version is not None and (x.is_inference() or x._version != version)):
+            return None
+        return z
+
+    def __getstate__(self):  # a copy or an unpickled network holds nothing yet
+        return {"_held": None}
+
+
+def _tracing():
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 class FusedStage(nn.Sequential):
     """A stage of fused blocks (torchvision's layer1..layer4) that hands each block's chained
     output on: where a block's conv3 is a FusedChain1x1, it also computes the next block's first
-    conv, and the next block starts from that. Indexing and names stay nn.Sequential's."""
+    conv, and the next block starts from that. Where the stage's last block chains with the next
+    stage's first, the two stages share a StageHandoff (`hands_on`, `takes_over`). Indexing and
+    names stay nn.Sequential's."""
+
+    hands_on = None  # StageHandoff to the stage after this one, or None
+    takes_over = None  # StageHandoff from the stage before this one, or None
 
     def forward(self, x):
-        first = None  # the next block's first conv of x, where the block before computed it
+        # the next block's first conv of x, where the block before (or the stage before) computed it
+        first = self.takes_over.take(x) if self.takes_over is not None and not _tracing() else None
         for block in self:
             if isinstance(block, FusedBottleneck):
                 x, first = block.forward_chained(x, first)
             else:
                 x, first = block(x), None
+        if first is not None and self.hands_on is not None and not _tracing():
+            self.hands_on.give(x, first)
         return x
 
     @classmethod
-    def chained(cls, blocks, originals, *, chain_blocks=True, chain_3x3=False):
+    def chained(cls, blocks, originals, *, chain_blocks=True, chain_3x3=False, following=None):
         """The fused `blocks` as a stage in which, judged on the torchvision `originals` they came from
         (a projection shortcut merged into the block's last conv): with `chain_blocks`, each block that
         can_chain with the next computes the next one's first conv; with `chain_3x3`, each block that
-        can_chain_3x3 runs its 3x3 conv inside its last conv's kernel (FusedConvChain1x1)."""
+        can_chain_3x3 runs its 3x3 conv inside its last conv's kernel (FusedConvChain1x1).
+        `following`: (the stage that runs after this one, the torchvision block its first block came
+        from), for chain_blocks to chain this stage's last block with it through a StageHandoff."""
         stage = cls(*blocks)
+        nexts = list(zip(blocks[1:], originals[1:]))
+        if following is not None and len(following[0]):
+            nexts.append((following[0][0], following[1]))
         for i, block in enumerate(blocks):
             if not (isinstance(block, FusedBottleneck) and block.residual_epilogue and block.downsample is None):
                 continue
-            after = blocks[i + 1] if i + 1 < len(blocks) else None
+            after, after_original = nexts[i] if i < len(nexts) else (None, None)
             next_first = None
-            if chain_blocks and isinstance(after, FusedBottleneck) and can_chain(originals[i], originals[i + 1]):
+            if chain_blocks and isinstance(after, FusedBottleneck) and can_chain(originals[i], after_original):
                 next_first = after.conv1
+                if i == len(blocks) - 1:  # across the two stages
+                    stage.hands_on = following[0].takes_over = StageHandoff()
             if chain_3x3 and can_chain_3x3(originals[i]):
                 block.conv3 = FusedConvChain1x1.from_convs(block.conv2, block.conv3, next_first)
             elif next_first is not None:

@@ -188,29 +188,29 @@ def layers(model, batch, size):
     taps = pool_size * pool_size if isinstance(pool_size, int) else math.prod(pool_size)
     rows = [conv_row("conv1", "stem", model.conv1, pooled=math.prod(pool_out),
                      recompute=taps * math.prod(pool_out) / math.prod(pool_in))]
-    for stage in ("layer1", "layer2", "layer3", "layer4"):
-        blocks = list(getattr(model, stage))
-        for i, block in enumerate(blocks):
-            prefix = f"{stage}.{i}"
-            if not isinstance(block, (BasicBlock, Bottleneck)):
-                raise TypeError(f"profile: {prefix} is a {type(block).__name__}, not a torchvision block")
-            convs = ["conv1", "conv2"] + (["conv3"] if isinstance(block, Bottleneck) else [])
-            ds = f"{prefix}.downsample" if block.downsample is not None else None
-            chains = i + 1 < len(blocks) and can_chain(block, blocks[i + 1])
-            chained = i > 0 and can_chain(blocks[i - 1], block)
-            headed = can_chain_3x3(block)
-            for conv_name in convs:
-                last = conv_name == convs[-1]
-                rows.append(conv_row(f"{prefix}.{conv_name}", "last" if last else "conv", getattr(block, conv_name),
-                                     shortcut=ds if last else None,
-                                     chains=f"{stage}.{i + 1}.conv1" if last and chains else None,
-                                     chained=chained and conv_name == "conv1",
-                                     head=f"{prefix}.conv2" if last and headed else None,
-                                     in_head=headed and conv_name == "conv2"))
-            if ds:
-                row = conv_row(f"{ds}.0", "downsample", block.downsample[0])
-                row.name = ds
-                rows.append(row)
+    # Every block in forward order: a stage's last block chains with the next stage's first.
+    blocks = [(f"{stage}.{i}", block) for stage in ("layer1", "layer2", "layer3", "layer4")
+              for i, block in enumerate(getattr(model, stage))]
+    for index, (prefix, block) in enumerate(blocks):
+        if not isinstance(block, (BasicBlock, Bottleneck)):
+            raise TypeError(f"profile: {prefix} is a {type(block).__name__}, not a torchvision block")
+        convs = ["conv1", "conv2"] + (["conv3"] if isinstance(block, Bottleneck) else [])
+        ds = f"{prefix}.downsample" if block.downsample is not None else None
+        chains = index + 1 < len(blocks) and can_chain(block, blocks[index + 1][1])
+        chained = index > 0 and can_chain(blocks[index - 1][1], block)
+        headed = can_chain_3x3(block)
+        for conv_name in convs:
+            last = conv_name == convs[-1]
+            rows.append(conv_row(f"{prefix}.{conv_name}", "last" if last else "conv", getattr(block, conv_name),
+                                 shortcut=ds if last else None,
+                                 chains=f"{blocks[index + 1][0]}.conv1" if last and chains else None,
+                                 chained=chained and conv_name == "conv1",
+                                 head=f"{prefix}.conv2" if last and headed else None,
+                                 in_head=headed and conv_name == "conv2"))
+        if ds:
+            row = conv_row(f"{ds}.0", "downsample", block.downsample[0])
+            row.name = ds
+            rows.append(row)
     head_in, _ = shapes["avgpool"]
     _, out = shapes["fc"]
     n, c = head_in[0], head_in[1]

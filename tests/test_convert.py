@@ -174,13 +174,15 @@ def test_fusion_switches(arch, switch, reference_backend):
 
 
 # Which blocks chain their last conv with the next block's first (fuse(chain_blocks=True)): those
-# followed by a block in the same stage, whose shortcut is the identity or a merged projection, with
-# the channels of x, z and the shortcut's input within what one program holds (256): in resnet50,
-# layer1 and layer2, and layer3 but for its first block (a shortcut from 512 channels), not layer4.
-CHAINED = {"resnet50": ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer2.2", "layer3.1", "layer3.2",
-                        "layer3.3", "layer3.4"],
-           "wide_resnet50_2": ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer2.2"],
-           "resnext50_32x4d": ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer2.2"],
+# followed by a Bottleneck (in the same stage or the first of the next), whose shortcut is the
+# identity or a merged projection, with the channels of x, z and the shortcut's input within what
+# one program holds (256): in resnet50, layer1 and layer2 (their last blocks into layer2.0's and
+# layer3.0's first convs), and layer3 but for its first block (a shortcut from 512 channels) and
+# its last (layer4.0's first conv has 512 channels), not layer4.
+CHAINED = {"resnet50": ["layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2", "layer2.3",
+                        "layer3.1", "layer3.2", "layer3.3", "layer3.4"],
+           "wide_resnet50_2": ["layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2"],
+           "resnext50_32x4d": ["layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2"],
            "resnet18": []}
 
 
@@ -202,9 +204,10 @@ def test_chain_blocks_structure_and_parity(arch, dilated, reference_backend):
     # A projection shortcut left as a kernel of its own: its block does not chain.
     apart = fuse(ref, chain_blocks=True, merge_downsample=False)
     assert chained_blocks(apart) == [name for name in CHAINED[arch] if not name.endswith(".0")]
+    blocks = [b for i in range(1, 5) for b in getattr(fused, f"layer{i}")]
+    names = [f"layer{i}.{j}" for i in range(1, 5) for j in range(len(getattr(fused, f"layer{i}")))]
     for name in CHAINED[arch]:  # the chain holds the block's last conv and the next block's first
-        stage, index = name.split(".")
-        chain, after = getattr(fused, stage)[int(index)].conv3, getattr(fused, stage)[int(index) + 1].conv1
+        chain, after = blocks[names.index(name)].conv3, blocks[names.index(name) + 1].conv1
         assert torch.equal(chain.next_weight, after.weight) and torch.equal(chain.next_bias, after.bias)
     result = compare(ref, fused, images())
     assert result.max_rel_err < 1e-4, result
@@ -212,8 +215,8 @@ def test_chain_blocks_structure_and_parity(arch, dilated, reference_backend):
 
 
 def test_chain_blocks_through_the_kernels():
-    # resnet50 on the Triton kernels with chained blocks: 9 chains, each in place of two convs,
-    # and the network's answer that of the unchained one.
+    # resnet50 on the Triton kernels with chained blocks: 11 chains (2 of them across stages), each
+    # in place of two convs, and the network's answer that of the unchained one.
     ref = model("resnet50")
     x = torch.randn(1, 3, 32, 32)
     fused = fuse(ref, chain_blocks=True).to(DEVICE)
@@ -222,13 +225,13 @@ def test_chain_blocks_through_the_kernels():
     assert result.max_rel_err < 1e-4, result
     counts = {e.key: e.count for e in prof.key_averages()}
     convs = sum(isinstance(m, nn.Conv2d) for m in ref.modules())
-    assert counts["fused_resnet::chain_1x1"] == 9, counts
-    assert counts["fused_resnet::conv2d_bias_act"] == convs - 1 - 4 - 2 * 9, counts  # stem, shortcuts, chains
+    assert counts["fused_resnet::chain_1x1"] == 11, counts
+    assert counts["fused_resnet::conv2d_bias_act"] == convs - 1 - 4 - 2 * 11, counts  # stem, shortcuts, chains
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("switches,op,count", [
-    (dict(chain_blocks=True), "chain_1x1", 9),
+    (dict(chain_blocks=True), "chain_1x1", 11),
     (dict(chain_3x3=True), "conv_chain_1x1", 12),
     (dict(chain_blocks=True, chain_3x3=True), "conv_chain_1x1", 12),
 ], ids=["chain_blocks", "chain_3x3", "both"])
@@ -268,6 +271,44 @@ def test_a_chained_block_runs_alone_and_the_state_carries_over(reference_backend
     assert "layer1.1.conv3.next_weight" in fused.state_dict()
 
 
+def test_a_stage_hands_its_last_chain_to_the_next_stage_only_for_its_own_output(reference_backend):
+    ref = model("resnet50")
+    fused, plain = fuse(ref, chain_blocks=True), fuse(ref)
+    assert fused.layer1.hands_on is fused.layer2.takes_over is not None and fused.layer1.takes_over is None
+    assert fused.layer3.hands_on is None and fused.layer4.takes_over is None  # layer4.0's conv1: 512 channels
+    x = torch.randn(2, 64, 8, 8)
+
+    def convs_run(fn):
+        with torch.profiler.profile() as prof:
+            out = fn()
+        return out, sum(e.count for e in prof.key_averages() if e.key == "fused_resnet::conv2d_bias_act")
+
+    with torch.no_grad():
+        y, _ = convs_run(lambda: fused.layer1(x))
+        expected = plain.layer2(y)
+        # Its own output: layer2.0's first conv was computed by layer1's last kernel, and is not run again.
+        out, handed = convs_run(lambda: fused.layer2(y))
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        # Taken once: the same call again, another tensor of the same values, or y changed in place
+        # after layer1 made it, each runs layer2.0's first conv itself.
+        again, own = convs_run(lambda: fused.layer2(y))
+        assert own == handed + 1 and torch.equal(again, out)
+        fused.layer1(x)
+        out, own = convs_run(lambda: fused.layer2(y.clone()))
+        assert own == handed + 1 and torch.equal(out, again)
+        y = fused.layer1(x)
+        y.mul_(0.5)
+        out, own = convs_run(lambda: fused.layer2(y))
+        assert own == handed + 1
+        torch.testing.assert_close(out, plain.layer2(y), rtol=1e-5, atol=1e-5)
+        # The handoff holds nothing in a copy or a pickle of the network, and still links its stages.
+        fused.layer1(x)
+        copied = copy.deepcopy(fused)
+        assert copied.layer1.hands_on is copied.layer2.takes_over is not fused.layer1.hands_on
+        assert copied.layer2.takes_over._held is None
+        torch.testing.assert_close(copied(images()), plain(images()), rtol=1e-4, atol=1e-4)
+
+
 def test_chain_refuses_what_it_cannot_run():
     ref = model("resnet50")
     fused = fuse(ref)
@@ -293,8 +334,9 @@ def test_torch_compile_traces_chained_blocks_as_the_chain_op():
         eager = block(x)
         traced = torch.compile(block, backend=record, fullgraph=True)(x)
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
-    # layer1: block 0 runs conv1, conv2 and the chain; block 1 conv2 and the chain; block 2 conv2, conv3.
-    assert targets.count("fused_resnet.chain_1x1") == 2 and targets.count("fused_resnet.conv2d_bias_act") == 5, targets
+    # layer1: block 0 runs conv1, conv2 and the chain; blocks 1 and 2 conv2 and the chain (block 2's
+    # into layer2.0's first conv, which a traced layer2 computes again: nothing is handed over).
+    assert targets.count("fused_resnet.chain_1x1") == 3 and targets.count("fused_resnet.conv2d_bias_act") == 4, targets
     torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
 
 
@@ -344,7 +386,7 @@ def test_chain_3x3_through_the_kernels():
     ref = model("resnet50")
     x = torch.randn(1, 3, 32, 32)
     convs = sum(isinstance(m, nn.Conv2d) for m in ref.modules())
-    for chain_blocks, chained_with_next in ((False, 0), (True, 9)):
+    for chain_blocks, chained_with_next in ((False, 0), (True, 11)):
         fused = fuse(ref, chain_3x3=True, chain_blocks=chain_blocks).to(DEVICE)
         with kernels.use_backend("triton"), torch.profiler.profile() as prof:
             result = compare(ref, fused, x)

@@ -95,9 +95,12 @@ def test_traffic_of_chained_blocks_by_hand():
     first, ds = rows["layer1.0.conv3"], rows["layer1.0.downsample"]
     assert traffic(first, "chain", rows) == (4096 + 16384 + 16384 + ds.x + ds.w + 16384 + 4096, 1)
     assert executed_flops(first, "chain", rows) == first.flops + ds.flops + rows["layer1.1.conv1"].flops
-    # layer3.0's shortcut reads 512 channels, more than one program holds.
+    # A stage's last block chains with the next stage's first (layer1.2 with layer2.0's conv1); not
+    # layer3.0 (its shortcut reads 512 channels) nor layer3.5 (layer4.0's conv1 makes 512).
+    assert rows["layer1.2.conv3"].chains == "layer2.0.conv1" and rows["layer2.0.conv1"].chained
     assert [r.name for r in rows.values() if r.chains] == [f"{b}.conv3" for b in (
-        "layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer2.2", "layer3.1", "layer3.2", "layer3.3", "layer3.4")]
+        "layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2", "layer2.3", "layer3.1", "layer3.2",
+        "layer3.3", "layer3.4")]
 
 
 def test_traffic_of_3x3_heads_by_hand():
