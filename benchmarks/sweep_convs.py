@@ -31,7 +31,8 @@ shortcuts), in the shapes the fused model launches, and for the head (average po
    the stem's "by_plan"); `--write-table` merges the winners (of each plan) into
    kernels/tuned_configs.json, so that plans on this GPU find them;
 4. with `--network`, the whole resnet50 is timed (median of CUDA-event timings) for the
-   implementations named there, before the sweep and after it (with the table it wrote in force;
+   implementations named there, before the sweep and after it (`--network-after`: after it only;
+   each saved as soon as it is timed; with the table it wrote in force;
    the fused model's case adds "warmup_s", the seconds fused_resnet.warmup took, which before the
    sweep on a fresh machine means compiling into empty caches and tuning without a table); an
    implementation that fails is a case with its "error", and the others are timed all the same.
@@ -363,7 +364,7 @@ def precompile(tasks, workers, work=_compile_worker):
     return results
 
 
-def time_network(model, impls, dtype, device, batch, size, when):
+def time_network(model, impls, dtype, device, batch, size, when, on_case=None):
     """Whole-network cases (median of 20 CUDA-event timings) for `impls`, tagged before or after
     the sweep's table is written; the fused model's with the seconds its warm-up took (compiling,
     and choosing configs where the table has none). An implementation that fails is a case with
@@ -386,8 +387,10 @@ def time_network(model, impls, dtype, device, batch, size, when):
                 raise
             print(f"network {impl} ({when}) failed: {type(err).__name__}: {err}", file=sys.stderr)
             cases.append({**common, "impl": impl, "error": f"{type(err).__name__}: {err}"[:300]})
-            continue
-        cases.append({**common, "impl": impl, "median_ms": round(median, 4), **extra})
+        else:
+            cases.append({**common, "impl": impl, "median_ms": round(median, 4), **extra})
+        if on_case is not None:
+            on_case(cases)  # so far, should the run be stopped
     return cases
 
 
@@ -411,6 +414,8 @@ def main(argv=None):
     parser.add_argument("--write-table", action="store_true", help="merge the winners into kernels/tuned_configs.json")
     parser.add_argument("--network", nargs="*", default=[], metavar="IMPL",
                         help="also time the whole resnet50 for these implementations (e.g. fused cudnn_fused)")
+    parser.add_argument("--network-after", nargs="*", default=[], metavar="IMPL",
+                        help="the same, after the sweep only (after those of --network)")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
@@ -516,7 +521,9 @@ def main(argv=None):
             print(f"{label}: " + ", ".join(f"{plan} {b[0]:.4f} ms" for plan, b in by_plan.items())
                   + f"; igemm.SPACE_TO_DEPTH is {igemm.SPACE_TO_DEPTH}, fuse(stem_maxpool=True) the default",
                   file=sys.stderr)
-    network = before + time_network(model, args.network, dtype, device, batch, size, "after")
+    after = args.network + [impl for impl in args.network_after if impl not in args.network]
+    network = before + time_network(model, after, dtype, device, batch, size, "after",
+                                    on_case=lambda done: save(cases + before + done))
     cases += network
     print(f"{'layer':<34}{'fused ms':>10}{'cuDNN ms':>10}{'fused/cuDNN speed':>19}")
     ratios = []

@@ -16,7 +16,15 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torchvision.models.resnet import Bottleneck
 
-from fused_resnet import FusedAvgPoolLinear, FusedBottleneck, FusedConv2d, FusedConv2dMaxPool, kernels
+from fused_resnet import (
+    FusedAvgPoolLinear,
+    FusedBottleneck,
+    FusedChain1x1,
+    FusedConv2d,
+    FusedConv2dMaxPool,
+    FusedConvChain1x1,
+    kernels,
+)
 
 
 def conv_layer(relu=True, shortcut=False):
@@ -36,6 +44,13 @@ def op_of(layer, x, residual=None):
         return kernels.conv2d_bias_act_maxpool(x, **layer._op_args())
     if isinstance(layer, FusedAvgPoolLinear):
         return kernels.avgpool_linear(x, layer.weight, layer.bias)
+    if isinstance(layer, FusedConvChain1x1):
+        return kernels.conv_chain_1x1(x, layer.head_weight, layer.head_bias, layer.weight, layer.bias, residual,
+                                      layer.next_weight, layer.next_bias, stride=layer.stride, padding=layer.padding,
+                                      shortcut_weight=layer.shortcut_weight, shortcut_stride=layer.shortcut_stride)
+    if isinstance(layer, FusedChain1x1):
+        return kernels.chain_1x1(x, layer.weight, layer.bias, residual, layer.next_weight, layer.next_bias,
+                                 shortcut_weight=layer.shortcut_weight, shortcut_stride=layer.shortcut_stride)
     return kernels.conv2d_bias_act(x, layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation,
                                    layer.groups, residual=residual, relu=layer.relu,
                                    shortcut_weight=layer.shortcut_weight, shortcut_stride=layer.shortcut_stride)
@@ -50,11 +65,18 @@ def layers():
         "stem": (FusedConv2dMaxPool.from_modules(stem_conv, stem_bn, nn.MaxPool2d(3, 2, 1)),
                  lambda: (torch.randn(2, 3, 17, 15), None)),
         "head": (FusedAvgPoolLinear.from_linear(nn.Linear(16, 10)), lambda: (torch.randn(3, 16, 3, 2), None)),
+        # 16 -> 8 (+ residual) -> 12, 1x1 convs; the same led by a 3x3 conv of stride 2 (+ a projection shortcut)
+        "chain": (FusedChain1x1(torch.randn(8, 16, 1, 1) / 4, torch.randn(8), torch.randn(12, 8, 1, 1) / 3,
+                                torch.randn(12)), lambda: (torch.randn(2, 16, 5, 6), torch.randn(2, 8, 5, 6))),
+        "chain3x3": (FusedConvChain1x1(torch.randn(16, 4, 3, 3) / 6, torch.randn(16), torch.randn(8, 16, 1, 1) / 4,
+                                       torch.randn(8), torch.randn(12, 8, 1, 1) / 3, None, torch.randn(8, 4, 1, 1) / 2,
+                                       2, stride=2, padding=1),
+                     lambda: (torch.randn(2, 4, 9, 10), torch.randn(2, 4, 9, 10))),
     }
 
 
 @pytest.mark.parametrize("backend", ["triton", "reference"])
-@pytest.mark.parametrize("name", ["conv", "conv_residual", "conv_shortcut", "stem", "head"])
+@pytest.mark.parametrize("name", ["conv", "conv_residual", "conv_shortcut", "stem", "head", "chain", "chain3x3"])
 def test_plan_and_op_compute_the_same(name, backend):
     layer, make = layers()[name]
     layer = layer.to(DEVICE)
@@ -64,9 +86,10 @@ def test_plan_and_op_compute_the_same(name, backend):
             x = x.to(DEVICE).contiguous(memory_format=torch.channels_last)
             residual = None if residual is None else residual.to(DEVICE)
             args = (x,) if residual is None else (x, residual)
-            fast = layer(*args)
+            fast, op = layer(*args), op_of(layer, x, residual)
             assert len(layer._plans) == 1
-            assert torch.equal(fast, op_of(layer, x, residual)), name
+            for got, expected in zip(*((out,) if isinstance(out, torch.Tensor) else out for out in (fast, op))):
+                assert torch.equal(got, expected), name
 
 
 def test_a_new_signature_builds_a_new_plan():
@@ -116,6 +139,21 @@ def test_a_cast_or_moved_layer_never_runs_a_stale_plan():
         layer.weight = layer.weight * 2  # a new weight tensor: the plan must not keep the old one
         assert torch.allclose(layer(x), op_of(layer, x))
         assert not torch.allclose(layer(x), first)
+
+
+def test_a_chain_given_a_new_head_or_moved_never_runs_a_stale_plan():
+    layer, make = layers()["chain3x3"]
+    x, residual = make()
+    with kernels.use_backend("reference"), torch.no_grad():
+        y, z = layer(x, residual)
+        layer.head_weight = layer.head_weight * 2  # the 3x3's weight, held by the plan
+        y2, z2 = layer(x, residual)
+        assert not torch.allclose(y2, y)
+        for got, expected in zip((y2, z2), op_of(layer, x, residual)):
+            assert torch.equal(got, expected)
+        layer.double()
+        assert layer._plans == {}
+        assert layer(x.double(), residual.double())[0].dtype == torch.float64
 
 
 def test_copies_and_pickles_start_without_plans():

@@ -25,7 +25,7 @@ def test_sweep_harness_on_a_cpu(tmp_path, capsys):
     sweep = load_sweep()
     out = tmp_path / "sweep.json"
     cases = sweep.main(["--device", "cpu", "--limit", "4", "--size", "32", "--json", str(out), "--network",
-                        "eager_channels_last"])
+                        "eager_channels_last", "--network-after", "eager", "eager_channels_last"])
     payload = json.loads(out.read_text())
     assert payload["cases"] == json.loads(json.dumps(cases))
     assert {"gpu", "torch", "triton", "commit", "command", "date"} <= set(payload["provenance"])
@@ -34,8 +34,9 @@ def test_sweep_harness_on_a_cpu(tmp_path, capsys):
     assert layers == ["C3 K64 7x7/2 32x32 +maxpool", "head C2048 1x1 -> 1000", "C64 K64 1x1/1 8x8",
                       "C64 K64 3x3/1 8x8"]
     network = [c for c in cases if c["model"] == "resnet50"]
+    # --network-after: after the sweep only, once each
     assert [(c["impl"], c["when"]) for c in network] == [("eager_channels_last", "before"),
-                                                         ("eager_channels_last", "after")]
+                                                         ("eager_channels_last", "after"), ("eager", "after")]
     assert all(c["median_ms"] > 0 and c["batch"] == 1 and c["dtype"] == "float16" for c in network)
     for c in cases:
         if c["model"] == "resnet50":
