@@ -72,8 +72,9 @@ def fuse(
         until GPU timings show it pays (benchmarks/test_fusions.py, `bench --impl fused_chain`).
     chain_3x3: a Bottleneck whose shortcut is the identity or a merged projection runs its 3x3 conv
         inside its last conv's kernel (FusedConvChain1x1): the 3x3's output never goes to memory.
-        With chain_blocks, the same kernel also computes the next block's first conv. Off by
-        default, as chain_blocks (`bench --impl fused_chain3x3`).
+        With chain_blocks, the same kernel also computes the next block's first conv. It applies to
+        a single Bottleneck passed alone too. Off by default, as chain_blocks (`bench --impl
+        fused_chain3x3`).
 
     On a GPU, the first call with each new input shape compiles every kernel that forward will
     launch at once, in parallel (a CompileAhead forward pre-hook on the returned network). With an
@@ -112,8 +113,11 @@ def fuse(
             stacklevel=2,
         )
     options = dict(dtype=dtype, residual_epilogue=residual_epilogue, merge_downsample=merge_downsample)
-    if type(model) in _BLOCKS:  # a single block: its fused equivalent
-        fused = _BLOCKS[type(model)].from_torchvision(copy.deepcopy(model).eval(), **options)
+    if type(model) in _BLOCKS:  # a single block: its fused equivalent (chain_3x3 applies within it)
+        original = copy.deepcopy(model).eval()
+        fused = _BLOCKS[type(model)].from_torchvision(original, **options)
+        if chain_3x3:
+            FusedStage.chained([fused], [original], chain_blocks=False, chain_3x3=True)
         return fused if dtype is None else fused.to(dtype)
     fused = copy.deepcopy(model).eval()
     chains = dict(chain_blocks=chain_blocks, chain_3x3=chain_3x3)

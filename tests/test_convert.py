@@ -397,6 +397,18 @@ def test_chain_3x3_through_the_kernels():
         assert counts["fused_resnet::conv2d_bias_act"] == convs - 1 - 4 - 2 * 12 - chained_with_next, counts
 
 
+def test_chain_3x3_on_a_single_block(reference_backend):
+    # fuse() of one Bottleneck: its 3x3 runs inside its last conv's kernel as in a whole network.
+    block = model("resnet50").layer2[0]
+    fused = fuse(block, chain_3x3=True)
+    assert isinstance(fused, FusedBottleneck) and isinstance(fused.conv3, FusedConvChain1x1)
+    assert fused.conv3.next_weight is None and fused.downsample is None  # the shortcut merged into it
+    x = torch.randn(2, 256, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), block(x), rtol=1e-4, atol=1e-4)
+    assert not isinstance(fuse(block).conv3, FusedConvChain1x1)
+
+
 def test_a_block_with_a_3x3_head_runs_alone_traces_as_one_op_and_refuses_what_it_cannot_run(reference_backend):
     ref = model("resnet50")
     fused, plain = fuse(ref, chain_3x3=True, chain_blocks=True), fuse(ref)
