@@ -21,8 +21,9 @@ x's tile for its rows and all of x's channels with igemm's main loop (conv_tile)
 the dtype as a stored x would be, and goes on as above: x never goes to memory. Without a next
 conv (NEXT off) the kernel ends at y.
 
-It takes what fits one program: x's channels, z's and a projection's input's each at most
-MAX_CHANNELS (the input tiles and z's accumulator are held across the loop; `chain_fits()`),
+It takes what fits one program: x's channels and z's each at most MAX_CHANNELS (x's tile and
+z's accumulator are held across the loop; `chain_fits()`; a projection's input is held up to
+MAX_CHANNELS and streamed past it),
 and a config within the register budget (configs.chain_candidates; wide fp32 chains have
 none); on a GPU, enough rows for its programs to fill half the SMs (_too_few_programs). Elsewhere
 the op runs the convs one after the other. ResNet-50's chained blocks have 64-256 of each.
@@ -42,8 +43,8 @@ from . import backend, configs, igemm
 from ._checks import check_same_device, check_supported_dtype, pair
 from .igemm import conv_tile, dot, epilogue
 
-# The most channels of x (y's reduction), of a projection shortcut's input (its second stretch) and
-# of z (its accumulator's width) one program holds.
+# The most channels of x (y's reduction) and of z (its accumulator's width) one program holds; a
+# projection shortcut's input (y's second stretch) is held up to as many, and streamed past them.
 MAX_CHANNELS = 256
 
 # ----------------------------------------------------------------------------------------------
@@ -76,13 +77,14 @@ def _chain_1x1_kernel(
     CH_DIVISOR: tl.constexpr,  # HEAD: a power of two dividing Ch: where BLOCK_K divides it, no channel mask
     NEXT: tl.constexpr,  # z is computed (else the chain ends at y)
     SHORTCUT: tl.constexpr,  # y adds a projection shortcut, a 1x1 conv of r, computed here, not a residual
+    STREAM_S: tl.constexpr,  # SHORTCUT: its input is read again, BLOCK_S channels at a time, for each chunk of y
     DOT_FP32: tl.constexpr,  # upcast operands before tl.dot (the interpreter's bf16 dot is wrong)
     INPUT_PRECISION: tl.constexpr,  # "tf32" or "ieee" for fp32 operands
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # y's channels a chunk
     BLOCK_K: tl.constexpr,  # HEAD: the head conv's channels a step of its main loop
     BLOCK_C: tl.constexpr,  # C rounded up to a power of two: the whole reduction of y at once
-    BLOCK_S: tl.constexpr,  # SHORTCUT: Cs rounded up to a power of two
+    BLOCK_S: tl.constexpr,  # SHORTCUT: Cs rounded up to a power of two (STREAM_S: the channels a step)
     BLOCK_J: tl.constexpr,  # J rounded up to a power of two: z's accumulator holds every channel
 ):
     pid = tl.program_id(0)
@@ -115,11 +117,14 @@ def _chain_1x1_kernel(
         x = tl.load(x_ptr + rows[:, None] * C + offs_c[None, :], mask=mask_m[:, None] & mask_c[None, :], other=0.0)
     if SHORTCUT:
         # The shortcut's input under each output pixel (strided), loaded once as well: y's
-        # reduction continues over it, as conv2d_bias_act's merged shortcut does.
-        offs_s = tl.arange(0, BLOCK_S)
-        mask_s = offs_s < Cs
+        # reduction continues over it, as conv2d_bias_act's merged shortcut does. Past MAX_CHANNELS
+        # (STREAM_S) it is not held but read again for each chunk of y, from L2 after the first.
         s_rows = ((n * Hs + p * shortcut_stride_h) * Ws + q * shortcut_stride_w) * Cs
-        xs = tl.load(r_ptr + s_rows[:, None] + offs_s[None, :], mask=mask_m[:, None] & mask_s[None, :], other=0.0)
+        if not STREAM_S:
+            offs_s = tl.arange(0, BLOCK_S)
+            mask_s = offs_s < Cs
+            xs = tl.load(r_ptr + s_rows[:, None] + offs_s[None, :], mask=mask_m[:, None] & mask_s[None, :],
+                         other=0.0)
     if NEXT:
         acc_z = tl.zeros((BLOCK_M, BLOCK_J), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_N):
@@ -128,7 +133,16 @@ def _chain_1x1_kernel(
         w = tl.load(w_ptr + cols[None, :] * stride_wk + offs_c[:, None], mask=mask_c[:, None] & mask_n[None, :],
                     other=0.0)  # (BLOCK_C, BLOCK_N)
         acc = dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x, w, DOT_FP32, INPUT_PRECISION)
-        if SHORTCUT:
+        if SHORTCUT and STREAM_S:
+            for s0 in range(0, Cs, BLOCK_S):
+                offs_s = s0 + tl.arange(0, BLOCK_S)
+                mask_s = offs_s < Cs
+                xs = tl.load(r_ptr + s_rows[:, None] + offs_s[None, :], mask=mask_m[:, None] & mask_s[None, :],
+                             other=0.0)
+                ws = tl.load(ws_ptr + cols[None, :] * stride_sk + offs_s[:, None],
+                             mask=mask_s[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_S, BLOCK_N)
+                acc = dot(acc, xs, ws, DOT_FP32, INPUT_PRECISION)
+        elif SHORTCUT:
             ws = tl.load(ws_ptr + cols[None, :] * stride_sk + offs_s[:, None], mask=mask_s[:, None] & mask_n[None, :],
                          other=0.0)  # (BLOCK_S, BLOCK_N)
             acc = dot(acc, xs, ws, DOT_FP32, INPUT_PRECISION)
@@ -154,9 +168,9 @@ def _chain_1x1_kernel(
 
 
 def chain_fits(channels: int, next_channels: int, shortcut_channels: int = 0) -> bool:
-    """Whether a chain over x of `channels` (and a projection shortcut's input of
-    `shortcut_channels`) into a z of `next_channels` fits one program."""
-    return max(channels, next_channels, shortcut_channels) <= MAX_CHANNELS
+    """Whether a chain over x of `channels` into a z of `next_channels` fits one program (a
+    projection shortcut's input of any `shortcut_channels` does: past MAX_CHANNELS it is streamed)."""
+    return max(channels, next_channels) <= MAX_CHANNELS
 
 
 def _as_matrix(weight):
@@ -244,7 +258,11 @@ def _plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_stri
     cs = 0 if shortcut_weight is None else shortcut_weight.shape[1]
     ch = 0 if head is None else x.shape[1]
     block_c, block_j = (max(16, triton.next_power_of_2(v)) for v in (c, j))
-    block_s = max(16, triton.next_power_of_2(cs)) if cs else 0
+    interpret = not backend.on_gpu(x)
+    stream_s = cs > MAX_CHANNELS
+    # The shortcut input's tile: all of it, or (streamed) a step of the channels its loop takes.
+    block_s = (configs.chain_block_k(cs, x.element_size(), interpret) if stream_s
+               else max(16, triton.next_power_of_2(cs))) if cs else 0
     candidates = configs.chain_candidates(block_c, k, block_j if j else 0, x.element_size(),
                                           igemm.launch_shared_memory(x), ieee=igemm.ieee_fp32(x.dtype),
                                           block_s=block_s, head_channels=ch)
@@ -255,7 +273,6 @@ def _plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_stri
                            shortcut_stride, backend_name, traceable)
     if m >= 2**31:
         raise ValueError(f"{op}: {m} output rows; at most 2**31 - 1 are supported")
-    interpret = not backend.on_gpu(x)
     w2 = _as_matrix(weight)
     v2 = None if next_weight is None else _as_matrix(next_weight)
     ws2 = None if shortcut_weight is None else _as_matrix(shortcut_weight)
@@ -276,7 +293,7 @@ def _plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_stri
         stride_sk=0 if ws2 is None else ws2.stride(0),
         HEAD=head is not None, R=r, S=s, CH_DIVISOR=igemm.channel_divisor(ch) if ch else 1,
         NEXT=next_weight is not None,
-        SHORTCUT=bool(cs),
+        SHORTCUT=bool(cs), STREAM_S=stream_s,
         DOT_FP32=interpret,
         INPUT_PRECISION="tf32" if x.dtype == torch.float32 and not interpret and igemm.tf32_allowed() else "ieee",
         BLOCK_C=block_c, BLOCK_S=max(block_s, 16), BLOCK_J=block_j,
@@ -288,7 +305,7 @@ def _plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_stri
     if interpret:
         config = {"BLOCK_M": min(64, max(16, triton.next_power_of_2(m))),
                   "BLOCK_N": min(64, max(16, triton.next_power_of_2(k))),
-                  "BLOCK_K": configs.chain_head_block_k(ch, x.element_size(), interpreter=True)}
+                  "BLOCK_K": configs.chain_block_k(ch, x.element_size(), interpreter=True)}
         launch = backend.KernelLaunch(_chain_1x1_kernel, grid, args, on_cuda=False, traceable=traceable,
                                       config=config)
     else:

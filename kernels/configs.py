@@ -382,10 +382,11 @@ def head_interpreter(images: int, classes: int, channels: int, pixels: int) -> d
 CHAIN_SHAPES = [(128, 64, 2, 8), (64, 64, 2, 4), (64, 64, 2, 8), (64, 32, 3, 4), (32, 64, 2, 4), (16, 32, 2, 4)]
 
 
-def chain_head_block_k(head_channels, element_size, interpreter=False):
-    """BLOCK_K of a chain's head conv: its input channels a main-loop step (16 where there is no head)."""
+def chain_block_k(channels, element_size, interpreter=False):
+    """The channels a step of a chain's loop over `channels` takes (its head conv's main loop, a
+    streamed shortcut input): BLOCK_K, or BLOCK_S; 16 where there is no such loop (0 channels)."""
     cap = 32 if interpreter or element_size >= 4 else 64
-    return min(cap, max(16, triton.next_power_of_2(head_channels))) if head_channels else 16
+    return min(cap, max(16, triton.next_power_of_2(channels))) if channels else 16
 
 
 def chain_shared_bytes(config, block_c, block_j, element_size, block_s=0):
@@ -412,7 +413,7 @@ def chain_candidates(block_c, k, block_j, element_size, shared_memory=228 * 1024
     again. None may fit (wide fp32 chains): the chain then runs as separate convs. With a head
     (head_channels > 0: x is made by a conv over that many channels), each config takes its BLOCK_K."""
     limit = 32 if ieee else MAX_ACC_PER_THREAD
-    block_k = chain_head_block_k(head_channels, element_size)
+    block_k = chain_block_k(head_channels, element_size)
     kept = []
     for bm, bn, stages, warps in CHAIN_SHAPES:
         bn = min(bn, max(16, triton.next_power_of_2(k)))

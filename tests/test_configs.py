@@ -417,5 +417,5 @@ def test_chain_candidates_with_a_3x3_head():
                                               cs) <= 228 * 1024
     # IEEE fp32 (operands in registers too): the widest chain has no candidate and runs apart.
     assert configs.chain_candidates(256, 1024, 256, 4, ieee=True, head_channels=256) == []
-    assert configs.chain_head_block_k(0, 2) == 16 and configs.chain_head_block_k(20, 2) == 32
-    assert configs.chain_head_block_k(256, 4) == 32 and configs.chain_head_block_k(256, 2, interpreter=True) == 32
+    assert configs.chain_block_k(0, 2) == 16 and configs.chain_block_k(20, 2) == 32
+    assert configs.chain_block_k(256, 4) == 32 and configs.chain_block_k(256, 2, interpreter=True) == 32

@@ -175,12 +175,12 @@ def test_fusion_switches(arch, switch, reference_backend):
 
 # Which blocks chain their last conv with the next block's first (fuse(chain_blocks=True)): those
 # followed by a Bottleneck (in the same stage or the first of the next), whose shortcut is the
-# identity or a merged projection, with the channels of x, z and the shortcut's input within what
-# one program holds (256): in resnet50, layer1 and layer2 (their last blocks into layer2.0's and
-# layer3.0's first convs), and layer3 but for its first block (a shortcut from 512 channels) and
-# its last (layer4.0's first conv has 512 channels), not layer4.
+# identity or a merged projection, with the channels of x and z within what one program holds
+# (256; a shortcut's input is streamed): in resnet50, layer1 and layer2 (their last blocks into
+# layer2.0's and layer3.0's first convs), and layer3 but its last (layer4.0's first conv has 512
+# channels), not layer4.
 CHAINED = {"resnet50": ["layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2", "layer2.3",
-                        "layer3.1", "layer3.2", "layer3.3", "layer3.4"],
+                        "layer3.0", "layer3.1", "layer3.2", "layer3.3", "layer3.4"],
            "wide_resnet50_2": ["layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2"],
            "resnext50_32x4d": ["layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2"],
            "resnet18": []}
@@ -215,7 +215,7 @@ def test_chain_blocks_structure_and_parity(arch, dilated, reference_backend):
 
 
 def test_chain_blocks_through_the_kernels():
-    # resnet50 on the Triton kernels with chained blocks: 11 chains (2 of them across stages), each
+    # resnet50 on the Triton kernels with chained blocks: 12 chains (2 of them across stages), each
     # in place of two convs, and the network's answer that of the unchained one.
     ref = model("resnet50")
     x = torch.randn(1, 3, 32, 32)
@@ -225,15 +225,15 @@ def test_chain_blocks_through_the_kernels():
     assert result.max_rel_err < 1e-4, result
     counts = {e.key: e.count for e in prof.key_averages()}
     convs = sum(isinstance(m, nn.Conv2d) for m in ref.modules())
-    assert counts["fused_resnet::chain_1x1"] == 11, counts
-    assert counts["fused_resnet::conv2d_bias_act"] == convs - 1 - 4 - 2 * 11, counts  # stem, shortcuts, chains
+    assert counts["fused_resnet::chain_1x1"] == 12, counts
+    assert counts["fused_resnet::conv2d_bias_act"] == convs - 1 - 4 - 2 * 12, counts  # stem, shortcuts, chains
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("switches,op,count", [
-    (dict(chain_blocks=True), "chain_1x1", 11),
-    (dict(chain_3x3=True), "conv_chain_1x1", 12),
-    (dict(chain_blocks=True, chain_3x3=True), "conv_chain_1x1", 12),
+    (dict(chain_blocks=True), "chain_1x1", 12),
+    (dict(chain_3x3=True), "conv_chain_1x1", 13),
+    (dict(chain_blocks=True, chain_3x3=True), "conv_chain_1x1", 13),
 ], ids=["chain_blocks", "chain_3x3", "both"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_chained_blocks_compiled_give_the_unchained_network(dtype, switches, op, count):
@@ -342,11 +342,9 @@ def test_torch_compile_traces_chained_blocks_as_the_chain_op():
 
 # Which Bottlenecks run their 3x3 conv inside their last conv's kernel (fuse(chain_3x3=True)): those
 # whose shortcut is the identity or a merged projection, whose 3x3 has one group, with the 3x3's
-# output and the shortcut's input within 256 channels: in resnet50 every block of layer1 to layer3
-# but layer3.0 (a shortcut from 512 channels); in wide_resnet50_2 (twice as wide) layer1 and layer2;
-# in ResNeXt none (grouped 3x3s).
-CHAINED_3X3 = {"resnet50": [f"layer{i}.{j}" for i, n in ((1, 3), (2, 4), (3, 6)) for j in range(n)
-                            if (i, j) != (3, 0)],
+# output within 256 channels: in resnet50 every block of layer1 to layer3; in wide_resnet50_2
+# (twice as wide) layer1 and layer2; in ResNeXt none (grouped 3x3s).
+CHAINED_3X3 = {"resnet50": [f"layer{i}.{j}" for i, n in ((1, 3), (2, 4), (3, 6)) for j in range(n)],
                "wide_resnet50_2": [f"layer{i}.{j}" for i, n in ((1, 3), (2, 4)) for j in range(n)],
                "resnext50_32x4d": [],
                "resnet18": []}
@@ -381,20 +379,20 @@ def test_chain_3x3_structure_and_parity(arch, dilated, reference_backend):
 
 
 def test_chain_3x3_through_the_kernels():
-    # resnet50 on the Triton kernels with 3x3 heads, with and without chained blocks: 12 blocks run
+    # resnet50 on the Triton kernels with 3x3 heads, with and without chained blocks: 13 blocks run
     # their 3x3 in their last conv's kernel, and the network's answer is the plain one's.
     ref = model("resnet50")
     x = torch.randn(1, 3, 32, 32)
     convs = sum(isinstance(m, nn.Conv2d) for m in ref.modules())
-    for chain_blocks, chained_with_next in ((False, 0), (True, 11)):
+    for chain_blocks, chained_with_next in ((False, 0), (True, 12)):
         fused = fuse(ref, chain_3x3=True, chain_blocks=chain_blocks).to(DEVICE)
         with kernels.use_backend("triton"), torch.profiler.profile() as prof:
             result = compare(ref, fused, x)
         assert result.max_rel_err < 1e-4, result
         counts = {e.key: e.count for e in prof.key_averages()}
-        assert counts["fused_resnet::conv_chain_1x1"] == 12 and "fused_resnet::chain_1x1" not in counts, counts
-        # stem, 4 merged shortcuts, 12 heads and their last convs, and the first convs chained before them
-        assert counts["fused_resnet::conv2d_bias_act"] == convs - 1 - 4 - 2 * 12 - chained_with_next, counts
+        assert counts["fused_resnet::conv_chain_1x1"] == 13 and "fused_resnet::chain_1x1" not in counts, counts
+        # stem, 4 merged shortcuts, 13 heads and their last convs, and the first convs chained before them
+        assert counts["fused_resnet::conv2d_bias_act"] == convs - 1 - 4 - 2 * 13 - chained_with_next, counts
 
 
 def test_chain_3x3_on_a_single_block(reference_backend):

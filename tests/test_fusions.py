@@ -7,6 +7,7 @@ profiler that the fused op ran and that no aten conv, pooling or linear op did.
 """
 
 import functools
+import importlib
 
 import pytest
 import torch
@@ -298,7 +299,21 @@ CHAINS = [
     (2, 64, 256, 64, 3, 5, (64, 1)),  # layer1.0 with its projection shortcut, into layer1.1's conv1
     (1, 128, 512, 128, 3, 2, (256, 2)),  # layer2.0: the shortcut reads every other pixel of a 6x4 map
     (2, 24, 40, 20, 3, 3, (10, 3)),  # odd sizes and stride
+    (1, 32, 48, 16, 3, 2, (300, 2)),  # a shortcut input past what one program holds (layer3.0's 512): streamed
 ]
+
+
+def shortcut_block(cs, dtype):
+    """chain_candidates' block_s for a shortcut input of cs channels (0: none): all of them, or past
+    MAX_CHANNELS the step of the loop that streams them."""
+    from fused_resnet.kernels import configs
+
+    if not cs:
+        return 0
+    # (the module: fused_resnet.kernels.chain_1x1 names the op)
+    if cs > importlib.import_module("fused_resnet.kernels.chain_1x1").MAX_CHANNELS:
+        return configs.chain_block_k(cs, torch.empty((), dtype=dtype).element_size())
+    return triton.next_power_of_2(cs)
 
 
 def chain_operands(n, c, k, j, h, w, shortcut, dtype, bias=True):
@@ -346,9 +361,9 @@ def test_chain_1x1(case, dtype, monkeypatch):
     from fused_resnet.kernels import configs
 
     fits = configs.chain_candidates(*(triton.next_power_of_2(v) for v in (c, k, j)), operands[0].element_size(),
-                                    ieee=dtype == torch.float32, block_s=triton.next_power_of_2(sc[0]) if sc else 0)
+                                    ieee=dtype == torch.float32, block_s=shortcut_block(sc and sc[0], dtype))
     assert launched == (["_chain_1x1_kernel"] if fits else ["_conv2d_bias_act_kernel"] * 2)
-    assert fits or (dtype == torch.float32 and max(c, j, sc[0] if sc else 0) == 256)
+    assert fits or (dtype == torch.float32 and max(c, j, sc[0] if sc and sc[0] <= 256 else 0) == 256)
     assert y.shape == (n, k, h, w) and z.shape == (n, j, h, w)
     assert y.is_contiguous(memory_format=torch.channels_last) and z.is_contiguous(memory_format=torch.channels_last)
     y_exp, z_exp = chain_expected(*operands, y, **shortcut)
@@ -369,7 +384,8 @@ def test_chain_1x1_without_biases_keeps_nan_and_takes_any_layout():
 
 def test_chain_1x1_too_wide_runs_two_convs(monkeypatch):
     # x of 320 channels is more than one program holds: the two convs run apart, same answer.
-    assert not kernels.chain_fits(320, 64) and kernels.chain_fits(256, 256) and not kernels.chain_fits(64, 64, 512)
+    assert not kernels.chain_fits(320, 64) and kernels.chain_fits(256, 256) and not kernels.chain_fits(64, 320)
+    assert kernels.chain_fits(64, 64, 512)  # a wide shortcut input is streamed
     launched = launched_kernels(monkeypatch)
     operands, _ = chain_operands(1, 320, 64, 32, 2, 3, None, torch.float32)
     y, z = kernels.chain_1x1(*operands)
@@ -439,12 +455,11 @@ def test_chain_1x1_compiled_in_every_candidate(dtype):
 
     cases = []
     for c, k, j, shortcut in ((64, 256, 64, None), (128, 512, 128, None), (256, 1024, 256, None),
-                              (64, 256, 64, (64, 1)), (128, 512, 128, (256, 2))):
+                              (64, 256, 64, (64, 1)), (128, 512, 128, (256, 2)), (256, 1024, 256, (512, 2))):
         # 64 images of 14x14: enough rows for the chain's programs to fill an H100's SMs (else it runs apart)
         operands, keywords = chain_operands(64, c, k, j, 14, 14, shortcut, dtype)
-        block_s = shortcut[0] if shortcut else 0
         for config in configs.chain_candidates(c, k, j, operands[0].element_size(), ieee=dtype == torch.float32,
-                                               block_s=block_s):
+                                               block_s=shortcut_block(shortcut and shortcut[0], dtype)):
             cases.append((config, operands, keywords))
     run_every_candidate(kernels.chain_1x1, cases, chain_expected, dtype)
 
@@ -482,6 +497,7 @@ HEADED = [
     (1, 64, 64, 256, 0, 3, 4, 1, 1, None),  # a stage's last block: no next conv
     (3, 20, 24, 40, 20, 5, 3, 1, 2, None),  # odd sizes: channels in part-blocks, dilation 2, rows past a tile
     (2, 24, 16, 40, 0, 5, 5, 2, 1, 10),  # odd shortcut at stride 2, no next conv
+    (1, 16, 32, 48, 16, 4, 4, 2, 1, 300),  # a streamed shortcut input (layer3.0's has 512 channels)
 ]
 
 
@@ -524,9 +540,9 @@ def test_conv_chain_1x1(case, dtype, monkeypatch):
     # then chain_1x1 (itself apart there).
     fits = configs.chain_candidates(*(triton.next_power_of_2(v) if v else 0 for v in (c, k, j)),
                                     operands[0].element_size(), ieee=dtype == torch.float32,
-                                    block_s=triton.next_power_of_2(sc) if sc else 0, head_channels=ch)
+                                    block_s=shortcut_block(sc, dtype), head_channels=ch)
     assert launched == (["_chain_1x1_kernel"] if fits else ["_conv2d_bias_act_kernel"] * (3 if j else 2))
-    assert fits or (dtype == torch.float32 and max(j, sc or 0) == 256)
+    assert fits or (dtype == torch.float32 and max(j, sc if sc and sc <= 256 else 0) == 256)
     p, q = (h - 1) // stride + 1, (w - 1) // stride + 1
     assert y.shape == (n, k, p, q) and y.is_contiguous(memory_format=torch.channels_last)
     y_exp, z_exp = headed_expected(*operands, y, **keywords)
@@ -588,10 +604,11 @@ def test_conv_chain_1x1_compiled_in_every_candidate(dtype):
     cases = []
     for ch, c, k, j, h, stride, shortcut in ((64, 64, 256, 64, 28, 1, None), (64, 64, 256, 0, 28, 1, 64),
                                              (128, 128, 512, 128, 28, 2, 256), (256, 256, 1024, 256, 14, 1, None),
+                                             (256, 256, 1024, 256, 28, 2, 512),
                                              (256, 256, 1024, 0, 14, 1, None)):
         operands, keywords = headed_operands(32, ch, c, k, j, h, h, stride, 1, shortcut, dtype)
         for config in configs.chain_candidates(c, k, j, operands[0].element_size(), ieee=dtype == torch.float32,
-                                               block_s=shortcut or 0, head_channels=ch):
+                                               block_s=shortcut_block(shortcut, dtype), head_channels=ch):
             cases.append((config, operands, keywords))
     run_every_candidate(kernels.conv_chain_1x1, cases, headed_expected, dtype)
 

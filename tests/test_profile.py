@@ -96,11 +96,11 @@ def test_traffic_of_chained_blocks_by_hand():
     assert traffic(first, "chain", rows) == (4096 + 16384 + 16384 + ds.x + ds.w + 16384 + 4096, 1)
     assert executed_flops(first, "chain", rows) == first.flops + ds.flops + rows["layer1.1.conv1"].flops
     # A stage's last block chains with the next stage's first (layer1.2 with layer2.0's conv1); not
-    # layer3.0 (its shortcut reads 512 channels) nor layer3.5 (layer4.0's conv1 makes 512).
+    # layer3.5 (layer4.0's conv1 makes 512 channels), nor layer4.
     assert rows["layer1.2.conv3"].chains == "layer2.0.conv1" and rows["layer2.0.conv1"].chained
     assert [r.name for r in rows.values() if r.chains] == [f"{b}.conv3" for b in (
-        "layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2", "layer2.3", "layer3.1", "layer3.2",
-        "layer3.3", "layer3.4")]
+        "layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2", "layer2.3", "layer3.0", "layer3.1",
+        "layer3.2", "layer3.3", "layer3.4")]
 
 
 def test_traffic_of_3x3_heads_by_hand():
@@ -120,10 +120,10 @@ def test_traffic_of_3x3_heads_by_hand():
     last, head, ds = rows["layer2.0.conv3"], rows["layer2.0.conv2"], rows["layer2.0.downsample"]
     assert traffic(last, "chain3x3", rows) == (head.x + head.w + last.w + last.y + ds.x + ds.w
                                               + rows["layer2.1.conv1"].w + rows["layer2.1.conv1"].y, 1)
-    # layer3.0 (a shortcut from 512 channels) and layer4 (512-channel 3x3s) keep their 3x3 apart.
+    # layer4 (512-channel 3x3s) keeps its 3x3s apart.
     assert [r.name for r in rows.values() if r.head] == [f"{b}.conv3" for b in (
         "layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2", "layer2.3",
-        "layer3.1", "layer3.2", "layer3.3", "layer3.4", "layer3.5")]
+        "layer3.0", "layer3.1", "layer3.2", "layer3.3", "layer3.4", "layer3.5")]
 
 
 def test_traffic_of_the_stem_and_head_by_hand():
