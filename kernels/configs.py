@@ -407,11 +407,12 @@ def chain_shared_bytes(config, block_c, block_j, element_size, block_s=0):
 def chain_candidates(block_c, k, block_j, element_size, shared_memory=228 * 1024, ieee=False, block_s=0,
                      head_channels=0):
     """At most four configs for a chain over x of block_c channels (a power of two; and a projection
-    shortcut's input of block_s) into y of k and z of block_j (0: no next conv): accumulators (y's
-    chunk and z's; a head's, x's whole tile in fp32) within MAX_ACC_PER_THREAD elements a thread
-    (32 with IEEE fp32 dots, whose operands sit in registers too), the input tiles within as many
-    again. None may fit (wide fp32 chains): the chain then runs as separate convs. With a head
-    (head_channels > 0: x is made by a conv over that many channels), each config takes its BLOCK_K."""
+    shortcut's input of block_s, or a step of it where it is streamed) into y of k and z of block_j
+    (0: no next conv): accumulators (y's chunk and z's; a head's, x's whole tile in fp32) within
+    MAX_ACC_PER_THREAD elements a thread (32 with IEEE fp32 dots, whose operands sit in registers
+    too), the input tiles within as many again. None may fit (wide fp32 chains): the chain then runs
+    as separate convs. With a head (head_channels > 0: x is made by a conv over that many
+    channels), each config takes its BLOCK_K."""
     limit = 32 if ieee else MAX_ACC_PER_THREAD
     block_k = chain_block_k(head_channels, element_size)
     kept = []
