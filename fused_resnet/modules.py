@@ -436,10 +436,14 @@ class FusedChain1x1(PlannedLayer):
     def forward(self, x, residual):
         if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched, as a block run alone may be
             y, z = self.forward(x.unsqueeze(0), residual.unsqueeze(0))
-            return y.squeeze(0), z.squeeze(0)
+            return y.squeeze(0), None if z is None else z.squeeze(0)
         plan = self._planned(x, residual)
         if plan is not None:
             return plan(x, residual)
+        return self._run_op(x, residual)
+
+    def _run_op(self, x, residual):
+        """(y, z) from the registered op: the path under tracing."""
         return kernels.chain_1x1(x, self.weight, self.bias, residual, self.next_weight, self.next_bias,
                                  shortcut_weight=self.shortcut_weight, shortcut_stride=self.shortcut_stride)
 
@@ -493,13 +497,7 @@ class FusedConvChain1x1(FusedChain1x1):
                    last.shortcut_weight, last.shortcut_stride,
                    stride=head.stride, padding=head.padding, dilation=head.dilation)
 
-    def forward(self, x, residual):
-        if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched, as a block run alone may be
-            y, z = self.forward(x.unsqueeze(0), residual.unsqueeze(0))
-            return y.squeeze(0), None if z is None else z.squeeze(0)
-        plan = self._planned(x, residual)
-        if plan is not None:
-            return plan(x, residual)
+    def _run_op(self, x, residual):
         out = kernels.conv_chain_1x1(x, self.head_weight, self.head_bias, self.weight, self.bias, residual,
                                      self.next_weight, self.next_bias, stride=self.stride, padding=self.padding,
                                      dilation=self.dilation, shortcut_weight=self.shortcut_weight,
