@@ -400,6 +400,7 @@ class FusedChain1x1(PlannedLayer):
     then does not read y back from memory. With a `shortcut_weight`, the residual is a merged
     projection shortcut's input, as for FusedConv2d. It takes the place of the block's conv3 in a
     FusedStage (fuse(chain_blocks=True)); the next block keeps its own conv1 for when it runs alone.
+    Built by `from_convs`, the chain and that conv1 hold the same weight tensors, moved or cast too.
     """
 
     op_name = "fused_resnet::chain_1x1"
@@ -424,14 +425,33 @@ class FusedChain1x1(PlannedLayer):
             layout = torch.channels_last if t is not None and t.dim() == 4 else torch.contiguous_format
             self.register_buffer(name, None if t is None else t.detach().contiguous(memory_format=layout))
         self.shortcut_stride = shortcut_stride
+        # (conv, ((its buffer, this layer's), ...)): convs elsewhere in the network that hold the same weights
+        self._shared_with = ()
 
     @classmethod
     def from_convs(cls, last: FusedConv2d, next_first: FusedConv2d):
         """The chain of a block's last conv (with the shortcut in its epilogue: the identity, or a merged
         projection) and the next block's first, both plain 1x1 convs with a ReLU."""
         _check_chained(cls, last, next_first)
-        return cls(last.weight, last.bias, next_first.weight, next_first.bias, last.shortcut_weight,
-                   last.shortcut_stride)
+        chain = cls(last.weight, last.bias, next_first.weight, next_first.bias, last.shortcut_weight,
+                    last.shortcut_stride)
+        chain._share_with(next_first, "next_")
+        return chain
+
+    def _share_with(self, conv, prefix):
+        """Record that `conv` holds this layer's `{prefix}weight` and `{prefix}bias` as its own."""
+        self._shared_with += ((conv, (("weight", f"{prefix}weight"), ("bias", f"{prefix}bias"))),)
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(), .half() and the like give each module's buffers new tensors, and would leave this
+        # layer and the convs it shares weights with a copy each: hand them this layer's. (A conv
+        # converted after this layer, in the next stage, meets a tensor already converted: .to() and
+        # its kin return it as it is.)
+        out = super()._apply(fn, *args, **kwargs)
+        for conv, names in self._shared_with:
+            for theirs, ours in names:
+                setattr(conv, theirs, getattr(self, ours))
+        return out
 
     def forward(self, x, residual):
         if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched, as a block run alone may be
@@ -465,7 +485,8 @@ class FusedConvChain1x1(FusedChain1x1):
     forward(x, residual) -> (y, z): h = relu(conv(x, head_weight) + head_bias), the 3x3 conv's
     output, never leaves the kernel; y and z are FusedChain1x1's, computed from h (z is None
     without a next conv). It takes the place of the block's conv3 (fuse(chain_3x3=True)); the block
-    keeps its conv2, which no longer runs, and the next block its conv1, for when it runs alone.
+    keeps its conv2, which no longer runs, and the next block its conv1, for when it runs alone;
+    built by `from_convs`, the chain shares their weight tensors.
     """
 
     op_name = "fused_resnet::conv_chain_1x1"
@@ -492,10 +513,14 @@ class FusedConvChain1x1(FusedChain1x1):
             raise ValueError(f"FusedConvChain1x1: head must be a conv of one group with a ReLU, "
                              f"got {head.extra_repr()}")
         _check_chained(cls, last, next_first)
-        return cls(head.weight, head.bias, last.weight, last.bias,
-                   None if next_first is None else next_first.weight, None if next_first is None else next_first.bias,
-                   last.shortcut_weight, last.shortcut_stride,
-                   stride=head.stride, padding=head.padding, dilation=head.dilation)
+        chain = cls(head.weight, head.bias, last.weight, last.bias,
+                    None if next_first is None else next_first.weight, None if next_first is None else next_first.bias,
+                    last.shortcut_weight, last.shortcut_stride,
+                    stride=head.stride, padding=head.padding, dilation=head.dilation)
+        chain._share_with(head, "head_")
+        if next_first is not None:
+            chain._share_with(next_first, "next_")
+        return chain
 
     def _run_op(self, x, residual):
         out = kernels.conv_chain_1x1(x, self.head_weight, self.head_bias, self.weight, self.bias, residual,

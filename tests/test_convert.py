@@ -7,6 +7,7 @@ test_conv2d.py, and one whole network runs through them here (test_resnet18_thro
 
 import copy
 import functools
+import io
 import warnings
 
 import pytest
@@ -269,6 +270,41 @@ def test_a_chained_block_runs_alone_and_the_state_carries_over(reference_backend
         torch.testing.assert_close(again(y), fused(y))
         torch.testing.assert_close(copied(y.double()), fused(y).double(), rtol=1e-4, atol=1e-4)
     assert "layer1.1.conv3.next_weight" in fused.state_dict()
+
+
+def weight_bytes(module):
+    """Bytes of the distinct storages behind a module's buffers and parameters."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*module.buffers(), *module.parameters()]}
+    return sum(storages.values())
+
+
+def test_chains_and_the_convs_they_took_weights_from_hold_one_copy(reference_backend):
+    # A chained block keeps its 3x3 conv, and the next block its first conv, for when they run
+    # alone; the chain holds the same tensors, and still does once the network is cast or moved
+    # (each module's buffers are converted one by one), deep-copied or pickled.
+    ref = model("resnet50")
+    plain = fuse(ref, dtype=torch.float16)
+    chained = fuse(ref, dtype=torch.float16, chain_blocks=True, chain_3x3=True)
+    assert weight_bytes(chained) == weight_bytes(plain)
+    plain, chained = plain.float(), chained.float()
+    assert weight_bytes(chained) == weight_bytes(plain) == 2 * weight_bytes(fuse(ref, dtype=torch.float16))
+    block, after = chained.layer1[0], chained.layer1[1]
+    assert block.conv3.head_weight is block.conv2.weight and block.conv3.head_bias is block.conv2.bias
+    assert block.conv3.next_weight is after.conv1.weight and block.conv3.next_bias is after.conv1.bias
+    across = chained.layer2[-1].conv3  # layer2's last block into layer3.0's first conv
+    assert across.next_weight is chained.layer3[0].conv1.weight and across.next_weight.dtype == torch.float32
+    buffer = io.BytesIO()
+    torch.save(chained, buffer)
+    buffer.seek(0)
+    for again in (copy.deepcopy(chained), torch.load(buffer, weights_only=False)):
+        assert weight_bytes(again) == weight_bytes(plain)
+        assert again.layer1[0].conv3.head_weight is again.layer1[0].conv2.weight
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(chained(x), plain(x), rtol=1e-4, atol=1e-4)
+        y = torch.randn(2, 256, 8, 8)  # a block alone runs its own first conv, on the tensors it shares
+        torch.testing.assert_close(after(y), plain.layer1[1](y), rtol=1e-5, atol=1e-5)
 
 
 def test_a_stage_hands_its_last_chain_to_the_next_stage_only_for_its_own_output(reference_backend):
