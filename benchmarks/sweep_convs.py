@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 import triton
-from fused_resnet.kernels import configs, conv2d_maxpool, igemm
+from fused_resnet.kernels import backend, configs, conv2d_maxpool, igemm
 from fused_resnet.kernels._checks import pair
 from fused_resnet.kernels.igemm import (
     FLAT_K_BELOW,
@@ -382,6 +382,8 @@ def time_network(model, impls, dtype, device, batch, size, when, on_case=None):
                 # its kernels compiled in parallel, not one by one in the first timed call
                 extra["warmup_s"] = round(warmup(fn, x), 2)
             median, _ = bench.time_impl(fn, x, iters=20)
+            if impl in ("fused_chain", "fused_chain3x3") and device.type == "cuda":
+                extra["chains"] = chain_plans(fn)
         except Exception as err:
             if fatal(err):
                 raise
@@ -392,6 +394,17 @@ def time_network(model, impls, dtype, device, batch, size, when, on_case=None):
         if on_case is not None:
             on_case(cases)  # so far, should the run be stopped
     return cases
+
+
+def chain_plans(model):
+    """{layer: "one kernel" or "apart"}: how each chained layer of `model` chose to run at its first
+    call on the GPU (kernels.backend.PlanChoice), for the input it has seen."""
+    chosen = {}
+    for name, module in model.named_modules():
+        for plan in getattr(module, "_plans", {}).values():
+            if isinstance(plan, backend.PlanChoice) and plan.chosen is not None:
+                chosen[name] = "one kernel" if plan.chosen is plan.plans[0] else "apart"
+    return chosen
 
 
 def fatal(err):

@@ -293,8 +293,68 @@ class KernelLaunch:
             tensors = tensors + self.scratch(config)(tensors[0])
         kwargs = {**self.args, **config}
         grid = self.grid(config)
-        return triton.testing.do_bench(lambda: self.kernel[grid](*tensors, **kwargs), warmup=5, rep=20,
-                                       return_mode="median")
+        return time_call(lambda: self.kernel[grid](*tensors, **kwargs))
+
+
+def time_call(fn) -> float:
+    """fn's median time on the GPU in ms, as a first call times its candidates."""
+    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+class PlanChoice:
+    """Plans that compute the same thing in different ways (a chain of convs in one kernel, or the
+    convs one after the other), called as one: each call runs the plan that is faster on this GPU.
+
+    It is chosen as KernelLaunch chooses a config. The first call with real GPU tensors takes the
+    plan that the shipped table or the disk cache names for (GPU, `op`, dtype, `key`), as
+    {"plan": its index}; else it runs each plan once (each choosing its own configs), times each
+    on the call's own operands, stores the fastest in the disk cache, and keeps it. Where nothing
+    can be timed (tracing, CUDA graph capture) a call runs the named plan, or else the first, and
+    the choice waits for a call that can time. Inside a compile-only listing (kernels.precompile)
+    a call runs the named plan, or else every plan, so that each kernel that may launch is
+    compiled ahead; under configs.override, whose config is for the first plan's kernel, it runs
+    the first.
+    """
+
+    def __init__(self, op, key, plans):
+        self.op, self.key, self.plans = op, key, tuple(plans)
+        self.chosen = None
+
+    def __call__(self, *operands):
+        if self.chosen is not None:
+            return self.chosen(*operands)
+        if configs.forced():
+            return self.plans[0](*operands)
+        like = operands[0]
+        named = self._named(like)
+        if precompile.session() is not None:
+            return [plan(*operands) for plan in (self.plans if named is None else (named,))][0]
+        if named is None:
+            if is_fake(like) or (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+                return self.plans[0](*operands)
+            named = self._fastest(like, operands)
+        self.chosen = named
+        return named(*operands)
+
+    def table_entry(self, like):
+        """(gpu, op, dtype, key): where the choice is looked up and stored for operands like `like`."""
+        gpu = None if like.is_cuda else precompile.target_gpu()  # (CPU tensors: a compile-only listing)
+        if gpu is None:
+            gpu = configs.gpu_family(_device_name(like.device.index or 0))
+        return gpu, self.op, str(like.dtype).removeprefix("torch."), self.key
+
+    def _named(self, like):
+        found = configs.lookup(*self.table_entry(like))
+        index = None if found is None else found.get("plan")
+        return self.plans[index] if index in range(len(self.plans)) else None
+
+    def _fastest(self, like, operands):
+        for plan in self.plans:  # untimed: each chooses its configs and compiles its kernels
+            plan(*operands)
+        timings = [time_call(functools.partial(plan, *operands)) for plan in self.plans]
+        best = timings.index(min(timings))
+        configs.remember(*self.table_entry(like), {"plan": best})
+        return self.plans[best]
 
 
 # Scratch that launches on one stream reuse, per (device, stream, dtype): launches on one stream

@@ -331,7 +331,13 @@ def _plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_stri
             launch(x, *head_operands, w2, bias, residual, ws2, y, v2, next_bias, z)
         return y, z
 
-    return run
+    if interpret:
+        return run
+    # Whether one kernel beats the convs apart is the GPU's to say, layer by layer: one program
+    # holds all of y's channels (and with a head, the 3x3's tile is as wide as its output).
+    apart = _apart_plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_weight, shortcut_stride,
+                        backend_name, traceable)
+    return backend.PlanChoice(f"{op}:plan", launch.key, (run, apart))  # plan 0: one kernel; 1: apart
 
 
 def _too_few_programs(x, m, candidates):

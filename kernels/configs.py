@@ -106,6 +106,11 @@ def remember(gpu: str, op: str, dtype: str, key: str, config: dict):
         os.replace(f.name, folder / "configs.json")
 
 
+def forced() -> bool:
+    """Whether an override() is in force."""
+    return _forced is not None
+
+
 @contextlib.contextmanager
 def override(config: dict):
     """Within the `with` block every lookup answers `config`: how a sweep builds a plan with the

@@ -225,6 +225,62 @@ def test_tracing_takes_the_first_candidate_without_timing(fresh, monkeypatch):
     assert timed == []
 
 
+def plan_choice(timings, monkeypatch, key="layer"):
+    """A PlanChoice among plans named by `timings` (name: made-up ms), on a made-up H100: each plan
+    returns its name; `ran` lists the plans run, `timed` those timed."""
+    monkeypatch.setattr(backend, "_device_name", lambda index: H100)
+    ran, timed = [], []
+
+    def plan(name):
+        def run(x):
+            ran.append(name)
+            return name
+        return run
+
+    def fake_time(fn):
+        name = fn()
+        ran.pop()
+        timed.append(name)
+        return timings[name]
+
+    monkeypatch.setattr(backend, "time_call", fake_time)
+    return backend.PlanChoice("chain_test:plan", key, [plan(name) for name in timings]), ran, timed
+
+
+def test_a_plan_choice_times_its_plans_once_and_caches_the_faster(fresh, monkeypatch):
+    x = torch.randn(4)
+    choice, ran, timed = plan_choice({"one kernel": 2.0, "apart": 1.0}, monkeypatch)
+    assert choice(x) == "apart" and choice(x) == "apart"
+    assert timed == ["one kernel", "apart"]  # once each, after a first untimed call each
+    assert ran == ["one kernel", "apart", "apart", "apart"]
+    assert configs.lookup("H100", "chain_test:plan", "float32", "layer") == {"plan": 1}
+    configs._cache = None  # a new process: the choice comes from the disk cache
+    again, ran, timed = plan_choice({"one kernel": 2.0, "apart": 1.0}, monkeypatch)
+    assert again(x) == "apart" and timed == [] and ran == ["apart"]
+    other, _, timed = plan_choice({"one kernel": 1.0, "apart": 3.0}, monkeypatch, key="another layer")
+    assert other(x) == "one kernel" and timed == ["one kernel", "apart"]
+
+
+def test_a_plan_choice_chooses_only_where_it_can_time(fresh, monkeypatch):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(4)
+    choice, ran, timed = plan_choice({"one kernel": 2.0, "apart": 1.0}, monkeypatch)
+    with FakeTensorMode() as mode:  # tracing: the first plan, and nothing chosen yet
+        assert choice(mode.from_tensor(x)) == "one kernel"
+    with configs.override({"BLOCK_M": 64}):  # a config forced for the first plan's kernel
+        assert choice(x) == "one kernel"
+    assert timed == [] and choice.chosen is None
+    with precompile.compile_only("H100"):  # listing kernels to compile: every plan
+        assert choice(x) == "one kernel"
+    assert ran == ["one kernel", "one kernel", "one kernel", "apart"] and timed == []
+    configs.remember("H100", "chain_test:plan", "float32", "layer", {"plan": 1})
+    ran.clear()
+    with precompile.compile_only("H100"):  # the plan the cache names, alone
+        assert choice(x) == "apart"
+    assert choice(x) == "apart" and ran == ["apart", "apart"] and timed == []
+
+
 def test_warmup_plans_every_layer_before_the_first_call():
     model = fuse(synthetic_batchnorm(torchvision.models.resnet18(num_classes=10), size=32)).to(DEVICE)
     messages = []

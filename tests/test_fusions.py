@@ -397,7 +397,8 @@ def test_chain_1x1_too_wide_runs_two_convs(monkeypatch):
 
 def test_chain_1x1_runs_apart_where_its_programs_would_leave_the_gpu_idle():
     # For an H100 (compiled here, nothing run): resnet50 layer3's chain at batch 1 (196 rows, a
-    # handful of programs for 132 SMs) runs as the two convs; at batch 64 (12,544 rows), one kernel.
+    # handful of programs for 132 SMs) runs as the two convs; at batch 64 (12,544 rows) it may run
+    # as one kernel, and both are compiled, as its first call times the one against the other.
     from fused_resnet.kernels import precompile
 
     kernels_of = {}
@@ -406,7 +407,7 @@ def test_chain_1x1_runs_apart_where_its_programs_would_leave_the_gpu_idle():
         with precompile.compile_only("H100") as jobs:
             kernels.plan_chain_1x1(*operands)(operands[0], operands[3])
         kernels_of[n] = sorted({job.kernel[1] for job in jobs})
-    assert kernels_of == {1: ["_conv2d_bias_act_kernel"], 64: ["_chain_1x1_kernel"]}
+    assert kernels_of == {1: ["_conv2d_bias_act_kernel"], 64: ["_chain_1x1_kernel", "_conv2d_bias_act_kernel"]}
 
 
 def test_chain_1x1_reference_float64_and_empty():
@@ -462,6 +463,28 @@ def test_chain_1x1_compiled_in_every_candidate(dtype):
                                                block_s=shortcut_block(shortcut and shortcut[0], dtype)):
             cases.append((config, operands, keywords))
     run_every_candidate(kernels.chain_1x1, cases, chain_expected, dtype)
+
+
+@pytest.mark.gpu
+def test_a_chains_first_call_times_it_against_the_convs_apart(tmp_path, monkeypatch):
+    # With an empty table and cache: the first call on layer1's chain shape times the one kernel
+    # against the two convs apart, runs and keeps the faster, and stores which; either way y and z
+    # are the convs'.
+    from fused_resnet.kernels import backend, configs
+
+    (tmp_path / "table.json").write_text('{"version": 1, "entries": []}')
+    monkeypatch.setattr(configs, "TABLE_PATH", tmp_path / "table.json")
+    monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(configs, "_table", None)
+    monkeypatch.setattr(configs, "_cache", None)
+    operands, _ = chain_operands(64, 64, 256, 64, 28, 28, None, torch.float16)
+    plan = kernels.plan_chain_1x1(*operands)
+    y, z = plan(operands[0], operands[3])
+    assert isinstance(plan, backend.PlanChoice) and plan.chosen is not None
+    assert configs.lookup(*plan.table_entry(operands[0]))["plan"] in (0, 1)
+    y_exp, z_exp = chain_expected(*operands, y)
+    check_close(y, y_exp, torch.float16)
+    check_close(z, z_exp, torch.float16)
 
 
 def run_every_candidate(op, cases, expected, dtype):

@@ -260,3 +260,20 @@ def test_a_compile_worker_that_dies_costs_the_sweep_its_unfinished_chunks_only(c
     assert "a compile worker died" in capsys.readouterr().err
     # one process, nothing dies: every task's own result
     assert sweep.precompile([0, 2], 1, work=exits_at_task_1) == [[(0, "no fit")], [(2, "no fit")]]
+
+
+def test_the_sweep_says_how_each_chained_layer_chose_to_run():
+    import torch
+    from fused_resnet.kernels import backend
+
+    from fused_resnet import FusedChain1x1
+
+    def chain():
+        return FusedChain1x1(torch.randn(8, 16, 1, 1), None, torch.randn(4, 8, 1, 1), None)
+
+    model = torch.nn.Sequential(chain(), chain(), chain())
+    one, apart = backend.PlanChoice("chain_1x1:plan", "a", ["one", "apart"]), backend.PlanChoice(
+        "chain_1x1:plan", "b", ["one", "apart"])
+    one.chosen, apart.chosen = "one", "apart"
+    model[0]._plans["x"], model[1]._plans["x"] = one, apart  # model[2] has not chosen yet
+    assert load_sweep().chain_plans(model) == {"0": "one kernel", "1": "apart"}
