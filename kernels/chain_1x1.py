@@ -277,17 +277,19 @@ def _plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_stri
     v2 = None if next_weight is None else _as_matrix(next_weight)
     ws2 = None if shortcut_weight is None else _as_matrix(shortcut_weight)
     hs, ws = residual.shape[2:] if cs else (1, 1)
-    hh, hw = x.shape[2:] if head is not None else (1, 1)
-    r, s = head.weight.shape[2:] if head is not None else (1, 1)
-    if head is not None:
-        igemm.check_window(op, backend.channels_last_strides(x.shape)[1:], ch, (r, s), head.dilation)
+    if head is None:  # the head's arguments at values the kernel does not read (HEAD off): a 1x1 conv's
+        hh = hw = r = s = 1
+        head_stride, padding, dilation = (1, 1), (0, 0, 0, 0), (1, 1)
+    else:
+        (hh, hw), (r, s) = x.shape[2:], head.weight.shape[2:]
+        head_stride, padding, dilation = head.stride, head.padding, head.dilation
+        igemm.check_window(op, backend.channels_last_strides(x.shape)[1:], ch, (r, s), dilation)
         # The head's weight as the kernel reads it: (C, R, S, Ch) in memory.
         head_w = head.weight.contiguous(memory_format=torch.channels_last)
     args = dict(
         M=m, C=c, K=k, J=j, P=p, Q=q, Cs=cs, Hs=hs, Ws=ws, Ch=ch, H=hh, W=hw,
-        head_stride_h=head.stride[0] if head else 1, head_stride_w=head.stride[1] if head else 1,
-        pad_h=head.padding[0] if head else 0, pad_w=head.padding[2] if head else 0,
-        dil_h=head.dilation[0] if head else 1, dil_w=head.dilation[1] if head else 1,
+        head_stride_h=head_stride[0], head_stride_w=head_stride[1], pad_h=padding[0], pad_w=padding[2],
+        dil_h=dilation[0], dil_w=dilation[1],
         shortcut_stride_h=shortcut_stride[0], shortcut_stride_w=shortcut_stride[1],
         stride_wk=w2.stride(0), stride_vj=0 if v2 is None else v2.stride(0),
         stride_sk=0 if ws2 is None else ws2.stride(0),
