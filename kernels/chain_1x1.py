@@ -336,10 +336,18 @@ def _plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_stri
     if interpret:
         return run
     # Whether one kernel beats the convs apart is the GPU's to say, layer by layer: one program
-    # holds all of y's channels (and with a head, the 3x3's tile is as wide as its output).
-    apart = _apart_plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_weight, shortcut_stride,
-                        backend_name, traceable)
-    return backend.PlanChoice(f"{op}:plan", launch.key, (run, apart))  # plan 0: one kernel; 1: apart
+    # holds all of y's channels (and with a head, the 3x3's tile is as wide as its output). Plan 0:
+    # one kernel; 1: the first conv apart, the rest as a chain of its own (which chooses in turn);
+    # 2, with a head and a next conv: the head's kernel ending at y (which chooses in turn), then
+    # the next conv apart (z's accumulator no longer takes registers from the head's tile).
+    plans = [run, _apart_plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_weight,
+                              shortcut_stride, backend_name, traceable)]
+    if head is not None and next_weight is not None:
+        to_y = _plan(x, head, weight, bias, residual, None, None, shortcut_stride, shortcut_weight, backend_name,
+                     traceable)
+        plans.append(_then_next(lambda x, residual: to_y(x, residual)[0], next_weight, next_bias, backend_name,
+                                traceable))
+    return backend.PlanChoice(f"{op}:plan", launch.key, plans)
 
 
 def _too_few_programs(x, m, candidates):
@@ -383,15 +391,24 @@ def _apart_plan(x, head, weight, bias, residual, next_weight, next_bias, shortcu
 
     first = plan_conv2d_bias_act(x, weight, bias, residual=residual, relu=True, shortcut_weight=shortcut_weight,
                                  shortcut_stride=shortcut_stride, backend_name=backend_name, traceable=traceable)
+    return _then_next(first, next_weight, next_bias, backend_name, traceable)
 
-    def run_apart(x, residual):
-        y = first(x, residual)
+
+def _then_next(to_y, next_weight, next_bias, backend_name, traceable):
+    """run(x, residual) -> (y, z): y = to_y(x, residual), then the next conv of y as a conv2d_bias_act
+    plan of its own (planned at the first call, for the y it makes)."""
+    from .conv2d import plan_conv2d_bias_act
+
+    later = {}
+
+    def run_then_next(x, residual):
+        y = to_y(x, residual)
         if "plan" not in later:
             later["plan"] = plan_conv2d_bias_act(y, next_weight, next_bias, relu=True, backend_name=backend_name,
                                                  traceable=traceable)
         return y, later["plan"](y, None)
 
-    return run_apart
+    return run_then_next
 
 
 # ----------------------------------------------------------------------------------------------

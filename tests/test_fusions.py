@@ -595,6 +595,25 @@ def test_conv_chain_1x1_keeps_nan_takes_any_layout_and_runs_apart_when_too_wide(
     check_close(z, z_exp, torch.float32)
 
 
+def test_conv_chain_1x1_on_a_gpu_lists_every_way_it_may_run():
+    # For an H100 (compiled here, nothing run): layer2.1's 3x3 with its last conv and the next
+    # block's first, 32 images of 28x28. Its first call times one kernel; the 3x3 apart and the rest
+    # as chain_1x1 (or its two convs); and the 3x3 with the last conv ending at y (or the two
+    # convs), the next conv apart. Every kernel these may launch is listed to compile.
+    from fused_resnet.kernels import precompile
+
+    (x, hw, hb, weight, b, residual, next_weight, next_b), keywords = headed_operands(
+        32, 128, 128, 512, 128, 28, 28, 1, 1, None, torch.float16)
+    with precompile.compile_only("H100") as jobs:
+        plan = kernels.plan_conv_chain_1x1(x, hw, hb, weight, b, residual, next_weight, next_b, **keywords)
+        y, z = plan(x, residual)
+    assert y.shape == residual.shape and z.shape == (32, 128, 28, 28)
+    ways = {(job.op, job.kwargs.get("NEXT"), job.kwargs["R"]) for job in jobs}
+    assert ways == {("conv_chain_1x1", True, 3), ("conv_chain_1x1", False, 3), ("chain_1x1", True, 1),
+                    ("conv2d_bias_act", None, 3), ("conv2d_bias_act", None, 1)}, ways
+    assert len(plan.plans) == 3
+
+
 def test_conv_chain_1x1_reference_float64_bad_inputs_and_opcheck():
     operands, keywords = headed_operands(2, 8, 16, 32, 8, 3, 3, 1, 1, None, torch.float64)
     y, z = kernels.conv_chain_1x1(*operands, **keywords)
