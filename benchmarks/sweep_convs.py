@@ -396,14 +396,19 @@ def time_network(model, impls, dtype, device, batch, size, when, on_case=None):
     return cases
 
 
+# A chain's ways to run, in the order of its PlanChoice's plans (kernels.chain_1x1): one kernel; its
+# first conv apart and the rest a chain of its own; with a head, the next conv apart.
+CHAIN_WAYS = ("one kernel", "first conv apart", "next conv apart")
+
+
 def chain_plans(model):
-    """{layer: "one kernel" or "apart"}: how each chained layer of `model` chose to run at its first
-    call on the GPU (kernels.backend.PlanChoice), for the input it has seen."""
+    """{layer: one of CHAIN_WAYS}: how each chained layer of `model` chose to run at its first call
+    on the GPU (kernels.backend.PlanChoice), for the input it has seen."""
     chosen = {}
     for name, module in model.named_modules():
         for plan in getattr(module, "_plans", {}).values():
             if isinstance(plan, backend.PlanChoice) and plan.chosen is not None:
-                chosen[name] = "one kernel" if plan.chosen is plan.plans[0] else "apart"
+                chosen[name] = CHAIN_WAYS[plan.plans.index(plan.chosen)]
     return chosen
 
 
@@ -555,7 +560,10 @@ def main(argv=None):
     for c in network:
         shown = f"{c['median_ms']:>10.3f} ms" if "median_ms" in c else f"  failed: {c['error'][:60]}"
         warm = f"  (warm-up {c['warmup_s']} s)" if "warmup_s" in c else ""
-        print(f"network {c['impl']:<24}{c['when']:<8}{shown}{warm}")
+        apart = sorted(f"{layer} ({way})" for layer, way in c.get("chains", {}).items() if way != CHAIN_WAYS[0])
+        chains = (f"  chains: {len(c['chains']) - len(apart)} as one kernel, {len(apart)} not"
+                  + "".join(f"; {layer}" for layer in apart)) if "chains" in c else ""
+        print(f"network {c['impl']:<24}{c['when']:<8}{shown}{warm}{chains}")
     save(cases)
     return cases
 

@@ -271,9 +271,10 @@ def test_the_sweep_says_how_each_chained_layer_chose_to_run():
     def chain():
         return FusedChain1x1(torch.randn(8, 16, 1, 1), None, torch.randn(4, 8, 1, 1), None)
 
-    model = torch.nn.Sequential(chain(), chain(), chain())
-    one, apart = backend.PlanChoice("chain_1x1:plan", "a", ["one", "apart"]), backend.PlanChoice(
-        "chain_1x1:plan", "b", ["one", "apart"])
-    one.chosen, apart.chosen = "one", "apart"
-    model[0]._plans["x"], model[1]._plans["x"] = one, apart  # model[2] has not chosen yet
-    assert load_sweep().chain_plans(model) == {"0": "one kernel", "1": "apart"}
+    model = torch.nn.Sequential(chain(), chain(), chain(), chain())
+    ways = ["one kernel", "first conv apart", "next conv apart"]
+    for layer, way in zip(model, ways):
+        layer._plans["x"] = backend.PlanChoice("conv_chain_1x1:plan", "key", ways)
+        layer._plans["x"].chosen = way  # model[3] has not chosen yet
+    model[3]._plans["x"] = backend.PlanChoice("conv_chain_1x1:plan", "key", ways)
+    assert load_sweep().chain_plans(model) == {"0": "one kernel", "1": "first conv apart", "2": "next conv apart"}
