@@ -453,7 +453,11 @@ class FusedChain1x1(PlannedLayer):
                 setattr(conv, theirs, getattr(self, ours))
         return out
 
-    def forward(self, x, residual):
+    def forward(self, x, residual, *, next_conv=True):
+        """(y, z); with `next_conv=False`, (y, None): a traced stage whose z nobody takes (FusedStage)
+        has the chain stop at y, through the registered ops."""
+        if not next_conv:
+            return self._run_op(x, residual, next_conv=False)
         if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched, as a block run alone may be
             y, z = self.forward(x.unsqueeze(0), residual.unsqueeze(0))
             return y.squeeze(0), None if z is None else z.squeeze(0)
@@ -462,8 +466,13 @@ class FusedChain1x1(PlannedLayer):
             return plan(x, residual)
         return self._run_op(x, residual)
 
-    def _run_op(self, x, residual):
-        """(y, z) from the registered op: the path under tracing."""
+    def _run_op(self, x, residual, next_conv=True):
+        """(y, z) from the registered op: the path under tracing. Without the next conv, y alone is
+        the last conv's, shortcut and all."""
+        if not next_conv:
+            return kernels.conv2d_bias_act(x, self.weight, self.bias, residual=residual, relu=True,
+                                           shortcut_weight=self.shortcut_weight,
+                                           shortcut_stride=self.shortcut_stride), None
         return kernels.chain_1x1(x, self.weight, self.bias, residual, self.next_weight, self.next_bias,
                                  shortcut_weight=self.shortcut_weight, shortcut_stride=self.shortcut_stride)
 
@@ -522,12 +531,13 @@ class FusedConvChain1x1(FusedChain1x1):
             chain._share_with(next_first, "next_")
         return chain
 
-    def _run_op(self, x, residual):
+    def _run_op(self, x, residual, next_conv=True):
+        next_conv = next_conv and self.next_weight is not None
         out = kernels.conv_chain_1x1(x, self.head_weight, self.head_bias, self.weight, self.bias, residual,
-                                     self.next_weight, self.next_bias, stride=self.stride, padding=self.padding,
-                                     dilation=self.dilation, shortcut_weight=self.shortcut_weight,
-                                     shortcut_stride=self.shortcut_stride)
-        return out if self.next_weight is not None else (out, None)
+                                     self.next_weight if next_conv else None, self.next_bias if next_conv else None,
+                                     stride=self.stride, padding=self.padding, dilation=self.dilation,
+                                     shortcut_weight=self.shortcut_weight, shortcut_stride=self.shortcut_stride)
+        return out if next_conv else (out, None)
 
     def _build_plan(self, x, residual):
         return kernels.plan_conv_chain_1x1(x, self.head_weight, self.head_bias, self.weight, self.bias, residual,
@@ -719,16 +729,16 @@ class FusedBottleneck(_FusedBlock):
     def forward(self, x):
         return self.forward_chained(x)[0]
 
-    def forward_chained(self, x, first=None):
+    def forward_chained(self, x, first=None, *, next_conv=True):
         """(y, z): the block's output y, and z, the next block's first conv of y where this block's
         conv3 is a FusedChain1x1 that computes it (else None). `first`: this block's own first conv
-        of x, where the block before computed it."""
+        of x, where the block before computed it. `next_conv=False`: no z, where nobody takes it."""
         h = self.conv1(x) if first is None else first
         if isinstance(self.conv3, FusedConvChain1x1):  # conv2 runs inside it
-            return self.conv3(h, x)
+            return self.conv3(h, x, next_conv=next_conv)
         h = self.conv2(h)
         if isinstance(self.conv3, FusedChain1x1):
-            return self.conv3(h, x)
+            return self.conv3(h, x, next_conv=next_conv)
         return self._finish(self.conv3, h, x), None
 
 
@@ -781,8 +791,8 @@ class StageHandoff:
     The next stage takes z only for that same y, unmodified: the same tensor object and, outside
     inference mode, the same version counter (inference tensors have none: an in-place change to
     y between the two stages there goes unseen). Any other input runs the next stage's own first
-    conv, as does a traced call (torch.compile, torch.jit.trace), where nothing is handed over. z is
-    taken once, and the handoff lets go of it then."""
+    conv, as does a traced call (torch.compile, torch.jit.trace), where nothing is handed over (and
+    the stage before computes no z). z is taken once, and the handoff lets go of it then."""
 
     def __init__(self):
         self._held = None  # (weak reference to y, y's version or None, z)
@@ -818,14 +828,17 @@ class FusedStage(nn.Sequential):
     takes_over = None  # StageHandoff from the stage before this one, or None
 
     def forward(self, x):
+        tracing = _tracing()
         # the next block's first conv of x, where the block before (or the stage before) computed it
-        first = self.takes_over.take(x) if self.takes_over is not None and not _tracing() else None
-        for block in self:
+        first = self.takes_over.take(x) if self.takes_over is not None and not tracing else None
+        for i, block in enumerate(self):
             if isinstance(block, FusedBottleneck):
-                x, first = block.forward_chained(x, first)
+                # Traced, nothing is handed to the next stage: the last block's chain stops at its output.
+                last_alone = tracing and self.hands_on is not None and i == len(self) - 1
+                x, first = block.forward_chained(x, first, next_conv=not last_alone)
             else:
                 x, first = block(x), None
-        if first is not None and self.hands_on is not None and not _tracing():
+        if first is not None and self.hands_on is not None and not tracing:
             self.hands_on.give(x, first)
         return x
 

@@ -370,9 +370,19 @@ def test_torch_compile_traces_chained_blocks_as_the_chain_op():
         eager = block(x)
         traced = torch.compile(block, backend=record, fullgraph=True)(x)
     targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
-    # layer1: block 0 runs conv1, conv2 and the chain; blocks 1 and 2 conv2 and the chain (block 2's
-    # into layer2.0's first conv, which a traced layer2 computes again: nothing is handed over).
-    assert targets.count("fused_resnet.chain_1x1") == 3 and targets.count("fused_resnet.conv2d_bias_act") == 4, targets
+    # layer1: block 0 runs conv1, conv2 and the chain; block 1 conv2 and the chain; block 2 conv2
+    # and its last conv alone: traced, nothing is handed to layer2, which runs its first conv itself.
+    assert targets.count("fused_resnet.chain_1x1") == 2 and targets.count("fused_resnet.conv2d_bias_act") == 5, targets
+    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+    with_3x3 = fuse(model("resnet50"), chain_blocks=True, chain_3x3=True).layer1
+    graphs.clear()
+    torch._dynamo.reset()
+    with kernels.use_backend("reference"), torch.no_grad():
+        eager = with_3x3(x)
+        traced = torch.compile(with_3x3, backend=record, fullgraph=True)(x)
+    chains = [n for n in graphs[0].graph.nodes if str(n.target) == "fused_resnet.conv_chain_1x1"]
+    # each block's 3x3 in its chain, the last one's without layer2.0's first conv
+    assert [n.args[9] is None for n in chains] == [False, False, True], chains
     torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
 
 
