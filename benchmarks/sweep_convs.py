@@ -399,6 +399,8 @@ def time_network(model, impls, dtype, device, batch, size, when, on_case=None):
 # A chain's ways to run, in the order of its PlanChoice's plans (kernels.chain_1x1): one kernel; its
 # first conv apart and the rest a chain of its own; with a head, the next conv apart.
 CHAIN_WAYS = ("one kernel", "first conv apart", "next conv apart")
+# The table's ops for the chain kernels' configs, and for each chain's way to run.
+CHAIN_OPS = ("chain_1x1", "conv_chain_1x1", "chain_1x1:plan", "conv_chain_1x1:plan")
 
 
 def chain_plans(model):
@@ -409,6 +411,16 @@ def chain_plans(model):
         for plan in getattr(module, "_plans", {}).values():
             if isinstance(plan, backend.PlanChoice) and plan.chosen is not None:
                 chosen[name] = CHAIN_WAYS[plan.plans.index(plan.chosen)]
+    return chosen
+
+
+def ship_chain_choices(gpu):
+    """Merge into the shipped table what the chained networks' first calls chose on this GPU family
+    (the chain kernels' configs and each chain's way to run), from the disk cache, so that a first
+    call elsewhere times none of it. Returns those entries."""
+    chosen = configs.cached(gpu, CHAIN_OPS)
+    if chosen:
+        configs.write_table(chosen)
     return chosen
 
 
@@ -543,6 +555,10 @@ def main(argv=None):
     network = before + time_network(model, after, dtype, device, batch, size, "after",
                                     on_case=lambda done: save(cases + before + done))
     cases += network
+    if args.write_table and cuda:
+        shipped = ship_chain_choices(configs.gpu_family(torch.cuda.get_device_name(device)))
+        print(f"{len(shipped)} chain configs and ways to run, chosen by the networks' first calls, joined the table",
+              file=sys.stderr)
     print(f"{'layer':<34}{'fused ms':>10}{'cuDNN ms':>10}{'fused/cuDNN speed':>19}")
     ratios = []
     for label, fused_ms, base in rows:

@@ -106,6 +106,14 @@ def remember(gpu: str, op: str, dtype: str, key: str, config: dict):
         os.replace(f.name, folder / "configs.json")
 
 
+def cached(gpu: str, ops) -> dict:
+    """The disk cache's entries for `ops` on the GPU family `gpu`, {(gpu, op, dtype, key): config}:
+    what first calls on this machine chose."""
+    with _lock:
+        found = _read(cache_dir() / "configs.json")
+    return {entry: config for entry, config in found.items() if entry[0] == gpu and entry[1] in ops}
+
+
 def forced() -> bool:
     """Whether an override() is in force."""
     return _forced is not None
@@ -124,9 +132,11 @@ def override(config: dict):
         _forced = previous
 
 
-def write_table(entries, path=TABLE_PATH):
-    """Merge {(gpu, op, dtype, key): config} into the shipped table at `path` (the sweep's output)."""
+def write_table(entries, path=None):
+    """Merge {(gpu, op, dtype, key): config} into the shipped table at `path` (default TABLE_PATH; the
+    sweep's output)."""
     global _table
+    path = TABLE_PATH if path is None else path
     with _lock:
         table = _read(pathlib.Path(path))
         table.update({entry: {k: int(v) for k, v in config.items()} for entry, config in entries.items()})

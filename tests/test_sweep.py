@@ -278,3 +278,24 @@ def test_the_sweep_says_how_each_chained_layer_chose_to_run():
         layer._plans["x"].chosen = way  # model[3] has not chosen yet
     model[3]._plans["x"] = backend.PlanChoice("conv_chain_1x1:plan", "key", ways)
     assert load_sweep().chain_plans(model) == {"0": "one kernel", "1": "first conv apart", "2": "next conv apart"}
+
+
+def test_what_the_chained_networks_chose_joins_the_table(tmp_path, monkeypatch):
+    from fused_resnet.kernels import configs
+
+    table = tmp_path / "tuned_configs.json"
+    table.write_text('{"version": 1, "entries": []}')
+    monkeypatch.setattr(configs, "TABLE_PATH", table)
+    monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(configs, "_table", None)
+    monkeypatch.setattr(configs, "_cache", None)
+    chain = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "num_warps": 8, "num_stages": 2}
+    configs.remember("H100", "conv_chain_1x1", "float16", "k1", chain)
+    configs.remember("H100", "conv_chain_1x1:plan", "float16", "k1", {"plan": 2})
+    configs.remember("H100", "conv2d_bias_act", "float16", "k2", {"BLOCK_M": 128})  # the sweep's to decide
+    configs.remember("H200", "chain_1x1:plan", "float16", "k3", {"plan": 0})  # another GPU
+    shipped = load_sweep().ship_chain_choices("H100")
+    assert set(shipped) == {("H100", op, "float16", "k1") for op in ("conv_chain_1x1", "conv_chain_1x1:plan")}
+    rows = json.loads(table.read_text())["entries"]
+    assert {(r["op"], json.dumps(r["config"], sort_keys=True)) for r in rows} == {
+        ("conv_chain_1x1", json.dumps(chain, sort_keys=True)), ("conv_chain_1x1:plan", '{"plan": 2}')}
