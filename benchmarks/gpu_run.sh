@@ -66,7 +66,7 @@ gpu_tests() {
 # The sweep at batch 256 (seconds for its timing: $1); it writes its results and the table as it goes.
 sweep256() {
   python3 benchmarks/sweep_convs.py --json "$out/$tag-sweep.json" --write-table --budget "$1" \
-    --network fused cudnn_fused eager_channels_last --network-after fused_chain fused_chain3x3
+    --network fused cudnn_fused eager_channels_last --network-after fused_chain3x3 fused_chain
 }
 # The first forward of resnet50 fp16 at batch 256 in a new process, with cold caches (the shipped
 # table in force) and then warm ones; each child cut at $1 seconds.
