@@ -456,11 +456,11 @@ class FusedChain1x1(PlannedLayer):
     def forward(self, x, residual, *, next_conv=True):
         """(y, z); with `next_conv=False`, (y, None): a traced stage whose z nobody takes (FusedStage)
         has the chain stop at y, through the registered ops."""
+        if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched, as a block run alone may be
+            y, z = self.forward(x.unsqueeze(0), residual.unsqueeze(0), next_conv=next_conv)
+            return y.squeeze(0), None if z is None else z.squeeze(0)
         if not next_conv:
             return self._run_op(x, residual, next_conv=False)
-        if isinstance(x, torch.Tensor) and x.dim() == 3:  # unbatched, as a block run alone may be
-            y, z = self.forward(x.unsqueeze(0), residual.unsqueeze(0))
-            return y.squeeze(0), None if z is None else z.squeeze(0)
         plan = self._planned(x, residual)
         if plan is not None:
             return plan(x, residual)
