@@ -26,6 +26,7 @@ import os
 import pathlib
 import tempfile
 import threading
+import warnings
 
 import triton
 
@@ -36,6 +37,7 @@ _lock = threading.Lock()
 _table = None  # {(gpu, op, dtype, key): config}, read once
 _cache = None  # the disk cache, read once per process and written through
 _forced = None  # (config, entries asked for) inside override()
+_unwritable = None  # the cache folder that could not be written, once warned of
 
 
 def gpu_family(device_name: str) -> str:
@@ -92,18 +94,28 @@ def lookup(gpu: str, op: str, dtype: str, key: str):
 
 def remember(gpu: str, op: str, dtype: str, key: str, config: dict):
     """Store a tuned config in the disk cache (written at once, atomically, with what other
-    processes stored there since this one read it: processes that tune at once lose nothing)."""
+    processes stored there since this one read it: processes that tune at once lose nothing).
+    Where the cache folder cannot be written (a read-only home, say), this process keeps the
+    config, and a warning says that later ones will tune again."""
+    global _unwritable
     config = {k: int(v) for k, v in config.items()}
     with _lock:
         cache = _load_cache()
         cache.update(_read(cache_dir() / "configs.json"))
         cache[(gpu, op, dtype, key)] = config
         folder = cache_dir()
-        folder.mkdir(parents=True, exist_ok=True)
         entries = [dict(zip(("gpu", "op", "dtype", "key"), e), config=c) for e, c in sorted(cache.items())]
-        with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as f:
-            json.dump({"version": 1, "entries": entries}, f, indent=1)
-        os.replace(f.name, folder / "configs.json")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as f:
+                json.dump({"version": 1, "entries": entries}, f, indent=1)
+            os.replace(f.name, folder / "configs.json")
+        except OSError as err:
+            if _unwritable != folder:  # once a folder
+                _unwritable = folder
+                warnings.warn(f"fused_resnet: cannot write the tuned-config cache in {folder} ({err}); this "
+                              f"process keeps what it tunes, later ones tune again. Set FUSED_RESNET_CACHE_DIR "
+                              f"to a writable folder.", stacklevel=2)
 
 
 def cached(gpu: str, ops) -> dict:

@@ -7,6 +7,7 @@ made-up timings; the launches themselves run interpreted.
 
 import json
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -78,6 +79,19 @@ def test_processes_that_tune_at_once_keep_each_others_configs(fresh):
     configs.remember("H100", "add_relu_test", "float32", "mine too", {"BLOCK_SIZE": 128})
     stored = json.loads((fresh / "cache" / "configs.json").read_text())
     assert sorted(e["key"] for e in stored["entries"]) == ["mine", "mine too", "theirs"]
+
+
+def test_a_cache_folder_that_cannot_be_written_costs_a_warning_not_the_call(fresh, monkeypatch):
+    blocked = fresh / "a file"
+    blocked.write_text("")
+    monkeypatch.setenv("FUSED_RESNET_CACHE_DIR", str(blocked / "cache"))  # under a file: no folder there
+    monkeypatch.setattr(configs, "_unwritable", None)
+    with pytest.warns(UserWarning, match="cannot write the tuned-config cache in .*FUSED_RESNET_CACHE_DIR"):
+        configs.remember("H100", "add_relu_test", "float32", "mine", {"BLOCK_SIZE": 256})
+    assert configs.lookup("H100", "add_relu_test", "float32", "mine") == {"BLOCK_SIZE": 256}  # kept here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        configs.remember("H100", "add_relu_test", "float32", "mine too", {"BLOCK_SIZE": 128})
 
 
 def test_a_damaged_cache_is_ignored(fresh):
