@@ -282,7 +282,7 @@ class KernelLaunch:
             except _UNFIT as err:  # more shared memory or registers than this GPU has, say: skipped
                 unfit.append(err)
         if not timed:
-            raise RuntimeError(f"{self.op}: none of the {len(self.candidates)} candidate configs for {self.key} "
+            raise NoConfigFits(f"{self.op}: none of the {len(self.candidates)} candidate configs for {self.key} "
                                f"compiles for this GPU; the first error: {unfit[0]}") from unfit[0]
         best = min(timed, key=lambda pair: pair[0])[1]  # the first of the fastest, as min() gives
         configs.remember(*entry, best)
@@ -294,6 +294,11 @@ class KernelLaunch:
         kwargs = {**self.args, **config}
         grid = self.grid(config)
         return time_call(lambda: self.kernel[grid](*tensors, **kwargs))
+
+
+class NoConfigFits(RuntimeError):
+    """None of a launch's candidate configs compiles for this GPU (too much shared memory, too
+    many registers)."""
 
 
 def time_call(fn) -> float:
@@ -308,7 +313,8 @@ class PlanChoice:
     It is chosen as KernelLaunch chooses a config. The first call with real GPU tensors takes the
     plan that the shipped table or the disk cache names for (GPU, `op`, dtype, `key`), as
     {"plan": its index}; else it runs each plan once (each choosing its own configs), times each
-    on the call's own operands, stores the fastest in the disk cache, and keeps it. Where nothing
+    on the call's own operands, stores the fastest in the disk cache, and keeps it (a plan none of
+    whose kernel configs compiles for this GPU is passed over, as a config that does not is). Where nothing
     can be timed (tracing, CUDA graph capture) a call runs the named plan, or else the first, and
     the choice waits for a call that can time. Inside a compile-only listing (kernels.precompile)
     a call runs the named plan, or else every plan, so that each kernel that may launch is
@@ -349,10 +355,18 @@ class PlanChoice:
         return self.plans[index] if index in range(len(self.plans)) else None
 
     def _fastest(self, like, operands):
-        for plan in self.plans:  # untimed: each chooses its configs and compiles its kernels
-            plan(*operands)
-        timings = [time_call(functools.partial(plan, *operands)) for plan in self.plans]
-        best = timings.index(min(timings))
+        runnable, unfit = [], []
+        for index, plan in enumerate(self.plans):  # untimed: each chooses its configs and compiles its kernels
+            try:
+                plan(*operands)
+            except NoConfigFits as err:
+                unfit.append(err)
+            else:
+                runnable.append(index)
+        if not runnable:
+            raise unfit[0]
+        timings = {index: time_call(functools.partial(self.plans[index], *operands)) for index in runnable}
+        best = min(timings, key=timings.get)
         configs.remember(*self.table_entry(like), {"plan": best})
         return self.plans[best]
 

@@ -275,6 +275,23 @@ def test_a_plan_choice_times_its_plans_once_and_caches_the_faster(fresh, monkeyp
     assert other(x) == "one kernel" and timed == ["one kernel", "apart"]
 
 
+def test_a_plan_choice_passes_over_a_plan_whose_kernels_do_not_fit_the_gpu(fresh, monkeypatch):
+    x = torch.randn(4)
+    choice, ran, timed = plan_choice({"one kernel": 1.0, "apart": 2.0, "next apart": 3.0}, monkeypatch)
+    too_big = backend.NoConfigFits("chain_test: none of the 4 candidate configs compiles for this GPU")
+
+    def does_not_fit(x):
+        raise too_big
+
+    choice.plans = (does_not_fit, *choice.plans[1:])
+    assert choice(x) == "apart" and timed == ["apart", "next apart"]
+    assert configs.lookup("H100", "chain_test:plan", "float32", "layer") == {"plan": 1}
+    none, _, _ = plan_choice({"one kernel": 1.0}, monkeypatch, key="none fit")
+    none.plans = (does_not_fit,)
+    with pytest.raises(backend.NoConfigFits, match="none of the 4 candidate configs"):
+        none(x)
+
+
 def test_a_plan_choice_chooses_only_where_it_can_time(fresh, monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
