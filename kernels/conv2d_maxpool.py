@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from . import backend, configs
+from . import backend, configs, conv2d, precompile
 from ._checks import pair
 from .conv2d import cudnn_fused, reference_plan
 from .igemm import (
@@ -206,6 +206,13 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, p
                                       pool_padding)
     n, _, ph, pw = out_shape
     p, q = conv_shape[2:]
+    # Which is faster, the conv with its pooling or the conv kernel and then torch's max pooling (the
+    # pooled kernel computes each conv pixel 2.25 times, where 3x3/2 windows overlap), is the
+    # GPU's to say: plan 0, one kernel; 1, two.
+    apart = None
+    if backend.on_gpu(x) and n * ph * pw:
+        apart = _apart_plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride,
+                            pool_padding, out_shape, backend_name, traceable)
     # (The row schedule's pooling taps in the pool's padding read conv windows outside the conv's
     # map, unmasked: kernel_operands keeps a margin for them.)
     to_layout, x, weight, groups, stride, padding, rows = kernel_operands(
@@ -223,7 +230,26 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, p
     def launch_into(y, x):
         launch(to_layout(x), weight, bias, y)
 
-    return backend.output_plan(out_shape, x, launch_into)
+    pooled = backend.output_plan(out_shape, x, launch_into)
+    return pooled if apart is None else backend.PlanChoice("conv2d_bias_act_maxpool:plan", launch.key,
+                                                          (pooled, apart))
+
+
+def _apart_plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride, pool_padding,
+                out_shape, backend_name, traceable):
+    """run(x) -> y: the conv as a conv2d_bias_act plan, then torch's max pooling of its output (as
+    fuse(stem_maxpool=False) runs the stem)."""
+    conv = conv2d._plan(x, weight, bias, stride, padding, dilation, groups, None, relu, None, [1, 1],
+                        backend_name, traceable=traceable)
+
+    def run_apart(x):
+        y = conv(x, None)
+        if precompile.session() is not None:  # listing kernels to compile: y was never computed
+            return torch.empty(out_shape, dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
+        y = F.max_pool2d(y, pool_size, pool_stride, pool_padding)
+        return y.contiguous(memory_format=torch.channels_last)
+
+    return run_apart
 
 
 # ----------------------------------------------------------------------------------------------

@@ -184,6 +184,37 @@ def test_conv_maxpool_bad_inputs():
         kernels.conv2d_bias_act_maxpool(x, weight[:, :2].contiguous(), bias)
 
 
+def test_the_stem_on_a_gpu_may_run_as_one_kernel_or_as_its_conv_and_pooling():
+    # For an H100 (compiled here, nothing run): resnet50's stem at batch 8. Its first call times the
+    # conv with its pooling in one kernel against the conv kernel and torch's max pooling, so the
+    # kernels of both are listed to compile.
+    from fused_resnet.kernels import backend, precompile
+
+    x = torch.empty(8, 3, 224, 224, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    w = torch.empty(64, 3, 7, 7, dtype=torch.float16)
+    with precompile.compile_only("H100") as jobs:
+        plan = kernels.plan_conv2d_bias_act_maxpool(x, w, None, 2, 3, relu=True, pool_size=3, pool_stride=2,
+                                                    pool_padding=1)
+        y = plan(x)
+    assert y.shape == (8, 64, 56, 56) and y.is_contiguous(memory_format=torch.channels_last)
+    assert {job.op for job in jobs} >= {"conv2d_bias_act_maxpool", "conv2d_bias_act"}
+    assert isinstance(plan, backend.PlanChoice) and len(plan.plans) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_the_stems_two_ways_give_its_output(dtype):
+    from fused_resnet.kernels import backend
+
+    x = torch.randn(4, 3, 64, 64, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+    w, b = (torch.randn(64, 3, 7, 7, device=DEVICE) / 12).to(dtype), torch.randn(64, device=DEVICE).to(dtype)
+    plan = kernels.plan_conv2d_bias_act_maxpool(x, w, b, 2, 3, relu=True, pool_size=3, pool_stride=2, pool_padding=1)
+    assert isinstance(plan, backend.PlanChoice)
+    expected = F.max_pool2d(F.conv2d(x.double(), w.double(), b.double(), 2, 3).relu(), 3, 2, 1)
+    for way in plan.plans:
+        check_close(way(x), expected, dtype)
+
+
 def test_conv_maxpool_opcheck():
     x, weight, bias = make_case(2, 3, 9, 8, 8, 3, 3)
     torch.library.opcheck(torch.ops.fused_resnet.conv2d_bias_act_maxpool.default,
