@@ -414,6 +414,20 @@ def chain_plans(model):
     return chosen
 
 
+def stem_way(by_plan):
+    """{(gpu, "conv2d_bias_act_maxpool:plan", dtype, key): {"plan": 0 or 1}}: for the stem, whether
+    its one kernel (0) or its conv then torch's max pooling (1) was faster, each at its best config,
+    as the stem's first call chooses between them (with igemm.SPACE_TO_DEPTH as set); else {}.
+    `by_plan`: the sweep's {plan name: (ms, config, table entries)} for the layer."""
+    pooled = plan_name({"SPACE_TO_DEPTH": int(igemm.SPACE_TO_DEPTH)})
+    apart = plan_name({"SPACE_TO_DEPTH": int(igemm.SPACE_TO_DEPTH), "POOL_APART": 1})
+    if pooled not in by_plan or apart not in by_plan:
+        return {}
+    entries = [e for e in by_plan[pooled][2] if e[1] == "conv2d_bias_act_maxpool"]
+    way = {"plan": int(by_plan[apart][0] < by_plan[pooled][0])}
+    return {(gpu, f"{op}:plan", dtype, key): way for gpu, op, dtype, key in entries}
+
+
 def ship_chain_choices(gpu):
     """Merge into the shipped table what the chained networks' first calls chose on this GPU family
     (the chain kernels' configs and each chain's way to run), from the disk cache, so that a first
@@ -540,6 +554,7 @@ def main(argv=None):
         for _, config, entries in by_plan.values():  # each plan's winner, under its own key
             for entry in entries:
                 winners[entry] = {k: v for k, v in (config or {}).items() if k not in PLAN_SWITCHES}
+        winners.update(stem_way(by_plan))
         if args.write_table and cuda and winners:
             configs.write_table(winners)  # layer by layer, should the run be stopped
         base = {impl: kernel_ms(functools.partial(run, x, r), cuda) for impl, run in base_runs.items()}
@@ -549,7 +564,8 @@ def main(argv=None):
         rows.append((label + ("" if plan_name(best[1]) == "direct" else f" ({plan_name(best[1])})"), best[0], base))
         if len(by_plan) > 1:
             print(f"{label}: " + ", ".join(f"{plan} {b[0]:.4f} ms" for plan, b in by_plan.items())
-                  + f"; igemm.SPACE_TO_DEPTH is {igemm.SPACE_TO_DEPTH}, fuse(stem_maxpool=True) the default",
+                  + f"; igemm.SPACE_TO_DEPTH is {igemm.SPACE_TO_DEPTH}; the table takes the faster of "
+                  + "pooled and pool_apart with it (the stem's way to run)",
                   file=sys.stderr)
     after = args.network + [impl for impl in args.network_after if impl not in args.network]
     network = before + time_network(model, after, dtype, device, batch, size, "after",

@@ -299,3 +299,17 @@ def test_what_the_chained_networks_chose_joins_the_table(tmp_path, monkeypatch):
     rows = json.loads(table.read_text())["entries"]
     assert {(r["op"], json.dumps(r["config"], sort_keys=True)) for r in rows} == {
         ("conv_chain_1x1", json.dumps(chain, sort_keys=True)), ("conv_chain_1x1:plan", '{"plan": 2}')}
+
+
+def test_the_sweep_ships_the_stems_faster_way_to_run(monkeypatch):
+    sweep = load_sweep()
+    monkeypatch.setattr(sweep.igemm, "SPACE_TO_DEPTH", True)  # the stem's conv as the plans run it
+    pooled = ("H100", "conv2d_bias_act_maxpool", "float16", "stem")
+    conv = ("H100", "conv2d_bias_act", "float16", "stem conv")
+    by_plan = {"space_to_depth": (0.9, {}, [pooled]), "pool_apart_space_to_depth": (0.6, {}, [conv]),
+               "direct": (0.5, {}, [pooled])}  # (not what SPACE_TO_DEPTH runs: left out)
+    way = ("H100", "conv2d_bias_act_maxpool:plan", "float16", "stem")
+    assert sweep.stem_way(by_plan) == {way: {"plan": 1}}  # the conv, then torch's max pooling
+    by_plan["space_to_depth"] = (0.5, {}, [pooled])
+    assert sweep.stem_way(by_plan) == {way: {"plan": 0}}  # one kernel
+    assert sweep.stem_way({"direct": (0.5, {}, [conv])}) == {}  # a conv, not the stem
