@@ -16,6 +16,7 @@ import functools
 import math
 import os
 import threading
+import warnings
 
 import torch
 import triton
@@ -314,7 +315,8 @@ class PlanChoice:
     plan that the shipped table or the disk cache names for (GPU, `op`, dtype, `key`), as
     {"plan": its index}; else it runs each plan once (each choosing its own configs), times each
     on the call's own operands, stores the fastest in the disk cache, and keeps it (a plan none of
-    whose kernel configs compiles for this GPU is passed over, as a config that does not is). Where nothing
+    whose kernel configs compiles for this GPU is passed over, as a config that does not is, and so,
+    with a warning, is any other plan but the first that fails). Where nothing
     can be timed (tracing, CUDA graph capture) a call runs the named plan, or else the first, and
     the choice waits for a call that can time. Inside a compile-only listing (kernels.precompile)
     a call runs the named plan, or else every plan, so that each kernel that may launch is
@@ -361,6 +363,12 @@ class PlanChoice:
                 plan(*operands)
             except NoConfigFits as err:
                 unfit.append(err)
+            except Exception as err:
+                if index == 0:  # the way the op runs without a choice: its errors are the op's
+                    raise
+                # Another way that fails costs the first call its choice, not its answer.
+                warnings.warn(f"{self.op}: way {index} to run {self.key} failed and is passed over: "
+                              f"{type(err).__name__}: {err}", stacklevel=2)
             else:
                 runnable.append(index)
         if not runnable:

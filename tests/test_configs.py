@@ -292,6 +292,23 @@ def test_a_plan_choice_passes_over_a_plan_whose_kernels_do_not_fit_the_gpu(fresh
         none(x)
 
 
+def test_a_plan_choice_passes_over_another_way_that_fails_but_not_the_first(fresh, monkeypatch):
+    x = torch.randn(4)
+    choice, _, timed = plan_choice({"one kernel": 2.0, "apart": 1.0}, monkeypatch)
+
+    def broken(x):
+        raise ValueError("no such layout")
+
+    choice.plans = (choice.plans[0], broken)
+    with pytest.warns(UserWarning, match="way 1 to run layer failed and is passed over: ValueError: no such layout"):
+        assert choice(x) == "one kernel"
+    assert timed == ["one kernel"]
+    first_broken, _, _ = plan_choice({"one kernel": 2.0, "apart": 1.0}, monkeypatch, key="another")
+    first_broken.plans = (broken, first_broken.plans[1])
+    with pytest.raises(ValueError, match="no such layout"):
+        first_broken(x)
+
+
 def test_a_plan_choice_chooses_only_where_it_can_time(fresh, monkeypatch):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
