@@ -373,8 +373,10 @@ class PlanChoice:
                 runnable.append(index)
         if not runnable:
             raise unfit[0]
-        timings = {index: time_call(functools.partial(self.plans[index], *operands)) for index in runnable}
-        best = min(timings, key=timings.get)
+        best = runnable[0]
+        if len(runnable) > 1:
+            timings = {index: time_call(functools.partial(self.plans[index], *operands)) for index in runnable}
+            best = min(timings, key=timings.get)
         configs.remember(*self.table_entry(like), {"plan": best})
         return self.plans[best]
 

@@ -302,7 +302,7 @@ def test_a_plan_choice_passes_over_another_way_that_fails_but_not_the_first(fres
     choice.plans = (choice.plans[0], broken)
     with pytest.warns(UserWarning, match="way 1 to run layer failed and is passed over: ValueError: no such layout"):
         assert choice(x) == "one kernel"
-    assert timed == ["one kernel"]
+    assert timed == []  # one way left: nothing to time
     first_broken, _, _ = plan_choice({"one kernel": 2.0, "apart": 1.0}, monkeypatch, key="another")
     first_broken.plans = (broken, first_broken.plans[1])
     with pytest.raises(ValueError, match="no such layout"):
