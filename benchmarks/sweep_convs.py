@@ -23,13 +23,13 @@ shortcuts), in the shapes the fused model launches, and for the head (average po
    conv+bias+ReLU then max pooling, and eager's conv, BatchNorm, ReLU and pooling; the head, with
    configs.head_candidates' sweep list, against eager's pooling and fc alone);
 3. a table of the best config against cuDNN per layer is printed (for the stem, the best of each
-   plan too, which settles igemm.SPACE_TO_DEPTH and fuse's stem_maxpool), and the cases
+   plan too: the stem's ways to run, which its first call would otherwise time), and the cases
    {"model": "resnet50-conv" (the head: "resnet50-head"), "layer", "impl": "fused" | "cudnn_fused" |
    "eager", "dtype", "batch", "kernel_ms", "config"} are written with the run's provenance (each
    fused case adds "timed", every config with its time and its error against cuDNN, "wrong", each
    config that failed the check with its error, "failed", each that did not compile or run, and
-   the stem's "by_plan"); `--write-table` merges the winners (of each plan) into
-   kernels/tuned_configs.json, so that plans on this GPU find them;
+   the stem's "by_plan"); `--write-table` merges the winners (of each plan) and the stem's fastest
+   way to run (stem_ways) into kernels/tuned_configs.json, so that plans on this GPU find them;
 4. with `--network`, the whole resnet50 is timed (median of CUDA-event timings) for the
    implementations named there, before the sweep and after it (`--network-after`: after it only;
    each saved as soon as it is timed; with the table it wrote in force;
@@ -414,18 +414,36 @@ def chain_plans(model):
     return chosen
 
 
-def stem_way(by_plan):
-    """{(gpu, "conv2d_bias_act_maxpool:plan", dtype, key): {"plan": 0 or 1}}: for the stem, whether
-    its one kernel (0) or its conv then torch's max pooling (1) was faster, each at its best config,
-    as the stem's first call chooses between them (with igemm.SPACE_TO_DEPTH as set); else {}.
-    `by_plan`: the sweep's {plan name: (ms, config, table entries)} for the layer."""
-    pooled = plan_name({"SPACE_TO_DEPTH": int(igemm.SPACE_TO_DEPTH)})
-    apart = plan_name({"SPACE_TO_DEPTH": int(igemm.SPACE_TO_DEPTH), "POOL_APART": 1})
-    if pooled not in by_plan or apart not in by_plan:
-        return {}
-    entries = [e for e in by_plan[pooled][2] if e[1] == "conv2d_bias_act_maxpool"]
-    way = {"plan": int(by_plan[apart][0] < by_plan[pooled][0])}
-    return {(gpu, f"{op}:plan", dtype, key): way for gpu, op, dtype, key in entries}
+def stem_ways(by_plan):
+    """{(gpu, "<op>:plan", dtype, key): {"plan": i}}: the stem's ways to run, as its first call would
+    choose them, from the sweep's {plan name: (ms, config, table entries)} for the layer (each plan
+    at its best config); {} for a layer that has no choice.
+
+    Way 0 of each is the layout igemm.SPACE_TO_DEPTH names, and the choice is keyed by its
+    kernel's entry. The conv alone (conv2d_bias_act:plan, whether it runs on its own or before
+    torch's max pooling): 0, that layout, or 1, the other. The conv with its pooling
+    (conv2d_bias_act_maxpool:plan): 0, the pooled kernel; 1, the conv then torch's max pooling,
+    over the faster layout; 2, the pooled kernel over the other layout."""
+    default = int(igemm.SPACE_TO_DEPTH)
+
+    def timed(blocks, apart):
+        found = by_plan.get(plan_name({"SPACE_TO_DEPTH": blocks, "POOL_APART": apart}))
+        return (math.inf, []) if found is None else (found[0], found[2])
+
+    def choice(op, entries, times):
+        way = {"plan": min(range(len(times)), key=times.__getitem__)}
+        return {(gpu, f"{op}:plan", dtype, key): way for gpu, o, dtype, key in entries if o == op}
+
+    ways = {}
+    for apart in (0, 1):  # the conv's layout: alone (a stem without pooling), or before the pooling
+        (ms, entries), (other_ms, _) = timed(default, apart), timed(1 - default, apart)
+        if math.isfinite(ms) and math.isfinite(other_ms):
+            ways.update(choice("conv2d_bias_act", entries, [ms, other_ms]))
+    pooled, entries = timed(default, 0)
+    apart = min(timed(default, 1)[0], timed(1 - default, 1)[0])
+    if math.isfinite(pooled) and (math.isfinite(apart) or math.isfinite(timed(1 - default, 0)[0])):
+        ways.update(choice("conv2d_bias_act_maxpool", entries, [pooled, apart, timed(1 - default, 0)[0]]))
+    return ways
 
 
 def ship_chain_choices(gpu):
@@ -554,7 +572,7 @@ def main(argv=None):
         for _, config, entries in by_plan.values():  # each plan's winner, under its own key
             for entry in entries:
                 winners[entry] = {k: v for k, v in (config or {}).items() if k not in PLAN_SWITCHES}
-        winners.update(stem_way(by_plan))
+        winners.update(stem_ways(by_plan))
         if args.write_table and cuda and winners:
             configs.write_table(winners)  # layer by layer, should the run be stopped
         base = {impl: kernel_ms(functools.partial(run, x, r), cuda) for impl, run in base_runs.items()}
@@ -564,8 +582,7 @@ def main(argv=None):
         rows.append((label + ("" if plan_name(best[1]) == "direct" else f" ({plan_name(best[1])})"), best[0], base))
         if len(by_plan) > 1:
             print(f"{label}: " + ", ".join(f"{plan} {b[0]:.4f} ms" for plan, b in by_plan.items())
-                  + f"; igemm.SPACE_TO_DEPTH is {igemm.SPACE_TO_DEPTH}; the table takes the faster of "
-                  + "pooled and pool_apart with it (the stem's way to run)",
+                  + "; the table takes the fastest as the stem's way to run",
                   file=sys.stderr)
     after = args.network + [impl for impl in args.network_after if impl not in args.network]
     network = before + time_network(model, after, dtype, device, batch, size, "after",

@@ -309,7 +309,8 @@ def time_call(fn) -> float:
 
 class PlanChoice:
     """Plans that compute the same thing in different ways (a chain of convs in one kernel, or the
-    convs one after the other), called as one: each call runs the plan that is faster on this GPU.
+    convs one after the other; the stem's conv over its pixels or over their 2x2 blocks), called
+    as one: each call runs the plan that is faster on this GPU.
 
     It is chosen as KernelLaunch chooses a config. The first call with real GPU tensors takes the
     plan that the shipped table or the disk cache names for (GPU, `op`, dtype, `key`), as

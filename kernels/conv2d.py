@@ -27,6 +27,7 @@ from .igemm import (
     epilogue,
     kernel_operands,
     normalize_args,
+    other_layout,
     output_box,
     output_tile,
     split_range,
@@ -162,12 +163,13 @@ def _conv2d_bias_act_kernel(
 
 
 def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, shortcut_weight, shortcut_stride,
-          backend_name, *, traceable=False):
+          backend_name, *, traceable=False, blocks=None):
     """Check the arguments once and return run(x, residual) -> y for operands laid out as these.
 
     The plan holds weight, bias and shortcut_weight; x and residual (their shapes, strides, dtype
     and device as given here) come with each call. With `traceable`, kernels launch through
-    wrap_triton (inside the registered op)."""
+    wrap_triton (inside the registered op). `blocks`: whether a conv that space_to_depth fits runs
+    so (None: igemm.SPACE_TO_DEPTH says, and on a GPU the first call times the other layout too)."""
     out_shape = check_conv_args(x, weight, bias, stride, padding, dilation, groups, residual,
                                 shortcut_weight, shortcut_stride)
     path = backend.choose(x, backend_name, cudnn=True)
@@ -179,10 +181,16 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
                                shortcut_stride)
         return run_cudnn
     n, _, p, q = out_shape
+    # The stem's conv: which input layout its kernel reads faster, the pixels as they are or their
+    # 2x2 blocks (space_to_depth), is the GPU's to say. Way 0 is igemm.SPACE_TO_DEPTH's.
+    other = None if blocks is not None or not n * p * q else other_layout(x, weight, stride, dilation, groups)
+    other_way = None if other is None else _plan(
+        x, weight, bias, stride, padding, dilation, groups, residual, relu, shortcut_weight, shortcut_stride,
+        backend_name, traceable=traceable, blocks=other)
     kind = "none" if residual is None else ("residual" if shortcut_weight is None else "shortcut")
     # (Space-to-depth changes x, not what the epilogue reads: it applies with any kind.)
     to_layout, x, weight, groups, stride, padding, rows = kernel_operands(
-        x, weight, stride, padding, dilation, groups, (p, q), traceable=traceable)
+        x, weight, stride, padding, dilation, groups, (p, q), traceable=traceable, blocks=blocks)
     c_sc = shortcut_weight.shape[1] if kind == "shortcut" else 0
     # The kernel reads a residual as it writes the output, by dense NHWC rows: a residual of
     # other strides is copied so at each call. A shortcut's input is read as it is, unless its
@@ -216,7 +224,8 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
             x = x.clone(memory_format=torch.channels_last)  # descriptors need 16-byte aligned rows
         launch(x, weight, bias, residual, shortcut_weight, y)
 
-    return backend.output_plan(out_shape, x, launch_into)
+    plan = backend.output_plan(out_shape, x, launch_into)
+    return plan if other_way is None else backend.PlanChoice("conv2d_bias_act:plan", launch.key, (plan, other_way))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from .igemm import (
     ieee_fp32,
     kernel_operands,
     normalize_args,
+    other_layout,
     output_size,
     output_tile,
     row_filters,
@@ -188,9 +189,10 @@ def _check_pool_args(conv_shape, pool_size, pool_stride, pool_padding):
 
 
 def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride, pool_padding,
-          backend_name, *, traceable=False):
+          backend_name, *, traceable=False, blocks=None):
     """Check the arguments once and return run(x) -> y for inputs laid out as x (see
-    conv2d.plan_conv2d_bias_act)."""
+    conv2d.plan_conv2d_bias_act). `blocks`: the pooled kernel alone, its conv as space_to_depth or
+    not (None: as igemm.SPACE_TO_DEPTH says, and on a GPU the first call times the other ways too)."""
     conv_shape = check_conv_args(x, weight, bias, stride, padding, dilation, groups, None, None, None,
                                   op="conv2d_bias_act_maxpool")
     out_shape = _check_pool_args(conv_shape, pool_size, pool_stride, pool_padding)
@@ -207,16 +209,22 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, p
     n, _, ph, pw = out_shape
     p, q = conv_shape[2:]
     # Which is faster, the conv with its pooling or the conv kernel and then torch's max pooling (the
-    # pooled kernel computes each conv pixel 2.25 times, where 3x3/2 windows overlap), is the
-    # GPU's to say: plan 0, one kernel; 1, two.
-    apart = None
-    if backend.on_gpu(x) and n * ph * pw:
-        apart = _apart_plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride,
-                            pool_padding, out_shape, backend_name, traceable)
+    # pooled kernel computes each conv pixel 2.25 times, where 3x3/2 windows overlap), and which
+    # input layout the conv reads faster (igemm.space_to_depth), is the GPU's to say: way 0, one
+    # kernel; 1, two (the conv's plan chooses its layout in turn); 2, one kernel over the other layout.
+    ways = []
+    if blocks is None and backend.on_gpu(x) and n * ph * pw:
+        ways.append(_apart_plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride,
+                                pool_padding, out_shape, backend_name, traceable))
+        other = other_layout(x, weight, stride, dilation, groups)
+        if other is not None:
+            ways.append(_plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride,
+                              pool_padding, backend_name, traceable=traceable, blocks=other))
     # (The row schedule's pooling taps in the pool's padding read conv windows outside the conv's
     # map, unmasked: kernel_operands keeps a margin for them.)
     to_layout, x, weight, groups, stride, padding, rows = kernel_operands(
-        x, weight, stride, padding, dilation, groups, (p, q), margin=max(pool_padding), traceable=traceable)
+        x, weight, stride, padding, dilation, groups, (p, q), margin=max(pool_padding), traceable=traceable,
+        blocks=blocks)
     launch = conv_launch(
         "conv2d_bias_act_maxpool", _conv2d_bias_act_maxpool_kernel, x, weight, bias, out_shape, n * ph * pw,
         stride, padding, dilation, groups, relu, traceable=traceable, rows=rows,
@@ -231,8 +239,7 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, p
         launch(to_layout(x), weight, bias, y)
 
     pooled = backend.output_plan(out_shape, x, launch_into)
-    return pooled if apart is None else backend.PlanChoice("conv2d_bias_act_maxpool:plan", launch.key,
-                                                          (pooled, apart))
+    return backend.PlanChoice("conv2d_bias_act_maxpool:plan", launch.key, (pooled, *ways)) if ways else pooled
 
 
 def _apart_plan(x, weight, bias, stride, padding, dilation, groups, relu, pool_size, pool_stride, pool_padding,

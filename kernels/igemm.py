@@ -56,12 +56,14 @@ INTERPRETER_BOX_W = 0
 # tests run several.
 INTERPRETER_SPLIT_K = 1
 # Whether a few-channel stride-2 conv (the stem) runs as a stride-1 conv over 2x2 pixel blocks
-# (space_to_depth), on a GPU and under the interpreter alike. It changes the operands, not just
-# the kernel, so it is a plan's choice rather than a config's: plans built while it is set take it.
-# On by default from the compiled code, before any GPU timing of it: for an H100 the direct stem's
-# input runs load one 2-byte element at a time, synchronously inside the main loop (nothing to
-# overlap with its MMAs), 1827 instructions a warp per pooling tap; space-to-depth's load as
-# pipelined 16-byte copies, 557 (compile_report.py). benchmarks/sweep_convs.py times both plans.
+# (space_to_depth) where nothing is timed: under the interpreter, while tracing, under
+# configs.override. It changes the operands, not just the kernel, so it is a plan's choice rather
+# than a config's: plans built while it is set take it. On a GPU a plan times both layouts at its
+# first call and keeps the faster (backend.PlanChoice; this one is its way 0). On from the compiled
+# code, before any GPU timing of it: for an H100 the direct stem's input runs load one 2-byte
+# element at a time, synchronously inside the main loop (nothing to overlap with its MMAs), 1827
+# instructions a warp per pooling tap; space-to-depth's load as pipelined 16-byte copies, 557
+# (compile_report.py). benchmarks/sweep_convs.py times both and ships the faster in the table.
 SPACE_TO_DEPTH = True
 
 
@@ -712,9 +714,18 @@ def space_to_depth_fits(weight, stride, dilation, groups):
     return groups == 1 and tuple(stride) == (2, 2) and tuple(dilation) == (1, 1) and cg <= 4 and r * s > 1
 
 
-def space_to_depth_schedule(weight, stride, dilation, groups):
-    """Whether the conv runs as space_to_depth: it fits, and SPACE_TO_DEPTH is set."""
-    return SPACE_TO_DEPTH and space_to_depth_fits(weight, stride, dilation, groups)
+def space_to_depth_schedule(weight, stride, dilation, groups, blocks=None):
+    """Whether the conv runs as space_to_depth: it fits, and `blocks` asks for it (None:
+    SPACE_TO_DEPTH does)."""
+    return (SPACE_TO_DEPTH if blocks is None else blocks) and space_to_depth_fits(weight, stride, dilation, groups)
+
+
+def other_layout(x, weight, stride, dilation, groups):
+    """The layout a conv plan's first call also times, as its way 1, or None: where space_to_depth
+    fits a conv on a GPU, the one SPACE_TO_DEPTH does not name (the plan's `blocks`)."""
+    if backend.on_gpu(x) and space_to_depth_fits(weight, stride, dilation, groups):
+        return not SPACE_TO_DEPTH
+    return None
 
 
 @triton.jit
@@ -817,19 +828,20 @@ def bundle_groups(weight, groups):
     return dense.reshape(k, bundle * cg, r, s).contiguous(memory_format=torch.channels_last), groups // bundle
 
 
-def kernel_operands(x, weight, stride, padding, dilation, groups, out_hw, margin=0, *, traceable=False):
+def kernel_operands(x, weight, stride, padding, dilation, groups, out_hw, margin=0, *, traceable=False,
+                    blocks=None):
     """How a conv plan hands x and the weight to a kernel built on conv_tile: (to_layout, x as the
     kernel sees it, weight, groups, stride, padding, rows). Groups of few channels bundled
-    (bundle_groups); then as space_to_depth where that is set and fits (each call's x copied into
-    2x2 blocks, stride 1, no padding), else x as gather_layout has it; then, where the row
-    schedule applies (`rows`), the weight packed by rows (row_weight).
+    (bundle_groups); then as space_to_depth where `blocks` (None: SPACE_TO_DEPTH) asks for it and
+    it fits (each call's x copied into 2x2 blocks, stride 1, no padding), else x as gather_layout
+    has it; then, where the row schedule applies (`rows`), the weight packed by rows (row_weight).
 
     `margin`: the kernel reads, without masks, the row schedule's runs of output pixels up to this
     many outside the output map (conv2d_maxpool's pooling taps): space_to_depth keeps that margin
     of zeros around its copy, and a conv without padding (whose row schedule reads unmasked) that
     is not a space-to-depth copy is left to the gathered schedule."""
     weight, groups = bundle_groups(weight, groups)
-    if space_to_depth_schedule(weight, stride, dilation, groups):
+    if space_to_depth_schedule(weight, stride, dilation, groups, blocks):
         to_layout, x, weight, padding = space_to_depth(x, weight, padding, out_hw, margin, traceable=traceable)
         stride, rows = (1, 1), True
     else:

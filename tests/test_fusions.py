@@ -184,12 +184,16 @@ def test_conv_maxpool_bad_inputs():
         kernels.conv2d_bias_act_maxpool(x, weight[:, :2].contiguous(), bias)
 
 
-def test_the_stem_on_a_gpu_may_run_as_one_kernel_or_as_its_conv_and_pooling():
+@pytest.mark.parametrize("blocks", [True, False], ids=["space_to_depth", "direct"])
+def test_the_stem_on_a_gpu_may_run_as_one_kernel_or_as_its_conv_and_pooling_over_either_layout(
+        monkeypatch, blocks):
     # For an H100 (compiled here, nothing run): resnet50's stem at batch 8. Its first call times the
-    # conv with its pooling in one kernel against the conv kernel and torch's max pooling, so the
-    # kernels of both are listed to compile.
-    from fused_resnet.kernels import backend, precompile
+    # conv with its pooling in one kernel against the conv kernel and torch's max pooling, each over
+    # the pixels as they are and over their 2x2 blocks, so the kernels of all four are listed to
+    # compile; igemm.SPACE_TO_DEPTH names the layout of way 0.
+    from fused_resnet.kernels import backend, igemm, precompile
 
+    monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", blocks)
     x = torch.empty(8, 3, 224, 224, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
     w = torch.empty(64, 3, 7, 7, dtype=torch.float16)
     with precompile.compile_only("H100") as jobs:
@@ -197,22 +201,44 @@ def test_the_stem_on_a_gpu_may_run_as_one_kernel_or_as_its_conv_and_pooling():
                                                     pool_padding=1)
         y = plan(x)
     assert y.shape == (8, 64, 56, 56) and y.is_contiguous(memory_format=torch.channels_last)
-    assert {job.op for job in jobs} >= {"conv2d_bias_act_maxpool", "conv2d_bias_act"}
-    assert isinstance(plan, backend.PlanChoice) and len(plan.plans) == 2
+    # The conv as space_to_depth runs it is a 4x4 filter over 16 channels; as it is, 7x7 over 3.
+    filters = {(job.op, "R=4" in job.key.split(",")) for job in jobs if job.op}  # (and the copy into blocks)
+    assert filters == {(op, r4) for op in ("conv2d_bias_act_maxpool", "conv2d_bias_act") for r4 in (True, False)}
+    assert isinstance(plan, backend.PlanChoice) and len(plan.plans) == 3
+    assert ("R=4" in plan.key.split(",")) == blocks  # way 0: the layout SPACE_TO_DEPTH names
+
+
+def test_a_conv_that_space_to_depth_fits_times_both_layouts_on_a_gpu_and_no_other_conv_does():
+    from fused_resnet.kernels import backend, precompile
+
+    x = torch.empty(2, 3, 32, 32, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    with precompile.compile_only("H100"):
+        stem = kernels.plan_conv2d_bias_act(x, torch.empty(16, 3, 7, 7, dtype=torch.float16), None, 2, 3)
+        strided_1 = kernels.plan_conv2d_bias_act(x, torch.empty(16, 3, 7, 7, dtype=torch.float16), None, 1, 3)
+        wide = torch.empty(2, 8, 32, 32, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+        eight = kernels.plan_conv2d_bias_act(wide, torch.empty(16, 8, 3, 3, dtype=torch.float16), None, 2, 1)
+    assert isinstance(stem, backend.PlanChoice) and stem.op == "conv2d_bias_act:plan" and len(stem.plans) == 2
+    assert not isinstance(strided_1, backend.PlanChoice) and not isinstance(eight, backend.PlanChoice)
+    stem_cpu = kernels.plan_conv2d_bias_act(x, torch.randn(16, 3, 7, 7, dtype=torch.float16), None, 2, 3)
+    assert not isinstance(stem_cpu, backend.PlanChoice)  # nothing to time: the layout SPACE_TO_DEPTH names
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-def test_the_stems_two_ways_give_its_output(dtype):
+def test_every_way_the_stem_may_run_gives_its_output(dtype):
     from fused_resnet.kernels import backend
 
     x = torch.randn(4, 3, 64, 64, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
     w, b = (torch.randn(64, 3, 7, 7, device=DEVICE) / 12).to(dtype), torch.randn(64, device=DEVICE).to(dtype)
     plan = kernels.plan_conv2d_bias_act_maxpool(x, w, b, 2, 3, relu=True, pool_size=3, pool_stride=2, pool_padding=1)
-    assert isinstance(plan, backend.PlanChoice)
-    expected = F.max_pool2d(F.conv2d(x.double(), w.double(), b.double(), 2, 3).relu(), 3, 2, 1)
-    for way in plan.plans:
-        check_close(way(x), expected, dtype)
+    assert isinstance(plan, backend.PlanChoice) and len(plan.plans) == 3
+    conv_expected = F.conv2d(x.double(), w.double(), b.double(), 2, 3).relu()
+    for way in plan.plans:  # pooled, conv then pooling, pooled over the other layout
+        check_close(way(x), F.max_pool2d(conv_expected, 3, 2, 1), dtype)
+    conv = kernels.plan_conv2d_bias_act(x, w, b, 2, 3, relu=True)
+    assert isinstance(conv, backend.PlanChoice) and len(conv.plans) == 2
+    for way in conv.plans:  # over the 2x2 blocks of pixels, and over the pixels as they are
+        check_close(way(x, None), conv_expected, dtype)
 
 
 def test_conv_maxpool_opcheck():

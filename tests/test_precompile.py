@@ -324,18 +324,18 @@ STEM_SCRIPT = textwrap.dedent("""
     import json
     import torch
     from fused_resnet import kernels
-    from fused_resnet.kernels import igemm, precompile
+    from fused_resnet.kernels import precompile
 
     found = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for blocks in (True, False):
-            igemm.SPACE_TO_DEPTH = blocks
-            x = torch.empty(8, 3, 224, 224, dtype=dtype).contiguous(memory_format=torch.channels_last)
-            weight = torch.empty(64, 3, 7, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
-            with precompile.compile_only("H100") as jobs:
-                kernels.plan_conv2d_bias_act_maxpool(x, weight, None, 2, 3, relu=True, pool_size=3, pool_stride=2,
-                                                     pool_padding=1)(x)
-            found += [job for job in jobs if job.op]  # the pooled kernel's candidates, not the copy
+        x = torch.empty(8, 3, 224, 224, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        weight = torch.empty(64, 3, 7, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        with precompile.compile_only("H100") as jobs:  # its first call times both layouts: both are listed
+            kernels.plan_conv2d_bias_act_maxpool(x, weight, None, 2, 3, relu=True, pool_size=3, pool_stride=2,
+                                                 pool_padding=1)(x)
+        # the pooled kernel's candidates, not the copy or the conv apart
+        found += [job for job in jobs if job.op == "conv2d_bias_act_maxpool"]
+    assert {job.kwargs["R"] for job in found} == {4, 7}  # over 2x2 blocks (space_to_depth), and as it is
     print(json.dumps([[job.config, result] for job, result in zip(found, precompile.compile_jobs(found, workers=2))]))
 """)
 
@@ -366,8 +366,10 @@ IEEE_SCRIPT = textwrap.dedent("""
         kernels.plan_conv2d_bias_act_maxpool(x, stem, None, 2, 3, relu=True, pool_size=3, pool_stride=2,
                                              pool_padding=1)(x)
         kernels.plan_conv2d_bias_act(h, conv, None, 1, 1, residual=h, relu=True)(h, h)
-    # the pooled stem and the 3x3 (not the stem's conv apart, which the pooled stem's first call times too)
+    # the pooled stem, over either layout, and the 3x3 (not the stem's conv apart, which the pooled
+    # stem's first call times too)
     found = [job for job in jobs if job.op == "conv2d_bias_act_maxpool" or job.kwargs.get("R") == 3]
+    assert {job.kwargs["R"] for job in found if job.op == "conv2d_bias_act_maxpool"} == {4, 7}
     results = precompile.compile_jobs(found, workers=2, machine_code=True)
     print(json.dumps([[job.op, job.config, result] for job, result in zip(found, results)]))
 """)

@@ -301,15 +301,31 @@ def test_what_the_chained_networks_chose_joins_the_table(tmp_path, monkeypatch):
         ("conv_chain_1x1", json.dumps(chain, sort_keys=True)), ("conv_chain_1x1:plan", '{"plan": 2}')}
 
 
-def test_the_sweep_ships_the_stems_faster_way_to_run(monkeypatch):
+@pytest.mark.parametrize("default", [True, False], ids=["space_to_depth_first", "direct_first"])
+def test_the_sweep_ships_the_stems_fastest_way_to_run(monkeypatch, default):
     sweep = load_sweep()
-    monkeypatch.setattr(sweep.igemm, "SPACE_TO_DEPTH", True)  # the stem's conv as the plans run it
-    pooled = ("H100", "conv2d_bias_act_maxpool", "float16", "stem")
+    monkeypatch.setattr(sweep.igemm, "SPACE_TO_DEPTH", default)  # the layout of each plan's way 0
+    first, second = ("space_to_depth", "direct") if default else ("direct", "space_to_depth")
+    pooled = ("H100", "conv2d_bias_act_maxpool", "float16", "stem")  # the default layout's kernels
     conv = ("H100", "conv2d_bias_act", "float16", "stem conv")
-    by_plan = {"space_to_depth": (0.9, {}, [pooled]), "pool_apart_space_to_depth": (0.6, {}, [conv]),
-               "direct": (0.5, {}, [pooled])}  # (not what SPACE_TO_DEPTH runs: left out)
-    way = ("H100", "conv2d_bias_act_maxpool:plan", "float16", "stem")
-    assert sweep.stem_way(by_plan) == {way: {"plan": 1}}  # the conv, then torch's max pooling
-    by_plan["space_to_depth"] = (0.5, {}, [pooled])
-    assert sweep.stem_way(by_plan) == {way: {"plan": 0}}  # one kernel
-    assert sweep.stem_way({"direct": (0.5, {}, [conv])}) == {}  # a conv, not the stem
+    other = [("H100", "conv2d_bias_act_maxpool", "float16", "other stem"),
+             ("H100", "conv2d_bias_act", "float16", "other conv")]  # never a way's key
+    stem_way = ("H100", "conv2d_bias_act_maxpool:plan", "float16", "stem")
+    conv_way = ("H100", "conv2d_bias_act:plan", "float16", "stem conv")
+
+    def ways(pooled_ms, apart_ms, other_pooled_ms, other_apart_ms):
+        timed = {first: (pooled_ms, {}, [pooled]), "pool_apart_" + first: (apart_ms, {}, [conv]),
+                 second: (other_pooled_ms, {}, other[:1]), "pool_apart_" + second: (other_apart_ms, {}, other[1:])}
+        return sweep.stem_ways({name: t for name, t in timed.items() if t[0] is not None})
+
+    assert ways(0.5, 0.6, 0.7, 0.8) == {stem_way: {"plan": 0}, conv_way: {"plan": 0}}  # one kernel
+    assert ways(0.9, 0.6, 0.7, 0.8) == {stem_way: {"plan": 1}, conv_way: {"plan": 0}}  # conv, then pooling
+    assert ways(0.9, 0.8, 0.5, 0.6) == {stem_way: {"plan": 2}, conv_way: {"plan": 1}}  # one kernel, other layout
+    assert ways(0.9, 0.8, 0.95, 0.6) == {stem_way: {"plan": 1}, conv_way: {"plan": 1}}  # conv over the other layout
+    assert ways(0.9, 0.6, None, None) == {stem_way: {"plan": 1}}  # the other layout unmeasured: the conv's left open
+    assert ways(None, 0.6, 0.5, 0.8) == {conv_way: {"plan": 0}}  # no way 0 measured: no key for the stem's way
+    assert ways(0.5, None, None, None) == {}  # nothing to choose from
+    # A stem without its pooling: its conv's layout alone.
+    unpooled = {first: (0.7, {}, [conv]), second: (0.6, {}, other[1:])}
+    assert sweep.stem_ways(unpooled) == {conv_way: {"plan": 1}}
+    assert sweep.stem_ways({"direct": (0.5, {}, [conv])}) == {}  # a conv of one layout: no choice
