@@ -44,7 +44,7 @@ def describe(job):
     """A short name of the launch: op and the sizes that tell layers apart."""
     sizes = dict(part.split("=", 1) for part in job.key.split(",") if "=" in part)
     if job.op in ("chain_1x1", "conv_chain_1x1"):
-        added = f"+shortcut C{sizes['Cs']}" if sizes.get("SHORTCUT") == "1" else "+residual"
+        added = f"+shortcut C{sizes['C_sc']}" if sizes.get("SHORTCUT") == "1" else "+residual"
         head = f"Ch{sizes['Ch']} {sizes['H']}->{sizes['P']} " if sizes.get("HEAD") == "1" else ""
         nxt = f" J{sizes['J']}" if sizes.get("NEXT", "1") == "1" else ""
         return f"{OP_NAMES[job.op]}: {head}C{sizes['C']} K{sizes['K']}{nxt} {added}"

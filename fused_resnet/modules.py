@@ -217,7 +217,7 @@ class FusedConv2d(PlannedLayer):
     """conv2d + bias (+ residual) (+ ReLU) as one kernel (kernels.conv2d_bias_act).
 
     forward(x, residual=None) = relu(conv2d(x, weight, bias) + residual); the add only when a
-    residual is passed, the ReLU only if `relu`. With a `shortcut_weight` (K, Cs, 1, 1), the
+    residual is passed, the ReLU only if `relu`. With a `shortcut_weight` (K, C_sc, 1, 1), the
     residual is a projection shortcut's input and what is added is conv2d(residual,
     shortcut_weight, stride=shortcut_stride), computed in the same GEMM; `bias` then holds both
     convs' biases. The weights are kept channels_last, the layout the kernel reads, so no call

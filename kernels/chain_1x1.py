@@ -59,18 +59,18 @@ def _chain_1x1_kernel(
     hb_ptr,  # HEAD: the head conv's bias (C,), or None
     w_ptr,  # (K, C), row stride stride_wk: the first 1x1 conv's weight
     b_ptr,  # (K,), or None (with a shortcut: both convs' biases summed)
-    r_ptr,  # SHORTCUT: the shortcut's input (N, Cs, Hs, Ws), dense NHWC; else the residual (M, K), dense NHWC rows
-    ws_ptr,  # SHORTCUT: the shortcut's weight (K, Cs), row stride stride_sk; else None
+    r_ptr,  # SHORTCUT: its input (N, C_sc, H_sc, W_sc), dense NHWC; else the residual (M, K), dense NHWC rows
+    shortcut_w_ptr,  # SHORTCUT: the shortcut's weight (K, C_sc), row stride stride_swk; else None
     y_ptr,  # (M, K): y, dense NHWC rows, written once
     v_ptr,  # NEXT: (J, K), row stride stride_vj: the next 1x1 conv's weight; else None
     c_ptr,  # NEXT: (J,), or None
     z_ptr,  # NEXT: (M, J): z, dense NHWC rows; else None
     M, C, K, J,
-    P, Q, Cs, Hs, Ws,  # the output map; SHORTCUT: the shortcut input's channels and map
+    P, Q, C_sc, H_sc, W_sc,  # the output map; SHORTCUT: the shortcut input's channels and map
     Ch, H, W,  # HEAD: the head conv's input channels and map
     head_stride_h, head_stride_w, pad_h, pad_w, dil_h, dil_w,
     shortcut_stride_h, shortcut_stride_w,
-    stride_wk, stride_vj, stride_sk,
+    stride_wk, stride_vj, stride_swk,
     HEAD: tl.constexpr,  # x is computed here: relu(conv(head input, head weight) + head bias), rounded as stored
     R: tl.constexpr,  # HEAD: the head conv's filter size
     S: tl.constexpr,
@@ -84,7 +84,7 @@ def _chain_1x1_kernel(
     BLOCK_N: tl.constexpr,  # y's channels a chunk
     BLOCK_K: tl.constexpr,  # HEAD: the head conv's channels a step of its main loop
     BLOCK_C: tl.constexpr,  # C rounded up to a power of two: the whole reduction of y at once
-    BLOCK_S: tl.constexpr,  # SHORTCUT: Cs rounded up to a power of two (STREAM_S: the channels a step)
+    BLOCK_S: tl.constexpr,  # SHORTCUT: C_sc rounded up to a power of two (STREAM_S: the channels a step)
     BLOCK_J: tl.constexpr,  # J rounded up to a power of two: z's accumulator holds every channel
 ):
     pid = tl.program_id(0)
@@ -119,10 +119,10 @@ def _chain_1x1_kernel(
         # The shortcut's input under each output pixel (strided), loaded once as well: y's
         # reduction continues over it, as conv2d_bias_act's merged shortcut does. Past MAX_CHANNELS
         # (STREAM_S) it is not held but read again for each chunk of y, from L2 after the first.
-        s_rows = ((n * Hs + p * shortcut_stride_h) * Ws + q * shortcut_stride_w) * Cs
+        s_rows = ((n * H_sc + p * shortcut_stride_h) * W_sc + q * shortcut_stride_w) * C_sc
         if not STREAM_S:
             offs_s = tl.arange(0, BLOCK_S)
-            mask_s = offs_s < Cs
+            mask_s = offs_s < C_sc
             xs = tl.load(r_ptr + s_rows[:, None] + offs_s[None, :], mask=mask_m[:, None] & mask_s[None, :],
                          other=0.0)
     if NEXT:
@@ -134,17 +134,17 @@ def _chain_1x1_kernel(
                     other=0.0)  # (BLOCK_C, BLOCK_N)
         acc = dot(tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), x, w, DOT_FP32, INPUT_PRECISION)
         if SHORTCUT and STREAM_S:
-            for s0 in range(0, Cs, BLOCK_S):
+            for s0 in range(0, C_sc, BLOCK_S):
                 offs_s = s0 + tl.arange(0, BLOCK_S)
-                mask_s = offs_s < Cs
+                mask_s = offs_s < C_sc
                 xs = tl.load(r_ptr + s_rows[:, None] + offs_s[None, :], mask=mask_m[:, None] & mask_s[None, :],
                              other=0.0)
-                ws = tl.load(ws_ptr + cols[None, :] * stride_sk + offs_s[:, None],
+                ws = tl.load(shortcut_w_ptr + cols[None, :] * stride_swk + offs_s[:, None],
                              mask=mask_s[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_S, BLOCK_N)
                 acc = dot(acc, xs, ws, DOT_FP32, INPUT_PRECISION)
         elif SHORTCUT:
-            ws = tl.load(ws_ptr + cols[None, :] * stride_sk + offs_s[:, None], mask=mask_s[:, None] & mask_n[None, :],
-                         other=0.0)  # (BLOCK_S, BLOCK_N)
+            ws = tl.load(shortcut_w_ptr + cols[None, :] * stride_swk + offs_s[:, None],
+                         mask=mask_s[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_S, BLOCK_N)
             acc = dot(acc, xs, ws, DOT_FP32, INPUT_PRECISION)
         mask_y = mask_m[:, None] & mask_n[None, :]
         acc = epilogue(acc, b_ptr, r_ptr, rows * K, 1, cols, mask_n, mask_y, not SHORTCUT, True)
@@ -287,12 +287,12 @@ def _plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_stri
         # The head's weight as the kernel reads it: (C, R, S, Ch) in memory.
         head_w = head.weight.contiguous(memory_format=torch.channels_last)
     args = dict(
-        M=m, C=c, K=k, J=j, P=p, Q=q, Cs=cs, Hs=hs, Ws=ws, Ch=ch, H=hh, W=hw,
+        M=m, C=c, K=k, J=j, P=p, Q=q, C_sc=cs, H_sc=hs, W_sc=ws, Ch=ch, H=hh, W=hw,
         head_stride_h=head_stride[0], head_stride_w=head_stride[1], pad_h=padding[0], pad_w=padding[2],
         dil_h=dilation[0], dil_w=dilation[1],
         shortcut_stride_h=shortcut_stride[0], shortcut_stride_w=shortcut_stride[1],
         stride_wk=w2.stride(0), stride_vj=0 if v2 is None else v2.stride(0),
-        stride_sk=0 if ws2 is None else ws2.stride(0),
+        stride_swk=0 if ws2 is None else ws2.stride(0),
         HEAD=head is not None, R=r, S=s, CH_DIVISOR=igemm.channel_divisor(ch) if ch else 1,
         NEXT=next_weight is not None,
         SHORTCUT=bool(cs), STREAM_S=stream_s,
@@ -441,8 +441,8 @@ def chain_1x1(input, weight, bias, residual, next_weight, next_bias=None, *, sho
     next_bias)), both 1x1 convs of stride 1, in one kernel that never reads y back from memory.
 
     input (N, C, H, W), weight (K, C, 1, 1), residual (N, K, H, W), next_weight (J, K, 1, 1); any
-    memory format; y and z come channels_last. With `shortcut_weight` (K, Cs, 1, 1), the residual
-    is a projection shortcut's input (N, Cs, Hs, Ws) and what y adds is conv2d(residual,
+    memory format; y and z come channels_last. With `shortcut_weight` (K, C_sc, 1, 1), the residual
+    is a projection shortcut's input (N, C_sc, H_sc, W_sc) and what y adds is conv2d(residual,
     shortcut_weight, stride=shortcut_stride), computed in the same kernel, as conv2d_bias_act does
     (fold its bias into `bias`). Where the chain does not fit one program (chain_fits(),
     configs.chain_candidates), and on the cuDNN and reference backends, the two convs run one
