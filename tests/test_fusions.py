@@ -224,7 +224,8 @@ def test_a_conv_that_space_to_depth_fits_times_both_layouts_on_a_gpu_and_no_othe
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+# (fp32 with the slow gpu tests: the candidates of every way compile one after another)
+@pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.float32, marks=pytest.mark.slow)], ids=str)
 def test_every_way_the_stem_may_run_gives_its_output(dtype):
     from fused_resnet.kernels import backend
 
