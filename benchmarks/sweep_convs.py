@@ -439,10 +439,10 @@ def stem_ways(by_plan):
         (ms, entries), (other_ms, _) = timed(default, apart), timed(1 - default, apart)
         if math.isfinite(ms) and math.isfinite(other_ms):
             ways.update(choice("conv2d_bias_act", entries, [ms, other_ms]))
-    pooled, entries = timed(default, 0)
+    (pooled, entries), (other_pooled, _) = timed(default, 0), timed(1 - default, 0)
     apart = min(timed(default, 1)[0], timed(1 - default, 1)[0])
-    if math.isfinite(pooled) and (math.isfinite(apart) or math.isfinite(timed(1 - default, 0)[0])):
-        ways.update(choice("conv2d_bias_act_maxpool", entries, [pooled, apart, timed(1 - default, 0)[0]]))
+    if math.isfinite(pooled) and (math.isfinite(apart) or math.isfinite(other_pooled)):
+        ways.update(choice("conv2d_bias_act_maxpool", entries, [pooled, apart, other_pooled]))
     return ways
 
 
