@@ -220,7 +220,9 @@ class KernelLaunch:
     def _bind(self, config):
         self.take_scratch = None if self.scratch is None else self.scratch(config)
         kernel, kwargs = self.kernel, {**self.args, **config}
-        if self.traceable:
+        # (An interpreted kernel never enters a traced graph: on a CPU, tracing traces the reference.
+        # So it launches as it is; torch 2.11's wrap_triton refuses the interpreter's kernels.)
+        if self.traceable and self.on_cuda:
             if "num_warps" in config:  # a traced launch takes warps and stages from a one-config autotuner
                 kernel, kwargs = _single_config(self.kernel, config), self.args
             kernel = wrap_triton(kernel)
