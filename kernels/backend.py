@@ -30,7 +30,11 @@ from . import configs, precompile
 
 BACKENDS = ("auto", "triton", "reference", "cudnn")
 
-_backend = contextvars.ContextVar("fused_resnet_kernels_backend", default="auto")
+# The backend in force, per thread, as torch keeps its grad mode and autocast. torch.compile reads
+# it while tracing and guards on it, so a compiled model called under another backend recompiles.
+# (A ContextVar would follow asyncio tasks too, but Dynamo in torch 2.11 cannot trace one: a
+# fullgraph compile of a fused model failed at every op.)
+_backend = threading.local()
 
 # The Triton interpreter patches triton.language while a kernel runs, so two threads interpreting
 # at once break each other; compiled launches need no lock.
@@ -70,7 +74,7 @@ def check_interpreter() -> None:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run every kernels op inside the `with` block on backend `name`.
+    """Run every kernels op inside the `with` block on backend `name` (in this thread, as torch.no_grad).
 
     "auto": the default described in this module's docstring. "triton": the Triton kernel, which
     on CPU tensors needs the interpreter. "reference": plain torch ops (conv, add, ReLU as separate
@@ -79,22 +83,23 @@ def use_backend(name: str):
     """
     if name not in BACKENDS:
         raise ValueError(f"kernels.use_backend: unknown backend {name!r}; expected one of {BACKENDS}")
-    token = _backend.set(name)
+    previous = current_backend()
+    _backend.name = name
     try:
         yield
     finally:
-        _backend.reset(token)
+        _backend.name = previous
 
 
 def current_backend() -> str:
     """The backend chosen by the innermost `use_backend`, or "auto"."""
-    return _backend.get()
+    return getattr(_backend, "name", "auto")
 
 
 def resolve(tensor: torch.Tensor, name: str | None = None) -> str:
     """The concrete backend ("triton", "reference" or "cudnn") for an op on `tensor` under backend
     `name` (default: the one in force)."""
-    name = _backend.get() if name is None else name
+    name = current_backend() if name is None else name
     if name not in BACKENDS:
         raise ValueError(f"kernels: unknown backend {name!r}; expected one of {BACKENDS}")
     on_cuda = tensor.device.type == "cuda"

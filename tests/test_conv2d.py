@@ -624,6 +624,20 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fused_resnet.add_relu.default, (res, res.flip(0), "auto"))
 
 
+def test_use_backend_holds_in_its_own_thread_only():
+    import threading
+
+    seen = []
+    with kernels.use_backend("reference"):
+        thread = threading.Thread(target=lambda: seen.append(kernels.current_backend()))
+        thread.start()
+        thread.join()
+        with kernels.use_backend("cudnn"):
+            assert kernels.current_backend() == "cudnn"
+        assert kernels.current_backend() == "reference"
+    assert seen == ["auto"] and kernels.current_backend() == "auto"
+
+
 def test_use_backend_switch():
     x, weight, bias = make_case(1, 8, 5, 5, 8, 3, 3)
     with kernels.use_backend("reference"):
