@@ -229,6 +229,16 @@ def test_a_block_traced_by_torch_compile_calls_the_registered_ops():
     torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
 
 
+def test_torch_export_keeps_one_registered_op_per_fused_layer():
+    block = FusedBottleneck.from_torchvision(randomize_bn(Bottleneck(32, 8)).eval())
+    x = torch.randn(2, 32, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        exported = torch.export.export(block, (x,))
+        targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+        assert targets == ["fused_resnet.conv2d_bias_act.default"] * 3, targets
+        torch.testing.assert_close(exported.module()(x), block(x), rtol=1e-5, atol=1e-5)
+
+
 def test_switching_backends_under_torch_compile_takes_effect():
     # The backend reaches the op as an argument read by the traced wrapper: a switch recompiles.
     layer = conv_layer()
