@@ -28,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 import torchvision
@@ -106,11 +107,12 @@ def main(argv=None):
     with precompile.compile_only(args.gpu, every_candidate=args.every_candidate) as jobs, torch.no_grad():
         model(x)
     jobs = jobs[: args.limit]
-    # An empty Triton cache of its own, so that every compile is a cold one.
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="fused_resnet_compile_report_")
-    start = time.perf_counter()
-    results = precompile.compile_jobs(jobs, workers=args.workers, machine_code=True)
-    wall = time.perf_counter() - start
+    # An empty Triton cache of its own, so that every compile is a cold one; gone afterwards.
+    with tempfile.TemporaryDirectory(prefix="fused_resnet_compile_report_") as cache, \
+            mock.patch.dict(os.environ, TRITON_CACHE_DIR=cache):
+        start = time.perf_counter()
+        results = precompile.compile_jobs(jobs, workers=args.workers, machine_code=True)
+        wall = time.perf_counter() - start
     cases = []
     print(f"{'launch':<48}{'config':<34}{'s':>6}{'smem KB':>9}{'regs':>6}{'spill B':>8}{'async':>7}{'tma':>5}"
           f"{'wgmma':>7}{'mma':>5}{'loop':>6}{'issue':>7}{'loads':>6}")
