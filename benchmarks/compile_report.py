@@ -2,7 +2,7 @@
 whether each kernel's loads are pipelined, for a GPU this machine need not have.
 
     python benchmarks/compile_report.py --arch resnet50 --dtype float16 --batch 256 --gpu H100 \
-        [--every-candidate] [--workers 2] [--json benchmarks/results/NAME.json]
+        [--every-candidate | --sweep] [--workers 2] [--json benchmarks/results/NAME.json]
 
 The fused network runs once inside kernels.precompile.compile_only(gpu): every launch records the
 kernels its first call would compile (the config table's entry, else each candidate it would
@@ -17,6 +17,11 @@ arithmetic, not by the tensor cores; kernels.precompile.loop_instructions). A lo
 is the whole kernel's code: the compiler unrolled its loops. "loads" are the global loads an
 iteration of a loop without MMAs holds (the head's pooling), about what a thread keeps in flight
 each time it waits for memory.
+
+With --sweep the jobs are instead what benchmarks/sweep_convs.py compiles before it times anything:
+every config of its list on every distinct resnet50 conv and the head, each case naming its layer.
+Their compile seconds, over the GPU machine's workers, are about how long the sweep's compiling takes
+there, and a config that fails or spills here does so there.
 
 Compile seconds are this machine's CPU, one job a process: a cold first forward on a GPU pays
 about their sum (plus the timing of candidates) when it compiles serially.
@@ -81,6 +86,24 @@ def loop_text(result):
     return f"{size:>6}" + (f"{ratio:>7.2f}" if ratio is not None else f"{'-':>7}")
 
 
+def sweep_jobs(dtype, batch, size, gpu):
+    """The CompileJobs of benchmarks/sweep_convs.py's configs for `gpu`, and each job's layer."""
+    import sweep_convs  # beside this script
+
+    model = synthetic_batchnorm(torchvision.models.resnet50(), size=32)
+    layers = sweep_convs.distinct_layers(model, batch, size, dtype, "cpu")
+    labels = []
+    with precompile.compile_only(gpu) as jobs, torch.no_grad():
+        for _, layer, x_shape, r_shape in layers:
+            x, r = (None if shape is None else torch.empty(shape, dtype=dtype).contiguous(
+                memory_format=torch.channels_last) for shape in (x_shape, r_shape))
+            for config in sweep_convs.sweep_configs(layer, x_shape, dtype, cuda=True):
+                with sweep_convs.forced(config):
+                    sweep_convs.plan_of(layer, x, r, pool_apart=bool(config.get("POOL_APART")))(x, r)
+            labels += [sweep_convs.describe(layer, x_shape)] * (len(jobs) - len(labels))
+    return jobs, labels
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=bench.ARCHS, default="resnet50")
@@ -90,6 +113,8 @@ def main(argv=None):
     parser.add_argument("--gpu", choices=sorted(precompile.CAPABILITY), default="H100")
     parser.add_argument("--every-candidate", action="store_true",
                         help="compile every candidate config, even where the table holds one")
+    parser.add_argument("--sweep", action="store_true",
+                        help="compile what benchmarks/sweep_convs.py compiles (resnet50), not a first forward")
     parser.add_argument("--workers", type=int, default=1, help="compile in this many processes (default: 1)")
     parser.add_argument("--limit", type=int, default=None, help="compile only the first N jobs")
     parser.add_argument("--no-tf32", action="store_true", help="fp32 dots in IEEE precision, not TF32")
@@ -97,15 +122,22 @@ def main(argv=None):
     parser.add_argument("--chain-3x3", action="store_true", help="the network as fuse(chain_3x3=True) runs it")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    if args.sweep and (args.arch != "resnet50" or args.every_candidate or args.chain_blocks or args.chain_3x3):
+        parser.error("--sweep compiles the sweep's configs of resnet50: no --arch other than resnet50, "
+                     "--every-candidate, --chain-blocks or --chain-3x3 with it")
     dtype = bench.DTYPES[args.dtype]
     if args.no_tf32:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
-    model = fuse(synthetic_batchnorm(getattr(torchvision.models, args.arch)(), size=32), dtype=dtype,
-                 chain_blocks=args.chain_blocks, chain_3x3=args.chain_3x3)
-    x = torch.empty(args.batch, 3, args.size, args.size, dtype=dtype).contiguous(memory_format=torch.channels_last)
-    with precompile.compile_only(args.gpu, every_candidate=args.every_candidate) as jobs, torch.no_grad():
-        model(x)
+    if args.sweep:
+        jobs, layers = sweep_jobs(dtype, args.batch, args.size, args.gpu)
+    else:
+        model = fuse(synthetic_batchnorm(getattr(torchvision.models, args.arch)(), size=32), dtype=dtype,
+                     chain_blocks=args.chain_blocks, chain_3x3=args.chain_3x3)
+        x = torch.empty(args.batch, 3, args.size, args.size, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        with precompile.compile_only(args.gpu, every_candidate=args.every_candidate) as jobs, torch.no_grad():
+            model(x)
+        layers = [None] * len(jobs)
     jobs = jobs[: args.limit]
     # An empty Triton cache of its own, so that every compile is a cold one; gone afterwards.
     with tempfile.TemporaryDirectory(prefix="fused_resnet_compile_report_") as cache, \
@@ -116,10 +148,12 @@ def main(argv=None):
     cases = []
     print(f"{'launch':<48}{'config':<34}{'s':>6}{'smem KB':>9}{'regs':>6}{'spill B':>8}{'async':>7}{'tma':>5}"
           f"{'wgmma':>7}{'mma':>5}{'loop':>6}{'issue':>7}{'loads':>6}")
-    for job, result in zip(jobs, results):
+    for job, layer, result in zip(jobs, layers, results):
         case = {"arch": args.arch, "dtype": args.dtype, "batch": args.batch, "target": args.gpu,
                 "tf32": not args.no_tf32 if args.dtype == "float32" else None,
                 "launch": describe(job), "op": job.op, "key": job.key, "config": job.config, **result}
+        if layer is not None:
+            case["sweep_layer"] = layer
         cases.append(case)
         if "error" in result:
             print(f"{describe(job):<48}{config_text(job.config):<34}  failed: {result['error'][:80]}")
@@ -131,11 +165,14 @@ def main(argv=None):
               f"{(result.get('load_loop_loads') or ['-'])[0]:>6}")
     seconds = [r["seconds"] for r in results if "error" not in r]
     failed = len(results) - len(seconds)
+    spilled = sum(1 for r in results if r.get("spill_bytes"))
     ratios = [r for r in map(issue_ratio, results) if r is not None]
     if seconds:
-        print(f"{len(jobs)} kernels for {args.gpu} ({args.arch}, {args.dtype}, batch {args.batch}): "
+        what = "the sweep's configs of " if args.sweep else ""
+        print(f"{len(jobs)} kernels for {args.gpu} ({what}{args.arch}, {args.dtype}, batch {args.batch}): "
               f"{sum(seconds):.0f} s of compiling, median {statistics.median(seconds):.1f} s, "
-              f"max {max(seconds):.1f} s; {wall:.0f} s wall with {args.workers} worker(s); {failed} failed")
+              f"max {max(seconds):.1f} s; {wall:.0f} s wall with {args.workers} worker(s); {failed} failed, "
+              f"{spilled} spill registers")
     if ratios:
         print(f"main loops: instructions per tensor-core cycle, median {statistics.median(ratios):.2f}, "
               f"max {max(ratios):.2f} over {len(ratios)} kernels with warpgroup MMAs")
@@ -144,7 +181,8 @@ def main(argv=None):
         what_ran = (f"compiled here for {args.gpu} (sm_{precompile.CAPABILITY[args.gpu]}) by Triton's compiler, "
                     "ptxas and nvdisasm; counts of the code, nothing run, no timing")
         bench.write_results(args.json, command, torch.device("cpu"), cases, what_ran=what_ran,
-                            summary={"jobs": len(jobs), "compile_s": round(sum(seconds), 2), "wall_s": round(wall, 2),
+                            summary={"jobs": len(jobs), "sweep": args.sweep, "spilled": spilled,
+                                     "compile_s": round(sum(seconds), 2), "wall_s": round(wall, 2),
                                      "workers": args.workers, "failed": failed,
                                      "issue_ratio_median": round(statistics.median(ratios), 3) if ratios else None,
                                      "issue_ratio_max": round(max(ratios), 3) if ratios else None})

@@ -7,7 +7,9 @@ layer (the stem conv+maxpool, each block's convs with their epilogues, the merge
 shortcuts), in the shapes the fused model launches, and for the head (average pooling + fc):
 
 1. every config of kernels.configs.sweep_candidates (Inductor's conv configs and the Hopper
-   matmul tutorial's, both main loops, and for dense 1x1 convs the tensor-descriptor read, for
+   matmul tutorial's) in the pipelined main loop, with no more stages than the loop fills, the
+   unrolled loop at the first call's tiles (configs.candidates) as its comparison, and for dense
+   1x1 convs the tensor-descriptor read, for
    stride-1 convs with taps box tiles read through 4-D descriptors, where few output tiles leave
    most SMs idle (small batches) each gathered config split-K (kernels.configs.split_k), for the
    3-channel stem the row and the gathered schedules, and the same again for its space-to-depth
@@ -216,14 +218,25 @@ def sweep_configs(layer, x_shape, dtype, cuda):
         apart = candidates(m, kg, reduction, element, variants=[{**v, **conv_switches} for v in variants])
         apart += blocked(m, conv_switches, configs.MAX_ACC_PER_THREAD)
         return together + [{**c, "POOL_APART": 1} for c in apart]
-    variants = [{**v, **conv_switches} for v in variants]
+    # The wide list in the pipelined schedule; the unrolled one (a loop over channel blocks in each
+    # tap) at the first call's tiles alone, as the comparison: compiled for an H100 it took half
+    # the sweep's compiling (500 of 1030 s, 118 of 1006 configs) and spilled registers in 36 of them,
+    # the pipelined schedule in 12 (compile_report.py --sweep).
+    variants = [{**v, **conv_switches} for v in variants if v["FLAT_LOOP"] == 1]
     if dense_1x1(x, layer.weight, layer.stride, layer.padding, layer.dilation, layer.groups):
         variants.append({"FLAT_LOOP": 1, "USE_TMA": 1, "BOX_W": 0})
     chosen = candidates(m, kg, reduction, element, variants=variants)
+    unrolled = []
+    if 0 in loops:
+        unrolled = configs.candidates(m, kg, reduction, element, switches={"FLAT_LOOP": 0, **conv_switches},
+                                      ieee=ieee)
     split = []
     if not flat_k:
-        # Split-K where the tiles leave most SMs idle (small batches): each gathered config again, split.
+        # No more pipeline stages than the main loop fills, as the first call's candidates.
         c_sc = 0 if layer.shortcut_weight is None else layer.shortcut_weight.shape[1]
+        chosen, unrolled = (configs.cap_stages(found, igemm.stage_trips(rr * ss, cg, c_sc))
+                            for found in (chosen, unrolled))
+        # Split-K where the tiles leave most SMs idle (small batches): each gathered config again, split.
         variant = configs.split_variant(m, kg, layer.groups, igemm.loop_trips(rr * ss, cg, c_sc), sms)
         split = [v for c in chosen if c["FLAT_LOOP"] == 1 and c["USE_TMA"] == 0 and (v := variant(c)) is not None]
     if box_schedule(x, layer.weight, layer.stride, layer.groups):
@@ -233,7 +246,7 @@ def sweep_configs(layer, x_shape, dtype, cuda):
         p, q = output_size(h, w, rr, ss, stride, padding, dilation)
         chosen += [{**c, "BOX_W": box_width(p, q, c["BLOCK_M"])} for c in chosen
                    if c["FLAT_LOOP"] == 1 and c["USE_TMA"] == 0]
-    return chosen + split + blocked(m, conv_switches, configs.MAX_ACC_PER_THREAD)
+    return chosen + split + unrolled + blocked(m, conv_switches, configs.MAX_ACC_PER_THREAD)
 
 
 @contextlib.contextmanager

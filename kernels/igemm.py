@@ -657,6 +657,16 @@ def loop_trips(taps, channels, shortcut_channels=0):
     return trips
 
 
+def stage_trips(taps, channels, shortcut_channels=0):
+    """trips(config): the trips of an unsplit gathered conv's longest loop, which its pipeline
+    stages fill (configs.cap_stages): the taps' channel blocks, or the projection shortcut's, a
+    loop of its own."""
+    def trips(config):
+        return max(taps * triton.cdiv(channels, config["BLOCK_K"]), triton.cdiv(shortcut_channels, config["BLOCK_K"]))
+
+    return trips
+
+
 def split_scratch(grid):
     """A KernelLaunch's scratch for kernels that may split K (split_sum): for a config with
     SPLIT_K > 1, the partial tiles (fp32, SPLIT_K a program's output tile) and the zeroed arrival
@@ -946,9 +956,8 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     candidates = configs.candidates(m, kg, reduction, x.element_size(), smem, switches=switches,
                                     max_acc_per_thread=max_acc_per_thread, shared_bytes=shared_bytes,
                                     ieee=ieee_fp32(x.dtype))
-    if not flat_k:  # (the shortcut's channel blocks are a loop of their own unless split)
-        candidates = configs.cap_stages(candidates, lambda c: max(r * s * triton.cdiv(cg, c["BLOCK_K"]),
-                                                                  triton.cdiv(extra_reduction, c["BLOCK_K"])))
+    if not flat_k:
+        candidates = configs.cap_stages(candidates, stage_trips(r * s, cg, extra_reduction))
     variants = []
     if split and not flat_k:
         sms = launch_multiprocessors(x)

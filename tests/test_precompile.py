@@ -441,3 +441,28 @@ def test_compile_report(tmp_path):
     assert "compile_report.py --arch resnet18" in payload["provenance"]["command"]
     assert payload["provenance"]["path"].startswith("compiled here for H100 (sm_90)")
     assert "3 kernels for H100 (resnet18, float16, batch 1)" in done.stdout
+
+
+def test_compile_report_of_the_sweep(tmp_path):
+    # --sweep compiles what benchmarks/sweep_convs.py compiles: its configs, layer by layer, the
+    # stem first, each case naming its layer.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["FUSED_RESNET_CACHE_DIR"] = str(tmp_path / "cache")
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "compile_report.py")
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, script, "--sweep", "--batch", "1", "--size", "32", "--limit", "2",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    cases = payload["cases"]
+    assert [c["sweep_layer"] for c in cases] == ["C3 K64 7x7/2 32x32 +maxpool"] * 2
+    # The stem's pooled kernel over its pixels as they are, in the sweep's first two configs.
+    assert [c["op"] for c in cases] == ["conv2d_bias_act_maxpool"] * 2
+    assert all("error" not in c and c["seconds"] > 0 for c in cases), cases
+    assert cases[0]["config"] != cases[1]["config"]
+    assert payload["summary"]["sweep"] is True and payload["summary"]["jobs"] == 2
+    assert "2 kernels for H100 (the sweep's configs of resnet50, float16, batch 1)" in done.stdout
+    refused = subprocess.run([sys.executable, script, "--sweep", "--arch", "resnet18"], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--sweep compiles the sweep's configs of resnet50" in refused.stderr
+

@@ -113,6 +113,37 @@ def test_the_sweep_splits_k_where_the_batch_leaves_tiles_few():
         assert all(c["FLAT_LOOP"] == 1 and c["USE_TMA"] == 0 and c["BOX_W"] == 0 for c in split)
 
 
+def test_the_sweep_times_the_unrolled_loop_at_the_first_calls_tiles_and_fills_its_stages():
+    # The pipelined loop takes the sweep's wide list of tiles; the unrolled one (a channel loop in
+    # each tap) only the first call's tiles, as the comparison. No config has more pipeline stages
+    # than its main loop fills, as at the first call.
+    import torch
+    import torchvision
+    import triton
+    from fused_resnet.kernels import configs
+
+    sweep = load_sweep()
+    layers = {sweep.describe(layer, x_shape): (layer, x_shape)
+              for _, layer, x_shape, _ in sweep.distinct_layers(torchvision.models.resnet50(), 256, 224,
+                                                                 torch.float16, "cpu")}
+
+    def tiles(found):
+        return {(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["num_warps"]) for c in found}
+
+    found = sweep.sweep_configs(*layers["C128 K128 3x3/1 28x28"], torch.float16, cuda=True)
+    unrolled = [c for c in found if c["FLAT_LOOP"] == 0]
+    first = configs.candidates(256 * 28 * 28, 128, 128, 2)
+    assert tiles(unrolled) == tiles(first) and len(unrolled) == len(first) == 4
+    assert all(c["BOX_W"] == 0 and c["USE_TMA"] == 0 and c.get("SPLIT_K", 1) == 1 for c in unrolled)
+    pipelined = [c for c in found if c["FLAT_LOOP"] == 1 and c["BOX_W"] == 0]
+    assert len(tiles(pipelined)) >= 3 * len(first)
+    # A 1x1 over 64 channels makes one trip at BLOCK_K 64: two stages, whatever the list says.
+    found = sweep.sweep_configs(*layers["C64 K64 1x1/1 56x56"], torch.float16, cuda=True)
+    assert all(c["FLAT_LOOP"] == 1 for c in found)
+    assert all(c["num_stages"] <= max(2, triton.cdiv(64, c["BLOCK_K"]) + 1) for c in found), found
+    assert {c["num_stages"] for c in found if c["BLOCK_K"] == 64} == {2}
+
+
 def test_the_sweep_gives_ieee_fp32_its_own_tiles(monkeypatch):
     # fp32 with TF32 off runs its dots on the FMA units: the sweep times tiles of at most 32
     # accumulators a thread there (16 for the pooled stem), as the first call's candidates are.
