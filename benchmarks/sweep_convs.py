@@ -183,14 +183,13 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     m = n * h * w // (layer.stride[0] * layer.stride[1])  # conv output pixels
     flat_k = cg < FLAT_K_BELOW
     reduction = cg * rr * ss if flat_k else cg
-    loops = (1,) if flat_k or rr * ss == 1 else (0, 1)
     element = torch.empty((), dtype=dtype).element_size()
     # fp32 with TF32 off: IEEE dots, on the FMA units, with lists (and a stem limit) of their own.
     ieee = igemm.ieee_fp32(dtype)
     candidates = functools.partial(configs.sweep_candidates, ieee=ieee)
     # The sweep's inputs are dense channels_last, as these are.
     x = torch.empty(x_shape, dtype=dtype, device="meta", memory_format=torch.channels_last)
-    variants = [{"FLAT_LOOP": loop} for loop in loops]
+    variants = [{"FLAT_LOOP": 1}]
     if row_schedule(x, layer.weight, layer.dilation, layer.groups):
         # The few-channel stem: its reduction per filter row over contiguous runs, or gathered.
         variants = [{"FLAT_LOOP": 1, "ROWS": rows} for rows in (1, 0)]
@@ -222,12 +221,12 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     # tap) at the first call's tiles alone, as the comparison: compiled for an H100 it took half
     # the sweep's compiling (500 of 1030 s, 118 of 1006 configs) and spilled registers in 36 of them,
     # the pipelined schedule in 12 (compile_report.py --sweep).
-    variants = [{**v, **conv_switches} for v in variants if v["FLAT_LOOP"] == 1]
+    variants = [{**v, **conv_switches} for v in variants]
     if dense_1x1(x, layer.weight, layer.stride, layer.padding, layer.dilation, layer.groups):
         variants.append({"FLAT_LOOP": 1, "USE_TMA": 1, "BOX_W": 0})
     chosen = candidates(m, kg, reduction, element, variants=variants)
     unrolled = []
-    if 0 in loops:
+    if not flat_k and rr * ss > 1:
         unrolled = configs.candidates(m, kg, reduction, element, switches={"FLAT_LOOP": 0, **conv_switches},
                                       ieee=ieee)
     split = []

@@ -465,4 +465,3 @@ def test_compile_report_of_the_sweep(tmp_path):
     refused = subprocess.run([sys.executable, script, "--sweep", "--arch", "resnet18"], env=env,
                              capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "--sweep compiles the sweep's configs of resnet50" in refused.stderr
-
