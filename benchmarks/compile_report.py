@@ -57,6 +57,9 @@ def describe(job):
     if "Cg" in sizes:
         text = f"C{sizes['Cg']} K{sizes.get('Kg', '?')} {sizes.get('R', '?')}x{sizes.get('S', '?')}"
         text += f" {sizes.get('H', '?')}->{sizes.get('P', '?')}"
+        dilation = {sizes.get("dil_h", "1"), sizes.get("dil_w", "1")}
+        if dilation != {"1"}:
+            text += f" dil{'x'.join(sorted(dilation))}"
         if sizes.get("EPILOGUE", "none") != "none":
             text += f" +{sizes['EPILOGUE']}"
         return f"{OP_NAMES.get(job.op, job.op)}: {text}"
@@ -120,11 +123,16 @@ def main(argv=None):
     parser.add_argument("--no-tf32", action="store_true", help="fp32 dots in IEEE precision, not TF32")
     parser.add_argument("--chain-blocks", action="store_true", help="the network as fuse(chain_blocks=True) runs it")
     parser.add_argument("--chain-3x3", action="store_true", help="the network as fuse(chain_3x3=True) runs it")
+    parser.add_argument("--dilated", action="store_true",
+                        help="the arch with replace_stride_with_dilation=[False, True, True] (bottleneck archs)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    if args.sweep and (args.arch != "resnet50" or args.every_candidate or args.chain_blocks or args.chain_3x3):
+    if args.sweep and (args.arch != "resnet50" or args.every_candidate or args.chain_blocks or args.chain_3x3
+                       or args.dilated):
         parser.error("--sweep compiles the sweep's configs of resnet50: no --arch other than resnet50, "
-                     "--every-candidate, --chain-blocks or --chain-3x3 with it")
+                     "--every-candidate, --chain-blocks, --chain-3x3 or --dilated with it")
+    if args.dilated and args.arch in ("resnet18", "resnet34"):
+        parser.error(f"--dilated: torchvision's BasicBlock does not support dilation ({args.arch})")
     dtype = bench.DTYPES[args.dtype]
     if args.no_tf32:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -132,7 +140,8 @@ def main(argv=None):
     if args.sweep:
         jobs, layers = sweep_jobs(dtype, args.batch, args.size, args.gpu)
     else:
-        model = fuse(synthetic_batchnorm(getattr(torchvision.models, args.arch)(), size=32), dtype=dtype,
+        dilation = {"replace_stride_with_dilation": [False, True, True]} if args.dilated else {}
+        model = fuse(synthetic_batchnorm(getattr(torchvision.models, args.arch)(**dilation), size=32), dtype=dtype,
                      chain_blocks=args.chain_blocks, chain_3x3=args.chain_3x3)
         x = torch.empty(args.batch, 3, args.size, args.size, dtype=dtype).contiguous(memory_format=torch.channels_last)
         with precompile.compile_only(args.gpu, every_candidate=args.every_candidate) as jobs, torch.no_grad():
@@ -148,8 +157,9 @@ def main(argv=None):
     cases = []
     print(f"{'launch':<48}{'config':<34}{'s':>6}{'smem KB':>9}{'regs':>6}{'spill B':>8}{'async':>7}{'tma':>5}"
           f"{'wgmma':>7}{'mma':>5}{'loop':>6}{'issue':>7}{'loads':>6}")
+    arch = args.arch + ("-dilated" if args.dilated else "")
     for job, layer, result in zip(jobs, layers, results):
-        case = {"arch": args.arch, "dtype": args.dtype, "batch": args.batch, "target": args.gpu,
+        case = {"arch": arch, "dtype": args.dtype, "batch": args.batch, "target": args.gpu,
                 "tf32": not args.no_tf32 if args.dtype == "float32" else None,
                 "launch": describe(job), "op": job.op, "key": job.key, "config": job.config, **result}
         if layer is not None:
@@ -169,7 +179,7 @@ def main(argv=None):
     ratios = [r for r in map(issue_ratio, results) if r is not None]
     if seconds:
         what = "the sweep's configs of " if args.sweep else ""
-        print(f"{len(jobs)} kernels for {args.gpu} ({what}{args.arch}, {args.dtype}, batch {args.batch}): "
+        print(f"{len(jobs)} kernels for {args.gpu} ({what}{arch}, {args.dtype}, batch {args.batch}): "
               f"{sum(seconds):.0f} s of compiling, median {statistics.median(seconds):.1f} s, "
               f"max {max(seconds):.1f} s; {wall:.0f} s wall with {args.workers} worker(s); {failed} failed, "
               f"{spilled} spill registers")

@@ -10,7 +10,8 @@
 #            left the fp16 first call, cold and warm, with the new table (as `first`), and host times
 #            (as `host`); a step that would not fit is skipped and said so. At most 8 files in OUT_DIR
 #   check    install in place without network, then the quick gpu-marked tests (compiled kernels)
-#   archs16  the slow gpu test: every architecture compiled and run in fp16 and bf16
+#   archs16  the slow gpu test: every architecture (and dilated resnet50 and resnext50_32x4d)
+#            compiled and run in fp16 and bf16
 #   archs32  the same in fp32, TF32 off and on
 #   sweep    benchmarks/sweep_convs.py: every config on every distinct resnet50 conv against cuDNN,
 #            the winners written to kernels/tuned_configs.json (a copy goes to OUT_DIR), and the

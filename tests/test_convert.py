@@ -36,6 +36,9 @@ ARCHS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext5
          "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
 # torchvision's BasicBlock refuses dilation, so resnet18/34 have no dilated variant.
 DILATED = [a for a in ARCHS if a not in ("resnet18", "resnet34")]
+# On the GPU: every architecture, and the dilated variant of a plain and a grouped bottleneck
+# network (their dilated 3x3 convs, 2 and 4 apart, are the kernels the others do not launch).
+GPU_ARCHS = [(a, False) for a in ARCHS] + [(a, True) for a in ("resnet50", "resnext50_32x4d")]
 SIZE = 64
 
 
@@ -617,15 +620,15 @@ def test_compare_reports_errors_and_top1(reference_backend):
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["float16", "bfloat16", "float32", "tf32"])
-@pytest.mark.parametrize("arch", ARCHS)
-def test_every_architecture_compiles_and_runs_on_the_gpu(arch, precision):
+@pytest.mark.parametrize("arch,dilated", GPU_ARCHS, ids=[a + ("-dilated" if d else "") for a, d in GPU_ARCHS])
+def test_every_architecture_compiles_and_runs_on_the_gpu(arch, dilated, precision):
     # Compiled kernels in every dtype, TF32 on and off: the fused error against float64 at most
     # twice torchvision's own in that precision (plus a small atol).
     dtype = torch.float32 if precision == "tf32" else getattr(torch, precision)
     prev = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
     try:
-        ref = model(arch)
+        ref = model(arch, dilated)
         exact = copy.deepcopy(ref).double()
         x = images()
         fused = fuse(ref, dtype=dtype).cuda()

@@ -465,3 +465,34 @@ def test_compile_report_of_the_sweep(tmp_path):
     refused = subprocess.run([sys.executable, script, "--sweep", "--arch", "resnet18"], env=env,
                              capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "--sweep compiles the sweep's configs of resnet50" in refused.stderr
+
+
+def test_compile_report_of_a_dilated_network(monkeypatch, empty_cache):
+    # --dilated records the arch with replace_stride_with_dilation=[False, True, True]: layer3's 3x3
+    # convs 2 apart, layer4's 4 apart (its first block's at layer3's 2), each named so. Only the
+    # recording runs here (it needs no compiler); the compiling is replaced by a stand-in that
+    # hands every job back uncompiled.
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "compile_report.py"
+    spec = importlib.util.spec_from_file_location("compile_report", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    recorded = []
+
+    def not_compiled(jobs, workers, machine_code):
+        recorded.extend(jobs)
+        return [{"error": "not compiled here"} for _ in jobs]
+
+    monkeypatch.setattr(report.precompile, "compile_jobs", not_compiled)
+    cases = report.main(["--arch", "resnet50", "--dilated", "--batch", "1", "--size", "32"])
+    assert len(cases) == len(recorded) > 0 and {c["arch"] for c in cases} == {"resnet50-dilated"}
+    dilated = {c["launch"] for c in cases if " dil" in c["launch"]}
+    assert dilated == {"conv: C256 K256 3x3 4->4 dil2", "conv: C512 K512 3x3 4->4 dil2",
+                       "conv: C512 K512 3x3 4->4 dil4"}, dilated
+    plain = report.main(["--arch", "resnet50", "--batch", "1", "--size", "32"])
+    assert not any(" dil" in c["launch"] for c in plain)
+    with pytest.raises(SystemExit) as refused:
+        report.main(["--arch", "resnet18", "--dilated"])
+    assert refused.value.code == 2
