@@ -101,7 +101,7 @@ def test_the_sweep_splits_k_where_the_batch_leaves_tiles_few():
     import torchvision
 
     sweep = load_sweep()
-    model = torchvision.models.resnet50()
+    model = torchvision.models.resnet50().eval()
     for batch, splits in ((1, True), (256, False)):
         layers = sweep.distinct_layers(model, batch, 224, torch.float16, "cpu")
         name, layer, x_shape, _ = next(entry for entry in layers if sweep.describe(entry[1], entry[2])
@@ -124,7 +124,7 @@ def test_the_sweep_times_the_unrolled_loop_at_the_first_calls_tiles_and_fills_it
 
     sweep = load_sweep()
     layers = {sweep.describe(layer, x_shape): (layer, x_shape)
-              for _, layer, x_shape, _ in sweep.distinct_layers(torchvision.models.resnet50(), 256, 224,
+              for _, layer, x_shape, _ in sweep.distinct_layers(torchvision.models.resnet50().eval(), 256, 224,
                                                                  torch.float16, "cpu")}
 
     def tiles(found):
@@ -151,7 +151,7 @@ def test_the_sweep_gives_ieee_fp32_its_own_tiles(monkeypatch):
     import torchvision
 
     sweep = load_sweep()
-    layers = sweep.distinct_layers(torchvision.models.resnet50(), 256, 224, torch.float32, "cpu")
+    layers = sweep.distinct_layers(torchvision.models.resnet50().eval(), 256, 224, torch.float32, "cpu")
     picked = [entry for entry in layers if sweep.describe(entry[1], entry[2]) in (
         "C3 K64 7x7/2 224x224 +maxpool", "C256 K256 3x3/1 14x14")]
     assert len(picked) == 2
@@ -210,7 +210,7 @@ def test_the_output_check_fails_a_run_that_leaves_its_output_unwritten():
 
     sweep = load_sweep()
 
-    name, layer, x_shape, r_shape = sweep.distinct_layers(torchvision.models.resnet18(), 1, 16, torch.float32,
+    name, layer, x_shape, r_shape = sweep.distinct_layers(torchvision.models.resnet18().eval(), 1, 16, torch.float32,
                                                           "cpu")[2]
     x, r = sweep.operands(x_shape, r_shape, torch.float32, "cpu")
     reference = next(iter(sweep.baselines(layer, x, r).values()))
