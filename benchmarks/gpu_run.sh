@@ -9,7 +9,8 @@
 #            out of the table), then the quick gpu tests (as `check`, at most 120 s), then in what is
 #            left the fp16 first call, cold and warm, with the new table (as `first`), and host times
 #            (as `host`); a step that would not fit is skipped and said so. At most 8 files in OUT_DIR
-#   check    install in place without network, then the quick gpu-marked tests (compiled kernels)
+#   check    install in place without network, then the quick gpu-marked tests (compiled kernels),
+#            in four pytest processes at once
 #   archs16  the slow gpu test: every architecture (and dilated resnet50 and resnext50_32x4d)
 #            compiled and run in fp16 and bf16
 #   archs32  the same in fp32, TF32 off and on
@@ -55,14 +56,33 @@ tag="$(date -u +%F)-$gpu"
 export out tag
 export PYTHONUNBUFFERED=1  # logs keep their order, and a step cut at its limit keeps what it printed
 
-# The quick gpu-marked tests, cut at $1 seconds; their log is kept (a cut run writes no XML), and
-# with a third argument their JUnit XML too.
+# The quick gpu-marked tests in four pytest processes at once (their time is mostly compiling, one
+# CPU core a process), each cut at $1 seconds; their logs are kept as one (a cut run writes no XML),
+# and with a third argument their JUnit XML too, a file a shard. The shards split the tests by file
+# and test: every quick gpu test runs in exactly one (tests/test_sweep.py checks it).
+GPU_SHARDS=(
+  "tests/test_conv2d.py::test_every_kernel_variant_compiled"
+  "tests/test_conv2d.py --deselect tests/test_conv2d.py::test_every_kernel_variant_compiled"
+  "tests/test_fusions.py"
+  "tests --deselect tests/test_conv2d.py --deselect tests/test_fusions.py"
+)
 gpu_tests() {
-  timeout "$1" python3 -m pytest -m "gpu and not slow" -v --durations=10 -p no:cacheprovider -rf \
-    ${3:+--junitxml "$out/$tag-gpu-tests.xml"} > "$out/$tag-gpu-tests.log" 2>&1
-  echo "gpu tests: exit $? after $2; $(grep -cE ' PASSED' "$out/$tag-gpu-tests.log") passed," \
+  local logs i pids=() codes=""
+  logs=$(mktemp -d)
+  for i in "${!GPU_SHARDS[@]}"; do
+    # shellcheck disable=SC2086  # a shard is its pytest arguments, split on spaces
+    timeout "$1" python3 -m pytest ${GPU_SHARDS[$i]} -m "gpu and not slow" -v --durations=5 -p no:cacheprovider -rfE \
+      ${3:+--junitxml "$out/$tag-gpu-tests-$i.xml"} > "$logs/$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for i in "${!pids[@]}"; do wait "${pids[$i]}"; codes+=" $?"; done
+  for i in "${!GPU_SHARDS[@]}"; do echo "== shard $i: ${GPU_SHARDS[$i]} =="; cat "$logs/$i.log"; done \
+    > "$out/$tag-gpu-tests.log"
+  rm -rf "$logs"
+  echo "gpu tests: exit${codes} (a shard each) after $2; $(grep -cE ' PASSED' "$out/$tag-gpu-tests.log") passed," \
     "$(grep -cE ' (FAILED|ERROR)' "$out/$tag-gpu-tests.log") failed or errors (log: $tag-gpu-tests.log)"
-  tail -n 25 "$out/$tag-gpu-tests.log"
+  grep -E '^(FAILED|ERROR) ' "$out/$tag-gpu-tests.log" | head -n 20
+  grep -E '^=+ .*(passed|failed|skipped|error).* =+$' "$out/$tag-gpu-tests.log"
 }
 # The sweep at batch 256 (seconds for its timing: $1); it writes its results and the table as it goes.
 sweep256() {
@@ -116,7 +136,7 @@ case "$stage" in
     ;;
   archs16|archs32)
     if [ "$stage" = archs16 ]; then precisions="float16"; else precisions="float32 or tf32"; fi
-    timeout 540 python3 -m pytest -m "gpu and slow" -k "$precisions" -v --durations=10 -p no:cacheprovider -rf \
+    timeout 540 python3 -m pytest -m "gpu and slow" -k "$precisions" -v --durations=10 -p no:cacheprovider -rfE \
       --junitxml "$out/$tag-gpu-tests-$stage.xml" 2>&1 | tail -40
     ;;
   sweep)

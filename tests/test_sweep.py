@@ -94,6 +94,33 @@ def test_the_gpu_run_script_asks_only_for_options_that_exist(tmp_path):
     assert wrong.returncode == 2 and "unknown stage" in wrong.stderr
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="on a GPU the shards would run the gpu tests themselves")
+def test_the_gpu_run_scripts_test_shards_run_each_quick_gpu_test_once(tmp_path):
+    # gpu_run.sh runs the quick gpu tests in four pytest processes at once. Here, without a GPU,
+    # each test skips; the shards' log names every quick gpu test once, none twice or left out.
+    import os
+    import re
+    import subprocess
+    import sys
+
+    script = (ROOT / "benchmarks" / "gpu_run.sh").read_text()
+    shards = re.search(r"^GPU_SHARDS=\(.*?^}$", script, flags=re.M | re.S).group(0)
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "out": str(tmp_path),
+           "tag": "cpu"}
+    done = subprocess.run(["bash", "-c", shards + '\ngpu_tests 600 "600 s at most"'], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    assert "gpu tests: exit 0 0 0 0 (a shard each) after 600 s at most; 0 passed, 0 failed" in done.stdout, done.stdout
+    log = (tmp_path / "cpu-gpu-tests.log").read_text()
+    assert log.count("== shard ") == 4
+    ran = re.findall(r"^(tests/.+?::.+?) (?:PASSED|SKIPPED|FAILED|ERROR)", log, flags=re.M)
+    collected = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu and not slow", "--collect-only", "-q",
+                                "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    expected = [line for line in collected.stdout.splitlines() if line.startswith("tests/") and "::" in line]
+    assert len(expected) > 50
+    assert sorted(ran) == sorted(expected)
+
+
 def test_the_sweep_splits_k_where_the_batch_leaves_tiles_few():
     # At batch 1 resnet50's last 3x3 (512 channels over 7x7) makes 1 to 8 output tiles: the sweep
     # times each gathered config split-K as well; at batch 256 it makes hundreds, and none is split.
