@@ -4,8 +4,10 @@ TRITON_INTERPRET must be set before triton is first imported, so this happens at
 first conftest, before anything imports kernels.
 """
 
+import importlib.util
 import math
 import os
+import pathlib
 import sys
 
 import torch
@@ -26,6 +28,15 @@ DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 # plus one rounding of the output. bf16 allows a whole unit in the last place because the
 # interpreter truncates instead of rounding on the fp32 -> bf16 cast.
 KERNEL_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the folder is scripts, not a package)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import assert_close
+from conftest import assert_close, load_benchmark
 from fused_resnet.kernels import backend, configs, precompile
 from fused_resnet.kernels.precompile import CompileJob
 from torch import nn
@@ -472,13 +472,7 @@ def test_compile_report_of_a_dilated_network(monkeypatch, empty_cache):
     # convs 2 apart, layer4's 4 apart (its first block's at layer3's 2), each named so. Only the
     # recording runs here (it needs no compiler); the compiling is replaced by a stand-in that
     # hands every job back uncompiled.
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "compile_report.py"
-    spec = importlib.util.spec_from_file_location("compile_report", path)
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_benchmark("compile_report")
     recorded = []
 
     def not_compiled(jobs, workers, machine_code):

@@ -1,15 +1,11 @@
 """benchmarks/report.py on a small fixture: the table, the README rewrite and the chart."""
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
+from conftest import load_benchmark
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("report", ROOT / "benchmarks" / "report.py")
-report = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(report)
+report = load_benchmark("report")
 
 PROV = {"gpu": "NVIDIA H100 80GB HBM3", "driver": "550.1", "cuda": "12.8", "torch": "2.11.0", "triton": "3.6.0",
         "commit": "abc1234", "command": "pytest benchmarks/", "date": "2026-11-24T10:00:00+00:00"}

@@ -1,21 +1,17 @@
 """benchmarks/sweep_convs.py on a CPU: the harness runs the distinct resnet50 convs through the
 interpreted kernels, times them beside the cuDNN/reference path and writes the results schema."""
 
-import importlib.util
 import json
 import pathlib
 
 import pytest
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, load_benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load_sweep():
-    spec = importlib.util.spec_from_file_location("sweep_convs", ROOT / "benchmarks" / "sweep_convs.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sweep_convs")
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CPU check of the harness; on a GPU run the sweep itself")
