@@ -48,13 +48,54 @@ def test_table_reports_gpu_network_cases_with_speedups(results):
     assert "| float32 (TF32 off) | 256 | warmup | cold | did not finish within 240 s |" in first
 
 
+def compile_report(tmp_path, name, date, command, cases, **summary):
+    path = tmp_path / name
+    path.write_text(json.dumps({
+        "provenance": {**PROV, "gpu": None, "triton": "3.6.0", "date": date, "command": command,
+                       "commit": date[8:10] + "abcde"},
+        "cases": [{"arch": "resnet50", "dtype": "float16", "batch": 256, "target": "H100", "tf32": None,
+                   "spill_bytes": 0, **c} for c in cases],
+        "summary": {"jobs": len(cases), "compile_s": 12.4, "workers": 2, "failed": 0, **summary}}))
+    return str(path)
+
+
+def test_compile_table_gives_the_newest_report_of_each_kind(tmp_path, results):
+    command = "python benchmarks/compile_report.py --arch resnet50 --dtype float16 --workers 2"
+    files = [
+        compile_report(tmp_path, "old.json", "2026-11-24T10:00:00+00:00", command, [{}, {"spill_bytes": 8}]),
+        compile_report(tmp_path, "new.json", "2026-12-03T10:00:00+00:00", command, [{}, {}, {}],
+                       spilled=0, issue_ratio_median=0.416),
+        compile_report(tmp_path, "chain.json", "2026-11-25T10:00:00+00:00", command + " --chain-blocks --chain-3x3",
+                       [{}], spilled=1),
+        compile_report(tmp_path, "ieee.json", "2026-11-25T10:00:00+00:00", command,
+                       [{"arch": "resnet18", "dtype": "float32", "tf32": False, "batch": 8, "spill_bytes": 4}]),
+        compile_report(tmp_path, "sweep.json", "2026-11-25T10:00:00+00:00",
+                       "python benchmarks/compile_report.py --sweep", [{}] * 5, spilled=2),
+        *results,  # GPU runs and whole-network timings are not compile reports
+    ]
+    reports = report.load_compile_reports(files)
+    assert [name for name, *_ in reports] == ["ieee.json", "new.json", "chain.json", "sweep.json"]
+    text = report.compile_table(reports)
+    rows = text.splitlines()[2:]
+    assert rows[0] == ("| resnet18 | float32 (TF32 off) | 8 | H100 | 3.6 | 1 | 12 (2) | 0 | 1 | - | ieee.json "
+                       "| 25abcde |")  # spilling counted from the cases where the summary lacks it
+    assert rows[1] == "| resnet50 | float16 | 256 | H100 | 3.6 | 3 | 12 (2) | 0 | 0 | 0.42 | new.json | 03abcde |"
+    assert rows[2].startswith("| resnet50, chain_blocks, chain_3x3 | float16 |")
+    assert rows[3].startswith("| resnet50, the conv sweep | float16 | 256 | H100 | 3.6 | 5 |")
+    assert report.compile_table([]) == "No compile report is committed in benchmarks/results/ yet."
+
+
 def test_readme_rewrite_between_markers(results, tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{report.BEGIN}\nold table\n{report.END}\noutro\n")
-    report.main([*results, "--readme", str(readme)])
+    readme.write_text(f"intro\n{report.BEGIN}\nold table\n{report.END}\nmiddle\n"
+                      f"{report.COMPILE_BEGIN}\nold compile table\n{report.COMPILE_END}\noutro\n")
+    command = "python benchmarks/compile_report.py --arch resnet50"
+    compiled = compile_report(tmp_path, "c.json", "2026-12-03T10:00:00+00:00", command, [{}])
+    report.main([*results, compiled, "--readme", str(readme)])
     text = readme.read_text()
     assert "old table" not in text and "1.25x" in text
-    assert text.startswith("intro\n") and text.endswith("outro\n")
+    assert "old compile table" not in text and "| c.json |" in text
+    assert text.startswith("intro\n") and text.endswith("outro\n") and "\nmiddle\n" in text
     assert report.table([]) == "No GPU run is committed in benchmarks/results/ yet."
 
 
