@@ -162,8 +162,13 @@ def warmup(model: nn.Module, example, *, progress=None, workers=None) -> float:
 
 def _compile_ahead(model, example, workers, progress):
     """Compile in parallel every kernel the model's forward on `example` will compile."""
-    with torch.no_grad(), precompile.compile_only() as jobs:
+    with torch.no_grad(), precompile.compile_only() as listed:
         model(example)
+    # Those in Triton's cache already (a later process, say) need no worker: starting one costs
+    # seconds (a Python that imports torch), more than a warm first forward takes in all.
+    jobs = [job for job in listed if not precompile.compiled(job)]
+    if progress is not None and len(jobs) < len(listed):
+        progress(f"warm-up: {len(listed) - len(jobs)} of {len(listed)} kernels in Triton's cache already")
     if not jobs:
         return
     if workers is None:

@@ -153,6 +153,24 @@ def compile_job(job: CompileJob, machine_code: bool = False) -> dict:
     "spill_bytes" (stores) a thread, from running Triton's ptxas on the PTX once more with -v, and
     what loop_instructions() reads in the machine code."""
     import triton
+
+    source, target, options = _source(job)
+    start = time.perf_counter()
+    compiled = triton.compile(source, target=target, options=options)
+    seconds = time.perf_counter() - start
+    ptx = compiled.asm.get("ptx", "")
+    result = {"seconds": seconds, "shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
+              "num_stages": compiled.metadata.num_stages}
+    result.update({name: len(re.findall(re.escape(marker), ptx)) for name, marker in ASM_MARKERS.items()})
+    if machine_code:
+        result.update(_register_use(ptx, job.capability))
+        result.update(loop_instructions(compiled.asm["cubin"]))
+    return result
+
+
+def _source(job):
+    """(Triton's source for the job's kernel, its GPU target, its compile options), as
+    JITFunction.run builds them for a launch with these arguments."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -169,17 +187,31 @@ def compile_job(job: CompileJob, machine_code: bool = False) -> dict:
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    start = time.perf_counter()
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-    seconds = time.perf_counter() - start
-    ptx = compiled.asm.get("ptx", "")
-    result = {"seconds": seconds, "shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
-              "num_stages": compiled.metadata.num_stages}
-    result.update({name: len(re.findall(re.escape(marker), ptx)) for name, marker in ASM_MARKERS.items()})
-    if machine_code:
-        result.update(_register_use(ptx, job.capability))
-        result.update(loop_instructions(compiled.asm["cubin"]))
-    return result
+    return ASTSource(fn, signature, constexprs, attrs), target, options.__dict__
+
+
+def compiled(job: CompileJob) -> bool:
+    """Whether Triton's on-disk cache already holds `job`'s kernel, so that compiling it would
+    only load it: the cache entry triton.compile would look up (its key, as triton.compile makes
+    it, names a folder of the cache manager that holds the kernel's metadata file). False where
+    this Triton lays its cache out otherwise."""
+    import hashlib
+
+    from triton.compiler import make_backend
+
+    try:
+        from triton.compiler.compiler import get_cache_invalidating_env_vars
+        from triton.runtime.cache import get_cache_key, get_cache_manager
+
+        source, target, options = _source(job)
+        backend = make_backend(target)
+        options = backend.parse_options(dict(options, **source.parse_options()))
+        key = get_cache_key(source, backend, options, env_vars=get_cache_invalidating_env_vars())
+        metadata = f"{source.name[:150]}.json"
+        group = get_cache_manager(hashlib.sha256(key.encode("utf-8")).hexdigest()).get_group(metadata)
+    except (ImportError, AttributeError, TypeError):
+        return False
+    return bool(group) and metadata in group
 
 
 # Tensor-core instructions in the machine code (SASS): Hopper's warpgroup MMA, and mma.sync.

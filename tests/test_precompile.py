@@ -123,7 +123,7 @@ def run_compiling(script, tmp_path):
 
 
 COMPILE_SCRIPT = textwrap.dedent("""
-    import json, os, sys
+    import dataclasses, json, os, sys
     import torch, torchvision
     from fused_resnet import fuse
     from fused_resnet.kernels import precompile, configs
@@ -140,12 +140,16 @@ COMPILE_SCRIPT = textwrap.dedent("""
         first.setdefault((job.op, job.key), job)  # one config per launch
     jobs = list(first.values())
     cache = os.environ["TRITON_CACHE_DIR"]
+    before = [precompile.compiled(job) for job in jobs]
     cold = precompile.compile_jobs(jobs, workers=2)
     files = sum(len(f) for _, _, f in os.walk(cache))
+    after = [precompile.compiled(job) for job in jobs]
+    other = dataclasses.replace(jobs[0], config={**jobs[0].config, "num_warps": 2 * jobs[0].config["num_warps"]})
     warm = precompile.compile_jobs(jobs)
     again = sum(len(f) for _, _, f in os.walk(cache))
     print(json.dumps({"launches": [[j.kernel[1], j.kwargs["R"], j.kwargs["EPILOGUE"]] for j in jobs],
-                      "cold": cold, "warm": warm, "files": [files, again]}))
+                      "cold": cold, "warm": warm, "files": [files, again],
+                      "compiled": [before, after, precompile.compiled(other)]}))
 """)
 
 
@@ -165,6 +169,10 @@ def test_compiles_for_an_h100_without_one(tmp_path):
         assert result["shared"] > 0
     # The workers' compiles landed in Triton's cache: compiling again adds nothing to it.
     assert out["files"][0] > 0 and out["files"][0] == out["files"][1]
+    # compiled() finds in the cache what the workers put there, and only that: none before, all
+    # after, and not the same kernel at other warps (which warmup would then leave uncompiled).
+    before, after, other = out["compiled"]
+    assert before == [False] * 3 and after == [True] * 3 and other is False
     assert all("error" not in r for r in out["warm"])
 
 
