@@ -194,11 +194,15 @@ def compiled(job: CompileJob) -> bool:
     """Whether Triton's on-disk cache already holds `job`'s kernel, so that compiling it would
     only load it: the cache entry triton.compile would look up (its key, as triton.compile makes
     it, names a folder of the cache manager that holds the kernel's metadata file). False where
-    this Triton lays its cache out otherwise."""
+    this Triton lays its cache out otherwise, and where it compiles afresh every time
+    (TRITON_ALWAYS_COMPILE)."""
     import hashlib
 
+    import triton
     from triton.compiler import make_backend
 
+    if getattr(getattr(triton, "knobs", None), "compilation", None) is None or triton.knobs.compilation.always_compile:
+        return False
     try:
         from triton.compiler.compiler import get_cache_invalidating_env_vars
         from triton.runtime.cache import get_cache_key, get_cache_manager

@@ -145,11 +145,15 @@ COMPILE_SCRIPT = textwrap.dedent("""
     files = sum(len(f) for _, _, f in os.walk(cache))
     after = [precompile.compiled(job) for job in jobs]
     other = dataclasses.replace(jobs[0], config={**jobs[0].config, "num_warps": 2 * jobs[0].config["num_warps"]})
+    import triton
+    triton.knobs.compilation.always_compile = True  # TRITON_ALWAYS_COMPILE: a cached kernel compiles again
+    always = precompile.compiled(jobs[0])
+    triton.knobs.compilation.always_compile = False
     warm = precompile.compile_jobs(jobs)
     again = sum(len(f) for _, _, f in os.walk(cache))
     print(json.dumps({"launches": [[j.kernel[1], j.kwargs["R"], j.kwargs["EPILOGUE"]] for j in jobs],
                       "cold": cold, "warm": warm, "files": [files, again],
-                      "compiled": [before, after, precompile.compiled(other)]}))
+                      "compiled": [before, after, precompile.compiled(other), always]}))
 """)
 
 
@@ -171,8 +175,8 @@ def test_compiles_for_an_h100_without_one(tmp_path):
     assert out["files"][0] > 0 and out["files"][0] == out["files"][1]
     # compiled() finds in the cache what the workers put there, and only that: none before, all
     # after, and not the same kernel at other warps (which warmup would then leave uncompiled).
-    before, after, other = out["compiled"]
-    assert before == [False] * 3 and after == [True] * 3 and other is False
+    before, after, other, always = out["compiled"]
+    assert before == [False] * 3 and after == [True] * 3 and other is False and always is False
     assert all("error" not in r for r in out["warm"])
 
 
