@@ -10,7 +10,10 @@ process with the same folders times it again ("warm"). `how`: "forward" is a pla
 (whose CompileAhead hook lists and compiles the forward's kernels first, in parallel); "warmup"
 is fused_resnet.warmup followed by that call, which does the same explicitly. fp32 runs twice,
 with TF32 off and on. Needs a CUDA
-GPU. Cases: {"model", "impl": "fused", "dtype", "batch", "first_call_s", "cache", "how"}.
+GPU. Cases: {"model", "impl": "fused", "dtype", "batch", "first_call_s", "cache", "how"}, and
+"compile_ahead_s": the part of first_call_s spent listing the forward's kernels and compiling them
+in worker processes (or finding them in Triton's cache), the rest being the forward itself (loading
+the compiled kernels, choosing configs, timing candidates where no table or cache names one).
 """
 
 import argparse
@@ -22,9 +25,18 @@ import sys
 import tempfile
 
 CHILD = """
-import sys, time, torch
-from fused_resnet import bench, fuse, warmup
+import json, sys, time, torch
+from fused_resnet import bench, fuse, modules, warmup
 arch, dtype, batch, tf32, how = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
+# The part of the first call that lists the forward's kernels and compiles them in worker
+# processes (warmup's, or the CompileAhead hook's: both call modules._compile_ahead), timed apart
+# from the rest (loading the compiled kernels, choosing configs, timing candidates, the forward).
+ahead, compile_ahead = [], modules._compile_ahead
+def timed_compile_ahead(*args):
+    start = time.perf_counter()
+    compile_ahead(*args)
+    ahead.append(time.perf_counter() - start)
+modules._compile_ahead = timed_compile_ahead
 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
 model, _ = bench.load_model(arch)
 fused = fuse(model, dtype=bench.DTYPES[dtype]).cuda()
@@ -35,7 +47,7 @@ def first():
     if how == "warmup":
         warmup(fused, x)
     return fused(x)
-print(bench.first_call(first, cuda=True))
+print(json.dumps({"s": bench.first_call(first, cuda=True), "compile_ahead_s": sum(ahead)}))
 """
 
 
@@ -49,7 +61,7 @@ def first_call(arch, dtype, batch, tf32, how, cache_root, timeout):
         return None, f"did not finish within {timeout} s"
     if done.returncode != 0:
         return None, done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"
-    return float(done.stdout.strip().splitlines()[-1]), None
+    return json.loads(done.stdout.strip().splitlines()[-1]), None
 
 
 def main():
@@ -73,9 +85,11 @@ def main():
             for tf32, how in itertools.product([False, True] if dtype == "float32" else [False], args.how):
                 with tempfile.TemporaryDirectory() as root:
                     for cache in ("cold", "warm"):
-                        seconds, error = first_call(arch, dtype, args.batch, tf32, how, root, args.timeout)
+                        timed, error = first_call(arch, dtype, args.batch, tf32, how, root, args.timeout)
                         case = {"model": arch, "impl": "fused", "dtype": dtype, "batch": args.batch, "cache": cache,
-                                "how": how, "first_call_s": None if seconds is None else round(seconds, 2)}
+                                "how": how, "first_call_s": None if timed is None else round(timed["s"], 2)}
+                        if timed is not None:
+                            case["compile_ahead_s"] = round(timed["compile_ahead_s"], 2)
                         if dtype == "float32":
                             case["tf32"] = tf32
                         if error:

@@ -72,9 +72,10 @@ def table(rows):
          for name, prov, c, share in host])
     lines += _markdown(
         "First forward in a new process (compiling and choosing every kernel's config):",
-        ["GPU", "model", "dtype", "batch", "how", "caches", "seconds", "run"],
+        ["GPU", "model", "dtype", "batch", "how", "caches", "seconds", "of which compiling ahead", "run"],
         [(prov["gpu"], c["model"], c["dtype"] + (f" (TF32 {'on' if c['tf32'] else 'off'})" if "tf32" in c else ""),
-          c["batch"], c.get("how", "-"), c["cache"], c.get("error") or f"{c['first_call_s']:.1f}", name)
+          c["batch"], c.get("how", "-"), c["cache"], c.get("error") or f"{c['first_call_s']:.1f}",
+          f"{c['compile_ahead_s']:.1f}" if c.get("compile_ahead_s") is not None else "-", name)
          for name, prov, c in _of_kind(rows, "first")])
     runs = {name: prov for name, prov, _, _ in rows}
     lines.append("")
@@ -86,7 +87,7 @@ def table(rows):
 
 # How each column of the tables is aligned: the batch and the figures to the right.
 _RIGHT = {"batch", "median ms", "images/s", "vs eager channels_last", "host ms", "of eager channels_last's", "seconds",
-          "kernels", "compiling s", "failing", "spilling", "issue"}
+          "of which compiling ahead", "kernels", "compiling s", "failing", "spilling", "issue"}
 
 
 def _markdown(title, header, cells):

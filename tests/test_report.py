@@ -24,7 +24,7 @@ def results(tmp_path):
         {"model": "resnet50", "impl": "fused", "dtype": "float16", "batch": 256, "host_ms": 2.0},
         {"model": "resnet50", "impl": "eager_channels_last", "dtype": "float16", "batch": 256, "host_ms": 8.0},
         {"model": "resnet50", "impl": "fused", "dtype": "float16", "batch": 256, "first_call_s": 20.0, "cache": "cold",
-         "how": "forward"},
+         "how": "forward", "compile_ahead_s": 12.5},
         {"model": "resnet50", "impl": "fused", "dtype": "float32", "batch": 256, "first_call_s": None, "cache": "cold",
          "how": "warmup", "tf32": False, "error": "did not finish within 240 s"},
         {"model": "resnet50", "impl": "fused", "dtype": "float16", "batch": 256, "median_ms": 4.0, "when": "after"}]}))
@@ -44,8 +44,8 @@ def test_table_reports_gpu_network_cases_with_speedups(results):
     assert "driver 550.1" in text and "`pytest benchmarks/`" in text
     # host times against the baseline's, and first calls (one that failed says why), each a table of its own
     assert "| fused | 2.000 | 0.25x | gpu.json |" in host and "| eager_channels_last | 8.000 | 1.00x |" in host
-    assert "| float16 | 256 | forward | cold | 20.0 | gpu.json |" in first
-    assert "| float32 (TF32 off) | 256 | warmup | cold | did not finish within 240 s |" in first
+    assert "| float16 | 256 | forward | cold | 20.0 | 12.5 | gpu.json |" in first
+    assert "| float32 (TF32 off) | 256 | warmup | cold | did not finish within 240 s | - |" in first
 
 
 def compile_report(tmp_path, name, date, command, cases, **summary):
