@@ -14,6 +14,8 @@ where asked, into Triton's on-disk cache, where the model's real first forward f
     precompile.compile_jobs(jobs, workers=8)    # Triton's cache now holds every kernel
     model(x)                                    # compiles nothing
 
+`compiled(job)` says whether Triton's cache holds a job's kernel already (warmup leaves those out).
+
 With `gpu` named ("H100", ...), CPU tensors plan as they would on that GPU (Triton path, its
 configs, its table entries), so a machine without a GPU compiles what the GPU would run; this is
 how the compile report (benchmarks/compile_report.py) and the tests look at compiled code.
@@ -156,15 +158,15 @@ def compile_job(job: CompileJob, machine_code: bool = False) -> dict:
 
     source, target, options = _source(job)
     start = time.perf_counter()
-    compiled = triton.compile(source, target=target, options=options)
+    kernel = triton.compile(source, target=target, options=options)
     seconds = time.perf_counter() - start
-    ptx = compiled.asm.get("ptx", "")
-    result = {"seconds": seconds, "shared": compiled.metadata.shared, "num_warps": compiled.metadata.num_warps,
-              "num_stages": compiled.metadata.num_stages}
+    ptx = kernel.asm.get("ptx", "")
+    result = {"seconds": seconds, "shared": kernel.metadata.shared, "num_warps": kernel.metadata.num_warps,
+              "num_stages": kernel.metadata.num_stages}
     result.update({name: len(re.findall(re.escape(marker), ptx)) for name, marker in ASM_MARKERS.items()})
     if machine_code:
         result.update(_register_use(ptx, job.capability))
-        result.update(loop_instructions(compiled.asm["cubin"]))
+        result.update(loop_instructions(kernel.asm["cubin"]))
     return result
 
 
