@@ -36,6 +36,11 @@ from ._checks import check_same_device, check_supported_dtype, pair
 # Below this many channels a group, the reduction is flattened over (r, s, c) so that tl.dot gets
 # a usable K (the 3-channel 7x7 stem: 147 in one flat reduction instead of 49 reductions of 3).
 FLAT_K_BELOW = 16
+# Such a conv over its own channels (the 7x7 stem over 3, not space-to-depth's 16) in fp32 holds its
+# input runs beside the accumulator: compiled for an H100 in TF32, the stem's 128x64 tile over 4
+# warps (64 accumulators a thread) took 254 registers a thread on triton 3.6 and spilled 108 bytes
+# on triton 3.8; at 64x64, 167-179 registers. So its fp32 candidates hold at most this many.
+FEW_CHANNELS_FP32_MAX_ACC = 32
 
 # A grouped conv's groups of fewer input channels than this run in bundles as one denser group
 # each (bundle_groups).
@@ -955,6 +960,8 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     if rows:
         sizes["rows"] = True  # a config with ROWS fits row-packed weights only
         switches["ROWS"] = 1
+    if cg < FLAT_K_BELOW and x.element_size() >= 4:
+        max_acc_per_thread = min(max_acc_per_thread, FEW_CHANNELS_FP32_MAX_ACC)
     smem = launch_shared_memory(x)
     candidates = configs.candidates(m, kg, reduction, x.element_size(), smem, switches=switches,
                                     max_acc_per_thread=max_acc_per_thread, shared_bytes=shared_bytes,

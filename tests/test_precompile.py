@@ -15,11 +15,11 @@ import textwrap
 import pytest
 import torch
 from conftest import assert_close, load_benchmark
-from fused_resnet.kernels import backend, configs, precompile
+from fused_resnet.kernels import backend, configs, igemm, precompile
 from fused_resnet.kernels.precompile import CompileJob
 from torch import nn
 
-from fused_resnet import FusedConv2d
+from fused_resnet import FusedConv2d, kernels
 
 
 @pytest.fixture
@@ -72,6 +72,22 @@ def test_table_entry_records_one_config_unless_every_candidate(empty_cache):
     with configs.override(chosen), precompile.compile_only("H100", every_candidate=True) as jobs:
         fused(x)
     assert len(jobs) > 1 and chosen not in [job.config for job in jobs]
+
+
+def test_few_channel_fp32_candidates_hold_fewer_accumulators(empty_cache):
+    # The 7x7 stem over its 3 channels, in fp32, holds its input runs beside the accumulator: its
+    # 128x64 tile over 4 warps spilled (compiled for an H100), so its candidates keep at most
+    # FEW_CHANNELS_FP32_MAX_ACC accumulators a thread; fp16's keep their wider tiles.
+    most = {}
+    for dtype in (torch.float32, torch.float16):
+        x = torch.empty(8, 3, 64, 64, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        weight = torch.empty(64, 3, 7, 7, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        with precompile.compile_only("H100", every_candidate=True) as jobs:
+            kernels.plan_conv2d_bias_act(x, weight, None, 2, 3, relu=True)(x, None)
+        direct = [job.config for job in jobs if job.kwargs.get("Cg") == 3]  # (not space-to-depth's 16)
+        assert len(direct) >= 2
+        most[dtype] = max(c["BLOCK_M"] * c["BLOCK_N"] // (32 * c["num_warps"]) for c in direct)
+    assert most[torch.float32] <= igemm.FEW_CHANNELS_FP32_MAX_ACC < most[torch.float16]
 
 
 def test_plans_made_inside_stay_inside(empty_cache):
