@@ -27,6 +27,7 @@ recorded here but compiled only in worker processes, which start without it.
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import importlib
 import os
 import pickle
@@ -173,23 +174,33 @@ def compile_job(job: CompileJob, machine_code: bool = False) -> dict:
 def _source(job):
     """(Triton's source for the job's kernel, its GPU target, its compile options), as
     JITFunction.run builds them for a launch with these arguments."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.compiler import ASTSource
 
     from .backend import interpreting
 
-    fn = getattr(importlib.import_module(job.kernel[0]), job.kernel[1])
     if interpreting():
         raise RuntimeError("precompile: Triton's interpreter is on (TRITON_INTERPRET=1); kernels cannot be compiled")
-    target = GPUTarget("cuda", job.capability, 32)
-    backend = make_backend(target)
+    fn, target, backend, binder = _binder(job.kernel, job.capability)
     args = [None if a[0] == "none" else _Pointer(a[1], a[2]) for a in job.args]
     kwargs = {**job.kwargs, **job.config}
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     return ASTSource(fn, signature, constexprs, attrs), target, options.__dict__
+
+
+@functools.cache
+def _binder(kernel, capability):
+    """(the @triton.jit function, the target, its compiler backend, the function that binds a
+    launch's arguments): the binder is Python code Triton writes and compiles for the kernel's
+    signature, the larger part of a compiled() lookup's time when made for each job."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = getattr(importlib.import_module(kernel[0]), kernel[1])
+    target = GPUTarget("cuda", capability, 32)
+    backend = make_backend(target)
+    return fn, target, backend, create_function_from_signature(fn.signature, fn.params, backend)
 
 
 def compiled(job: CompileJob) -> bool:
