@@ -178,6 +178,7 @@ def _source(job):
 
     from .backend import interpreting
 
+    getattr(importlib.import_module(job.kernel[0]), job.kernel[1])  # (a kernel that is not there says so first)
     if interpreting():
         raise RuntimeError("precompile: Triton's interpreter is on (TRITON_INTERPRET=1); kernels cannot be compiled")
     fn, target, backend, binder = _binder(job.kernel, job.capability)
