@@ -157,7 +157,7 @@ def compile_job(job: CompileJob, machine_code: bool = False) -> dict:
     what loop_instructions() reads in the machine code."""
     import triton
 
-    source, target, options = _source(job)
+    source, target, _, options = _source(job)
     start = time.perf_counter()
     kernel = triton.compile(source, target=target, options=options)
     seconds = time.perf_counter() - start
@@ -172,8 +172,8 @@ def compile_job(job: CompileJob, machine_code: bool = False) -> dict:
 
 
 def _source(job):
-    """(Triton's source for the job's kernel, its GPU target, its compile options), as
-    JITFunction.run builds them for a launch with these arguments."""
+    """(Triton's source for the job's kernel, its GPU target, that target's compiler backend, its
+    compile options), as JITFunction.run builds them for a launch with these arguments."""
     from triton.compiler import ASTSource
 
     from .backend import interpreting
@@ -186,7 +186,7 @@ def _source(job):
     kwargs = {**job.kwargs, **job.config}
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    return ASTSource(fn, signature, constexprs, attrs), target, options.__dict__
+    return ASTSource(fn, signature, constexprs, attrs), target, backend, options.__dict__
 
 
 @functools.cache
@@ -213,16 +213,14 @@ def compiled(job: CompileJob) -> bool:
     import hashlib
 
     import triton
-    from triton.compiler import make_backend
 
-    if getattr(getattr(triton, "knobs", None), "compilation", None) is None or triton.knobs.compilation.always_compile:
-        return False
     try:
         from triton.compiler.compiler import get_cache_invalidating_env_vars
         from triton.runtime.cache import get_cache_key, get_cache_manager
 
-        source, target, options = _source(job)
-        backend = make_backend(target)
+        if triton.knobs.compilation.always_compile:
+            return False
+        source, _, backend, options = _source(job)
         options = backend.parse_options(dict(options, **source.parse_options()))
         key = get_cache_key(source, backend, options, env_vars=get_cache_invalidating_env_vars())
         metadata = f"{source.name[:150]}.json"
