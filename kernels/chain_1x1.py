@@ -41,7 +41,7 @@ from torch.library import triton_op
 
 from . import backend, configs, igemm
 from ._checks import check_same_device, check_supported_dtype, pair
-from .igemm import conv_tile, dot, epilogue
+from .igemm import conv_tile, dot, epilogue, residual_tile
 
 # The most channels of x (y's reduction) and of z (its accumulator's width) one program holds; a
 # projection shortcut's input (y's second stretch) is held up to as many, and streamed past them.
@@ -110,7 +110,7 @@ def _chain_1x1_kernel(
                           mask_c, None, None, Ch, (H, W), (dil_h, dil_w), (1, W * Ch, Ch), (1, S * Ch, Ch),
                           R, S, True, False, 1, CH_DIVISOR % BLOCK_K == 0, False, 1, True, DOT_FP32,
                           INPUT_PRECISION, BLOCK_K)
-        acc_x = epilogue(acc_x, hb_ptr, None, rows, 1, offs_c, mask_c, mask_m[:, None] & mask_c[None, :], False, True)
+        acc_x = epilogue(acc_x, hb_ptr, offs_c, mask_c, None, True)
         x = acc_x.to(y_ptr.dtype.element_ty)
     else:
         # x's tile, loaded once: every chunk of y reduces over all of it.
@@ -147,7 +147,11 @@ def _chain_1x1_kernel(
                          mask=mask_s[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_S, BLOCK_N)
             acc = dot(acc, xs, ws, DOT_FP32, INPUT_PRECISION)
         mask_y = mask_m[:, None] & mask_n[None, :]
-        acc = epilogue(acc, b_ptr, r_ptr, rows * K, 1, cols, mask_n, mask_y, not SHORTCUT, True)
+        if SHORTCUT:
+            res = None
+        else:
+            res = residual_tile(r_ptr, rows * K, 1, cols, mask_y)
+        acc = epilogue(acc, b_ptr, cols, mask_n, res, True)
         # Rounded as stored: the next conv reads exactly what the unchained one would read back.
         # (Columns past K are 0 after the epilogue, and their weights are masked to 0 below.)
         y = acc.to(y_ptr.dtype.element_ty)
@@ -158,7 +162,7 @@ def _chain_1x1_kernel(
             acc_z = dot(acc_z, y, v, DOT_FP32, INPUT_PRECISION)
     if NEXT:
         mask_z = mask_m[:, None] & mask_j[None, :]
-        acc_z = epilogue(acc_z, c_ptr, None, rows, 1, offs_j, mask_j, mask_z, False, True)
+        acc_z = epilogue(acc_z, c_ptr, offs_j, mask_j, None, True)
         tl.store(z_ptr + rows[:, None] * J + offs_j[None, :], acc_z.to(z_ptr.dtype.element_ty), mask=mask_z)
 
 

@@ -30,6 +30,7 @@ from .igemm import (
     other_layout,
     output_box,
     output_tile,
+    residual_tile,
     split_range,
     split_sum,
     tile_ids,
@@ -139,19 +140,37 @@ def _conv2d_bias_act_kernel(
         mask_m = mask_m & last_split  # the other splits read nothing more and write nothing
     mask_y = mask_m[:, None] & mask_n[None, :]
     # y, and a residual, are dense NHWC: output pixel m's row starts at m * K (no division by P or Q
-    # in the epilogue's layout).
+    # in the epilogue's layout). Where y is written through a descriptor, the residual is read
+    # through one of the same shape: its tile lands in shared memory and goes to registers as
+    # they are needed, without a 64-bit address an element beside the accumulator.
     y_rows = m.to(tl.int64) * stride_yq
-    acc = epilogue(acc, b_ptr, r_ptr, y_rows, stride_yk, k_glob, mask_n, mask_y, EPILOGUE == "residual", APPLY_RELU)
     if BOX_W > 0:
-        # The box written whole through a descriptor: its parts past the map are not stored.
         y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M // (P * Q), P, Q, Kg],
                                            strides=[stride_yn, stride_yp, stride_yq, 1],
                                            block_shape=[1, BLOCK_M // BOX_W, BOX_W, BLOCK_N])
-        y_desc.store([n, p0, q0, k0], acc.to(y_ptr.dtype.element_ty).reshape(1, BLOCK_M // BOX_W, BOX_W, BLOCK_N))
+        y_at = [n, p0, q0, k0]
+    elif USE_TMA:
+        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M, Kg], strides=[stride_yq, 1], block_shape=[BLOCK_M, BLOCK_N])
+        y_at = [pid_m * BLOCK_M, pid_n * BLOCK_N]
+    if EPILOGUE != "residual":
+        res = None
+    elif BOX_W > 0:
+        r_desc = tl.make_tensor_descriptor(r_ptr, shape=[M // (P * Q), P, Q, Kg],
+                                           strides=[stride_yn, stride_yp, stride_yq, 1],
+                                           block_shape=[1, BLOCK_M // BOX_W, BOX_W, BLOCK_N])
+        res = r_desc.load(y_at).reshape(BLOCK_M, BLOCK_N)
+    elif USE_TMA:
+        r_desc = tl.make_tensor_descriptor(r_ptr, shape=[M, Kg], strides=[stride_yq, 1], block_shape=[BLOCK_M, BLOCK_N])
+        res = r_desc.load(y_at)
+    else:
+        res = residual_tile(r_ptr, y_rows, stride_yk, k_glob, mask_y)
+    acc = epilogue(acc, b_ptr, k_glob, mask_n, res, APPLY_RELU)
+    if BOX_W > 0:
+        # The box written whole through a descriptor: its parts past the map are not stored.
+        y_desc.store(y_at, acc.to(y_ptr.dtype.element_ty).reshape(1, BLOCK_M // BOX_W, BOX_W, BLOCK_N))
     elif USE_TMA:
         # The output of a dense 1x1 conv is the matrix [M, K] as well: the tile stored whole, clipped at M.
-        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M, Kg], strides=[stride_yq, 1], block_shape=[BLOCK_M, BLOCK_N])
-        y_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc.to(y_ptr.dtype.element_ty))
+        y_desc.store(y_at, acc.to(y_ptr.dtype.element_ty))
     else:
         y_ptrs = y_ptr + y_rows[:, None] + (k_glob.to(tl.int64) * stride_yk)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
@@ -222,6 +241,8 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
             residual = residual.contiguous(memory_format=torch.channels_last)
         if (dense or boxes) and x.data_ptr() % 16:
             x = x.clone(memory_format=torch.channels_last)  # descriptors need 16-byte aligned rows
+        if (dense or boxes) and kind == "residual" and residual.data_ptr() % 16:
+            residual = residual.clone(memory_format=torch.channels_last)  # so does the residual's
         launch(x, weight, bias, residual, shortcut_weight, y)
 
     plan = backend.output_plan(out_shape, x, launch_into)

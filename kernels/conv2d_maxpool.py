@@ -131,7 +131,7 @@ def _conv2d_bias_act_maxpool_kernel(
         # NaN wins, as in torch's max pooling.
         best = tl.maximum(best, acc, propagate_nan=tl.PropagateNan.ALL)
 
-    best = epilogue(best, b_ptr, None, None, 0, k_glob, mask_n, mask_m[:, None] & mask_n[None, :], False, APPLY_RELU)
+    best = epilogue(best, b_ptr, k_glob, mask_n, None, APPLY_RELU)
     # y is dense NHWC: pooled pixel m's row starts at m * K.
     y_ptrs = y_ptr + (m.to(tl.int64) * stride_yq)[:, None] + (k_glob.to(tl.int64) * stride_yk)[None, :]
     tl.store(y_ptrs, best.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])

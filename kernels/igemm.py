@@ -12,6 +12,7 @@ activations. This module holds what the conv kernels share:
     next_block              the main loops' (tap, channel block) counters
     row_runs, row_filters   the row schedule's operand tiles (few-channel convs over dense rows)
     dense_tile, box_tile    the main loop read through tensor descriptors (1x1; boxes, stride 1 or 2)
+    residual_tile           the residual's tile read by pointers (a descriptor reads it in the kernel)
     epilogue                bias, residual, ReLU on the fp32 accumulator
     conv_launch             the host side: a KernelLaunch with the conv's sizes, strides and flags
     check_conv_args, normalize_args, output_size   argument checks and F.conv2d's argument forms
@@ -485,14 +486,19 @@ def box_tile(acc, x_ptr, w_ptr, n, h0, w0, k0, x_shape, Cg, Kg, dilation, x_stri
 
 
 @triton.jit
-def epilogue(acc, b_ptr, r_ptr, r_rows, stride_rk, cols, mask_n, mask_y, ADD_RESIDUAL: tl.constexpr,
-             APPLY_RELU: tl.constexpr):
+def residual_tile(r_ptr, r_rows, stride_rk, cols, mask_y):
+    """The residual's tile at r_ptr + r_rows + cols * stride_rk, one pointer an element (the
+    epilogue's operand where no tensor descriptor reads it)."""
+    return tl.load(r_ptr + r_rows[:, None] + (cols.to(tl.int64) * stride_rk)[None, :], mask=mask_y, other=0.0)
+
+
+@triton.jit
+def epilogue(acc, b_ptr, cols, mask_n, res, APPLY_RELU: tl.constexpr):
     """A conv's epilogue on its fp32 accumulator: + bias (b_ptr None: none), + the residual tile
-    at r_ptr + r_rows + cols * stride_rk (if ADD_RESIDUAL), then ReLU (if APPLY_RELU)."""
+    `res` (None: none), then ReLU (if APPLY_RELU)."""
     if b_ptr is not None:
         acc += tl.load(b_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if ADD_RESIDUAL:
-        res = tl.load(r_ptr + r_rows[:, None] + (cols.to(tl.int64) * stride_rk)[None, :], mask=mask_y, other=0.0)
+    if res is not None:
         acc += res.to(tl.float32)
     if APPLY_RELU:
         # Not tl.maximum: it may turn NaN into 0, and torch.relu keeps NaN.

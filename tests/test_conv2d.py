@@ -271,6 +271,24 @@ def test_dense_1x1_takes_misaligned_and_strided_inputs(monkeypatch):
     check(x[:, :, ::2, ::2], weight, bias)  # strided: not a dense matrix, so the gathered path
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's descriptor switches")
+@pytest.mark.parametrize("switch,ksize", [("INTERPRETER_TMA", 1), ("INTERPRETER_BOX_W", 3)], ids=["dense", "box"])
+def test_descriptor_epilogues_take_a_misaligned_residual(switch, ksize, monkeypatch):
+    # Where y is written through a tensor descriptor, the residual is read through one: a dense
+    # NHWC residual whose pointer is not 16-byte aligned is copied first, as x is.
+    from fused_resnet.kernels import igemm
+
+    monkeypatch.setattr(igemm, switch, 4)
+    allocators = watch_descriptor_allocator(monkeypatch)
+    x, weight, bias = make_case(2, 32, 5, 4, 16, ksize, ksize, 1, torch.float16)
+    storage = torch.empty(2 * 16 * 5 * 4 + 1, dtype=torch.float16)
+    res = storage[1:].view(2, 5, 4, 16).permute(0, 3, 1, 2)  # dense NHWC strides, pointer 2 bytes off
+    res.copy_(torch.randn(2, 16, 5, 4))
+    assert res.data_ptr() % 16 and res.is_contiguous(memory_format=torch.channels_last)
+    check(x, weight, bias, 1, ksize // 2, 1, 1, res, True)
+    assert allocators, "the descriptor path did not run"
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter's box switch; on a GPU each config names it")
 @pytest.mark.parametrize("box_w", [1, 4, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
