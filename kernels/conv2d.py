@@ -47,6 +47,20 @@ EPILOGUES = ("none", "residual", "shortcut")
 
 
 @triton.jit
+def output_descriptor(ptr, M, Kg, P, Q, stride_yn, stride_yp, stride_yq, BOX_W: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """A tensor descriptor over y's layout at ptr (y, or a residual laid out as y): for box tiles the
+    4-D [N, P, Q, K] with (1, BLOCK_M // BOX_W, BOX_W, BLOCK_N) blocks, else the matrix [M, K]."""
+    if BOX_W > 0:
+        desc = tl.make_tensor_descriptor(ptr, shape=[M // (P * Q), P, Q, Kg],
+                                         strides=[stride_yn, stride_yp, stride_yq, 1],
+                                         block_shape=[1, BLOCK_M // BOX_W, BOX_W, BLOCK_N])
+    else:
+        desc = tl.make_tensor_descriptor(ptr, shape=[M, Kg], strides=[stride_yq, 1], block_shape=[BLOCK_M, BLOCK_N])
+    return desc
+
+
+@triton.jit
 def _conv2d_bias_act_kernel(
     x_ptr,  # (N, C, H, W), any strides; channels_last keeps C contiguous
     w_ptr,  # (K, C // groups, R, S), any strides; channels_last is (K, R, S, C) in memory
@@ -141,36 +155,28 @@ def _conv2d_bias_act_kernel(
     mask_y = mask_m[:, None] & mask_n[None, :]
     # y, and a residual, are dense NHWC: output pixel m's row starts at m * K (no division by P or Q
     # in the epilogue's layout). Where y is written through a descriptor, the residual is read
-    # through one of the same shape: its tile lands in shared memory and goes to registers as
-    # they are needed, without a 64-bit address an element beside the accumulator.
+    # through one of the same shape: its tile lands in shared memory, without a 64-bit address an
+    # element held beside the accumulator.
     y_rows = m.to(tl.int64) * stride_yq
+    descriptors: tl.constexpr = BOX_W > 0 or USE_TMA == 1
+    if descriptors:
+        # (Made before the epilogue: compiled for an H100, the kernels then hold fewer registers.)
+        y_desc = output_descriptor(y_ptr, M, Kg, P, Q, stride_yn, stride_yp, stride_yq, BOX_W, BLOCK_M, BLOCK_N)
     if BOX_W > 0:
-        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M // (P * Q), P, Q, Kg],
-                                           strides=[stride_yn, stride_yp, stride_yq, 1],
-                                           block_shape=[1, BLOCK_M // BOX_W, BOX_W, BLOCK_N])
-        y_at = [n, p0, q0, k0]
+        y_at = [n, p0, q0, k0]  # the output tile's place in output_descriptor's view
     elif USE_TMA:
-        y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M, Kg], strides=[stride_yq, 1], block_shape=[BLOCK_M, BLOCK_N])
         y_at = [pid_m * BLOCK_M, pid_n * BLOCK_N]
     if EPILOGUE != "residual":
         res = None
-    elif BOX_W > 0:
-        r_desc = tl.make_tensor_descriptor(r_ptr, shape=[M // (P * Q), P, Q, Kg],
-                                           strides=[stride_yn, stride_yp, stride_yq, 1],
-                                           block_shape=[1, BLOCK_M // BOX_W, BOX_W, BLOCK_N])
+    elif descriptors:
+        r_desc = output_descriptor(r_ptr, M, Kg, P, Q, stride_yn, stride_yp, stride_yq, BOX_W, BLOCK_M, BLOCK_N)
         res = r_desc.load(y_at).reshape(BLOCK_M, BLOCK_N)
-    elif USE_TMA:
-        r_desc = tl.make_tensor_descriptor(r_ptr, shape=[M, Kg], strides=[stride_yq, 1], block_shape=[BLOCK_M, BLOCK_N])
-        res = r_desc.load(y_at)
     else:
         res = residual_tile(r_ptr, y_rows, stride_yk, k_glob, mask_y)
     acc = epilogue(acc, b_ptr, k_glob, mask_n, res, APPLY_RELU)
-    if BOX_W > 0:
-        # The box written whole through a descriptor: its parts past the map are not stored.
-        y_desc.store(y_at, acc.to(y_ptr.dtype.element_ty).reshape(1, BLOCK_M // BOX_W, BOX_W, BLOCK_N))
-    elif USE_TMA:
-        # The output of a dense 1x1 conv is the matrix [M, K] as well: the tile stored whole, clipped at M.
-        y_desc.store(y_at, acc.to(y_ptr.dtype.element_ty))
+    if descriptors:
+        # The tile stored whole, clipped to the map (boxes) or at M (the dense 1x1's [M, K] matrix).
+        y_desc.store(y_at, acc.to(y_ptr.dtype.element_ty).reshape(y_desc.block_shape))
     else:
         y_ptrs = y_ptr + y_rows[:, None] + (k_glob.to(tl.int64) * stride_yk)[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
