@@ -10,7 +10,9 @@ time) and nothing runs. The jobs are then compiled for that GPU's architecture i
 cache, timed one by one, and each compiled kernel's PTX is searched for the markers of
 kernels.precompile.ASM_MARKERS: asynchronous copies (software-pipelined loads), tensor-descriptor
 (TMA) copies, the tensor-core instruction, unvectorized 2-byte loads; ptxas -v gives its registers
-and spill stores a thread, and its machine code the instructions a warp issues per iteration of
+and spill stores a thread, from which and its shared memory follow the programs an SM holds at once
+("/SM", kernels.precompile.programs_per_sm: one program an SM leaves a memory-bound conv nothing to
+run while it waits), and its machine code the instructions a warp issues per iteration of
 the main loop against the tensor-core cycles of that iteration's MMAs ("issue": their ratio, the
 least share of the loop's time that issuing takes; near 1 the loop is bound by its address and mask
 arithmetic, not by the tensor cores; kernels.precompile.loop_instructions). A loop size marked *
@@ -155,7 +157,7 @@ def main(argv=None):
         results = precompile.compile_jobs(jobs, workers=args.workers, machine_code=True)
         wall = time.perf_counter() - start
     cases = []
-    print(f"{'launch':<48}{'config':<34}{'s':>6}{'smem KB':>9}{'regs':>6}{'spill B':>8}{'async':>7}{'tma':>5}"
+    print(f"{'launch':<48}{'config':<34}{'s':>6}{'smem KB':>9}{'regs':>6}{'spill B':>8}{'/SM':>5}{'async':>7}{'tma':>5}"
           f"{'wgmma':>7}{'mma':>5}{'loop':>6}{'issue':>7}{'loads':>6}")
     arch = args.arch + ("-dilated" if args.dilated else "")
     for job, layer, result in zip(jobs, layers, results):
@@ -170,19 +172,21 @@ def main(argv=None):
             continue
         print(f"{describe(job):<48}{config_text(job.config):<34}{result['seconds']:>6.1f}"
               f"{result['shared'] / 1024:>9.0f}{result['registers']:>6}{result['spill_bytes']:>8}"
+              f"{result.get('programs_per_sm', '-'):>5}"
               f"{result['async_copies']:>7}{result['tma_loads']:>5}"
               f"{result['wgmma']:>7}{result['mma']:>5}{loop_text(result)}"
               f"{(result.get('load_loop_loads') or ['-'])[0]:>6}")
     seconds = [r["seconds"] for r in results if "error" not in r]
     failed = len(results) - len(seconds)
     spilled = sum(1 for r in results if r.get("spill_bytes"))
+    alone = sum(1 for r in results if r.get("programs_per_sm") == 1)
     ratios = [r for r in map(issue_ratio, results) if r is not None]
     if seconds:
         what = "the sweep's configs of " if args.sweep else ""
         print(f"{len(jobs)} kernels for {args.gpu} ({what}{arch}, {args.dtype}, batch {args.batch}): "
               f"{sum(seconds):.0f} s of compiling, median {statistics.median(seconds):.1f} s, "
               f"max {max(seconds):.1f} s; {wall:.0f} s wall with {args.workers} worker(s); {failed} failed, "
-              f"{spilled} spill registers")
+              f"{spilled} spill registers, {alone} run one program an SM")
     if ratios:
         print(f"main loops: instructions per tensor-core cycle, median {statistics.median(ratios):.2f}, "
               f"max {max(ratios):.2f} over {len(ratios)} kernels with warpgroup MMAs")
@@ -191,7 +195,7 @@ def main(argv=None):
         what_ran = (f"compiled here for {args.gpu} (sm_{precompile.CAPABILITY[args.gpu]}) by Triton's compiler, "
                     "ptxas and nvdisasm; counts of the code, nothing run, no timing")
         bench.write_results(args.json, command, torch.device("cpu"), cases, what_ran=what_ran,
-                            summary={"jobs": len(jobs), "sweep": args.sweep, "spilled": spilled,
+                            summary={"jobs": len(jobs), "sweep": args.sweep, "spilled": spilled, "one_per_sm": alone,
                                      "compile_s": round(sum(seconds), 2), "wall_s": round(wall, 2),
                                      "workers": args.workers, "failed": failed,
                                      "issue_ratio_median": round(statistics.median(ratios), 3) if ratios else None,

@@ -8,8 +8,9 @@ The results table reports runs made on a GPU, whole-network cases only (per-laye
 cases stay in their files): timings, host times per forward and first calls, each in a table of its
 own. The compile table gives, of the compile reports (benchmarks/compile_report.py: kernels compiled
 for a GPU on a machine that may lack one, nothing timed), the newest of each kind: what was
-compiled, in which dtype, batch and Triton release. Each row names the file it came from, whose
-provenance says how it was made.
+compiled, in which dtype, batch and Triton release; "one an SM" counts the kernels whose registers
+or shared memory let an SM hold one program of them at a time. Each row names the file it came
+from, whose provenance says how it was made.
 """
 
 import argparse
@@ -87,7 +88,7 @@ def table(rows):
 
 # How each column of the tables is aligned: the batch and the figures to the right.
 _RIGHT = {"batch", "median ms", "images/s", "vs eager channels_last", "host ms", "of eager channels_last's", "seconds",
-          "of which compiling ahead", "kernels", "compiling s", "failing", "spilling", "issue"}
+          "of which compiling ahead", "kernels", "compiling s", "failing", "spilling", "one an SM", "issue"}
 
 
 def _markdown(title, header, cells):
@@ -132,12 +133,24 @@ def load_compile_reports(paths):
                 "target": first["target"], "triton": ".".join(prov["triton"].split(".")[:2])}
         if "spilled" not in summary:  # (reports before the summary counted them)
             summary = {**summary, "spilled": sum(1 for c in cases if c.get("spill_bytes"))}
+        if "one_per_sm" not in summary:  # (nor these; None where the report has no registers)
+            summary = {**summary, "one_per_sm": _one_per_sm(cases)}
         kind = json.dumps(what, sort_keys=True)
         entry = (os.path.basename(path), prov, what, summary)
         if kind not in newest or prov["date"] >= newest[kind][1]["date"]:
             newest[kind] = entry
     return sorted(newest.values(), key=lambda e: ("the conv sweep" in e[2]["flags"], e[2]["arch"], e[2]["flags"],
                                                   e[2]["dtype"], str(e[2]["tf32"]), e[2]["batch"], e[2]["triton"]))
+
+
+def _one_per_sm(cases):
+    """How many of a compile report's kernels run one program an SM, from their registers, shared
+    memory and warps (None where it has no registers)."""
+    from fused_resnet.kernels.precompile import CAPABILITY, programs_per_sm
+
+    counted = [programs_per_sm(c["registers"], c["shared"], c["num_warps"], CAPABILITY[c["target"]])
+               for c in cases if c.get("registers")]
+    return sum(1 for n in counted if n == 1) if counted else None
 
 
 def compile_table(reports):
@@ -154,10 +167,11 @@ def compile_table(reports):
 
     return "\n".join(_markdown(
         None, ["compiled", "dtype", "batch", "for", "triton", "kernels", "compiling s", "failing", "spilling",
-               "issue", "report", "commit"],
+               "one an SM", "issue", "report", "commit"],
         [(", ".join([w["arch"], *w["flags"]]), dtype(w), w["batch"], w["target"], w["triton"], s["jobs"],
-          f"{s['compile_s']:.0f} ({s.get('workers', 1)})", s["failed"], s["spilled"], issue(s), name,
-          prov["commit"]) for name, prov, w, s in reports]))
+          f"{s['compile_s']:.0f} ({s.get('workers', 1)})", s["failed"], s["spilled"],
+          "-" if s["one_per_sm"] is None else s["one_per_sm"], issue(s), name, prov["commit"])
+         for name, prov, w, s in reports]))
 
 
 def plot(rows, path):

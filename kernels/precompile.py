@@ -153,8 +153,9 @@ def compile_job(job: CompileJob, machine_code: bool = False) -> dict:
     Returns {"seconds", "shared", "num_warps", "num_stages"} and counts of the PTX markers in
     ASM_MARKERS: whether the loads are asynchronous (pipelined), through tensor descriptors,
     and which tensor-core instruction the dot became. With `machine_code`, also "registers" and
-    "spill_bytes" (stores) a thread, from running Triton's ptxas on the PTX once more with -v, and
-    what loop_instructions() reads in the machine code."""
+    "spill_bytes" (stores) a thread, from running Triton's ptxas on the PTX once more with -v, the
+    "programs_per_sm" they and the shared memory allow, and what loop_instructions() reads in the
+    machine code."""
     import triton
 
     source, target, _, options = _source(job)
@@ -167,6 +168,9 @@ def compile_job(job: CompileJob, machine_code: bool = False) -> dict:
     result.update({name: len(re.findall(re.escape(marker), ptx)) for name, marker in ASM_MARKERS.items()})
     if machine_code:
         result.update(_register_use(ptx, job.capability))
+        if result["registers"] and job.capability in SM_LIMITS:
+            result["programs_per_sm"] = programs_per_sm(result["registers"], result["shared"], result["num_warps"],
+                                                        job.capability)
         result.update(loop_instructions(kernel.asm["cubin"]))
     return result
 
@@ -334,6 +338,23 @@ def _register_use(ptx: str, capability: int) -> dict:
     spilled = re.search(r"(\d+) bytes spill stores", log)
     return {"registers": int(used.group(1)) if used else None,
             "spill_bytes": int(spilled.group(1)) if spilled else None}
+
+
+# What one SM holds, per compute capability (the CUDA programming guide's table of limits): registers,
+# shared memory (bytes; each resident program reserves 1 KB more of it), warps, and programs.
+SM_LIMITS = {90: (65536, 233472, 64, 32), 89: (65536, 102400, 48, 24), 80: (65536, 167936, 64, 32)}
+REGISTER_UNIT = 256  # registers are allocated to a warp in units of this many
+RESERVED_SHARED = 1024
+
+
+def programs_per_sm(registers: int, shared: int, num_warps: int, capability: int) -> int:
+    """How many programs (thread blocks) of a kernel one SM holds at once, by the first limit each
+    meets: its registers (`registers` a thread), its shared memory, its warps. For a memory-bound
+    kernel, one program an SM leaves nothing to run while that program waits for memory."""
+    sm_registers, sm_shared, sm_warps, sm_programs = SM_LIMITS[capability]
+    warp_registers = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+    return min(sm_registers // warp_registers // num_warps, sm_shared // (shared + RESERVED_SHARED),
+               sm_warps // num_warps, sm_programs)
 
 
 def compile_jobs(jobs, *, workers: int = 1, progress=None, machine_code: bool = False) -> list:

@@ -444,6 +444,18 @@ def test_a_plain_first_call_compiles_ahead_everything_the_forward_compiles(tmp_p
     assert len(ahead) == 1 and ahead[0] > 0 and after == ahead[0]
 
 
+def test_programs_per_sm_meet_the_first_limit():
+    # An H100 SM: 64K registers (a warp's in units of 256), 228 KB of shared memory (1 KB more
+    # reserved a program), 64 warps, 32 programs.
+    assert precompile.programs_per_sm(143, 65552, 8, 90) == 1  # 144 x 256 threads = 36,864 registers
+    assert precompile.programs_per_sm(101, 65552, 8, 90) == 2  # 104 x 256 = 26,624: two fit
+    assert precompile.programs_per_sm(58, 98320, 4, 90) == 2  # shared memory: 2 x 97 KB of 228
+    assert precompile.programs_per_sm(32, 0, 4, 90) == 16  # warps: 16 x 4 of 64
+    assert precompile.programs_per_sm(16, 0, 1, 90) == 32  # programs: at most 32
+    # The same kernel on an L4 (sm_89: 100 KB of shared memory an SM, 48 warps).
+    assert precompile.programs_per_sm(58, 49168, 4, 89) == 2 and precompile.programs_per_sm(32, 0, 4, 89) == 12
+
+
 def test_compile_report(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["FUSED_RESNET_CACHE_DIR"] = str(tmp_path / "cache")
@@ -461,6 +473,10 @@ def test_compile_report(tmp_path):
     assert all(c["config"]["ROWS"] == 1 and c["seconds"] > 0 and c["wgmma"] > 0 for c in cases), cases
     # ptxas's count of a thread's registers; the pooled kernel's candidates fit without spilling.
     assert all(0 < c["registers"] <= 255 and c["spill_bytes"] == 0 for c in cases), cases
+    # The programs an SM holds, as those registers and the shared memory allow.
+    assert all(c["programs_per_sm"] == precompile.programs_per_sm(c["registers"], c["shared"], c["num_warps"], 90)
+               for c in cases), cases
+    assert payload["summary"]["one_per_sm"] == sum(c["programs_per_sm"] == 1 for c in [copy, *cases])
     # Its machine code: one main loop of warpgroup MMAs a pooling tap, its issue against their cycles.
     assert all(len(c["loop_instructions"]) == 1 and c["loop_tensor_cycles"][0] > 0 for c in cases), cases
     assert payload["summary"]["issue_ratio_max"] > 0

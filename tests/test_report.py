@@ -63,25 +63,29 @@ def test_compile_table_gives_the_newest_report_of_each_kind(tmp_path, results):
     command = "python benchmarks/compile_report.py --arch resnet50 --dtype float16 --workers 2"
     files = [
         compile_report(tmp_path, "old.json", "2026-11-24T10:00:00+00:00", command, [{}, {"spill_bytes": 8}]),
-        compile_report(tmp_path, "new.json", "2026-12-03T10:00:00+00:00", command, [{}, {}, {}],
+        compile_report(tmp_path, "new.json", "2026-12-03T10:00:00+00:00", command,
+                       [{"registers": 143, "shared": 65552, "num_warps": 8},  # 1 an SM: its registers
+                        {"registers": 101, "shared": 65552, "num_warps": 8},  # 2
+                        {"registers": 58, "shared": 229376, "num_warps": 4}],  # 1: its shared memory
                        spilled=0, issue_ratio_median=0.416),
         compile_report(tmp_path, "chain.json", "2026-11-25T10:00:00+00:00", command + " --chain-blocks --chain-3x3",
                        [{}], spilled=1),
         compile_report(tmp_path, "ieee.json", "2026-11-25T10:00:00+00:00", command,
                        [{"arch": "resnet18", "dtype": "float32", "tf32": False, "batch": 8, "spill_bytes": 4}]),
         compile_report(tmp_path, "sweep.json", "2026-11-25T10:00:00+00:00",
-                       "python benchmarks/compile_report.py --sweep", [{}] * 5, spilled=2),
+                       "python benchmarks/compile_report.py --sweep", [{}] * 5, spilled=2, one_per_sm=3),
         *results,  # GPU runs and whole-network timings are not compile reports
     ]
     reports = report.load_compile_reports(files)
     assert [name for name, *_ in reports] == ["ieee.json", "new.json", "chain.json", "sweep.json"]
     text = report.compile_table(reports)
     rows = text.splitlines()[2:]
-    assert rows[0] == ("| resnet18 | float32 (TF32 off) | 8 | H100 | 3.6 | 1 | 12 (2) | 0 | 1 | - | ieee.json "
-                       "| 25abcde |")  # spilling counted from the cases where the summary lacks it
-    assert rows[1] == "| resnet50 | float16 | 256 | H100 | 3.6 | 3 | 12 (2) | 0 | 0 | 0.42 | new.json | 03abcde |"
+    # Spilling counted from the cases where the summary lacks it; programs an SM where they have registers.
+    assert rows[0] == ("| resnet18 | float32 (TF32 off) | 8 | H100 | 3.6 | 1 | 12 (2) | 0 | 1 | - | - | ieee.json "
+                       "| 25abcde |")
+    assert rows[1] == "| resnet50 | float16 | 256 | H100 | 3.6 | 3 | 12 (2) | 0 | 0 | 2 | 0.42 | new.json | 03abcde |"
     assert rows[2].startswith("| resnet50, chain_blocks, chain_3x3 | float16 |")
-    assert rows[3].startswith("| resnet50, the conv sweep | float16 | 256 | H100 | 3.6 | 5 |")
+    assert rows[3].startswith("| resnet50, the conv sweep | float16 | 256 | H100 | 3.6 | 5 | 12 (2) | 0 | 2 | 3 |")
     assert report.compile_table([]) == "No compile report is committed in benchmarks/results/ yet."
 
 
