@@ -12,7 +12,7 @@ activations. This module holds what the conv kernels share:
     next_block              the main loops' (tap, channel block) counters
     row_runs, row_filters   the row schedule's operand tiles (few-channel convs over dense rows)
     dense_tile, box_tile    the main loop read through tensor descriptors (1x1; boxes, stride 1 or 2)
-    residual_tile           the residual's tile read by pointers (a descriptor reads it in the kernel)
+    residual_tile           the residual's tile by pointers, where no tensor descriptor reads it
     epilogue                bias, residual, ReLU on the fp32 accumulator
     conv_launch             the host side: a KernelLaunch with the conv's sizes, strides and flags
     check_conv_args, normalize_args, output_size   argument checks and F.conv2d's argument forms
