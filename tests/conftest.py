@@ -153,6 +153,21 @@ def variant_case(case, dtype):
     return blocks, {**VARIANT_TILES, **switches}, (x, weight, bias, stride, padding, residual)
 
 
+def watch_descriptor_allocator(monkeypatch):
+    """A list that records each scratch allocator the kernels hand Triton: one appears when a
+    kernel with tensor descriptors is launched for the first time in the test."""
+    import contextvars
+
+    import triton
+    from fused_resnet.kernels import backend
+
+    monkeypatch.setattr(backend, "_allocator_given", contextvars.ContextVar("test_allocator", default=False))
+    allocators = []
+    real = triton.set_allocator
+    monkeypatch.setattr(triton, "set_allocator", lambda fn: (allocators.append(fn), real(fn)))
+    return allocators
+
+
 def compile_ahead(calls):
     """On a GPU, compile at once, in parallel processes, every kernel that `calls` (functions
     that launch kernels) would compile, so that tests which then launch them one by one find each

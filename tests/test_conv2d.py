@@ -23,6 +23,7 @@ from conftest import (
     make_case,
     results_of,
     variant_case,
+    watch_descriptor_allocator,
 )
 from fused_resnet.kernels.igemm import normalize_padding
 from torch.profiler import ProfilerActivity, profile
@@ -105,21 +106,6 @@ def test_the_per_tap_loop_too(shape, monkeypatch):
     x, weight, bias = make_case(2, c, 7, 7, k, ksize, ksize, groups, torch.float16)
     p = (7 + 2 * padding - dilation * (ksize - 1) - 1) // stride + 1
     check(x, weight, bias, stride, padding, dilation, groups, torch.randn(2, k, p, p).half(), True)
-
-
-def watch_descriptor_allocator(monkeypatch):
-    """A list that records each scratch allocator the kernels hand Triton: one appears when a
-    kernel with tensor descriptors is launched for the first time in the test."""
-    import contextvars
-
-    import triton
-    from fused_resnet.kernels import backend
-
-    monkeypatch.setattr(backend, "_allocator_given", contextvars.ContextVar("test_allocator", default=False))
-    allocators = []
-    real = triton.set_allocator
-    monkeypatch.setattr(triton, "set_allocator", lambda fn: (allocators.append(fn), real(fn)))
-    return allocators
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter's descriptor switch; on a GPU each config names it")

@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from conftest import DEVICE, HAS_CUDA, assert_close, randomize_bn
+from conftest import DEVICE, HAS_CUDA, assert_close, randomize_bn, watch_descriptor_allocator
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1
@@ -80,6 +80,27 @@ def test_block_matches_torchvision(name, kind, kwargs, dtype, switch):
     assert ops["fused_resnet::conv2d_bias_act"] == convs + separate, ops
     assert ops.get("fused_resnet::add_relu", 0) == (switch == "no_residual_epilogue"), ops
     assert not any(k.startswith("aten::") and ("conv" in k or "relu" in k) for k in ops), ops
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's descriptor switches; on a GPU each config names them")
+@pytest.mark.parametrize("name,kind,kwargs", [b for b in BLOCKS if b[0] in ("basic", "bottleneck", "bottleneck_down")],
+                         ids=["basic", "bottleneck", "bottleneck_down"])
+def test_block_through_tensor_descriptors(name, kind, kwargs, monkeypatch):
+    # Dense 1x1s through descriptors (USE_TMA) and 3x3s as box tiles, as configs may run them on a
+    # GPU: the residual (the block's input) is then read through a descriptor too, in the last
+    # conv's epilogue (a 1x1 in a Bottleneck, a 3x3 in a BasicBlock).
+    from fused_resnet.kernels import igemm
+
+    monkeypatch.setattr(igemm, "INTERPRETER_TMA", 1)
+    monkeypatch.setattr(igemm, "INTERPRETER_BOX_W", 4)
+    allocators = watch_descriptor_allocator(monkeypatch)
+    block = make_block(kind, **kwargs)
+    x = torch.randn(2, kwargs["inplanes"], 6, 5)
+    with torch.no_grad():
+        expected = block.double()(x.double())
+        out = fused_of(block, torch.float16)(x.half().contiguous(memory_format=torch.channels_last))
+    assert_close(out, expected, rtol=TOL[torch.float16], atol=TOL[torch.float16] * expected.abs().max().item())
+    assert allocators, "no kernel ran through tensor descriptors"
 
 
 @pytest.mark.parametrize("name,kind,kwargs", [b for b in BLOCKS if b[0].endswith("down")],
