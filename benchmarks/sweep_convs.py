@@ -24,11 +24,14 @@ shortcuts), in the shapes the fused model launches, and for the head (average po
    merged shortcut, cuDNN's shortcut conv then its conv+add+ReLU; for the stem, cuDNN's
    conv+bias+ReLU then max pooling, and eager's conv, BatchNorm, ReLU and pooling; the head, with
    configs.head_candidates' sweep list, against eager's pooling and fc alone);
-3. a table of the best config against cuDNN per layer is printed (for the stem, the best of each
-   plan too: the stem's ways to run, which its first call would otherwise time), and the cases
+3. a table of the best config against cuDNN per layer is printed, with the share of the roof each
+   reaches (least_work: the layer's least bytes at the data sheet's bandwidth, or its FLOPs at the
+   peak, whichever takes longer, over its time; for the stem, the best of each plan too: the
+   stem's ways to run, which its first call would otherwise time), and the cases
    {"model": "resnet50-conv" (the head: "resnet50-head"), "layer", "impl": "fused" | "cudnn_fused" |
    "eager", "dtype", "batch", "kernel_ms", "config"} are written with the run's provenance (each
-   fused case adds "timed", every config with its time and its error against cuDNN, "wrong", each
+   fused case adds "timed", every config with its time and its error against cuDNN, a conv's
+   "least_bytes", "least_flops" and "roof_ms" (that least time at the roof), "wrong", each
    config that failed the check with its error, "failed", each that did not compile or run, and
    the stem's "by_plan"); `--write-table` merges the winners (of each plan) and the stem's fastest
    way to run (stem_ways) into kernels/tuned_configs.json, so that plans on this GPU find them;
@@ -72,7 +75,7 @@ from fused_resnet.kernels.igemm import (
     space_to_depth_fits,
 )
 
-from fused_resnet import FusedAvgPoolLinear, FusedConv2d, FusedConv2dMaxPool, bench, fuse, kernels, warmup
+from fused_resnet import FusedAvgPoolLinear, FusedConv2d, FusedConv2dMaxPool, bench, fuse, kernels, profile, warmup
 from fused_resnet.validate import synthetic_batchnorm
 
 
@@ -122,6 +125,26 @@ def describe(layer, x_shape):
     elif layer.shortcut_weight is not None:
         text += f" +shortcut C{layer.shortcut_weight.shape[1]}"
     return text
+
+
+def least_work(layer, x_shape, r_shape, y_shape, element_size):
+    """(bytes, FLOPs) below which no implementation of a conv layer goes: x, the weights, the bias
+    and the residual or the shortcut's input each read once and y written once; two FLOPs a
+    multiply-add of the conv (the stem's once a conv pixel, its pooling aside) and of a merged
+    projection shortcut. None for the head."""
+    if isinstance(layer, FusedAvgPoolLinear):
+        return None
+    k, cg, r, s = layer.weight.shape
+    (ph, pw), (sh, sw), (dh, dw) = (pair(name, getattr(layer, name)) for name in ("padding", "stride", "dilation"))
+    p = (x_shape[2] + 2 * ph - dh * (r - 1) - 1) // sh + 1
+    q = (x_shape[3] + 2 * pw - dw * (s - 1) - 1) // sw + 1
+    flops = 2 * x_shape[0] * p * q * k * cg * r * s
+    tensors = [x_shape, layer.weight.shape, y_shape] + ([] if r_shape is None else [r_shape])
+    tensors += [] if layer.bias is None else [layer.bias.shape]
+    if layer.shortcut_weight is not None:
+        tensors.append(layer.shortcut_weight.shape)
+        flops += 2 * math.prod(y_shape) * layer.shortcut_weight.shape[1]
+    return element_size * sum(math.prod(t) for t in tensors), flops
 
 
 def operands(x_shape, r_shape, dtype, device, seed=0):
@@ -524,6 +547,7 @@ def main(argv=None):
     else:
         failures = [[] for _ in plans]
     cases, winners, rows = [], {}, []
+    roof = profile.roof(device, dtype)  # (peak FLOP/s, bytes/s, its name); on a CPU an H100's data sheet
     command = "python benchmarks/sweep_convs.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def save(cases):
@@ -590,8 +614,15 @@ def main(argv=None):
         base = {impl: kernel_ms(functools.partial(run, x, r), cuda) for impl, run in base_runs.items()}
         for impl, ms in base.items():
             cases.append({**common, "impl": impl, "kernel_ms": round(ms, 5), "name": name})
+        work = least_work(layer, x_shape, r_shape, tuple(next(iter(base_runs.values()))(x, r).shape),
+                          x.element_size())
+        if work is not None and roof is not None:
+            # The least time at the roof: the least bytes at the bandwidth, or the FLOPs at the peak.
+            fused["least_bytes"], fused["least_flops"] = work
+            fused["roof_ms"] = float(f"{max(work[0] / roof[1], work[1] / roof[0]) * 1e3:.4g}")
         save(cases + before)  # so far, should the run be stopped
-        rows.append((label + ("" if plan_name(best[1]) == "direct" else f" ({plan_name(best[1])})"), best[0], base))
+        rows.append((label + ("" if plan_name(best[1]) == "direct" else f" ({plan_name(best[1])})"), best[0], base,
+                     fused.get("roof_ms")))
         if len(by_plan) > 1:
             print(f"{label}: " + ", ".join(f"{plan} {b[0]:.4f} ms" for plan, b in by_plan.items())
                   + "; the table takes the fastest as the stem's way to run",
@@ -604,16 +635,22 @@ def main(argv=None):
         shipped = ship_chain_choices(configs.gpu_family(torch.cuda.get_device_name(device)))
         print(f"{len(shipped)} chain configs and ways to run, chosen by the networks' first calls, joined the table",
               file=sys.stderr)
-    print(f"{'layer':<34}{'fused ms':>10}{'cuDNN ms':>10}{'fused/cuDNN speed':>19}")
+    if roof is not None:
+        print(f"roof: {roof[1] / 1e12:.2f} TB/s and {roof[0] / 1e12:.0f} TFLOP/s in {args.dtype} ({roof[2]}; NVIDIA's "
+              "data sheet); 'at roof': the layer's least bytes or FLOPs (least_work) at those rates, over its time")
+    print(f"{'layer':<34}{'fused ms':>10}{'cuDNN ms':>10}{'fused/cuDNN speed':>19}{'fused at roof':>15}"
+          f"{'cuDNN at roof':>15}")
     ratios = []
-    for label, fused_ms, base in rows:
+    for label, fused_ms, base, roof_ms in rows:
         extra = f"  (eager {base['eager']:.4f} ms: {base['eager'] / fused_ms:.2f}x)" if "eager" in base else ""
         if "cudnn_fused" not in base:  # the head: against eager alone, and not in the convs' geomean
-            print(f"{label:<34}{fused_ms:>10.4f}{'-':>10}{'-':>19}{extra}")
+            print(f"{label:<34}{fused_ms:>10.4f}{'-':>10}{'-':>19}{'-':>15}{'-':>15}{extra}")
             continue
         ratio = base["cudnn_fused"] / fused_ms
         ratios.append(ratio)
-        print(f"{label:<34}{fused_ms:>10.4f}{base['cudnn_fused']:>10.4f}{ratio:>18.2f}x{extra}")
+        at_roof = "".join(f"{'-' if roof_ms is None else f'{roof_ms / ms:.0%}':>15}"
+                          for ms in (fused_ms, base["cudnn_fused"]))
+        print(f"{label:<34}{fused_ms:>10.4f}{base['cudnn_fused']:>10.4f}{ratio:>18.2f}x{at_roof}{extra}")
     if ratios:
         geomean = statistics.geometric_mean(ratios)
         print(f"geomean over {len(ratios)} convs: fused at {geomean:.2f}x cuDNN's speed"

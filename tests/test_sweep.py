@@ -55,8 +55,19 @@ def test_sweep_harness_on_a_cpu(tmp_path, capsys):
         assert fused["kernel_ms"] == min(t["kernel_ms"] for t in fused["timed"])
         assert all(0 <= t["error"] <= sweep.TOLERANCE[torch.float16] for t in fused["timed"])
     assert all("by_plan" not in c for c in cases if c["impl"] == "fused" and c is not stem)
+    # Each conv's least work (operands read once, the output written once; the stem's conv once a
+    # pixel, before its pooling), and its time at the roof: on a CPU, an H100's data sheet.
+    conv = next(c for c in cases if c["impl"] == "fused" and c["layer"] == "C64 K64 1x1/1 8x8")
+    assert conv["least_bytes"] == 2 * (2 * 64 * 8 * 8 + 64 * 64 + 64) and conv["least_flops"] == 2 * 64 * 8 * 8 * 64
+    assert stem["least_bytes"] == 2 * (3 * 32 * 32 + 64 * 3 * 7 * 7 + 64 * 8 * 8 + 64)
+    assert stem["least_flops"] == 2 * 16 * 16 * 64 * 3 * 7 * 7
+    flops, bandwidth = 989e12, 3.35e12
+    for c in (conv, stem):
+        assert c["roof_ms"] == float(f"{max(c['least_bytes'] / bandwidth, c['least_flops'] / flops) * 1e3:.4g}")
+    assert all("roof_ms" not in c for c in cases if c["model"] == "resnet50-head")
     printed = capsys.readouterr().out
     assert "geomean over 3 convs" in printed and "not a measurement" in printed
+    assert "fused at roof" in printed and "roof: 3.35 TB/s and 989 TFLOP/s in float16 (H100 SXM" in printed
 
 
 def test_sweep_needs_a_gpu_unless_told_cpu(capsys):
