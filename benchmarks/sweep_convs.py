@@ -135,9 +135,8 @@ def least_work(layer, x_shape, r_shape, y_shape, element_size):
     if isinstance(layer, FusedAvgPoolLinear):
         return None
     k, cg, r, s = layer.weight.shape
-    (ph, pw), (sh, sw), (dh, dw) = (pair(name, getattr(layer, name)) for name in ("padding", "stride", "dilation"))
-    p = (x_shape[2] + 2 * ph - dh * (r - 1) - 1) // sh + 1
-    q = (x_shape[3] + 2 * pw - dw * (s - 1) - 1) // sw + 1
+    (ph, pw), stride, dilation = (pair(name, getattr(layer, name)) for name in ("padding", "stride", "dilation"))
+    p, q = output_size(x_shape[2], x_shape[3], r, s, stride, (ph, ph, pw, pw), dilation)
     flops = 2 * x_shape[0] * p * q * k * cg * r * s
     tensors = [x_shape, layer.weight.shape, y_shape] + ([] if r_shape is None else [r_shape])
     tensors += [] if layer.bias is None else [layer.bias.shape]
