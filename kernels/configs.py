@@ -195,6 +195,11 @@ def _load_cache():
     return _cache
 
 
+# The most shared memory one program may take on an H100 (228 KB an SM, 1 KB of it reserved a
+# program): the config lists' default limit.
+H100_SHARED_MEMORY = 227 * 1024
+
+
 # Under the interpreter every program and every block op runs in Python, so few large tiles beat
 # many small ones; tiles shrink to the layer so that small groups do not pay for padding.
 INTERPRETER_MAX_BLOCK = 128
@@ -245,8 +250,8 @@ def gemm_shared_bytes(config, element_size):
 IEEE_FP32_SHAPES = [(128, 64, 16, 3, 8), (64, 128, 16, 3, 8), (64, 64, 32, 3, 4), (32, 64, 32, 2, 4)]
 
 
-def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory: int = 228 * 1024, switches=None,
-               max_acc_per_thread: int = MAX_ACC_PER_THREAD, shared_bytes=None, ieee: bool = False):
+def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory: int = H100_SHARED_MEMORY,
+               switches=None, max_acc_per_thread: int = MAX_ACC_PER_THREAD, shared_bytes=None, ieee: bool = False):
     """At most four configs for a GEMM of m rows, n columns and a reduction this long, from its
     shape class: wide tiles for large memory-bound layers, small ones where few tiles exist,
     smaller K tiles and fewer stages for 4-byte (fp32) operands, and with `ieee` (fp32 dots in
@@ -345,7 +350,7 @@ SWEEP_FP32 = [(128, 64, 32, 3, 4), (64, 128, 32, 3, 4), (64, 64, 32, 3, 4), (128
 SWEEP_IEEE_FP32 = IEEE_FP32_SHAPES + [(64, 64, 16, 3, 4), (128, 64, 32, 2, 8)]
 
 
-def sweep_candidates(m, n, reduction, element_size, shared_memory=228 * 1024, variants=({"FLAT_LOOP": 1},),
+def sweep_candidates(m, n, reduction, element_size, shared_memory=H100_SHARED_MEMORY, variants=({"FLAT_LOOP": 1},),
                      max_acc_per_thread=MAX_ACC_PER_THREAD, shared_bytes=None, ieee=False):
     """Every config of the sweep's list for this GEMM (with `ieee`, fp32 dots in IEEE precision,
     its own): tiles capped to the layer, pruned to what fits `shared_memory` and registers (as
@@ -431,7 +436,7 @@ def chain_shared_bytes(config, block_c, block_j, element_size, block_s=0):
     return max(chain, head)
 
 
-def chain_candidates(block_c, k, block_j, element_size, shared_memory=228 * 1024, ieee=False, block_s=0,
+def chain_candidates(block_c, k, block_j, element_size, shared_memory=H100_SHARED_MEMORY, ieee=False, block_s=0,
                      head_channels=0):
     """At most four configs for a chain over x of block_c channels (a power of two; and a projection
     shortcut's input of block_s, or a step of it where it is streamed) into y of k and z of block_j

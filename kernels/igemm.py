@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import backend, configs
+from . import backend, configs, precompile
 from ._checks import check_same_device, check_supported_dtype, pair
 
 # ----------------------------------------------------------------------------------------------
@@ -84,15 +84,32 @@ def multiprocessors(device_index):
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.cache
+def capability(device_index):
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
+# The GPU a launch on `x` runs on: x's, or, for the CPU tensors of the interpreter and of
+# precompile.compile_only, the GPU they plan for (precompile.cpu_target: compile_only's, else an
+# H100), so that a listing compiled here for another GPU holds what a first call there compiles.
+
+
 def launch_shared_memory(x):
-    """The shared memory a program may take on the GPU a launch on `x` runs on: x's, or, for the CPU
-    tensors of the interpreter and of precompile.compile_only, an H100's."""
-    return max_shared_memory(x.device.index or 0) if x.is_cuda else 228 * 1024
+    """The shared memory a program may take on the GPU a launch on `x` runs on."""
+    return max_shared_memory(x.device.index or 0) if x.is_cuda else precompile.cpu_target().shared_memory
 
 
 def launch_multiprocessors(x):
-    """The SMs of the GPU a launch on `x` runs on: x's, or an H100's for CPU tensors (as above)."""
-    return multiprocessors(x.device.index or 0) if x.is_cuda else configs.H100_SMS
+    """The SMs of the GPU a launch on `x` runs on."""
+    return multiprocessors(x.device.index or 0) if x.is_cuda else precompile.cpu_target().multiprocessors
+
+
+def launch_has_tma(x):
+    """Whether the GPU a launch on `x` runs on copies tensor-descriptor tiles in hardware (the Tensor
+    Memory Accelerator, compute capability 9.0 and newer). Older GPUs compile descriptor loads into
+    the pointer loads the other schedules already make, so there they are not tried."""
+    return (capability(x.device.index or 0) if x.is_cuda else precompile.cpu_target().capability) >= 90
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,12 +616,13 @@ def ieee_fp32(dtype):
 
 
 def dense_1x1(x, weight, stride, padding, dilation, groups):
-    """True when the conv is a dense GEMM that tensor descriptors can read and write: 1x1, stride 1,
-    no padding, ungrouped, x dense channels_last and the weight (K, 1, 1, C) in memory, rows (C in,
-    K out) of a multiple of 16 bytes."""
+    """True when the conv is a dense GEMM that tensor descriptors can read and write, on a GPU that has
+    them (launch_has_tma): 1x1, stride 1, no padding, ungrouped, x dense channels_last and the weight
+    (K, 1, 1, C) in memory, rows (C in, K out) of a multiple of 16 bytes."""
     k, c, r, s = weight.shape
-    return ((r, s) == (1, 1) and tuple(stride) == (1, 1) and not any(padding) and tuple(dilation) == (1, 1)
-            and groups == 1 and x.stride() == backend.channels_last_strides(x.shape) and weight.stride()[:2] == (c, 1)
+    return (launch_has_tma(x) and (r, s) == (1, 1) and tuple(stride) == (1, 1) and not any(padding)
+            and tuple(dilation) == (1, 1) and groups == 1 and x.stride() == backend.channels_last_strides(x.shape)
+            and weight.stride()[:2] == (c, 1)
             and (c * x.element_size()) % 16 == 0 and (k * x.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0)
 
 
@@ -615,15 +633,15 @@ BOX_STRIDE_2_CHANNELS = 128
 
 
 def box_schedule(x, weight, stride, groups):
-    """True when box tiles through tensor descriptors apply (box_tile): a conv of stride 1, or 2 over
-    a map of even height and width and a multiple of BOX_STRIDE_2_CHANNELS channels, with more than
-    one tap, ungrouped, x dense channels_last and the weight dense (K, R, S, C) in memory, channel
-    rows (input and output) a multiple of 16 bytes."""
+    """True when box tiles through tensor descriptors apply (box_tile), on a GPU that has them
+    (launch_has_tma): a conv of stride 1, or 2 over a map of even height and width and a multiple of
+    BOX_STRIDE_2_CHANNELS channels, with more than one tap, ungrouped, x dense channels_last and the
+    weight dense (K, R, S, C) in memory, channel rows (input and output) a multiple of 16 bytes."""
     k, c, r, s = weight.shape
     size = x.element_size()
     strided = (tuple(stride) == (2, 2) and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
                and c % BOX_STRIDE_2_CHANNELS == 0)
-    return (r * s > 1 and (tuple(stride) == (1, 1) or strided) and groups == 1
+    return (launch_has_tma(x) and r * s > 1 and (tuple(stride) == (1, 1) or strided) and groups == 1
             and x.stride() == backend.channels_last_strides(x.shape)
             and weight.stride() == backend.channels_last_strides(weight.shape)
             and (c * size) % 16 == 0 and (k * size) % 16 == 0 and weight.data_ptr() % 16 == 0)

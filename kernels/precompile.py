@@ -42,8 +42,28 @@ import torch
 
 from . import configs
 
-# The compute capability of each GPU family in the config table.
-CAPABILITY = {"H200": 90, "H100": 90, "A100": 80, "L40S": 89, "L4": 89}
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What planning for a GPU family without its device takes from the GPU: its compute
+    capability, its SMs, and the most shared memory one program may take (the device's opt-in
+    limit per block, as Triton reads it)."""
+
+    capability: int
+    multiprocessors: int
+    shared_memory: int
+
+
+# The GPU families of the config table (the SXM parts where a family has several), as CPU tensors
+# plan for them inside compile_only(gpu), and for an H100 otherwise (the interpreter's tests).
+TARGETS = {
+    "H200": Target(90, 132, 227 * 1024),
+    "H100": Target(90, 132, 227 * 1024),
+    "A100": Target(80, 108, 163 * 1024),
+    "L40S": Target(89, 142, 99 * 1024),
+    "L4": Target(89, 58, 99 * 1024),
+}
+CAPABILITY = {family: target.capability for family, target in TARGETS.items()}
 
 _session = contextvars.ContextVar("fused_resnet_compile_only", default=None)
 
@@ -106,6 +126,11 @@ def target_gpu():
     """The GPU family CPU tensors plan for inside compile_only(gpu=...), or None."""
     current = _session.get()
     return None if current is None else current.gpu
+
+
+def cpu_target() -> Target:
+    """The GPU CPU tensors plan for: compile_only's `gpu`, else an H100."""
+    return TARGETS[target_gpu() or "H100"]
 
 
 @contextlib.contextmanager

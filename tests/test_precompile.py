@@ -60,6 +60,29 @@ def test_records_each_candidate_and_launches_nothing(empty_cache, monkeypatch):
     assert job.kwargs["Cg"] == 64 and job.kwargs["R"] == 1
 
 
+@pytest.mark.parametrize("gpu", ["H100", "A100", "L4"])
+def test_plans_for_the_named_gpu(empty_cache, gpu):
+    # CPU tensors plan as the named GPU would: its shared memory bounds the stages, and tensor
+    # descriptors (dense 1x1s, box tiles) are tried only where it has TMA (compute capability 9.0).
+    target = precompile.TARGETS[gpu]
+    x = torch.randn(2, 64, 16, 16).half().contiguous(memory_format=torch.channels_last)
+    with precompile.compile_only(gpu, every_candidate=True) as jobs:
+        layer(64, 256, 1)(x)
+        layer(64, 64, 3)(x)
+    assert jobs and all(job.capability == target.capability for job in jobs)
+    descriptors = [job.config for job in jobs if job.config.get("USE_TMA") or job.config.get("BOX_W")]
+    has_tma = target.capability >= 90
+    assert bool(descriptors) == has_tma
+    assert {bool(c.get("USE_TMA")) for c in descriptors} == ({True, False} if has_tma else set())  # both kinds
+    assert all(configs.gemm_shared_bytes(job.config, 2) <= target.shared_memory for job in jobs)
+    with precompile.compile_only(gpu):
+        assert igemm.launch_has_tma(x) == has_tma
+        assert igemm.launch_multiprocessors(x) == target.multiprocessors
+        assert igemm.launch_shared_memory(x) == target.shared_memory
+    # Outside compile_only, CPU tensors (the interpreter's) plan as an H100 does.
+    assert igemm.launch_has_tma(x) and igemm.launch_shared_memory(x) == precompile.TARGETS["H100"].shared_memory
+
+
 def test_table_entry_records_one_config_unless_every_candidate(empty_cache):
     fused = layer(16, 32, 3)
     x = torch.randn(1, 16, 6, 6).half().contiguous(memory_format=torch.channels_last)
