@@ -16,7 +16,8 @@
 #   archs32  the same in fp32, TF32 off and on
 #   sweep    benchmarks/sweep_convs.py: every config on every distinct resnet50 conv against cuDNN,
 #            the winners written to kernels/tuned_configs.json (a copy goes to OUT_DIR), and the
-#            whole resnet50 timed before and after
+#            whole resnet50 timed before and after; a fault in the GPU ends the sweep's process, and
+#            a new one resumes where it stopped, without the config that faulted
 #   sweep1   the same sweep at batch 1, where split-K configs are timed too (few output tiles,
 #            long loops); its winners join the table under their small M
 #   host     host time per forward and batch-1 latency (eager and fused, with and without CUDA graphs),
@@ -84,9 +85,24 @@ gpu_tests() {
   grep -E '^(FAILED|ERROR) ' "$out/$tag-gpu-tests.log" | head -n 20
   grep -E '^=+ .*(passed|failed|skipped|error).* =+$' "$out/$tag-gpu-tests.log"
 }
+# The sweep with the options after $1, its timing given $1 seconds over every try: where a fault in
+# the GPU ends it (exit status 3), it runs again with --resume in a new process (at most 3 times),
+# which keeps what was measured and never runs the config that faulted again.
+sweep_resuming() {
+  local end=$((SECONDS + $1)) resume="" rc tries=0
+  shift
+  while :; do
+    python3 benchmarks/sweep_convs.py "$@" --budget $((end - SECONDS > 10 ? end - SECONDS : 10)) $resume
+    rc=$?
+    if [ "$rc" -ne 3 ] || [ "$tries" -ge 3 ]; then return "$rc"; fi
+    tries=$((tries + 1))
+    resume=--resume
+    echo "sweep: a fault in the GPU ended it; resuming in a new process (try $tries)" >&2
+  done
+}
 # The sweep at batch 256 (seconds for its timing: $1); it writes its results and the table as it goes.
 sweep256() {
-  python3 benchmarks/sweep_convs.py --json "$out/$tag-sweep.json" --write-table --budget "$1" \
+  sweep_resuming "$1" --json "$out/$tag-sweep.json" --write-table \
     --network fused cudnn_fused eager_channels_last --network-after fused_chain3x3 fused_chain
 }
 # The first forward of resnet50 fp16 at batch 256 in a new process, with cold caches (the shipped
@@ -108,7 +124,7 @@ case "$stage" in
     left() { echo $((deadline - SECONDS)); }
     # The sweep saves layer by layer; stopped at its cut, what it measured and the table are kept.
     cut=$(( $(left) < 330 ? $(left) : 330 ))
-    timeout "$cut" bash -c "$(declare -f sweep256); sweep256 200" > "$out/$tag-sweep.log" 2>&1
+    timeout "$cut" bash -c "$(declare -f sweep_resuming sweep256); sweep256 200" > "$out/$tag-sweep.log" 2>&1
     cp kernels/tuned_configs.json "$out/tuned_configs.json"
     cut=$(( $(left) - 10 < 120 ? $(left) - 10 : 120 ))
     if [ "$cut" -ge 60 ]; then gpu_tests "$cut" "${cut} s at most"; else echo "gpu tests skipped: ${cut} s left"; fi
@@ -128,7 +144,7 @@ case "$stage" in
       echo "host times skipped: ${cut} s left"
     fi
     echo "== sweep (log: $tag-sweep.log) =="
-    grep -E "WRONG|failed|compiled|budget|no config" "$out/$tag-sweep.log" | head -20
+    grep -E "WRONG|failed|fault|compiled|budget|no config" "$out/$tag-sweep.log" | head -20
     tail -n 40 "$out/$tag-sweep.log"
     ;;
   check)
@@ -142,11 +158,11 @@ case "$stage" in
   sweep)
     # The sweep writes its results file and the table layer by layer; stopped at 540 s, what it
     # measured is kept, and the table still reaches OUT_DIR.
-    timeout 540 bash -c "$(declare -f sweep256); sweep256 300"
+    timeout 540 bash -c "$(declare -f sweep_resuming sweep256); sweep256 300"
     cp kernels/tuned_configs.json "$out/tuned_configs.json"
     ;;
   sweep1)
-    timeout 540 python3 benchmarks/sweep_convs.py --batch 1 --json "$out/$tag-sweep-b1.json" --write-table --budget 240
+    timeout 540 bash -c "$(declare -f sweep_resuming); sweep_resuming 240 --batch 1 --json $out/$tag-sweep-b1.json --write-table"
     cp kernels/tuned_configs.json "$out/tuned_configs.json"
     ;;
   host)

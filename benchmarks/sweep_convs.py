@@ -1,6 +1,6 @@
 """Sweep the conv kernel's configs over every distinct conv of a fused ResNet-50, against cuDNN.
 
-    python benchmarks/sweep_convs.py --json benchmarks/results/NAME.json [--write-table] [--budget 420]
+    python benchmarks/sweep_convs.py --json benchmarks/results/NAME.json [--write-table] [--budget 420] [--resume]
 
 On a GPU (the default: batch 256, fp16, channels_last, random data) for each distinct fused conv
 layer (the stem conv+maxpool, each block's convs with their epilogues, the merged projection
@@ -42,6 +42,12 @@ shortcuts), in the shapes the fused model launches, and for the head (average po
    sweep on a fresh machine means compiling into empty caches and tuning without a table); an
    implementation that fails is a case with its "error", and the others are timed all the same.
 
+A fault in the GPU (an illegal address in a kernel) leaves nothing more to measure in this process:
+the sweep saves what it measured, with the config that ran when the GPU faulted, and exits with
+status FAULT_EXIT (3); `--resume` with the same --json goes on from there in a new process, keeping
+the layers and the networks (before) that file holds and never running that config again
+(benchmarks/gpu_run.sh does so while its time lasts).
+
 `--device cpu` runs the same harness under the Triton interpreter at a tiny size, with one config
 per layer and wall-clock times: a check of the harness, not a measurement.
 """
@@ -51,6 +57,7 @@ import concurrent.futures
 import contextlib
 import copy
 import functools
+import json
 import math
 import multiprocessing
 import os
@@ -497,6 +504,39 @@ def fatal(err):
     return "illegal" in text or "CUDA error" in text or "unspecified launch failure" in text
 
 
+# The exit status of a sweep that a fault in the GPU ended: what it measured, and the config that
+# faulted, are in its results file, and `--resume` in a new process goes on from there.
+FAULT_EXIT = 3
+
+
+def resumed(path):
+    """What a results file of an earlier run of the sweep holds for `--resume`: (its cases of the
+    layers it finished and of the networks it timed before the sweep, the names of those layers,
+    {layer name: the faults in it, each {"config", "error"}: the config that ran when the GPU faulted})."""
+    if path is None or not os.path.exists(path):
+        return [], set(), {}
+    with open(path) as f:
+        cases = json.load(f)["cases"]
+    faulted = {c["name"]: c["faulted"] for c in cases if c.get("faulted")}
+    done = {c["name"] for c in cases if c["impl"] == "fused" and "name" in c and not c.get("fault")}
+    kept = [c for c in cases if c.get("name") in done or (c["model"] == "resnet50" and c.get("when") == "before")]
+    return kept, done, faulted
+
+
+def table_rows(cases):
+    """The printed table's rows from the layers' cases: (label, the fused kernel's ms, {baseline:
+    ms}, the layer's time at the roof)."""
+    rows = []
+    for fused in cases:
+        if fused["impl"] != "fused" or fused.get("kernel_ms") is None or "name" not in fused:
+            continue
+        base = {c["impl"]: c["kernel_ms"] for c in cases if c.get("name") == fused["name"] and c["impl"] != "fused"}
+        plan = plan_name(fused["config"])
+        rows.append((fused["layer"] + ("" if plan == "direct" else f" ({plan})"), fused["kernel_ms"], base,
+                     fused.get("roof_ms")))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
@@ -508,6 +548,9 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=420, help="seconds for the conv sweep (default: 420)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--write-table", action="store_true", help="merge the winners into kernels/tuned_configs.json")
+    parser.add_argument("--resume", action="store_true",
+                        help="go on from the --json file of a run that a fault in the GPU ended: keep the layers "
+                             "and networks it measured, and skip the configs that faulted")
     parser.add_argument("--network", nargs="*", default=[], metavar="IMPL",
                         help="also time the whole resnet50 for these implementations (e.g. fused cudnn_fused)")
     parser.add_argument("--network-after", nargs="*", default=[], metavar="IMPL",
@@ -524,10 +567,17 @@ def main(argv=None):
     torch.manual_seed(0)
     model = synthetic_batchnorm(torchvision.models.resnet50(), size=32)
     layers = distinct_layers(model, batch, size, dtype, device)[: args.limit]
-    before = time_network(model, args.network, dtype, device, batch, size, "before")
+    kept, done, faulted = resumed(args.json) if args.resume else ([], set(), {})
+    before = [c for c in kept if c["model"] == "resnet50"]
+    timed_before = {c["impl"] for c in before}
+    before += time_network(model, [i for i in args.network if i not in timed_before], dtype, device, batch, size,
+                           "before")
     started = time.perf_counter()
-    plans = [(name, layer, x_shape, r_shape, sweep_configs(layer, x_shape, dtype, cuda))
-             for name, layer, x_shape, r_shape in layers]
+    # (A resumed run leaves out the layers done, and the configs that faulted the GPU.)
+    plans = [(name, layer, x_shape, r_shape,
+              [c for c in sweep_configs(layer, x_shape, dtype, cuda)
+               if c not in [f["config"] for f in faulted.get(name, [])]])
+             for name, layer, x_shape, r_shape in layers if name not in done]
     if cuda:
         # Layers travel to the workers on the CPU (plain pickles); each worker moves its own to the GPU.
         # In chunks of COMPILE_CHUNK configs, so that the workers finish together (the stem alone
@@ -545,7 +595,7 @@ def main(argv=None):
               file=sys.stderr)
     else:
         failures = [[] for _ in plans]
-    cases, winners, rows = [], {}, []
+    cases, winners = [c for c in kept if c["model"] != "resnet50"], {}
     roof = profile.roof(device, dtype)  # (peak FLOP/s, bytes/s, its name); on a CPU an H100's data sheet
     command = "python benchmarks/sweep_convs.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
@@ -562,6 +612,10 @@ def main(argv=None):
         bad = [c for c, _ in failed]
         base_runs = baselines(layer, x, r)  # planned for x's layout, which the check's operands share
         check = OutputCheck(next(iter(base_runs.values())), x_shape, r_shape, dtype, device, seed=len(cases) + 1)
+        label = describe(layer, x_shape)
+        model_name = "resnet50-head" if isinstance(layer, FusedAvgPoolLinear) else "resnet50-conv"
+        common = {"model": model_name, "layer": label, "dtype": args.dtype, "batch": batch}
+        faults = list(faulted.get(name, []))  # configs that faulted the GPU in an earlier run (--resume)
         by_plan = {}  # the best (ms, config, table entries) of each plan (plan_name: "direct" but for the stem)
         timed = []  # every config's time: with compile_report's counts of its compiled loop, what they predict
         wrong = []  # configs whose output is not the layer's: never timed, never a winner
@@ -575,6 +629,10 @@ def main(argv=None):
                 ms = kernel_ms(functools.partial(run, x, r), cuda) if check.passes(error) else None
             except Exception as err:  # one config that fails to run is said so; a fault in the GPU ends the sweep
                 if fatal(err):
+                    # Saved with the layers done, so that --resume skips this config in a new process.
+                    faults.append({"config": config, "error": f"{type(err).__name__}: {err}"[:200]})
+                    save(cases + [{**common, "impl": "fused", "kernel_ms": None, "name": name, "fault": True,
+                                   "faulted": faults}] + before)
                     raise
                 failed.append((config, f"{type(err).__name__}: {err}"[:200]))
                 print(f"{name}: config {config} failed: {failed[-1][1]}", file=sys.stderr)
@@ -588,10 +646,7 @@ def main(argv=None):
             plan = plan_name(config)
             if plan not in by_plan or ms < by_plan[plan][0]:
                 by_plan[plan] = (ms, config, list(asked))
-        label = describe(layer, x_shape)
-        model_name = "resnet50-head" if isinstance(layer, FusedAvgPoolLinear) else "resnet50-conv"
-        common = {"model": model_name, "layer": label, "dtype": args.dtype, "batch": batch}
-        unfit = {"wrong": wrong, "failed": [{"config": c, "error": e} for c, e in failed]}
+        unfit = {"wrong": wrong, "failed": [{"config": c, "error": e} for c, e in failed], "faulted": faults}
         unfit = {k: v for k, v in unfit.items() if v}
         if not by_plan:
             print(f"{name}: no config compiled and gave the layer's output; nothing to time", file=sys.stderr)
@@ -620,8 +675,6 @@ def main(argv=None):
             fused["least_bytes"], fused["least_flops"] = work
             fused["roof_ms"] = float(f"{max(work[0] / roof[1], work[1] / roof[0]) * 1e3:.4g}")
         save(cases + before)  # so far, should the run be stopped
-        rows.append((label + ("" if plan_name(best[1]) == "direct" else f" ({plan_name(best[1])})"), best[0], base,
-                     fused.get("roof_ms")))
         if len(by_plan) > 1:
             print(f"{label}: " + ", ".join(f"{plan} {b[0]:.4f} ms" for plan, b in by_plan.items())
                   + "; the table takes the fastest as the stem's way to run",
@@ -640,7 +693,7 @@ def main(argv=None):
     print(f"{'layer':<34}{'fused ms':>10}{'cuDNN ms':>10}{'fused/cuDNN speed':>19}{'fused at roof':>15}"
           f"{'cuDNN at roof':>15}")
     ratios = []
-    for label, fused_ms, base, roof_ms in rows:
+    for label, fused_ms, base, roof_ms in table_rows(cases):
         extra = f"  (eager {base['eager']:.4f} ms: {base['eager'] / fused_ms:.2f}x)" if "eager" in base else ""
         if "cudnn_fused" not in base:  # the head: against eager alone, and not in the convs' geomean
             print(f"{label:<34}{fused_ms:>10.4f}{'-':>10}{'-':>19}{'-':>15}{'-':>15}{extra}")
@@ -665,5 +718,18 @@ def main(argv=None):
     return cases
 
 
+def cli(argv=None):
+    """main() as a command: the exit status FAULT_EXIT where a fault in the GPU ended the sweep."""
+    try:
+        main(argv)
+    except Exception as err:
+        if not fatal(err):
+            raise
+        print(f"sweep_convs.py: a fault in the GPU ended the sweep ({type(err).__name__}: {str(err)[:200]}); what "
+              f"it measured is saved, and --resume goes on from there in a new process", file=sys.stderr)
+        return FAULT_EXIT
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

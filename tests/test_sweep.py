@@ -86,6 +86,9 @@ def test_the_gpu_run_script_asks_only_for_options_that_exist(tmp_path):
     script = (ROOT / "benchmarks" / "gpu_run.sh").read_text()
     commands = re.findall(r"python3 (benchmarks/\w+\.py)((?:[^\n]*\\\n)*[^\n]*)", script)
     assert {c[0] for c in commands} == {"benchmarks/sweep_convs.py", "benchmarks/first_call.py"}
+    # (the sweep's options also where sweep_resuming runs it, and the --resume it adds)
+    commands += [("benchmarks/sweep_convs.py", args + " --resume")
+                 for args in re.findall(r"sweep_resuming \S+((?:[^\n]*\\\n)*[^\n]*)", script)]
     for path, args in commands:
         helped = subprocess.run([sys.executable, str(ROOT / path), "--help"], capture_output=True, text=True,
                                 timeout=120)
@@ -99,6 +102,42 @@ def test_the_gpu_run_script_asks_only_for_options_that_exist(tmp_path):
     wrong = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "no-such-stage", str(tmp_path)],
                            capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2 and "unknown stage" in wrong.stderr
+
+
+def test_the_gpu_run_script_resumes_a_sweep_that_a_gpu_fault_ended(tmp_path):
+    # sweep_resuming runs the sweep again with --resume while it exits with FAULT_EXIT (3), at most
+    # three times, each with what is left of its timing budget; any other status ends it.
+    import os
+    import re
+    import subprocess
+
+    script = (ROOT / "benchmarks" / "gpu_run.sh").read_text()
+    function = re.search(r"^sweep_resuming\(\) \{.*?^}$", script, flags=re.M | re.S).group(0)
+    fake = tmp_path / "bin" / "python3"  # a sweep that logs its arguments and exits as told
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\necho "$*" >> "$LOG"\nread -r rc < <(sed -n "$(wc -l < "$LOG")p" "$CODES")\n'
+                    'exit "$rc"\n')
+    fake.chmod(0o755)
+
+    def run(codes):
+        log, codes_file = tmp_path / "log", tmp_path / "codes"
+        log.unlink(missing_ok=True)
+        codes_file.write_text("\n".join(map(str, codes)) + "\n")
+        env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "LOG": str(log), "CODES": str(codes_file)}
+        done = subprocess.run(["bash", "-c", function + "\nsweep_resuming 200 --json s.json --write-table"],
+                              env=env, capture_output=True, text=True, timeout=60)
+        return done.returncode, log.read_text().splitlines(), done.stderr
+
+    rc, calls, err = run([3, 3, 0])
+    assert rc == 0 and len(calls) == 3 and err.count("resuming in a new process") == 2
+    assert all(c.startswith("benchmarks/sweep_convs.py --json s.json --write-table --budget ") for c in calls)
+    assert [c.endswith("--resume") for c in calls] == [False, True, True]
+    budgets = [int(re.search(r"--budget (\d+)", c).group(1)) for c in calls]
+    assert 190 <= budgets[0] <= 200 and budgets == sorted(budgets, reverse=True)
+    rc, calls, _ = run([3, 3, 3, 3, 3])
+    assert rc == 3 and len(calls) == 4  # the first try and three more
+    rc, calls, _ = run([1, 0])
+    assert rc == 1 and len(calls) == 1  # an error that is not a fault in the GPU is not retried
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the shards would run the gpu tests themselves")
@@ -304,6 +343,71 @@ def test_a_config_or_network_that_fails_to_run_is_recorded_and_the_sweep_goes_on
     message = "CUDA error: an illegal memory access was encountered"
     with pytest.raises(RuntimeError, match="illegal memory access"):
         sweep.main(["--device", "cpu", "--limit", "1", "--size", "32"])
+
+
+def test_a_sweep_that_a_gpu_fault_ended_resumes_without_the_faulting_config(tmp_path, monkeypatch, capsys):
+    # A fault in the GPU ends the process's use of it: the sweep saves what it measured and the config
+    # that faulted, exits with FAULT_EXIT, and --resume measures the rest in a new process.
+    if HAS_CUDA:
+        pytest.skip("the CPU check of the harness")
+    from fused_resnet import FusedConv2d
+
+    sweep = load_sweep()
+    plan_of = sweep.plan_of
+    fault = RuntimeError("CUDA error: an illegal memory access was encountered")
+    ran = []  # (layer kind, space-to-depth, pooling apart) of each config run
+
+    def faulting_in(which):
+        def run(layer, x, r, pool_apart=False):
+            if sweep.kernels.current_backend() != "cudnn":  # a config's run, not a baseline's
+                ran.append((type(layer).__name__, sweep.igemm.SPACE_TO_DEPTH, pool_apart))
+                if which(layer, pool_apart):
+                    raise fault
+            return plan_of(layer, x, r, pool_apart)
+        return run
+
+    # The third layer's only config faults: the stem and the head are done.
+    out = tmp_path / "s.json"
+    args = ["--device", "cpu", "--limit", "3", "--size", "32", "--json", str(out), "--network", "eager_channels_last"]
+    monkeypatch.setattr(sweep, "plan_of", faulting_in(lambda layer, _: type(layer) is FusedConv2d))
+    assert sweep.cli(args) == sweep.FAULT_EXIT
+    assert "--resume goes on from there" in capsys.readouterr().err
+    first = json.loads(out.read_text())["cases"]
+    fused = [c for c in first if c["impl"] == "fused"]
+    assert [c.get("fault", False) for c in fused] == [False, False, True]
+    bad = fused[2]["faulted"]
+    assert [f["config"] for f in bad] == [None] and "illegal memory access" in bad[0]["error"]
+    assert [c["impl"] for c in first if c["model"] == "resnet50"] == ["eager_channels_last"]
+    # Resumed: the stem, the head and the network timed before are kept, not run again, and the
+    # third layer, its one config gone, has nothing to time.
+    ran.clear()
+    timed_networks = []
+    time_network = sweep.time_network
+    monkeypatch.setattr(sweep, "time_network", lambda model, impls, *a, **k: (timed_networks.append(list(impls)),
+                                                                              time_network(model, impls, *a, **k))[1])
+    cases = sweep.main(args + ["--resume"])
+    assert ran == [] and timed_networks == [[], ["eager_channels_last"]]  # before: kept; after: timed
+    fused = [c for c in cases if c["impl"] == "fused"]
+    assert fused[:2] == [c for c in first if c["impl"] == "fused"][:2]
+    assert fused[2]["layer"] == "C64 K64 1x1/1 8x8" and fused[2]["kernel_ms"] is None and "fault" not in fused[2]
+    assert fused[2]["faulted"] == bad
+    assert json.loads(out.read_text())["cases"] == json.loads(json.dumps(cases))
+    network = [c for c in cases if c["model"] == "resnet50"]
+    assert [(c["impl"], c["when"]) for c in network] == [("eager_channels_last", "before"),
+                                                         ("eager_channels_last", "after")]
+    assert network[0] == next(c for c in first if c["model"] == "resnet50")
+
+    # The stem's space-to-depth config (pooling fused) faults: resumed, its other three are timed.
+    out = tmp_path / "stem.json"
+    args = ["--device", "cpu", "--limit", "1", "--size", "32", "--json", str(out)]
+    monkeypatch.setattr(sweep, "plan_of", faulting_in(lambda _, apart: sweep.igemm.SPACE_TO_DEPTH and not apart))
+    assert sweep.cli(args) == sweep.FAULT_EXIT
+    ran.clear()
+    stem = next(c for c in sweep.main(args + ["--resume"]) if c["impl"] == "fused")
+    assert ran == [("FusedConv2dMaxPool", False, False), ("FusedConv2dMaxPool", False, True),
+                   ("FusedConv2dMaxPool", True, True)]
+    assert [f["config"] for f in stem["faulted"]] == [{"SPACE_TO_DEPTH": 1}]
+    assert [t["config"] for t in stem["timed"]] == [None, {"POOL_APART": 1}, {"SPACE_TO_DEPTH": 1, "POOL_APART": 1}]
 
 
 def exits_at_task_1(task):
