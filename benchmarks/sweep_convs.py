@@ -43,10 +43,10 @@ shortcuts), in the shapes the fused model launches, and for the head (average po
    implementation that fails is a case with its "error", and the others are timed all the same.
 
 A fault in the GPU (an illegal address in a kernel) leaves nothing more to measure in this process:
-the sweep saves what it measured, with the config that ran when the GPU faulted, and exits with
-status FAULT_EXIT (3); `--resume` with the same --json goes on from there in a new process, keeping
-the layers and the networks (before) that file holds and never running that config again
-(benchmarks/gpu_run.sh does so while its time lasts).
+the sweep saves what it measured, with the config (or the network) that ran when the GPU faulted,
+and exits with status FAULT_EXIT (3); `--resume` with the same --json goes on from there in a new
+process, keeping the layers and the networks (before) that file holds and never running what
+faulted again (benchmarks/gpu_run.sh does so while its time lasts).
 
 `--device cpu` runs the same harness under the Triton interpreter at a tiny size, with one config
 per layer and wall-clock times: a check of the harness, not a measurement.
@@ -426,10 +426,14 @@ def time_network(model, impls, dtype, device, batch, size, when, on_case=None):
             if impl in ("fused_chain", "fused_chain3x3") and device.type == "cuda":
                 extra["chains"] = chain_plans(fn)
         except Exception as err:
-            if fatal(err):
+            failure = {**common, "impl": impl, "error": f"{type(err).__name__}: {err}"[:300]}
+            if fatal(err):  # saved as such, so that --resume does not time it again
+                cases.append({**failure, "fault": True})
+                if on_case is not None:
+                    on_case(cases)
                 raise
             print(f"network {impl} ({when}) failed: {type(err).__name__}: {err}", file=sys.stderr)
-            cases.append({**common, "impl": impl, "error": f"{type(err).__name__}: {err}"[:300]})
+            cases.append(failure)
         else:
             cases.append({**common, "impl": impl, "median_ms": round(median, 4), **extra})
         if on_case is not None:
@@ -511,7 +515,8 @@ FAULT_EXIT = 3
 
 def resumed(path):
     """What a results file of an earlier run of the sweep holds for `--resume`: (its cases of the
-    layers it finished and of the networks it timed before the sweep, the names of those layers,
+    layers it finished, of the networks it timed before the sweep and of those that faulted the GPU,
+    the names of those layers,
     {layer name: the faults in it, each {"config", "error"}: the config that ran when the GPU faulted})."""
     if path is None or not os.path.exists(path):
         return [], set(), {}
@@ -519,7 +524,8 @@ def resumed(path):
         cases = json.load(f)["cases"]
     faulted = {c["name"]: c["faulted"] for c in cases if c.get("faulted")}
     done = {c["name"] for c in cases if c["impl"] == "fused" and "name" in c and not c.get("fault")}
-    kept = [c for c in cases if c.get("name") in done or (c["model"] == "resnet50" and c.get("when") == "before")]
+    kept = [c for c in cases if c.get("name") in done
+            or (c["model"] == "resnet50" and (c.get("when") == "before" or c.get("fault")))]
     return kept, done, faulted
 
 
@@ -568,10 +574,19 @@ def main(argv=None):
     model = synthetic_batchnorm(torchvision.models.resnet50(), size=32)
     layers = distinct_layers(model, batch, size, dtype, device)[: args.limit]
     kept, done, faulted = resumed(args.json) if args.resume else ([], set(), {})
-    before = [c for c in kept if c["model"] == "resnet50"]
-    timed_before = {c["impl"] for c in before}
-    before += time_network(model, [i for i in args.network if i not in timed_before], dtype, device, batch, size,
-                           "before")
+    cases = [c for c in kept if c["model"] != "resnet50"]  # the layers' cases
+    before = [c for c in kept if c["model"] == "resnet50"]  # the networks' (and those that faulted, after)
+    command = "python benchmarks/sweep_convs.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def save(cases):
+        if args.json:
+            bench.write_results(args.json, command, device, cases)
+
+    def unmeasured(impls, when):  # (--resume: what the file does not hold, or what faulted the GPU there)
+        return [i for i in impls if not any(c["impl"] == i and c["when"] == when for c in before)]
+
+    before += time_network(model, unmeasured(args.network, "before"), dtype, device, batch, size, "before",
+                           on_case=lambda done: save(cases + before + done))
     started = time.perf_counter()
     # (A resumed run leaves out the layers done, and the configs that faulted the GPU.)
     plans = [(name, layer, x_shape, r_shape,
@@ -595,13 +610,8 @@ def main(argv=None):
               file=sys.stderr)
     else:
         failures = [[] for _ in plans]
-    cases, winners = [c for c in kept if c["model"] != "resnet50"], {}
+    winners = {}
     roof = profile.roof(device, dtype)  # (peak FLOP/s, bytes/s, its name); on a CPU an H100's data sheet
-    command = "python benchmarks/sweep_convs.py " + " ".join(argv if argv is not None else sys.argv[1:])
-
-    def save(cases):
-        if args.json:
-            bench.write_results(args.json, command, device, cases)
 
     for (name, layer, x_shape, r_shape, chosen), failed in zip(plans, failures):
         if time.perf_counter() - started > args.budget:
@@ -679,7 +689,7 @@ def main(argv=None):
             print(f"{label}: " + ", ".join(f"{plan} {b[0]:.4f} ms" for plan, b in by_plan.items())
                   + "; the table takes the fastest as the stem's way to run",
                   file=sys.stderr)
-    after = args.network + [impl for impl in args.network_after if impl not in args.network]
+    after = unmeasured(args.network + [impl for impl in args.network_after if impl not in args.network], "after")
     network = before + time_network(model, after, dtype, device, batch, size, "after",
                                     on_case=lambda done: save(cases + before + done))
     cases += network

@@ -409,6 +409,30 @@ def test_a_sweep_that_a_gpu_fault_ended_resumes_without_the_faulting_config(tmp_
     assert [f["config"] for f in stem["faulted"]] == [{"SPACE_TO_DEPTH": 1}]
     assert [t["config"] for t in stem["timed"]] == [None, {"POOL_APART": 1}, {"SPACE_TO_DEPTH": 1, "POOL_APART": 1}]
 
+    # A network that faults the GPU before the sweep (its first call's candidates run there first)
+    # is saved as such and not timed before again; the sweep and the networks after it still are.
+    monkeypatch.setattr(sweep, "plan_of", plan_of)
+    out = tmp_path / "network.json"
+    args = ["--device", "cpu", "--limit", "1", "--size", "32", "--json", str(out), "--network", "eager_channels_last"]
+    time_impl = sweep.bench.time_impl
+    calls = []
+
+    def faults_first(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise fault
+        return time_impl(*a, **k)
+
+    monkeypatch.setattr(sweep.bench, "time_impl", faults_first)
+    assert sweep.cli(args) == sweep.FAULT_EXIT
+    (network,) = json.loads(out.read_text())["cases"]
+    assert network["fault"] and network["when"] == "before" and "illegal memory access" in network["error"]
+    cases = sweep.main(args + ["--resume"])
+    assert len(calls) == 2  # after the sweep only
+    assert [(c["impl"], c["when"], "median_ms" in c) for c in cases if c["model"] == "resnet50"] == [
+        ("eager_channels_last", "before", False), ("eager_channels_last", "after", True)]
+    assert [c["layer"] for c in cases if c["impl"] == "fused"] == ["C3 K64 7x7/2 32x32 +maxpool"]
+
 
 def exits_at_task_1(task):
     """A compile worker for the test below: task 1 ends its process as a crashing compiler would."""
