@@ -513,15 +513,20 @@ def fatal(err):
 FAULT_EXIT = 3
 
 
-def resumed(path):
+def resumed(path, dtype, batch):
     """What a results file of an earlier run of the sweep holds for `--resume`: (its cases of the
     layers it finished, of the networks it timed before the sweep and of those that faulted the GPU,
     the names of those layers,
-    {layer name: the faults in it, each {"config", "error"}: the config that ran when the GPU faulted})."""
+    {layer name: the faults in it, each {"config", "error"}: the config that ran when the GPU faulted}).
+    A file of another dtype or batch is refused."""
     if path is None or not os.path.exists(path):
         return [], set(), {}
     with open(path) as f:
         cases = json.load(f)["cases"]
+    other = {(c["dtype"], c["batch"]) for c in cases} - {(dtype, batch)}
+    if other:
+        raise SystemExit(f"sweep_convs.py --resume: {path} holds a run of {sorted(other)} (dtype, batch), not "
+                         f"{(dtype, batch)}; resume with the options of that run, or give another --json")
     faulted = {c["name"]: c["faulted"] for c in cases if c.get("faulted")}
     done = {c["name"] for c in cases if c["impl"] == "fused" and "name" in c and not c.get("fault")}
     kept = [c for c in cases if c.get("name") in done
@@ -573,7 +578,7 @@ def main(argv=None):
     torch.manual_seed(0)
     model = synthetic_batchnorm(torchvision.models.resnet50(), size=32)
     layers = distinct_layers(model, batch, size, dtype, device)[: args.limit]
-    kept, done, faulted = resumed(args.json) if args.resume else ([], set(), {})
+    kept, done, faulted = resumed(args.json, args.dtype, batch) if args.resume else ([], set(), {})
     cases = [c for c in kept if c["model"] != "resnet50"]  # the layers' cases
     before = [c for c in kept if c["model"] == "resnet50"]  # the networks' (and those that faulted, after)
     command = "python benchmarks/sweep_convs.py " + " ".join(argv if argv is not None else sys.argv[1:])

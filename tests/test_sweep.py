@@ -396,6 +396,8 @@ def test_a_sweep_that_a_gpu_fault_ended_resumes_without_the_faulting_config(tmp_
     assert [(c["impl"], c["when"]) for c in network] == [("eager_channels_last", "before"),
                                                          ("eager_channels_last", "after")]
     assert network[0] == next(c for c in first if c["model"] == "resnet50")
+    with pytest.raises(SystemExit, match="holds a run of"):  # a file of another batch is not resumed
+        sweep.main(args + ["--resume", "--batch", "2"])
 
     # The stem's space-to-depth config (pooling fused) faults: resumed, its other three are timed.
     out = tmp_path / "stem.json"
