@@ -57,8 +57,8 @@ class Target:
 # The GPU families of the config table (the SXM parts where a family has several), as CPU tensors
 # plan for them inside compile_only(gpu), and for an H100 otherwise (the interpreter's tests).
 TARGETS = {
-    "H200": Target(90, 132, 227 * 1024),
-    "H100": Target(90, 132, 227 * 1024),
+    "H200": Target(90, configs.H100_SMS, configs.H100_SHARED_MEMORY),  # (one chip with the H100)
+    "H100": Target(90, configs.H100_SMS, configs.H100_SHARED_MEMORY),
     "A100": Target(80, 108, 163 * 1024),
     "L40S": Target(89, 142, 99 * 1024),
     "L4": Target(89, 58, 99 * 1024),
