@@ -140,6 +140,43 @@ def test_the_gpu_run_script_resumes_a_sweep_that_a_gpu_fault_ended(tmp_path):
     assert rc == 1 and len(calls) == 1  # an error that is not a fault in the GPU is not retried
 
 
+def test_the_gpu_run_scripts_lease_runs_every_step_in_its_time(tmp_path):
+    # The lease stage is the one call a short GPU loan gets, and no run of it can be repeated: here it
+    # runs whole with a stand-in python3 that logs each command and returns at once (the sweep's
+    # first process with the status of a fault in the GPU). Every step runs, in order, the sweep
+    # resumed once, and the results folder gets the sweep's log, the table and the tests' log.
+    import os
+    import subprocess
+
+    fake = tmp_path / "bin" / "python3"
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/bash\necho "$*" >> "$LOG"\n'
+                    'case "$1" in\n'
+                    '  benchmarks/sweep_convs.py) [[ " $* " == *" --resume "* ]] || exit 3 ;;\n'
+                    '  -c) echo cpu ;;\n'
+                    'esac\nexit 0\n')
+    fake.chmod(0o755)
+    out, log = tmp_path / "out", tmp_path / "log"
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}", "LOG": str(log)}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), "lease", str(out)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    calls = log.read_text().splitlines()
+    steps = [c.split()[0] if not c.startswith("-m ") else " ".join(c.split()[:2]) for c in calls
+             if not c.startswith("-c ")]
+    assert steps[0] == "-m pip"  # installed in place, without network
+    sweeps = [c for c in calls if c.startswith("benchmarks/sweep_convs.py")]
+    assert len(sweeps) == 2 and "--resume" not in sweeps[0] and sweeps[1].endswith("--resume")
+    assert all("--write-table" in c and "--network fused" in c for c in sweeps)
+    rest = steps[steps.index("benchmarks/sweep_convs.py") + 2:]
+    # the four test shards, then the first call, then the host times
+    assert rest == ["-m pytest"] * 4 + ["benchmarks/first_call.py", "-m pytest"], rest
+    files = sorted(p.name for p in out.iterdir())
+    assert [f.split("-", 3)[-1] for f in files] == ["cpu-gpu-tests.log", "cpu-host.log", "cpu-sweep.log",
+                                                    "tuned_configs.json"], files
+    assert "resuming in a new process" in next(out.glob("*-sweep.log")).read_text()
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the shards would run the gpu tests themselves")
 def test_the_gpu_run_scripts_test_shards_run_each_quick_gpu_test_once(tmp_path):
     # gpu_run.sh runs the quick gpu tests in four pytest processes at once. Here, without a GPU,
