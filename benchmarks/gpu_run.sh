@@ -122,12 +122,18 @@ case "$stage" in
   lease)
     deadline=$((SECONDS + ${LEASE_S:-540}))
     left() { echo $((deadline - SECONDS)); }
+    # Each step's seconds, printed last, so that the next lease can be planned from this one's.
+    mark=$SECONDS
+    timeline=""
+    took() { timeline+="lease: $1 took $((SECONDS - mark)) s, $(left) s left"$'\n'; mark=$SECONDS; }
     # The sweep saves layer by layer; stopped at its cut, what it measured and the table are kept.
     cut=$(( $(left) < 330 ? $(left) : 330 ))
     timeout "$cut" bash -c "$(declare -f sweep_resuming sweep256); sweep256 200" > "$out/$tag-sweep.log" 2>&1
     cp kernels/tuned_configs.json "$out/tuned_configs.json"
+    took "the sweep"
     cut=$(( $(left) - 10 < 120 ? $(left) - 10 : 120 ))
     if [ "$cut" -ge 60 ]; then gpu_tests "$cut" "${cut} s at most"; else echo "gpu tests skipped: ${cut} s left"; fi
+    took "the gpu tests"
     # The first call, now that the sweep's table is in force; then host times, which write
     # their results file only when they finish, so they run only with time for it.
     cut=$(( $(left) - 5 ))
@@ -136,6 +142,7 @@ case "$stage" in
     else
       echo "first calls skipped: ${cut} s left"
     fi
+    took "the first calls"
     cut=$(( $(left) - 5 ))
     if [ "$cut" -ge 90 ]; then
       timeout "$cut" bash -c "$(declare -f host_times); host_times" > "$out/$tag-host.log" 2>&1
@@ -143,9 +150,11 @@ case "$stage" in
     else
       echo "host times skipped: ${cut} s left"
     fi
+    took "the host times"
     echo "== sweep (log: $tag-sweep.log) =="
     grep -E "WRONG|failed|fault|compiled|budget|no config" "$out/$tag-sweep.log" | head -20
     tail -n 40 "$out/$tag-sweep.log"
+    printf "%s" "$timeline"
     ;;
   check)
     gpu_tests 540 "540 s at most" xml

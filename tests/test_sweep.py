@@ -175,6 +175,10 @@ def test_the_gpu_run_scripts_lease_runs_every_step_in_its_time(tmp_path):
     assert [f.split("-", 3)[-1] for f in files] == ["cpu-gpu-tests.log", "cpu-host.log", "cpu-sweep.log",
                                                     "tuned_configs.json"], files
     assert "resuming in a new process" in next(out.glob("*-sweep.log")).read_text()
+    # Each step's seconds, last in the output (what a device call shows of it is its tail).
+    timeline = done.stdout.splitlines()[-4:]
+    assert [line.split(" took ")[0] for line in timeline] == [
+        "lease: the sweep", "lease: the gpu tests", "lease: the first calls", "lease: the host times"]
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU the shards would run the gpu tests themselves")
