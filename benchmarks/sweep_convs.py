@@ -46,7 +46,9 @@ A fault in the GPU (an illegal address in a kernel) leaves nothing more to measu
 the sweep saves what it measured, with the config (or the network) that ran when the GPU faulted,
 and exits with status FAULT_EXIT (3); `--resume` with the same --json goes on from there in a new
 process, keeping the layers and the networks (before) that file holds and never running what
-faulted again (benchmarks/gpu_run.sh does so while its time lasts).
+faulted again (benchmarks/gpu_run.sh does so while its time lasts). To look at a config that
+faulted, run it alone: `compute-sanitizer python3 benchmarks/sweep_convs.py --layer NAME --config
+'JSON' --workers 1` (its "name" and "config" as the results file gives them).
 
 `--device cpu` runs the same harness under the Triton interpreter at a tiny size, with one config
 per layer and wall-clock times: a check of the harness, not a measurement.
@@ -559,6 +561,11 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=420, help="seconds for the conv sweep (default: 420)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--write-table", action="store_true", help="merge the winners into kernels/tuned_configs.json")
+    parser.add_argument("--layer", nargs="+", default=None, metavar="NAME",
+                        help="only these layers, by the name the results give them (e.g. layer1.0.conv2)")
+    parser.add_argument("--config", type=json.loads, default=None, metavar="JSON",
+                        help="only this config (as a results file gives it, e.g. a 'faulted' one's), to run "
+                             "it alone, under compute-sanitizer say")
     parser.add_argument("--resume", action="store_true",
                         help="go on from the --json file of a run that a fault in the GPU ended: keep the layers "
                              "and networks it measured, and skip the configs that faulted")
@@ -578,6 +585,12 @@ def main(argv=None):
     torch.manual_seed(0)
     model = synthetic_batchnorm(torchvision.models.resnet50(), size=32)
     layers = distinct_layers(model, batch, size, dtype, device)[: args.limit]
+    if args.layer is not None:
+        unknown = set(args.layer) - {name for name, *_ in layers}
+        if unknown:
+            raise SystemExit(f"sweep_convs.py --layer: no distinct layer named {sorted(unknown)}; these are: "
+                             + ", ".join(name for name, *_ in layers))
+        layers = [layer for layer in layers if layer[0] in args.layer]
     kept, done, faulted = resumed(args.json, args.dtype, batch) if args.resume else ([], set(), {})
     cases = [c for c in kept if c["model"] != "resnet50"]  # the layers' cases
     before = [c for c in kept if c["model"] == "resnet50"]  # the networks' (and those that faulted, after)
@@ -595,7 +608,7 @@ def main(argv=None):
     started = time.perf_counter()
     # (A resumed run leaves out the layers done, and the configs that faulted the GPU.)
     plans = [(name, layer, x_shape, r_shape,
-              [c for c in sweep_configs(layer, x_shape, dtype, cuda)
+              [c for c in ([args.config] if args.config is not None else sweep_configs(layer, x_shape, dtype, cuda))
                if c not in [f["config"] for f in faulted.get(name, [])]])
              for name, layer, x_shape, r_shape in layers if name not in done]
     if cuda:

@@ -565,3 +565,16 @@ def test_the_sweep_ships_the_stems_fastest_way_to_run(monkeypatch, default):
     unpooled = {first: (0.7, {}, [conv]), second: (0.6, {}, other[1:])}
     assert sweep.stem_ways(unpooled) == {conv_way: {"plan": 1}}
     assert sweep.stem_ways({"direct": (0.5, {}, [conv])}) == {}  # a conv of one layout: no choice
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU check of the harness")
+def test_the_sweep_runs_one_config_of_one_layer_alone(tmp_path, capsys):
+    # How a config that faulted the GPU is looked at: alone, by its layer's name and its config as the
+    # results file gives them (under compute-sanitizer, on the GPU).
+    sweep = load_sweep()
+    args = ["--device", "cpu", "--limit", "3", "--size", "32", "--json", str(tmp_path / "one.json")]
+    cases = sweep.main(args + ["--layer", "conv1", "--config", '{"SPACE_TO_DEPTH": 1}'])
+    (fused,) = [c for c in cases if c["impl"] == "fused"]
+    assert fused["name"] == "conv1" and [t["config"] for t in fused["timed"]] == [{"SPACE_TO_DEPTH": 1}]
+    with pytest.raises(SystemExit, match="no distinct layer named"):
+        sweep.main(args + ["--layer", "layer9.conv9"])
