@@ -16,7 +16,7 @@ shortcuts), in the shapes the fused model launches, and for the head (average po
    plan (a 4x4/1 conv over 16 channels: kernels.igemm.space_to_depth) and for the stem's conv
    without its pooling, which torch's max pooling then follows (fuse(stem_maxpool=False)), pruned
    to the layer, to shared memory and registers) is compiled in parallel by worker processes that
-   share Triton's kernel cache with this one;
+   share Triton's kernel cache with this one (they run nothing on the GPU);
 2. each is checked against cuDNN's output on operands of its own (OutputCheck: a config whose
    output differs by more than TOLERANCE is reported as wrong, and is never timed nor written to
    the table), then timed here by CUDA-graph replay (10 launches in a graph, kernel time = replay / 10),
@@ -83,6 +83,7 @@ from fused_resnet.kernels.igemm import (
     row_schedule,
     space_to_depth_fits,
 )
+from fused_resnet.kernels.precompile import compile_job, compile_only
 
 from fused_resnet import FusedAvgPoolLinear, FusedConv2d, FusedConv2dMaxPool, bench, fuse, kernels, profile, warmup
 from fused_resnet.validate import synthetic_batchnorm
@@ -370,26 +371,31 @@ COMPILE_CHUNK = 12
 
 
 def _compile_worker(task):
-    """In a worker process: build and launch each config once, so that Triton's cache holds them."""
-    spec, chosen = task
+    """In a worker process: compile each config's kernels into Triton's cache, running nothing on
+    the GPU (kernels.precompile lists what a call would compile): a config that would fault the GPU
+    faults where it is timed, in the sweep's own process, which records it. `gpu` None plans on
+    this process's GPU; a GPU family (kernels.precompile.TARGETS) plans CPU tensors for it."""
+    spec, chosen, gpu = task
     layer, x_shape, r_shape, dtype = spec
-    layer = layer.to("cuda")
-    x, r = operands(x_shape, r_shape, dtype, "cuda")
+    device = "cuda" if gpu is None else "cpu"
+    layer = layer.to(device)
+    x, r = operands(x_shape, r_shape, dtype, device)
     failed = []
     for config in chosen:
         try:
-            with forced(config):
+            with forced(config), compile_only(gpu) as jobs:
                 plan_of(layer, x, r, pool_apart=bool(config.get("POOL_APART")))(x, r)
+            for job in jobs:
+                compile_job(job)
         except Exception as err:  # a config that does not compile is skipped, and said so
             failed.append((config, f"{type(err).__name__}: {err}"[:200]))
-    torch.cuda.synchronize()
     return failed
 
 
 def precompile(tasks, workers, work=_compile_worker):
     """Each task's configs that failed to compile, [(config, error)], compiled by work(task) in
-    `workers` processes. Should a worker die (a crash inside the compiler), the tasks not yet done
-    are left to compile where they are timed, and the sweep goes on."""
+    `workers` processes. Should a worker die (a crash inside the compiler) or a chunk fail
+    otherwise, the tasks not done are left to compile where they are timed, and the sweep goes on."""
     if workers <= 1 or not tasks:
         return [work(t) for t in tasks]
     context = multiprocessing.get_context("spawn")
@@ -399,10 +405,10 @@ def precompile(tasks, workers, work=_compile_worker):
         for future in concurrent.futures.as_completed(futures):
             try:
                 results[futures[future]] = future.result()
-            except concurrent.futures.process.BrokenProcessPool:
+            except Exception:  # a worker that died (BrokenProcessPool), or any error of a chunk's
                 lost += 1
     if lost:
-        print(f"a compile worker died: the configs of {lost} of {len(tasks)} chunks compile when timed",
+        print(f"a compile worker died or failed: the configs of {lost} of {len(tasks)} chunks compile when timed",
               file=sys.stderr)
     return results
 
@@ -612,14 +618,15 @@ def main(argv=None):
                if c not in [f["config"] for f in faulted.get(name, [])]])
              for name, layer, x_shape, r_shape in layers if name not in done]
     if cuda:
-        # Layers travel to the workers on the CPU (plain pickles); each worker moves its own to the GPU.
+        # Layers travel to the workers on the CPU (plain pickles); each worker plans its own on the GPU
+        # and compiles what the plans would launch, launching nothing (_compile_worker).
         # In chunks of COMPILE_CHUNK configs, so that the workers finish together (the stem alone
         # has 84 configs, most layers 24 to 54).
         tasks, owner = [], []
         for i, (_, layer, x_shape, r_shape, chosen) in enumerate(plans):
             spec = (copy.deepcopy(layer).cpu(), x_shape, r_shape, dtype)
             for start in range(0, len(chosen), COMPILE_CHUNK):
-                tasks.append((spec, chosen[start:start + COMPILE_CHUNK]))
+                tasks.append((spec, chosen[start:start + COMPILE_CHUNK], None))
                 owner.append(i)
         failures = [[] for _ in plans]
         for i, failed in zip(owner, precompile(tasks, args.workers)):

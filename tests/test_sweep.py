@@ -486,6 +486,13 @@ def exits_at_task_1(task):
     return [(task, "no fit")]
 
 
+def fails_at_task_1(task):
+    """A compile worker for the test below: task 1 raises, as a chunk that fails outside its configs."""
+    if task == 1:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    return [(task, "no fit")]
+
+
 def test_a_compile_worker_that_dies_costs_the_sweep_its_unfinished_chunks_only(capsys):
     # A crash inside the compiler kills its worker process, and with it the pool: the chunks not
     # done are left to compile when timed (empty failure lists) instead of ending the sweep.
@@ -496,6 +503,9 @@ def test_a_compile_worker_that_dies_costs_the_sweep_its_unfinished_chunks_only(c
     assert "a compile worker died" in capsys.readouterr().err
     # one process, nothing dies: every task's own result
     assert sweep.precompile([0, 2], 1, work=exits_at_task_1) == [[(0, "no fit")], [(2, "no fit")]]
+    # a chunk that raises costs that chunk alone
+    assert sweep.precompile([0, 1, 2], 2, work=fails_at_task_1) == [[(0, "no fit")], [], [(2, "no fit")]]
+    assert "a compile worker died or failed: the configs of 1 of 3 chunks" in capsys.readouterr().err
 
 
 def test_the_sweep_says_how_each_chained_layer_chose_to_run():
@@ -578,3 +588,44 @@ def test_the_sweep_runs_one_config_of_one_layer_alone(tmp_path, capsys):
     assert fused["name"] == "conv1" and [t["config"] for t in fused["timed"]] == [{"SPACE_TO_DEPTH": 1}]
     with pytest.raises(SystemExit, match="no distinct layer named"):
         sweep.main(args + ["--layer", "layer9.conv9"])
+
+
+WORKER_SCRIPT = """
+import importlib.util, json, os, sys
+import torch, torchvision
+from fused_resnet.validate import synthetic_batchnorm
+
+spec = importlib.util.spec_from_file_location("sweep_convs", sys.argv[1])  # (not conftest: no interpreter)
+sweep = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sweep)
+
+model = synthetic_batchnorm(torchvision.models.resnet50(), size=32)
+name, layer, x_shape, r_shape = next(l for l in sweep.distinct_layers(model, 2, 32, torch.float16, "cpu")
+                                     if l[0] == "layer1.0.conv2")
+good = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8, "FLAT_LOOP": 1, "USE_TMA": 0, "BOX_W": 8,
+        "num_warps": 4, "num_stages": 3}
+bad = {**good, "BOX_W": 0, "BLOCK_K": 24}  # not a power of two: Triton refuses to compile it
+failed = sweep._compile_worker(((layer, x_shape, r_shape, torch.float16), [good, bad], "H100"))
+cache = os.environ["TRITON_CACHE_DIR"]
+compiled = [f for _, _, files in os.walk(cache) for f in files if f.endswith(".cubin")]
+print(json.dumps({"failed": [[c, e] for c, e in failed], "cubins": len(compiled)}))
+"""
+
+
+def test_the_sweeps_compile_workers_compile_without_running(tmp_path):
+    # The sweep's workers only compile (kernels.precompile's listing, then Triton's compiler into the
+    # cache the sweep's own process then finds): a config that would fault the GPU does so where it is
+    # timed and recorded, not in a worker. Here for an H100, without one, in a child process without
+    # the interpreter.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), FUSED_RESNET_CACHE_DIR=str(tmp_path / "cache"))
+    done = subprocess.run([sys.executable, "-c", WORKER_SCRIPT, str(ROOT / "benchmarks" / "sweep_convs.py")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [c["BLOCK_K"] for c, _ in result["failed"]] == [24]  # the good config compiled, the bad one said so
+    assert result["cubins"] == 1
