@@ -467,6 +467,62 @@ def test_a_plain_first_call_compiles_ahead_everything_the_forward_compiles(tmp_p
     assert len(ahead) == 1 and ahead[0] > 0 and after == ahead[0]
 
 
+JIT_KEY_SCRIPT = textwrap.dedent("""
+    import json, os, pathlib
+    import torch, torchvision, triton
+    from triton.backends.compiler import GPUTarget
+    from fused_resnet import fuse
+    from fused_resnet.kernels import precompile
+
+    class H100Driver:  # Triton's active driver, as much of it as a JIT compile without a launch asks
+        def get_current_device(self):
+            return 0
+        def get_current_stream(self, device=None):
+            return 0
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    launches = []  # what each listed launch is called with, to call Triton's JIT with the same
+    record = precompile._Session.record
+    def listing(session, launch, tensors):
+        launches.append((launch, tensors))
+        return record(session, launch, tensors)
+    precompile._Session.record = listing
+
+    torch.manual_seed(0)
+    block = torchvision.models.resnet50().layer1[0].eval()  # compiled, not run: its numbers do not matter
+    fused = fuse(block, dtype=torch.float16)
+    x = torch.randn(2, 64, 16, 16).half().contiguous(memory_format=torch.channels_last)
+    with precompile.compile_only("H100", every_candidate=True) as jobs:
+        fused(x)
+    precompile.compile_jobs(jobs, workers=2)
+    cubins = lambda: sorted(p.name for p in pathlib.Path(os.environ["TRITON_CACHE_DIR"]).rglob("*.cubin"))
+    ahead = cubins()
+    # Each candidate as a launch compiles it: Triton's JIT (warmup: compile, no launch), for an H100.
+    triton.runtime.driver.set_active(H100Driver())
+    calls = 0
+    for launch, tensors in launches:
+        for config in launch.candidates:
+            scratch = () if launch.scratch is None else launch.scratch(config)(tensors[0])
+            launch.kernel.warmup(*tensors, *scratch, grid=launch.grid(config), **{**launch.args, **config})
+            calls += 1
+    print(json.dumps({"jobs": len(jobs), "calls": calls, "ahead": ahead, "after": cubins(),
+                      "descriptors": sum(bool(j.config.get("USE_TMA") or j.config.get("BOX_W")) for j in jobs)}))
+""")
+
+
+def test_what_is_compiled_ahead_is_what_a_launch_looks_up(tmp_path):
+    # Compiling ahead (warmup, the sweep's workers) pays only if a launch then finds each kernel in
+    # Triton's cache: the key precompile compiles under must be the one Triton's JIT computes for
+    # the launch. Checked here without a GPU: the JIT, given a stand-in for an H100's driver,
+    # compiles each candidate of a bottleneck's convs (warmup: no launch) into the cache the
+    # compile-ahead filled, and makes no kernel of its own.
+    found = run_compiling(JIT_KEY_SCRIPT, tmp_path)
+    assert found["jobs"] == found["calls"] > 0 and found["descriptors"] > 0  # dense 1x1s and box tiles among them
+    assert len(found["ahead"]) == found["jobs"]
+    assert found["after"] == found["ahead"]
+
+
 def test_programs_per_sm_meet_the_first_limit():
     # An H100 SM: 64K registers (a warp's in units of 256), 228 KB of shared memory (1 KB more
     # reserved a program), 64 warps, 32 programs.
