@@ -490,11 +490,13 @@ JIT_KEY_SCRIPT = textwrap.dedent("""
     precompile._Session.record = listing
 
     torch.manual_seed(0)
-    block = torchvision.models.resnet50().layer1[0].eval()  # compiled, not run: its numbers do not matter
-    fused = fuse(block, dtype=torch.float16)
-    x = torch.randn(2, 64, 16, 16).half().contiguous(memory_format=torch.channels_last)
+    net = fuse(torchvision.models.resnet50().eval(), dtype=torch.float16)  # compiled, not run
+    cl = lambda *shape: torch.randn(*shape).half().contiguous(memory_format=torch.channels_last)
     with precompile.compile_only("H100", every_candidate=True) as jobs:
-        fused(x)
+        net.layer1[0](cl(2, 64, 16, 16))  # dense 1x1s and box tiles through descriptors
+        net.layer4[0](cl(1, 1024, 14, 14))  # batch 1: split-K, with its scratch
+        net.conv1(cl(1, 3, 64, 64))  # the stem: its pooled kernel and space-to-depth copy
+        net.avgpool(cl(1, 2048, 7, 7))  # the head
     precompile.compile_jobs(jobs, workers=2)
     cubins = lambda: sorted(p.name for p in pathlib.Path(os.environ["TRITON_CACHE_DIR"]).rglob("*.cubin"))
     ahead = cubins()
@@ -502,12 +504,13 @@ JIT_KEY_SCRIPT = textwrap.dedent("""
     triton.runtime.driver.set_active(H100Driver())
     calls = 0
     for launch, tensors in launches:
-        for config in launch.candidates:
+        for config in [launch.config] if launch.config is not None else launch.candidates:
             scratch = () if launch.scratch is None else launch.scratch(config)(tensors[0])
             launch.kernel.warmup(*tensors, *scratch, grid=launch.grid(config), **{**launch.args, **config})
             calls += 1
     print(json.dumps({"jobs": len(jobs), "calls": calls, "ahead": ahead, "after": cubins(),
-                      "descriptors": sum(bool(j.config.get("USE_TMA") or j.config.get("BOX_W")) for j in jobs)}))
+                      "descriptors": sum(bool(j.config.get("USE_TMA") or j.config.get("BOX_W")) for j in jobs),
+                      "split": sum(j.config.get("SPLIT_K", 1) > 1 for j in jobs)}))
 """)
 
 
@@ -515,11 +518,13 @@ def test_what_is_compiled_ahead_is_what_a_launch_looks_up(tmp_path):
     # Compiling ahead (warmup, the sweep's workers) pays only if a launch then finds each kernel in
     # Triton's cache: the key precompile compiles under must be the one Triton's JIT computes for
     # the launch. Checked here without a GPU: the JIT, given a stand-in for an H100's driver,
-    # compiles each candidate of a bottleneck's convs (warmup: no launch) into the cache the
-    # compile-ahead filled, and makes no kernel of its own.
+    # compiles each candidate of two bottlenecks' convs, the stem's and the head's (warmup: no
+    # launch) into the cache the compile-ahead filled, and makes no kernel of its own.
     found = run_compiling(JIT_KEY_SCRIPT, tmp_path)
-    assert found["jobs"] == found["calls"] > 0 and found["descriptors"] > 0  # dense 1x1s and box tiles among them
-    assert len(found["ahead"]) == found["jobs"]
+    assert found["calls"] >= found["jobs"] > 0 and found["descriptors"] > 0 and found["split"] > 0
+    assert {"_conv2d_bias_act_maxpool_kernel.cubin", "_space_to_depth_kernel.cubin"} <= set(found["ahead"])
+    # (jobs that differ only in a scalar the compiler does not specialize on share a kernel)
+    assert 0.9 * found["jobs"] <= len(found["ahead"]) <= found["jobs"]
     assert found["after"] == found["ahead"]
 
 
