@@ -39,6 +39,22 @@ def load_benchmark(name: str):
     return module
 
 
+def run_compiling(script, tmp_path, *args):
+    """Run `script` (with `args`) in a child Python without TRITON_INTERPRET, so that it compiles
+    (for a GPU it need not have), with Triton's and our caches under tmp_path and tests/
+    importable; the JSON its last line prints."""
+    import json
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), FUSED_RESNET_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import assert_close, load_benchmark
+from conftest import assert_close, load_benchmark, run_compiling
 from fused_resnet.kernels import backend, configs, igemm, precompile
 from fused_resnet.kernels.precompile import CompileJob
 from torch import nn
@@ -150,17 +150,6 @@ def test_refusals():
 
 # A child process without the interpreter: records a bottleneck's launches for an H100, compiles
 # one job per kernel in two worker processes, then compiles them again here.
-def run_compiling(script, tmp_path):
-    """Run `script` in a child Python without TRITON_INTERPRET (so that it compiles), with Triton's
-    and our caches under tmp_path and tests/ importable; the JSON its last line prints."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), FUSED_RESNET_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 COMPILE_SCRIPT = textwrap.dedent("""
     import dataclasses, json, os, sys
     import torch, torchvision

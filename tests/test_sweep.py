@@ -5,7 +5,7 @@ import json
 import pathlib
 
 import pytest
-from conftest import HAS_CUDA, load_benchmark
+from conftest import HAS_CUDA, load_benchmark, run_compiling
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -617,15 +617,6 @@ def test_the_sweeps_compile_workers_compile_without_running(tmp_path):
     # cache the sweep's own process then finds): a config that would fault the GPU does so where it is
     # timed and recorded, not in a worker. Here for an H100, without one, in a child process without
     # the interpreter.
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), FUSED_RESNET_CACHE_DIR=str(tmp_path / "cache"))
-    done = subprocess.run([sys.executable, "-c", WORKER_SCRIPT, str(ROOT / "benchmarks" / "sweep_convs.py")],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_compiling(WORKER_SCRIPT, tmp_path, ROOT / "benchmarks" / "sweep_convs.py")
     assert [c["BLOCK_K"] for c, _ in result["failed"]] == [24]  # the good config compiled, the bad one said so
     assert result["cubins"] == 1
