@@ -83,7 +83,7 @@ from fused_resnet.kernels.igemm import (
     row_schedule,
     space_to_depth_fits,
 )
-from fused_resnet.kernels.precompile import compile_job, compile_only
+from fused_resnet.kernels.precompile import TARGETS, compile_job, compile_only, device_target
 
 from fused_resnet import FusedAvgPoolLinear, FusedConv2d, FusedConv2dMaxPool, bench, fuse, kernels, profile, warmup
 from fused_resnet.validate import synthetic_batchnorm
@@ -196,7 +196,7 @@ def sweep_configs(layer, x_shape, dtype, cuda):
     (conv + max pooling) also those of its other plans: as space-to-depth, marked
     {"SPACE_TO_DEPTH": 1}, and as the conv kernel followed by torch's max pooling, marked
     {"POOL_APART": 1}, each way. For the head, configs.head_candidates' sweep list."""
-    sms = igemm.multiprocessors(0) if torch.cuda.is_available() else configs.H100_SMS
+    sms = (device_target(0) if torch.cuda.is_available() else TARGETS["H100"]).multiprocessors
     if isinstance(layer, FusedAvgPoolLinear):
         n, c, h, w = x_shape
         element = torch.empty((), dtype=dtype).element_size()

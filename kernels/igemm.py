@@ -21,8 +21,6 @@ kernels/conv2d.py (conv + epilogue, with an optional projection shortcut in the 
 kernels/conv2d_maxpool.py (conv + max pooling) are kernels built from these pieces.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -73,43 +71,25 @@ INTERPRETER_SPLIT_K = 1
 SPACE_TO_DEPTH = True
 
 
-@functools.cache
-def max_shared_memory(device_index):
-    props = triton.runtime.driver.active.utils.get_device_properties(device_index)
-    return props["max_shared_mem"]
-
-
-@functools.cache
-def multiprocessors(device_index):
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.cache
-def capability(device_index):
-    major, minor = torch.cuda.get_device_capability(device_index)
-    return 10 * major + minor
-
-
-# The GPU a launch on `x` runs on: x's, or, for the CPU tensors of the interpreter and of
-# precompile.compile_only, the GPU they plan for (precompile.cpu_target: compile_only's, else an
-# H100), so that a listing compiled here for another GPU holds what a first call there compiles.
+# The GPU a launch on `x` runs on is precompile.launch_target(x): x's, or, for the CPU tensors of
+# the interpreter and of precompile.compile_only, the GPU they plan for.
 
 
 def launch_shared_memory(x):
     """The shared memory a program may take on the GPU a launch on `x` runs on."""
-    return max_shared_memory(x.device.index or 0) if x.is_cuda else precompile.cpu_target().shared_memory
+    return precompile.launch_target(x).shared_memory
 
 
 def launch_multiprocessors(x):
     """The SMs of the GPU a launch on `x` runs on."""
-    return multiprocessors(x.device.index or 0) if x.is_cuda else precompile.cpu_target().multiprocessors
+    return precompile.launch_target(x).multiprocessors
 
 
 def launch_has_tma(x):
     """Whether the GPU a launch on `x` runs on copies tensor-descriptor tiles in hardware (the Tensor
     Memory Accelerator, compute capability 9.0 and newer). Older GPUs compile descriptor loads into
     the pointer loads the other schedules already make, so there they are not tried."""
-    return (capability(x.device.index or 0) if x.is_cuda else precompile.cpu_target().capability) >= 90
+    return precompile.launch_target(x).capability >= 90
 
 
 # ----------------------------------------------------------------------------------------------

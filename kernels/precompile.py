@@ -93,8 +93,7 @@ class _Session:
         """The jobs of `launch`'s first call on `tensors` (a KernelLaunch)."""
         like = next(t for t in tensors if isinstance(t, torch.Tensor))
         if like.is_cuda:
-            major, minor = torch.cuda.get_device_capability(like.device)
-            capability, gpu = 10 * major + minor, None
+            capability, gpu = launch_target(like).capability, None
         elif self.gpu is not None:
             capability, gpu = CAPABILITY[self.gpu], self.gpu
         else:
@@ -131,6 +130,23 @@ def target_gpu():
 def cpu_target() -> Target:
     """The GPU CPU tensors plan for: compile_only's `gpu`, else an H100."""
     return TARGETS[target_gpu() or "H100"]
+
+
+@functools.cache
+def device_target(device_index: int) -> Target:
+    """The Target of a GPU of this machine, read from its driver (shared memory as Triton reads it)."""
+    import triton
+
+    major, minor = torch.cuda.get_device_capability(device_index)
+    shared = triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+    return Target(10 * major + minor, torch.cuda.get_device_properties(device_index).multi_processor_count, shared)
+
+
+def launch_target(x: torch.Tensor) -> Target:
+    """The GPU a launch on `x` runs on: x's, or, for the CPU tensors of the interpreter and of
+    compile_only, the GPU they plan for (cpu_target), so that a listing compiled here for another
+    GPU holds what a first call there compiles."""
+    return device_target(x.device.index or 0) if x.is_cuda else cpu_target()
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -81,6 +82,34 @@ def test_plans_for_the_named_gpu(empty_cache, gpu):
         assert igemm.launch_shared_memory(x) == target.shared_memory
     # Outside compile_only, CPU tensors (the interpreter's) plan as an H100 does.
     assert igemm.launch_has_tma(x) and igemm.launch_shared_memory(x) == precompile.TARGETS["H100"].shared_memory
+
+
+def test_a_gpu_tensor_plans_for_its_own_device(monkeypatch):
+    # On a GPU the limits come from the tensor's device (its driver), not from TARGETS; here the
+    # driver is a stand-in for an A100's as device 1, and the tensor a stand-in on that device.
+    import triton
+
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: asked.append(i) or (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(multi_processor_count=108))
+
+    class A100Utils:
+        def get_device_properties(self, i):
+            return {"max_shared_mem": 163 * 1024}
+
+    driver = types.SimpleNamespace(active=types.SimpleNamespace(utils=A100Utils()))
+    monkeypatch.setattr(triton.runtime, "driver", driver)
+    precompile.device_target.cache_clear()
+    try:
+        x = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+        assert precompile.launch_target(x) == precompile.TARGETS["A100"]
+        assert not igemm.launch_has_tma(x)
+        assert (igemm.launch_multiprocessors(x), igemm.launch_shared_memory(x)) == (108, 163 * 1024)
+        with precompile.compile_only("H100"):  # a named GPU is for CPU tensors only
+            assert precompile.launch_target(x).capability == 80
+        assert asked == [1]  # read once a device
+    finally:
+        precompile.device_target.cache_clear()
 
 
 def test_table_entry_records_one_config_unless_every_candidate(empty_cache):
