@@ -51,7 +51,12 @@ faulted, run it alone: `compute-sanitizer python3 benchmarks/sweep_convs.py --la
 'JSON' --workers 1` (its "name" and "config" as the results file gives them).
 
 `--device cpu` runs the same harness under the Triton interpreter at a tiny size, with one config
-per layer and wall-clock times: a check of the harness, not a measurement.
+per layer and wall-clock times (one call each): a check of the harness, not a measurement. With
+`--every-config` it runs instead every config a GPU sweep at batch 256 (or the batch given) would
+time, each under the interpreter as the GPU would run it (its tiles, loop, descriptors, split-K),
+and checks its output as the GPU sweep does: the kernels' numerics in each config before a GPU
+times it (`TRITON_INTERPRET=1 python benchmarks/sweep_convs.py --device cpu --every-config --batch 2
+--size 112 --budget 1e9`).
 """
 
 import argparse
@@ -157,11 +162,17 @@ def least_work(layer, x_shape, r_shape, y_shape, element_size):
 
 
 def operands(x_shape, r_shape, dtype, device, seed=0):
+    """Random x and residual (None where r_shape is), laid out as the fused network's own activations
+    and as sweep_configs plans for: dense channels_last, its strides torch's for that layout even
+    along axes of size 1 (which .contiguous() would leave as they were, so that a 1x1 map would
+    not read as dense rows)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(x_shape, generator=g).to(device, dtype).contiguous(memory_format=torch.channels_last)
-    r = None if r_shape is None else torch.randn(r_shape, generator=g).to(device, dtype).contiguous(
-        memory_format=torch.channels_last)
-    return x, r
+
+    def draw(shape):
+        out = torch.empty(shape, dtype=dtype, device=device, memory_format=torch.channels_last)
+        return out.copy_(torch.randn(shape, generator=g))
+
+    return draw(x_shape), None if r_shape is None else draw(r_shape)
 
 
 def plan_of(layer, x, r, pool_apart=False):
@@ -296,9 +307,10 @@ def forced(config):
 
 
 def kernel_ms(fn, cuda, reps=10):
-    """Kernel time of fn: replay of `reps` calls captured in a CUDA graph, per call; wall clock on a CPU."""
+    """Kernel time of fn: replay of `reps` calls captured in a CUDA graph, per call; on a CPU one
+    call's wall clock (the interpreter's: a check of the harness, not a measurement)."""
     if not cuda:
-        return bench.time_call(fn, cuda=False, iters=3, warmup=1)[0]
+        return bench.time_call(fn, cuda=False, iters=1, warmup=0)[0]
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -572,6 +584,9 @@ def main(argv=None):
     parser.add_argument("--config", type=json.loads, default=None, metavar="JSON",
                         help="only this config (as a results file gives it, e.g. a 'faulted' one's), to run "
                              "it alone, under compute-sanitizer say")
+    parser.add_argument("--every-config", type=int, nargs="?", const=256, default=None, metavar="BATCH",
+                        help="with --device cpu: every config a GPU sweep at BATCH (default 256) times, each "
+                             "run under the interpreter and checked")
     parser.add_argument("--resume", action="store_true",
                         help="go on from the --json file of a run that a fault in the GPU ended: keep the layers "
                              "and networks it measured, and skip the configs that faulted")
@@ -583,6 +598,9 @@ def main(argv=None):
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("sweep_convs.py: no CUDA GPU; --device cpu checks the harness under the interpreter")
+    if args.every_config is not None and (cuda or not backend.interpreting()):
+        raise SystemExit("sweep_convs.py: --every-config is for --device cpu under the interpreter "
+                         "(TRITON_INTERPRET=1); a GPU sweep times every config")
     batch = args.batch or (256 if cuda else 1)
     size = args.size or (224 if cuda else 32)
     dtype = bench.DTYPES[args.dtype]
@@ -613,9 +631,15 @@ def main(argv=None):
                            on_case=lambda done: save(cases + before + done))
     started = time.perf_counter()
     # (A resumed run leaves out the layers done, and the configs that faulted the GPU.)
+    def listed(layer, x_shape):  # (--every-config: the GPU's list for its batch, run at this one)
+        if args.config is not None:
+            return [args.config]
+        if args.every_config is not None:
+            return sweep_configs(layer, (args.every_config,) + x_shape[1:], dtype, True)
+        return sweep_configs(layer, x_shape, dtype, cuda)
+
     plans = [(name, layer, x_shape, r_shape,
-              [c for c in ([args.config] if args.config is not None else sweep_configs(layer, x_shape, dtype, cuda))
-               if c not in [f["config"] for f in faulted.get(name, [])]])
+              [c for c in listed(layer, x_shape) if c not in [f["config"] for f in faulted.get(name, [])]])
              for name, layer, x_shape, r_shape in layers if name not in done]
     if cuda:
         # Layers travel to the workers on the CPU (plain pickles); each worker plans its own on the GPU

@@ -148,8 +148,9 @@ def plan_avgpool_linear(x, weight, bias=None, *, backend_name=None, traceable=Fa
     sms = igemm.launch_multiprocessors(x)
     launch = backend.KernelLaunch(_avgpool_linear_kernel, grid, {**args, "SPLIT_K": 1}, on_cuda=x.is_cuda,
                                   traceable=traceable, op="avgpool_linear",
-                                  config={**configs.head_interpreter(n, j, c, h * w),
-                                          "SPLIT_K": igemm.INTERPRETER_SPLIT_K} if interpret else None,
+                                  config=configs.interpreted({**configs.head_interpreter(n, j, c, h * w),
+                                                              "SPLIT_K": igemm.INTERPRETER_SPLIT_K})
+                                  if interpret else None,
                                   key=configs.shape_key(M=n, C=c, HW=h * w, J=j, prec=args["INPUT_PRECISION"],
                                                         bias=bias is not None),
                                   candidates=configs.head_candidates(n, j, c, h * w, x.element_size(), sms=sms),

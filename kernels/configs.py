@@ -205,6 +205,13 @@ H100_SHARED_MEMORY = 227 * 1024
 INTERPRETER_MAX_BLOCK = 128
 
 
+def interpreted(default: dict) -> dict:
+    """A launch's config under the Triton interpreter: `default` (its small tiles), or inside a
+    non-empty override() the config forced, as a GPU would run it: how a sweep's configs are
+    checked on a CPU before a GPU times them."""
+    return dict(_forced[0]) if _forced is not None and _forced[0] else default
+
+
 def interpreter(m: int, n: int, reduction: int) -> dict:
     """The tiles of a GEMM-shaped launch under the Triton interpreter (CPU tests), no tuning."""
     def fit(size):

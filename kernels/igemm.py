@@ -948,6 +948,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
             config["BOX_W"] = min(INTERPRETER_BOX_W, config["BLOCK_M"])
         if split and not flat_k and config["FLAT_LOOP"] and not config.get("BOX_W") and not config.get("USE_TMA"):
             config["SPLIT_K"] = INTERPRETER_SPLIT_K
+        config = configs.interpreted(config)
         return backend.KernelLaunch(kernel, grid, args, on_cuda=False, traceable=traceable, config=config,
                                     scratch=scratch, descriptors=bool(config.get("USE_TMA") or config.get("BOX_W")))
     # The key: every size and flag of the launch (the batch only through M, bucketed), no strides.

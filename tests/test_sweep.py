@@ -70,6 +70,32 @@ def test_sweep_harness_on_a_cpu(tmp_path, capsys):
     assert "fused at roof" in printed and "roof: 3.35 TB/s and 989 TFLOP/s in float16 (H100 SXM" in printed
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU check of the configs; on a GPU run the sweep itself")
+def test_every_config_of_the_gpu_sweep_under_the_interpreter(tmp_path, monkeypatch):
+    # --every-config: each config a GPU sweep at batch 256 lists for the layer runs under the
+    # interpreter as a GPU would run it (its own tiles and switches, not the interpreter's) and is
+    # checked against the reference, once each.
+    from fused_resnet.kernels import backend, configs
+
+    sweep = load_sweep()
+    ran = []
+    interpreted = configs.interpreted
+    monkeypatch.setattr(configs, "interpreted", lambda default: ran.append(interpreted(default)) or ran[-1])
+    out = tmp_path / "every.json"
+    cases = sweep.main(["--device", "cpu", "--every-config", "--size", "32", "--layer", "layer1.0.conv1",
+                        "--json", str(out)])
+    fused = next(c for c in cases if c["impl"] == "fused")
+    timed = [t["config"] for t in fused["timed"]]
+    assert fused["layer"] == "C64 K64 1x1/1 8x8" and not {"wrong", "failed"} & set(fused)
+    assert len(timed) == fused["configs_timed"] >= 20 and ran == timed  # each listed config, as listed
+    assert {c["USE_TMA"] for c in timed} == {0, 1} and {c["BLOCK_M"] for c in timed} >= {64, 128, 256}
+    assert all("num_warps" in c for c in timed)  # GPU configs, not the interpreter's small tiles
+    # Off the interpreter a CPU runs the reference, which would pass every config unchecked.
+    monkeypatch.setattr(backend, "interpreting", lambda: False)
+    with pytest.raises(SystemExit, match="TRITON_INTERPRET=1"):
+        sweep.main(["--device", "cpu", "--every-config", "--limit", "1"])
+
+
 def test_sweep_needs_a_gpu_unless_told_cpu(capsys):
     if HAS_CUDA:
         pytest.skip("there is a GPU here")
