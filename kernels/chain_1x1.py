@@ -309,9 +309,9 @@ def _plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_stri
         return (triton.cdiv(m, meta["BLOCK_M"]),)
 
     if interpret:
-        config = {"BLOCK_M": min(64, max(16, triton.next_power_of_2(m))),
-                  "BLOCK_N": min(64, max(16, triton.next_power_of_2(k))),
-                  "BLOCK_K": configs.chain_block_k(ch, x.element_size(), interpreter=True)}
+        config = configs.interpreted({"BLOCK_M": min(64, max(16, triton.next_power_of_2(m))),
+                                      "BLOCK_N": min(64, max(16, triton.next_power_of_2(k))),
+                                      "BLOCK_K": configs.chain_block_k(ch, x.element_size(), interpreter=True)})
         launch = backend.KernelLaunch(_chain_1x1_kernel, grid, args, on_cuda=False, traceable=traceable,
                                       config=config)
     else:

@@ -8,6 +8,7 @@ profiler that the fused op ran and that no aten conv, pooling or linear op did.
 
 import functools
 import importlib
+from unittest import mock
 
 import pytest
 import torch
@@ -55,6 +56,32 @@ def check_close(out, exp, dtype):
     tol = KERNEL_TOL[dtype]
     assert out.dtype == dtype
     assert_close(out, exp, rtol=tol, atol=tol * max(1.0, exp.abs().max().item()))
+
+
+# Where an every-candidate test runs: on a GPU compiled, at sizes whose tiles fill its SMs; on a
+# CPU the same configs, each under the interpreter as the GPU would run it, at small maps, in fp32
+# and fp16 (bf16's dots take fp16's path there: the interpreter upcasts both).
+WHERE = [pytest.param("gpu", marks=pytest.mark.gpu),
+         pytest.param("cpu", marks=pytest.mark.skipif(HAS_CUDA, reason="on a GPU the compiled case runs"))]
+
+
+def every_candidate_params():
+    return [pytest.param(dtype, where, id=f"{dtype}-{where.values[0]}", marks=where.marks)
+            for where in WHERE for dtype in DTYPES if where.values[0] == "gpu" or dtype != torch.bfloat16]
+
+
+def run_forced(config, fn):
+    """fn() with `config` forced on the tuned launches inside (configs.override), checking that it
+    reached them: on a GPU they looked their config up, under the interpreter each ran `config`
+    itself (configs.interpreted)."""
+    from fused_resnet.kernels import configs
+
+    ran, interpreted = [], configs.interpreted
+    with configs.override(config) as asked, mock.patch.object(
+            configs, "interpreted", lambda default: ran.append(interpreted(default)) or ran[-1]):
+        out = fn()
+    assert (asked if HAS_CUDA else ran) and all(c == config for c in ran), (config, ran)
+    return out
 
 
 # ---- projection shortcut in the conv's GEMM ------------------------------------------------
@@ -295,31 +322,30 @@ def test_the_head_split_k(ways, dtype, monkeypatch):
     assert len(counts) == 2 and all(int(t.abs().sum()) == 0 for t in counts)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_the_head_compiled_in_every_candidate(dtype):
-    # ResNet-50's head on 20 images (two tiles of 16, the second mostly masked) and on one, each
-    # first-call candidate compiled: pixels read 8 or 16 at a time over a 7x7 map, 1000 classes in
-    # tiles of up to 256; with so few tiles, the first two split-K over the channels too.
+@pytest.mark.parametrize("dtype,where", every_candidate_params())
+def test_the_head_in_every_candidate(dtype, where):
+    # ResNet-50's head on 20 images (two tiles of 16, the second mostly masked) and on one, in each
+    # first-call candidate: pixels read 8 or 16 at a time over a 7x7 map, 1000 classes in tiles of
+    # up to 256; with so few tiles, the first two split-K over the channels too. (On a CPU over
+    # resnet18's 512 channels: the same tiles, split fewer ways.)
     from fused_resnet.kernels import configs
 
+    channels = 2048 if where == "gpu" else 512
+
     def head(config, x, weight, bias):
-        with configs.override(config) as asked:
-            return kernels.avgpool_linear(x, weight, bias), asked
+        return run_forced(config, lambda: kernels.avgpool_linear(x, weight, bias))
 
     cases = []
     for n in (20, 1):
-        x = torch.randn(n, 2048, 7, 7, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
-        weight = (torch.randn(1000, 2048, device=DEVICE) / 2048**0.5).to(dtype)
+        x = torch.randn(n, channels, 7, 7, device=DEVICE).to(dtype).contiguous(memory_format=torch.channels_last)
+        weight = (torch.randn(1000, channels, device=DEVICE) / channels**0.5).to(dtype)
         bias = torch.randn(1000, device=DEVICE).to(dtype)
-        found = configs.head_candidates(n, 1000, 2048, 49, x.element_size())
+        found = configs.head_candidates(n, 1000, channels, 49, x.element_size())
         assert any(c.get("SPLIT_K", 1) > 1 for c in found)
         cases += [(config, x, weight, bias) for config in found]
     compile_ahead([functools.partial(head, *case) for case in cases])  # all at once, in parallel
     for config, x, weight, bias in cases:
-        out, asked = head(config, x, weight, bias)
-        assert asked, config
-        check_close(out, avgpool_linear_expected(x, weight, bias), dtype)
+        check_close(head(config, x, weight, bias), avgpool_linear_expected(x, weight, bias), dtype)
 
 
 def test_avgpool_linear_layouts_float64_and_empty():
@@ -505,18 +531,19 @@ def test_chain_1x1_bad_inputs_and_opcheck():
                           (x, weight, b, residual, next_weight, next_b, shortcut["shortcut_weight"], [2, 2], "auto"))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_chain_1x1_compiled_in_every_candidate(dtype):
-    # ResNet-50's chained shapes, each first-call candidate compiled (fp32 in IEEE precision here:
-    # wide chains have no candidate within its register budget and run apart).
+@pytest.mark.parametrize("dtype,where", every_candidate_params())
+def test_chain_1x1_in_every_candidate(dtype, where):
+    # ResNet-50's chained shapes in each first-call candidate (fp32 in IEEE precision here: wide
+    # chains have no candidate within its register budget and run apart).
     from fused_resnet.kernels import configs
 
+    # On a GPU 64 images of 14x14: enough rows for the chain's programs to fill an H100's SMs (else
+    # it runs apart); on a CPU two of 5x6.
+    n, h, w = (64, 14, 14) if where == "gpu" else (2, 5, 6)
     cases = []
     for c, k, j, shortcut in ((64, 256, 64, None), (128, 512, 128, None), (256, 1024, 256, None),
                               (64, 256, 64, (64, 1)), (128, 512, 128, (256, 2)), (256, 1024, 256, (512, 2))):
-        # 64 images of 14x14: enough rows for the chain's programs to fill an H100's SMs (else it runs apart)
-        operands, keywords = chain_operands(64, c, k, j, 14, 14, shortcut, dtype)
+        operands, keywords = chain_operands(n, c, k, j, h, w, shortcut, dtype)
         for config in configs.chain_candidates(c, k, j, operands[0].element_size(), ieee=dtype == torch.float32,
                                                block_s=shortcut_block(shortcut and shortcut[0], dtype)):
             cases.append((config, operands, keywords))
@@ -546,20 +573,16 @@ def test_a_chains_first_call_times_it_against_the_convs_apart(tmp_path, monkeypa
 
 
 def run_every_candidate(op, cases, expected, dtype):
-    """Compile (in parallel), then run, op(*operands, **keywords) with each (config, operands,
-    keywords) of `cases`, and check its y, and its z where it returns one, against
+    """Compile (on a GPU, in parallel), then run, op(*operands, **keywords) with each (config,
+    operands, keywords) of `cases`, and check its y, and its z where it returns one, against
     expected(*operands, y, **keywords)."""
-    from fused_resnet.kernels import configs
-
     def run(config, operands, keywords):
-        with configs.override(config) as asked:
-            return op(*operands, **keywords), asked
+        return run_forced(config, lambda: op(*operands, **keywords))
 
     assert cases
     compile_ahead([functools.partial(run, *case) for case in cases])
     for config, operands, keywords in cases:
-        out, asked = run(config, operands, keywords)
-        assert asked, config
+        out = run(config, operands, keywords)
         y, z = out if isinstance(out, tuple) else (out, None)
         y_exp, z_exp = expected(*operands, y, **keywords)
         check_close(y, y_exp, dtype)
@@ -694,19 +717,21 @@ def test_conv_chain_1x1_reference_float64_bad_inputs_and_opcheck():
                                "auto"))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_conv_chain_1x1_compiled_in_every_candidate(dtype):
-    # ResNet-50's blocks with their 3x3 conv inside (with and without the next block's first), each
-    # first-call candidate compiled; 32 images: enough rows to fill an H100's SMs.
+@pytest.mark.parametrize("dtype,where", every_candidate_params())
+def test_conv_chain_1x1_in_every_candidate(dtype, where):
+    # ResNet-50's blocks with their 3x3 conv inside (with and without the next block's first), in
+    # each first-call candidate; on a GPU 32 images: enough rows to fill an H100's SMs (on a CPU, two
+    # of 6x6 or 8x8).
     from fused_resnet.kernels import configs
 
+    gpu = where == "gpu"
     cases = []
     for ch, c, k, j, h, stride, shortcut in ((64, 64, 256, 64, 28, 1, None), (64, 64, 256, 0, 28, 1, 64),
                                              (128, 128, 512, 128, 28, 2, 256), (256, 256, 1024, 256, 14, 1, None),
                                              (256, 256, 1024, 256, 28, 2, 512),
                                              (256, 256, 1024, 0, 14, 1, None)):
-        operands, keywords = headed_operands(32, ch, c, k, j, h, h, stride, 1, shortcut, dtype)
+        n, h = (32, h) if gpu else (2, 6 if h < 28 else 8)
+        operands, keywords = headed_operands(n, ch, c, k, j, h, h, stride, 1, shortcut, dtype)
         for config in configs.chain_candidates(c, k, j, operands[0].element_size(), ieee=dtype == torch.float32,
                                                block_s=shortcut_block(shortcut, dtype), head_channels=ch):
             cases.append((config, operands, keywords))
