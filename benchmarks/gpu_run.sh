@@ -62,8 +62,8 @@ export PYTHONUNBUFFERED=1  # logs keep their order, and a step cut at its limit 
 # and with a third argument their JUnit XML too, a file a shard. The shards split the tests by file
 # and test: every quick gpu test runs in exactly one (tests/test_sweep.py checks it).
 GPU_SHARDS=(
-  "tests/test_conv2d.py::test_every_kernel_variant_compiled"
-  "tests/test_conv2d.py --deselect tests/test_conv2d.py::test_every_kernel_variant_compiled"
+  "tests/test_conv2d.py::test_every_kernel_variant"
+  "tests/test_conv2d.py --deselect tests/test_conv2d.py::test_every_kernel_variant"
   "tests/test_fusions.py"
   "tests --deselect tests/test_conv2d.py --deselect tests/test_fusions.py"
 )

@@ -169,6 +169,33 @@ def variant_case(case, dtype):
     return blocks, {**VARIANT_TILES, **switches}, (x, weight, bias, stride, padding, residual)
 
 
+def everywhere(dtypes):
+    """(dtype, where) parameters of a test of GPU configs: on a GPU ("gpu", marked so) compiled, in
+    each dtype; on a CPU ("cpu") the same configs, each under the interpreter as the GPU would run
+    it, in fp32 and fp16 (bf16 takes fp16's path there: the interpreter upcasts the dots' operands)."""
+    gpu = [pytest.param(dtype, "gpu", id=f"{dtype}-gpu", marks=pytest.mark.gpu) for dtype in dtypes]
+    cpu = [pytest.param(dtype, "cpu", id=f"{dtype}-cpu",
+                        marks=pytest.mark.skipif(HAS_CUDA, reason="on a GPU the compiled case runs"))
+           for dtype in dtypes if dtype != torch.bfloat16]
+    return gpu + cpu
+
+
+def run_forced(config, fn):
+    """fn() with `config` forced on the tuned launches inside (configs.override), checking that it
+    reached them: on a GPU they looked their config up, under the interpreter each ran `config`
+    itself (configs.interpreted)."""
+    from unittest import mock
+
+    from fused_resnet.kernels import configs
+
+    ran, interpreted = [], configs.interpreted
+    with configs.override(config) as asked, mock.patch.object(
+            configs, "interpreted", lambda default: ran.append(interpreted(default)) or ran[-1]):
+        out = fn()
+    assert (asked if HAS_CUDA else ran) and all(c == config for c in ran), (config, ran)
+    return out
+
+
 def watch_descriptor_allocator(monkeypatch):
     """A list that records each scratch allocator the kernels hand Triton: one appears when a
     kernel with tensor descriptors is launched for the first time in the test."""

@@ -20,8 +20,10 @@ from conftest import (
     assert_close,
     compile_ahead,
     conv_expected,
+    everywhere,
     make_case,
     results_of,
+    run_forced,
     variant_case,
     watch_descriptor_allocator,
 )
@@ -770,18 +772,16 @@ def compiled_ahead():
                      for rows in (0, 1) for blocks in (False, True) for dtype in DTYPES])
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,where", everywhere(DTYPES))
 @pytest.mark.parametrize("case", COMPILED_VARIANTS, ids=lambda c: "C{}-K{}-k{}-s{}-p{}-hw{}-{}".format(
     *c[:6], "-".join(f"{k}{v}" for k, v in c[6].items())))
-def test_every_kernel_variant_compiled(case, dtype, monkeypatch, compiled_ahead):
-    from fused_resnet.kernels import configs, igemm
+def test_every_kernel_variant(case, dtype, where, monkeypatch, compiled_ahead):
+    # Each variant in a GPU's tiles: compiled on a GPU, interpreted on a CPU.
+    from fused_resnet.kernels import igemm
 
     blocks, config, (x, weight, bias, stride, padding, res) = variant_case(case, dtype)
     monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", blocks)
-    with configs.override(config) as asked:
-        check(x, weight, bias, stride, padding, 1, 1, res, True)
-    assert asked, "the forced config was not looked up"
+    run_forced(config, lambda: check(x, weight, bias, stride, padding, 1, 1, res, True))
 
 
 @pytest.mark.gpu
@@ -890,21 +890,20 @@ def test_split_k_in_a_cuda_graph_module():
     assert counts.taken == counts.size > 0 and not counts.buffer.any()
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,where", everywhere(DTYPES))
 @pytest.mark.parametrize("blocks", [True, False], ids=["space_to_depth", "direct"])
 @pytest.mark.parametrize("rows", [1, 0], ids=["rows", "gathered"])
-def test_the_pooled_stem_compiled(rows, blocks, dtype, monkeypatch, compiled_ahead):
-    # The stem's conv + ReLU + max pooling in one kernel, each schedule compiled: the row schedule
-    # reads the pool's padded taps unmasked, from the margin kept around the space-to-depth copy.
-    from fused_resnet.kernels import configs, igemm
+def test_the_pooled_stem(rows, blocks, dtype, where, monkeypatch, compiled_ahead):
+    # The stem's conv + ReLU + max pooling in one kernel, each schedule in a GPU's tiles (compiled
+    # on a GPU, interpreted on a CPU): the row schedule reads the pool's padded taps unmasked, from
+    # the margin kept around the space-to-depth copy.
+    from fused_resnet.kernels import igemm
 
     monkeypatch.setattr(igemm, "SPACE_TO_DEPTH", blocks)
     x, weight, bias = make_case(2, 3, 38, 38, 64, 7, 7, 1, dtype)
-    with configs.override(pooled_stem_config(rows, dtype)) as asked:
-        out = pooled_stem(x, weight, bias)
+    out = run_forced(pooled_stem_config(rows, dtype), lambda: pooled_stem(x, weight, bias))
     exp = F.max_pool2d(conv_expected(x, weight, bias, 2, 3, 1, 1, None, True), 3, 2, 1)
-    assert asked and out.shape == exp.shape
+    assert out.shape == exp.shape
     assert_close(out, exp, rtol=TOL[dtype], atol=TOL[dtype] * exp.abs().max().item())
 
 

@@ -8,7 +8,6 @@ profiler that the fused op ran and that no aten conv, pooling or linear op did.
 
 import functools
 import importlib
-from unittest import mock
 
 import pytest
 import torch
@@ -21,9 +20,11 @@ from conftest import (
     assert_close,
     compile_ahead,
     conv_expected,
+    everywhere,
     make_case,
     randomize_bn,
     results_of,
+    run_forced,
 )
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
@@ -56,32 +57,6 @@ def check_close(out, exp, dtype):
     tol = KERNEL_TOL[dtype]
     assert out.dtype == dtype
     assert_close(out, exp, rtol=tol, atol=tol * max(1.0, exp.abs().max().item()))
-
-
-# Where an every-candidate test runs: on a GPU compiled, at sizes whose tiles fill its SMs; on a
-# CPU the same configs, each under the interpreter as the GPU would run it, at small maps, in fp32
-# and fp16 (bf16's dots take fp16's path there: the interpreter upcasts both).
-WHERE = [pytest.param("gpu", marks=pytest.mark.gpu),
-         pytest.param("cpu", marks=pytest.mark.skipif(HAS_CUDA, reason="on a GPU the compiled case runs"))]
-
-
-def every_candidate_params():
-    return [pytest.param(dtype, where, id=f"{dtype}-{where.values[0]}", marks=where.marks)
-            for where in WHERE for dtype in DTYPES if where.values[0] == "gpu" or dtype != torch.bfloat16]
-
-
-def run_forced(config, fn):
-    """fn() with `config` forced on the tuned launches inside (configs.override), checking that it
-    reached them: on a GPU they looked their config up, under the interpreter each ran `config`
-    itself (configs.interpreted)."""
-    from fused_resnet.kernels import configs
-
-    ran, interpreted = [], configs.interpreted
-    with configs.override(config) as asked, mock.patch.object(
-            configs, "interpreted", lambda default: ran.append(interpreted(default)) or ran[-1]):
-        out = fn()
-    assert (asked if HAS_CUDA else ran) and all(c == config for c in ran), (config, ran)
-    return out
 
 
 # ---- projection shortcut in the conv's GEMM ------------------------------------------------
@@ -322,7 +297,7 @@ def test_the_head_split_k(ways, dtype, monkeypatch):
     assert len(counts) == 2 and all(int(t.abs().sum()) == 0 for t in counts)
 
 
-@pytest.mark.parametrize("dtype,where", every_candidate_params())
+@pytest.mark.parametrize("dtype,where", everywhere(DTYPES))
 def test_the_head_in_every_candidate(dtype, where):
     # ResNet-50's head on 20 images (two tiles of 16, the second mostly masked) and on one, in each
     # first-call candidate: pixels read 8 or 16 at a time over a 7x7 map, 1000 classes in tiles of
@@ -531,7 +506,7 @@ def test_chain_1x1_bad_inputs_and_opcheck():
                           (x, weight, b, residual, next_weight, next_b, shortcut["shortcut_weight"], [2, 2], "auto"))
 
 
-@pytest.mark.parametrize("dtype,where", every_candidate_params())
+@pytest.mark.parametrize("dtype,where", everywhere(DTYPES))
 def test_chain_1x1_in_every_candidate(dtype, where):
     # ResNet-50's chained shapes in each first-call candidate (fp32 in IEEE precision here: wide
     # chains have no candidate within its register budget and run apart).
@@ -717,7 +692,7 @@ def test_conv_chain_1x1_reference_float64_bad_inputs_and_opcheck():
                                "auto"))
 
 
-@pytest.mark.parametrize("dtype,where", every_candidate_params())
+@pytest.mark.parametrize("dtype,where", everywhere(DTYPES))
 def test_conv_chain_1x1_in_every_candidate(dtype, where):
     # ResNet-50's blocks with their 3x3 conv inside (with and without the next block's first), in
     # each first-call candidate; on a GPU 32 images: enough rows to fill an H100's SMs (on a CPU, two
