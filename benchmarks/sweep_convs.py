@@ -54,9 +54,11 @@ faulted, run it alone: `compute-sanitizer python3 benchmarks/sweep_convs.py --la
 per layer and wall-clock times (one call each): a check of the harness, not a measurement. With
 `--every-config` it runs instead every config a GPU sweep at batch 256 (or the batch given) would
 time, each under the interpreter as the GPU would run it (its tiles, loop, descriptors, split-K),
-and checks its output as the GPU sweep does: the kernels' numerics in each config before a GPU
-times it (`TRITON_INTERPRET=1 python benchmarks/sweep_convs.py --device cpu --every-config --batch 2
---size 112 --budget 1e9`).
+bounds-checked (kernels.backend.bounds_checked: an access outside a launch's tensors, which on a
+GPU is an illegal address, fails the config), and checks its output as the GPU sweep does: the
+kernels' numerics and memory accesses in each config before a GPU times it:
+
+    TRITON_INTERPRET=1 python benchmarks/sweep_convs.py --device cpu --every-config --batch 1 --size 224 --budget 1e9
 """
 
 import argparse
@@ -595,6 +597,14 @@ def main(argv=None):
     parser.add_argument("--network-after", nargs="*", default=[], metavar="IMPL",
                         help="the same, after the sweep only (after those of --network)")
     args = parser.parse_args(argv)
+    # Every config on a CPU runs bounds-checked: an access outside a launch's tensors, an illegal
+    # address on a GPU, fails the config there, with the kernel named.
+    with backend.bounds_checked() if args.every_config is not None else contextlib.nullcontext():
+        return sweep(args, argv)
+
+
+def sweep(args, argv):
+    """main() after its arguments are parsed."""
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("sweep_convs.py: no CUDA GPU; --device cpu checks the harness under the interpreter")

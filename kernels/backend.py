@@ -72,6 +72,109 @@ def check_interpreter() -> None:
         )
 
 
+class OutOfBounds(RuntimeError):
+    """An interpreted kernel touched memory outside the tensors its launch was given (bounds_checked)."""
+
+
+# Inside bounds_checked(): (kernel name, [(first byte, end byte)] of each tensor argument's storage)
+# of the interpreted launch running. (Interpreted launches run one at a time: _interpreter_lock.)
+_bounds = None
+
+
+def _extent(t: torch.Tensor):
+    """The bytes of a tensor's storage, as (first, end): the memory it was allocated, which a view
+    (a packed weight's, say) may read beyond its own elements without a fault."""
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+def _tensors(arg):
+    if isinstance(arg, torch.Tensor):
+        yield arg
+    elif isinstance(arg, (tuple, list)):
+        for item in arg:
+            yield from _tensors(item)
+    elif hasattr(arg, "base") and isinstance(arg.base, torch.Tensor):  # a host TensorDescriptor
+        yield arg.base
+
+
+def _check_bounds(ptrs, mask):
+    """Raise OutOfBounds where an address `mask` selects (all, for None) lies outside the storage of
+    every tensor argument of the launch running."""
+    import numpy
+
+    if mask is not None:
+        # (A descriptor's mask comes as a bare array; as integers, a mask would index elements 0 and 1.)
+        mask = numpy.broadcast_to((mask if isinstance(mask, numpy.ndarray) else mask.data).astype(bool),
+                                  ptrs.data.shape)
+    addresses = ptrs.data if mask is None else ptrs.data[mask]
+    if _bounds is None or not addresses.size:
+        return
+    name, extents = _bounds
+    size = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)
+    inside = numpy.zeros(addresses.shape, dtype=bool)
+    for first, end in extents:
+        inside |= (addresses >= first) & (addresses + size <= end)
+    if not inside.all():
+        outside = addresses[~inside]
+        first = int(outside.min())
+        nearest = min(extents, key=lambda e: min(abs(first - e[0]), abs(first - e[1])))
+        raise OutOfBounds(f"{name}: {outside.size} of {addresses.size} addresses outside its tensors, the "
+                          f"first {first - nearest[0]:+d} bytes from the start of a tensor's storage of "
+                          f"{nearest[1] - nearest[0]} bytes")
+
+
+@contextlib.contextmanager
+def bounds_checked():
+    """Under the Triton interpreter, every load, store and atomic of each kernel launched inside
+    must fall within the memory of the tensors its launch was given (their storages); one that does
+    not raises OutOfBounds naming the kernel. On a GPU such an access is an illegal address, a
+    fault that ends the process, or reads or overwrites a neighbour's memory; here it shows where
+    it happens. (Masked-off lanes are not accesses.)"""
+    global _bounds
+    from triton.runtime import interpreter
+
+    builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
+    saved = {name: getattr(builder, name) for name in
+             ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas")}
+    init_args = executor._init_args_hst
+
+    def init_args_checked(self, args_dev, kwargs):
+        global _bounds
+        args, kwargs_hst = init_args(self, args_dev, kwargs)
+        tensors = [t for arg in (*args, *kwargs_hst.values()) for t in _tensors(arg) if t.numel()]
+        _bounds = (self.fn.__name__, [_extent(t) for t in tensors])
+        return args, kwargs_hst
+
+    def load(self, ptrs, mask, *rest, **kwargs):
+        _check_bounds(ptrs, mask)
+        return saved["create_masked_load"](self, ptrs, mask, *rest, **kwargs)
+
+    def store(self, ptrs, value, mask, *rest, **kwargs):
+        _check_bounds(ptrs, mask)
+        return saved["create_masked_store"](self, ptrs, value, mask, *rest, **kwargs)
+
+    def atomic_rmw(self, op, ptr, val, mask, *rest, **kwargs):
+        _check_bounds(ptr, mask)
+        return saved["create_atomic_rmw"](self, op, ptr, val, mask, *rest, **kwargs)
+
+    def atomic_cas(self, ptr, *rest, **kwargs):
+        _check_bounds(ptr, None)
+        return saved["create_atomic_cas"](self, ptr, *rest, **kwargs)
+
+    previous = _bounds
+    executor._init_args_hst = init_args_checked
+    builder.create_masked_load, builder.create_masked_store = load, store
+    builder.create_atomic_rmw, builder.create_atomic_cas = atomic_rmw, atomic_cas
+    try:
+        yield
+    finally:
+        executor._init_args_hst = init_args
+        for name, fn in saved.items():
+            setattr(builder, name, fn)
+        _bounds = previous
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run every kernels op inside the `with` block on backend `name` (in this thread, as torch.no_grad).

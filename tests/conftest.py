@@ -69,6 +69,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _bounds_checked():
+    """Without a GPU every interpreted kernel in every test is bounds-checked: a load, store or atomic
+    outside the tensors its launch was given fails the test (on a GPU, an illegal address)."""
+    if HAS_CUDA or os.environ.get("FUSED_RESNET_NO_BOUNDS_CHECK"):
+        yield
+        return
+    from fused_resnet.kernels import backend
+
+    with backend.bounds_checked():
+        yield
+
+
 def randomize_bn(model: nn.Module, generator_seed: int = 0) -> nn.Module:
     """Give every BatchNorm2d non-trivial statistics and affine parameters, in place.
 

@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, HAS_CUDA, KERNEL_TOL, assert_close
@@ -212,3 +213,33 @@ def test_an_interpreter_that_cannot_run_the_kernels_says_so(monkeypatch):
                 raise AssertionError(f"triton {triton_version} with numpy {numpy_version} passed the check")
         else:
             check()
+
+
+def test_the_interpreters_bounds_check_catches_an_access_past_a_tensor():
+    # Every interpreted kernel in these tests runs bounds-checked (conftest): an access outside the
+    # tensors a launch was given fails, as an illegal address would on a GPU. A kernel that reads and
+    # writes 28 elements past 100-element tensors, unmasked, is caught; masked, it runs.
+    if HAS_CUDA:
+        pytest.skip("the interpreter's check; a GPU faults instead")
+    import triton
+    import triton.language as tl
+    from fused_resnet.kernels import backend
+
+    @triton.jit
+    def copy(x_ptr, y_ptr, n, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        if MASKED:
+            tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+        else:
+            tl.store(y_ptr + offs, tl.load(x_ptr + offs))
+
+    x, y = torch.randn(100), torch.empty(100)
+    assert backend._bounds is None  # (set while a launch runs)
+    copy[(4,)](x, y, 100, MASKED=True, BLOCK=32)
+    assert torch.equal(x, y)
+    with pytest.raises(Exception, match=r"OutOfBounds.*copy: 28 of 32 addresses outside its tensors, the first "
+                                        r"\+400 bytes from the start of a tensor's storage of 400 bytes"):
+        copy[(4,)](x, y, 100, MASKED=False, BLOCK=32)
+    # A view may read the rest of its storage (a packed weight does): that memory is allocated.
+    wide = torch.randn(256)
+    copy[(4,)](wide[:100], torch.empty(128), 100, MASKED=False, BLOCK=32)
