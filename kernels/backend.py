@@ -103,12 +103,14 @@ def _check_bounds(ptrs, mask):
     every tensor argument of the launch running."""
     import numpy
 
+    if _bounds is None:
+        return
     if mask is not None:
         # (A descriptor's mask comes as a bare array; as integers, a mask would index elements 0 and 1.)
         mask = numpy.broadcast_to((mask if isinstance(mask, numpy.ndarray) else mask.data).astype(bool),
                                   ptrs.data.shape)
     addresses = ptrs.data if mask is None else ptrs.data[mask]
-    if _bounds is None or not addresses.size:
+    if not addresses.size:
         return
     name, extents = _bounds
     size = max(1, ptrs.get_element_ty().primitive_bitwidth // 8)

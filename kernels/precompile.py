@@ -92,12 +92,9 @@ class _Session:
     def record(self, launch, tensors):
         """The jobs of `launch`'s first call on `tensors` (a KernelLaunch)."""
         like = next(t for t in tensors if isinstance(t, torch.Tensor))
-        if like.is_cuda:
-            capability, gpu = launch_target(like).capability, None
-        elif self.gpu is not None:
-            capability, gpu = CAPABILITY[self.gpu], self.gpu
-        else:
+        if not like.is_cuda and self.gpu is None:
             return  # interpreted: nothing to compile
+        capability, gpu = launch_target(like).capability, None if like.is_cuda else self.gpu
         if launch.config is not None:
             chosen = [launch.config]
         else:

@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before triton is first imported, so this happens at
 first conftest, before anything imports kernels.
 """
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -193,17 +194,26 @@ def everywhere(dtypes):
     return gpu + cpu
 
 
-def run_forced(config, fn):
-    """fn() with `config` forced on the tuned launches inside (configs.override), checking that it
-    reached them: on a GPU they looked their config up, under the interpreter each ran `config`
-    itself (configs.interpreted)."""
+@contextlib.contextmanager
+def interpreted_configs():
+    """A list that records, in order, each config the interpreted kernels launched inside ran
+    (configs.interpreted's answers)."""
     from unittest import mock
 
     from fused_resnet.kernels import configs
 
     ran, interpreted = [], configs.interpreted
-    with configs.override(config) as asked, mock.patch.object(
-            configs, "interpreted", lambda default: ran.append(interpreted(default)) or ran[-1]):
+    with mock.patch.object(configs, "interpreted", lambda default: ran.append(interpreted(default)) or ran[-1]):
+        yield ran
+
+
+def run_forced(config, fn):
+    """fn() with `config` forced on the tuned launches inside (configs.override), checking that it
+    reached them: on a GPU they looked their config up, under the interpreter each ran `config`
+    itself (configs.interpreted)."""
+    from fused_resnet.kernels import configs
+
+    with configs.override(config) as asked, interpreted_configs() as ran:
         out = fn()
     assert (asked if HAS_CUDA else ran) and all(c == config for c in ran), (config, ran)
     return out

@@ -5,7 +5,7 @@ import json
 import pathlib
 
 import pytest
-from conftest import HAS_CUDA, load_benchmark, run_compiling
+from conftest import HAS_CUDA, interpreted_configs, load_benchmark, run_compiling
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -75,15 +75,13 @@ def test_every_config_of_the_gpu_sweep_under_the_interpreter(tmp_path, monkeypat
     # --every-config: each config a GPU sweep at batch 256 lists for the layer runs under the
     # interpreter as a GPU would run it (its own tiles and switches, not the interpreter's) and is
     # checked against the reference, once each.
-    from fused_resnet.kernels import backend, configs
+    from fused_resnet.kernels import backend
 
     sweep = load_sweep()
-    ran = []
-    interpreted = configs.interpreted
-    monkeypatch.setattr(configs, "interpreted", lambda default: ran.append(interpreted(default)) or ran[-1])
     out = tmp_path / "every.json"
-    cases = sweep.main(["--device", "cpu", "--every-config", "--size", "32", "--layer", "layer1.0.conv1",
-                        "--json", str(out)])
+    with interpreted_configs() as ran:
+        cases = sweep.main(["--device", "cpu", "--every-config", "--size", "32", "--layer", "layer1.0.conv1",
+                            "--json", str(out)])
     fused = next(c for c in cases if c["impl"] == "fused")
     timed = [t["config"] for t in fused["timed"]]
     assert fused["layer"] == "C64 K64 1x1/1 8x8" and not {"wrong", "failed"} & set(fused)
