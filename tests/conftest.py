@@ -10,6 +10,7 @@ import math
 import os
 import pathlib
 import sys
+import textwrap
 
 import torch
 
@@ -42,18 +43,39 @@ def load_benchmark(name: str):
 
 def run_compiling(script, tmp_path, *args):
     """Run `script` (with `args`) in a child Python without TRITON_INTERPRET, so that it compiles
-    (for a GPU it need not have), with Triton's and our caches under tmp_path and tests/
-    importable; the JSON its last line prints."""
+    (for a GPU it need not have), with Triton's and our caches under tmp_path and tests/ and
+    benchmarks/ importable; the JSON its last line prints."""
     import json
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = pathlib.Path(__file__).resolve().parent
     env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), FUSED_RESNET_CACHE_DIR=str(tmp_path / "cache"),
-               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(here), str(here.parent / "benchmarks"), env.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", script, *map(str, args)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# For scripts that run_compiling runs: `launches`, each kernel launch (KernelLaunch, its tensors)
+# that a fused resnet50 in fp16 makes for an H100 in a bottleneck with dense 1x1s and box tiles
+# (descriptors), one at batch 1 (split-K, with its scratch), the stem (its pooled kernel and
+# space-to-depth copy) and the head, as precompile.compile_only lists them (no kernel runs), and
+# `jobs`, the compile jobs of every candidate config; and benchmarks/host_overhead.py's
+# StandInDriver, a stand-in for an H100's Triton driver.
+H100_LAUNCHES = textwrap.dedent("""
+    import torch, torchvision
+    from fused_resnet import fuse
+    from host_overhead import StandInDriver, listed_launches, live_launch
+
+    torch.manual_seed(0)
+    net = fuse(torchvision.models.resnet50().eval(), dtype=torch.float16)
+    cl = lambda *shape: torch.randn(*shape).half().contiguous(memory_format=torch.channels_last)
+    launches, jobs = listed_launches(lambda: (net.layer1[0](cl(2, 64, 16, 16)), net.layer4[0](cl(1, 1024, 14, 14)),
+                                              net.conv1(cl(1, 3, 64, 64)), net.avgpool(cl(1, 2048, 7, 7))),
+                                     every_candidate=True)
+""")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,12 +6,14 @@ The Triton cases run interpreted without a GPU, so their maps stay small.
 
 import copy
 import io
+import json
 import pickle
+import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, randomize_bn
+from conftest import DEVICE, H100_LAUNCHES, randomize_bn, run_compiling
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torchvision.models.resnet import Bottleneck
@@ -442,6 +444,85 @@ def test_a_compiled_kernel_that_refuses_direct_arguments_gets_plain_launches():
         launch(x, y)
     assert [entry[0] for entry in kernel.launches] == ["plain"] * 3
     assert launch.direct is False
+
+
+DIRECT_SCRIPT = H100_LAUNCHES + textwrap.dedent("""
+    import json
+    import triton
+
+    driver = StandInDriver()
+    triton.runtime.driver.set_active(driver)
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):  # scratch comes anew each launch: alike, not the same
+            return isinstance(b, torch.Tensor) and (a.shape, a.dtype, a.stride()) == (b.shape, b.dtype, b.stride())
+        if type(a).__name__ == "LazyDict":  # the launch hooks' metadata, made each launch
+            return type(b) is type(a) and a.data == b.data
+        return a == b
+
+    checked = []
+    for launch, tensors in launches:
+        kinds = {}  # a config of each kind this launch has
+        for config in [launch.config] if launch.config is not None else launch.candidates:
+            kind = ("split" if config.get("SPLIT_K", 1) > 1 else "tma" if config.get("USE_TMA") else
+                    "box" if config.get("BOX_W") else "pointers")
+            kinds.setdefault(kind, config)
+        for kind, config in kinds.items():
+            live = live_launch(launch, config)
+            live(*tensors)  # plain: Triton binds, specializes, compiles for the H100, launches
+            live(*tensors)  # direct: the compiled kernel with the plan's arguments
+            plain, direct = driver.launched[-2:]
+            own = [a is t for a, t in zip(direct[9:], tensors)]  # (launcher's 9 leading arguments)
+            checked.append({"kernel": launch.kernel.__name__, "kind": kind, "direct": bool(live.direct),
+                            "arguments": [len(plain), len(direct), len(launch.kernel.arg_names)],
+                            "same": len(plain) == len(direct) and all(map(same, plain, direct)),
+                            "own_tensors": all(own) and len(own) == len(tensors)})
+    print(json.dumps({"checked": checked, "launches": len(driver.launched)}))
+""")
+
+
+def test_a_direct_launch_hands_the_compiled_kernel_what_a_plain_launch_does(tmp_path):
+    # A plan's direct launch calls Triton's compiled kernel itself, with the arguments it bound at
+    # the first launch. Checked without a GPU on this Triton's own compiled kernels: given a
+    # stand-in for an H100's driver whose launcher records its arguments, each kernel of a
+    # bottleneck, a batch-1 block, the stem and the head, in a config of each kind it has
+    # (pointers, dense descriptors, box tiles, split-K with its scratch), launched plainly and
+    # then directly, hands the launcher the same grid, kernel, metadata and arguments.
+    found = run_compiling(DIRECT_SCRIPT, tmp_path)
+    checked = found["checked"]
+    assert {c["kind"] for c in checked} == {"pointers", "tma", "box", "split"}
+    assert {c["kernel"] for c in checked} >= {"_conv2d_bias_act_kernel", "_conv2d_bias_act_maxpool_kernel",
+                                             "_space_to_depth_kernel", "_avgpool_linear_kernel"}
+    assert found["launches"] == 2 * len(checked)
+    assert all(c["direct"] and c["same"] and c["own_tensors"] for c in checked), checked
+    # Every argument of the kernel's, constexprs too, after the launcher's own nine.
+    assert all(c["arguments"][0] == c["arguments"][1] == 9 + c["arguments"][2] for c in checked), checked
+
+
+LAUNCH_COSTS_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import host_overhead
+
+    sys.argv = ["host_overhead.py", "--launches", "--batch", "1", "--size", "32", "--rounds", "1", "--forwards", "1",
+                "--json", sys.argv[1]]
+    print(json.dumps(host_overhead.main()))
+""")
+
+
+def test_what_each_launch_costs_in_python(tmp_path):
+    # benchmarks/host_overhead.py --launches: every launch of a resnet50 forward, compiled for an
+    # H100 here, timed three ways on the stand-in driver; the direct ways need the launch to have
+    # gone direct (a plan that fell back to plain launches has nothing to time there).
+    out = tmp_path / "launches.json"
+    rows = run_compiling(LAUNCH_COSTS_SCRIPT, tmp_path, out)
+    kernels_launched = {r["kernel"] for r in rows}
+    assert {"_conv2d_bias_act_kernel", "_conv2d_bias_act_maxpool_kernel", "_avgpool_linear_kernel"} <= kernels_launched
+    assert len(rows) > 50 and all(r[way] > 0 for r in rows for way in ("plain", "direct", "planned"))
+    payload = json.loads(out.read_text())
+    assert [c["launch"] for c in payload["cases"]] == ["plain", "direct", "planned"]
+    assert all(c["launches"] == len(rows) and c["batch"] == 1 for c in payload["cases"])
+    assert payload["cases"][0]["launch_python_ms"] == round(sum(r["plain"] for r in rows) / 1e3, 4)
+    assert "stand-in driver" in payload["provenance"]["path"] and payload["per_launch"] == rows
 
 
 @pytest.mark.gpu

@@ -15,7 +15,7 @@ import types
 
 import pytest
 import torch
-from conftest import assert_close, load_benchmark, run_compiling
+from conftest import H100_LAUNCHES, assert_close, load_benchmark, run_compiling
 from fused_resnet.kernels import backend, configs, igemm, precompile
 from fused_resnet.kernels.precompile import CompileJob
 from torch import nn
@@ -485,41 +485,16 @@ def test_a_plain_first_call_compiles_ahead_everything_the_forward_compiles(tmp_p
     assert len(ahead) == 1 and ahead[0] > 0 and after == ahead[0]
 
 
-JIT_KEY_SCRIPT = textwrap.dedent("""
+JIT_KEY_SCRIPT = H100_LAUNCHES + textwrap.dedent("""
     import json, os, pathlib
-    import torch, torchvision, triton
-    from triton.backends.compiler import GPUTarget
-    from fused_resnet import fuse
+    import triton
     from fused_resnet.kernels import precompile
 
-    class H100Driver:  # Triton's active driver, as much of it as a JIT compile without a launch asks
-        def get_current_device(self):
-            return 0
-        def get_current_stream(self, device=None):
-            return 0
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-    launches = []  # what each listed launch is called with, to call Triton's JIT with the same
-    record = precompile._Session.record
-    def listing(session, launch, tensors):
-        launches.append((launch, tensors))
-        return record(session, launch, tensors)
-    precompile._Session.record = listing
-
-    torch.manual_seed(0)
-    net = fuse(torchvision.models.resnet50().eval(), dtype=torch.float16)  # compiled, not run
-    cl = lambda *shape: torch.randn(*shape).half().contiguous(memory_format=torch.channels_last)
-    with precompile.compile_only("H100", every_candidate=True) as jobs:
-        net.layer1[0](cl(2, 64, 16, 16))  # dense 1x1s and box tiles through descriptors
-        net.layer4[0](cl(1, 1024, 14, 14))  # batch 1: split-K, with its scratch
-        net.conv1(cl(1, 3, 64, 64))  # the stem: its pooled kernel and space-to-depth copy
-        net.avgpool(cl(1, 2048, 7, 7))  # the head
     precompile.compile_jobs(jobs, workers=2)
     cubins = lambda: sorted(p.name for p in pathlib.Path(os.environ["TRITON_CACHE_DIR"]).rglob("*.cubin"))
     ahead = cubins()
     # Each candidate as a launch compiles it: Triton's JIT (warmup: compile, no launch), for an H100.
-    triton.runtime.driver.set_active(H100Driver())
+    triton.runtime.driver.set_active(StandInDriver())
     calls = 0
     for launch, tensors in launches:
         for config in [launch.config] if launch.config is not None else launch.candidates:
