@@ -8,15 +8,16 @@ fused model runs fewer ops (no BatchNorm, no separate ReLU), so with a lean call
 Each round times `forwards` calls of each model in turn; the medians over rounds and their ratio
 are printed (and written with provenance to --json).
 
-    python benchmarks/host_overhead.py --launches [--batch 256] [--size 224] [--json PATH]
+    python benchmarks/host_overhead.py --launches [--batch 256] [--size 224] [--rounds 15] [--calls 1000]
+                                       [--json PATH]
 
 What the Python of each kernel launch of a fused resnet50 fp16 forward on an H100 costs, without
 the H100: the forward's launches as precompile.compile_only lists them, each compiled for the
 H100 here, then launched on a stand-in for the H100's driver whose launcher does nothing
 (StandInDriver), three ways: Triton's plain `kernel[grid](...)` (bind, specialize, look up), the
 compiled kernel called directly with the arguments bound at the first launch, and the plan's
-KernelLaunch call (which goes direct). On a GPU each launch also pays the launcher's own call into
-the driver, the same for all three.
+KernelLaunch call (which goes direct): the median over rounds of `calls` calls each. On a GPU each
+launch also pays the launcher's own call into the driver, the same for all three.
 """
 
 import argparse
@@ -91,15 +92,17 @@ def live_launch(launch, config):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--size", type=int, default=None, help="default: 32, or 224 with --launches")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--forwards", type=int, default=20)
     parser.add_argument("--json", default=None)
     parser.add_argument("--launches", action="store_true", help="each launch's Python, plain and direct (above)")
     parser.add_argument("--batch", type=int, default=256, help="with --launches")
+    parser.add_argument("--calls", type=int, default=1000, help="with --launches: calls of each launch a round")
     args = parser.parse_args()
     if args.launches:
         return launch_costs(args)
+    args.size = args.size or 32
     torch.set_num_threads(1)
     model = synthetic_batchnorm(torchvision.models.resnet50(), size=32)
     impls = {"eager_channels_last": copy.deepcopy(model).to(memory_format=torch.channels_last),
@@ -135,7 +138,7 @@ def launch_costs(args):
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("--launches compiles for an H100: run it without TRITON_INTERPRET=1")
-    size = args.size if args.size != 32 else 224  # (--size's default is the CPU forward's)
+    size = args.size or 224
     net = fuse(torchvision.models.resnet50().eval(), dtype=torch.float16)
     x = torch.randn(args.batch, 3, size, size).half().contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -143,7 +146,7 @@ def launch_costs(args):
     precompile.compile_jobs(jobs, workers=os.cpu_count() or 1)  # into Triton's cache, for the JIT to find
     triton.runtime.driver.set_active(StandInDriver(record=False))
     rows = [launch_row(launch, tensors, launch.config if launch.config is not None else configs_of(jobs, launch),
-                       args.rounds, args.forwards * 50) for launch, tensors in launches]
+                       args.rounds, args.calls) for launch, tensors in launches]
     totals = {way: sum(r[way] for r in rows) for way in ("plain", "direct", "planned")}
     for r in rows:
         print(f"{r['kernel']:<34} plain {r['plain']:6.1f} us   direct {r['direct']:5.1f} us   "

@@ -503,7 +503,7 @@ LAUNCH_COSTS_SCRIPT = textwrap.dedent("""
     import json, sys
     import host_overhead
 
-    sys.argv = ["host_overhead.py", "--launches", "--batch", "1", "--size", "32", "--rounds", "1", "--forwards", "1",
+    sys.argv = ["host_overhead.py", "--launches", "--batch", "1", "--size", "32", "--rounds", "1", "--calls", "20",
                 "--json", sys.argv[1]]
     print(json.dumps(host_overhead.main()))
 """)
