@@ -17,7 +17,10 @@ H100 here, then launched on a stand-in for the H100's driver whose launcher does
 (StandInDriver), three ways: Triton's plain `kernel[grid](...)` (bind, specialize, look up), the
 compiled kernel called directly with the arguments bound at the first launch, and the plan's
 KernelLaunch call (which goes direct): the median over rounds of `calls` calls each. On a GPU each
-launch also pays the launcher's own call into the driver, the same for all three.
+launch also pays the launcher's own call into the driver, the same for all three. Beside them,
+`first`: each launch's first call in this process, which finds its kernel in Triton's disk cache
+(compiled there by this script's workers, as a first forward's are) and loads it, as a first
+forward with warm caches does, less what a GPU adds (loading the module onto it, the launcher).
 """
 
 import argparse
@@ -147,7 +150,7 @@ def launch_costs(args):
     triton.runtime.driver.set_active(StandInDriver(record=False))
     rows = [launch_row(launch, tensors, launch.config if launch.config is not None else configs_of(jobs, launch),
                        args.rounds, args.calls) for launch, tensors in launches]
-    totals = {way: sum(r[way] for r in rows) for way in ("plain", "direct", "planned")}
+    totals = {way: sum(r[way] for r in rows) for way in ("first", "plain", "direct", "planned")}
     for r in rows:
         print(f"{r['kernel']:<34} plain {r['plain']:6.1f} us   direct {r['direct']:5.1f} us   "
               f"planned {r['planned']:5.1f} us")
@@ -155,7 +158,8 @@ def launch_costs(args):
     print(f"the {len(rows)} launches listed for one forward: plain {totals['plain'] / 1e3:.3f} ms, direct "
           f"{totals['direct'] / 1e3:.3f} ms, planned {totals['planned'] / 1e3:.3f} ms of Python (resnet50 fp16, "
           f"batch {args.batch}, {size}x{size}, compiled for an H100, stand-in driver; torch {torch.__version__}, "
-          f"triton {triton.__version__})")
+          f"triton {triton.__version__}); their first calls, each kernel from Triton's disk cache: "
+          f"{totals['first'] / 1e6:.2f} s")
     if args.json:
         cases = [{"model": "resnet50", "impl": "fused", "dtype": "float16", "batch": args.batch, "launch": way,
                   "launches": len(rows), "launch_python_ms": round(totals[way] / 1e3, 4)} for way in totals]
@@ -167,16 +171,18 @@ def launch_costs(args):
 
 
 def launch_row(launch, tensors, config, rounds, calls):
-    """The Python a call of this launch costs, in microseconds, each of the three ways."""
+    """The Python a call of this launch costs, in microseconds, each of the three ways, and its first."""
     live = live_launch(launch, config)
+    t0 = time.perf_counter()
     live(*tensors)  # plain, the first time (it finds the kernel compiled in Triton's cache), then direct
+    first = (time.perf_counter() - t0) * 1e6
     live(*tensors)
     kernel, grid, kwargs = live.bound
     full = tensors + (() if live.take_scratch is None else live.take_scratch(tensors[0]))
     run, rest, _ = live.direct
     ways = {"plain": lambda: kernel[grid](*full, **kwargs), "direct": lambda: run(*full, *rest),
             "planned": lambda: live(*tensors)}
-    return {"kernel": launch.kernel.__name__, "op": launch.op, "key": launch.key,
+    return {"kernel": launch.kernel.__name__, "op": launch.op, "key": launch.key, "first": round(first, 1),
             **{way: round(per_call_us(fn, rounds, calls), 2) for way, fn in ways.items()}}
 
 
