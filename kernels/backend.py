@@ -79,6 +79,7 @@ class OutOfBounds(RuntimeError):
 # Inside bounds_checked(): (kernel name, [(first byte, end byte)] of each tensor argument's storage)
 # of the interpreted launch running. (Interpreted launches run one at a time: _interpreter_lock.)
 _bounds = None
+_bounds_checking = False  # inside bounds_checked(): a nested one adds nothing
 
 
 def _extent(t: torch.Tensor):
@@ -132,8 +133,11 @@ def bounds_checked():
     must fall within the memory of the tensors its launch was given (their storages); one that does
     not raises OutOfBounds naming the kernel. On a GPU such an access is an illegal address, a
     fault that ends the process, or reads or overwrites a neighbour's memory; here it shows where
-    it happens. (Masked-off lanes are not accesses.)"""
-    global _bounds
+    it happens. (Masked-off lanes are not accesses.) Inside another, it checks nothing twice."""
+    global _bounds, _bounds_checking
+    if _bounds_checking:
+        yield
+        return
     from triton.runtime import interpreter
 
     builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
@@ -168,13 +172,14 @@ def bounds_checked():
     executor._init_args_hst = init_args_checked
     builder.create_masked_load, builder.create_masked_store = load, store
     builder.create_atomic_rmw, builder.create_atomic_cas = atomic_rmw, atomic_cas
+    _bounds_checking = True
     try:
         yield
     finally:
         executor._init_args_hst = init_args
         for name, fn in saved.items():
             setattr(builder, name, fn)
-        _bounds = previous
+        _bounds, _bounds_checking = previous, False
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ import gc
 import os
 import sys
 import threading
+from unittest import mock
 
 import pytest
 import torch
@@ -243,3 +244,29 @@ def test_the_interpreters_bounds_check_catches_an_access_past_a_tensor():
     # A view may read the rest of its storage (a packed weight does): that memory is allocated.
     wide = torch.randn(256)
     copy[(4,)](wide[:100], torch.empty(128), 100, MASKED=False, BLOCK=32)
+
+
+def test_a_bounds_check_inside_another_checks_each_access_once_and_leaves_the_outer_one_on():
+    # The sweep's --every-config opens its own check; inside a test's (conftest) it must neither wrap
+    # the interpreter twice nor, on leaving, switch the test's check off.
+    if HAS_CUDA or os.environ.get("FUSED_RESNET_NO_BOUNDS_CHECK"):
+        pytest.skip("the interpreter's check, on in every test here (conftest); a GPU faults instead")
+    import triton
+    import triton.language as tl
+    from fused_resnet.kernels import backend
+    from triton.runtime import interpreter
+
+    @triton.jit
+    def read_past(x_ptr, y_ptr, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, tl.load(x_ptr + offs))
+
+    x, calls = torch.randn(8), []
+    checked_load = interpreter.InterpreterBuilder.create_masked_load  # as the test's check wraps it
+    with mock.patch.object(backend, "_check_bounds", side_effect=lambda *a: calls.append(a)), \
+            backend.bounds_checked():
+        assert interpreter.InterpreterBuilder.create_masked_load is checked_load
+        read_past[(1,)](x, torch.empty(8), BLOCK=8)
+    assert len(calls) == 2  # one load and one store, each checked once
+    with pytest.raises(Exception, match="OutOfBounds.*read_past"):
+        read_past[(1,)](x, torch.empty(16), BLOCK=16)
