@@ -655,7 +655,7 @@ def sweep(args, argv):
         # Layers travel to the workers on the CPU (plain pickles); each worker plans its own on the GPU
         # and compiles what the plans would launch, launching nothing (_compile_worker).
         # In chunks of COMPILE_CHUNK configs, so that the workers finish together (the stem alone
-        # has 84 configs, most layers 24 to 54).
+        # has 76 configs, most layers 24 to 54).
         tasks, owner = [], []
         for i, (_, layer, x_shape, r_shape, chosen) in enumerate(plans):
             spec = (copy.deepcopy(layer).cpu(), x_shape, r_shape, dtype)

@@ -365,15 +365,22 @@ def sweep_candidates(m, n, reduction, element_size, shared_memory=H100_SHARED_ME
     FLAT_LOOP and USE_TMA)."""
     shared_bytes = shared_bytes or functools.partial(gemm_shared_bytes, element_size=element_size)
     shapes = SWEEP_16BIT if element_size < 4 else (SWEEP_IEEE_FP32 if ieee else SWEEP_FP32)
-    kept = []
+    kept, kernels = [], set()
     for bm, bn, bk, stages, warps in _capped(shapes, m, n, reduction):
         if not _fits_registers(bm, bn, warps, max_acc_per_thread):
             continue
         for variant in variants:
             config = _config(bm, bn, bk, stages, warps, variant)
-            if shared_bytes(config) <= shared_memory and config not in kept:
+            if shared_bytes(config) <= shared_memory and (kernel := same_kernel(config)) not in kernels:
                 kept.append(config)
+                kernels.add(kernel)
     return kept
+
+
+def same_kernel(config):
+    """What of a config makes its kernel: the row schedule (ROWS) reduces a filter row at a time,
+    whatever BLOCK_K says, so its configs that differ in BLOCK_K alone compile to one kernel."""
+    return tuple(sorted((k, v) for k, v in config.items() if not (k == "BLOCK_K" and config.get("ROWS"))))
 
 
 # The head (avgpool_linear): (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_HW, stages, warps). Its time is the

@@ -437,6 +437,22 @@ def test_sweep_candidates_cover_both_loops_and_fit():
     assert len(fp32) < len(found) / 2 and max(c["BLOCK_K"] for c in fp32) <= 32
 
 
+def test_the_sweep_times_each_row_schedule_kernel_once():
+    # The row schedule (ROWS) ignores BLOCK_K: configs differing in it alone compile to the same
+    # kernel (the same PTX for an H100), so the sweep lists one of them; the gathered schedule keeps
+    # its BLOCK_K variety.
+    variants = ({"FLAT_LOOP": 1, "ROWS": 1}, {"FLAT_LOOP": 1, "ROWS": 0})
+    found = configs.sweep_candidates(256 * 112 * 112, 64, 147, 2, variants=variants)
+    rows = [c for c in found if c["ROWS"]]
+    gathered = [c for c in found if not c["ROWS"]]
+    without_k = [{k: v for k, v in c.items() if k != "BLOCK_K"} for c in rows]
+    assert rows and all(without_k.count(c) == 1 for c in without_k)
+    assert len(rows) < len(gathered)
+    assert len({(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"], c["num_warps"]) for c in gathered}) < len(gathered)
+    assert configs.same_kernel({**rows[0], "BLOCK_K": 16}) == configs.same_kernel({**rows[0], "BLOCK_K": 128})
+    assert configs.same_kernel({**gathered[0], "BLOCK_K": 16}) != configs.same_kernel({**gathered[0], "BLOCK_K": 128})
+
+
 def test_the_stems_pooled_kernel_gets_no_config_that_spills():
     # Its two accumulator tiles spill registers at 64 fp32 elements a thread (compiled for an H100);
     # its launches ask for candidates of at most conv2d_maxpool.MAX_ACC_PER_THREAD, the sweep too.
