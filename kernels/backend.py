@@ -72,6 +72,38 @@ def check_interpreter() -> None:
         )
 
 
+# The interpreter's builder methods that take a mask, and its place among their arguments.
+_MASKED_OPS = {"create_masked_load": 1, "create_masked_store": 2, "create_atomic_rmw": 3}
+
+
+def bool_masks() -> None:
+    """Make every mask an interpreted load, store or atomic gets bool, as the compiled kernel's are.
+
+    Triton's interpreter gives a comparison the dtype of its operands: a scalar `i < n` over int32
+    values is an int32 handle that holds a bool, and a block mask anded with it (`mask & (i < n)`)
+    comes out as int32 ones and zeros. Triton 3.6 to 3.8 load and store through such a mask; 3.9's
+    native load, store and atomics refuse it ("mask has unsupported dtype"). A bool copy selects the
+    same lanes on every release. Installed on the interpreted launches' way in, again after
+    anything (bounds_checked) restores the builder's methods; a no-op once in place."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    for name, at in _MASKED_OPS.items():
+        method = getattr(builder, name)
+        if getattr(method, "bool_masks", False):
+            continue
+
+        def as_bool(self, *args, _method=method, _at=at, **kwargs):
+            mask = args[_at] if len(args) > _at else None
+            if mask is not None and mask.data.dtype != bool:
+                mask = interpreter.TensorHandle(mask.data.astype(bool), triton.language.int1)
+                args = (*args[:_at], mask, *args[_at + 1:])
+            return _method(self, *args, **kwargs)
+
+        as_bool.bool_masks = True
+        setattr(builder, name, as_bool)
+
+
 class OutOfBounds(RuntimeError):
     """An interpreted kernel touched memory outside the tensors its launch was given (bounds_checked)."""
 
@@ -366,6 +398,7 @@ class KernelLaunch:
         if not self.on_cuda:
             check_interpreter()
             with _interpreter_lock:
+                bool_masks()
                 kernel[grid](*tensors, **kwargs)
             return
         direct = self.direct

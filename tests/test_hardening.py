@@ -270,3 +270,43 @@ def test_a_bounds_check_inside_another_checks_each_access_once_and_leaves_the_ou
     assert len(calls) == 2  # one load and one store, each checked once
     with pytest.raises(Exception, match="OutOfBounds.*read_past"):
         read_past[(1,)](x, torch.empty(16), BLOCK=16)
+
+
+def test_interpreted_loads_and_stores_get_bool_masks():
+    # Triton's interpreter gives a scalar comparison its operands' dtype, so `block_mask & (i < n)`
+    # comes out as int32 ones and zeros, which triton 3.9's native loads and stores refuse.
+    # backend.bool_masks, in force for every interpreted launch of the kernels, hands them bool.
+    if HAS_CUDA:
+        pytest.skip("the interpreter's masks; compiled kernels' are bool")
+    import numpy
+    import triton
+    import triton.language as tl
+    from fused_resnet.kernels import backend
+    from triton.runtime import interpreter
+
+    builder, seen = interpreter.InterpreterBuilder, []
+    load, store = builder.create_masked_load, builder.create_masked_store
+
+    def record_load(self, ptrs, mask, *rest, **kwargs):
+        seen.append(mask.data.dtype)
+        return load(self, ptrs, mask, *rest, **kwargs)
+
+    def record_store(self, ptrs, value, mask, *rest, **kwargs):
+        seen.append(mask.data.dtype)
+        return store(self, ptrs, value, mask, *rest, **kwargs)
+
+    @triton.jit
+    def row_sums(x_ptr, y_ptr, n, rows, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        acc = tl.zeros((BLOCK,), tl.float32)
+        for i in range(0, rows + 1):  # one row past the end, masked off by the scalar condition
+            acc += tl.load(x_ptr + i * n + offs, mask=(offs < n) & (i < rows), other=0.0)
+        tl.store(y_ptr + offs, acc, mask=(offs < n) & (rows > 0))
+
+    x, y = torch.randn(3, 8), torch.empty(8)
+    with mock.patch.object(builder, "create_masked_load", record_load), \
+            mock.patch.object(builder, "create_masked_store", record_store):
+        backend.bool_masks()
+        row_sums[(1,)](x, y, 8, 3, BLOCK=8)
+    assert len(seen) == 5 and all(dtype == numpy.dtype(bool) for dtype in seen), seen
+    torch.testing.assert_close(y, x.sum(0))
