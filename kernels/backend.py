@@ -95,7 +95,8 @@ def bool_masks() -> None:
 
         def as_bool(self, *args, _method=method, _at=at, **kwargs):
             mask = args[_at] if len(args) > _at else None
-            if mask is not None and mask.data.dtype != bool:
+            # (A tensor descriptor's mask comes as a bare bool array, on triton 3.8 say.)
+            if isinstance(mask, interpreter.TensorHandle) and mask.data.dtype != bool:
                 mask = interpreter.TensorHandle(mask.data.astype(bool), triton.language.int1)
                 args = (*args[:_at], mask, *args[_at + 1:])
             return _method(self, *args, **kwargs)
