@@ -451,7 +451,7 @@ def test_fp32_ieee_candidates_do_not_spill(tmp_path):
     # Triton 3.9 compiles for Hopper with CUDA 13's ptxas, which holds the pooled stem's
     # space-to-depth candidates (a 4x4 conv) at 56-64 registers a thread, spilling 4.5-6.3 KB,
     # where 3.6 and 3.8 give them 200-242 and spill nothing. (Their first call also times the
-    # direct layout and the pooling apart, which do not spill.)
+    # direct layout, which does not spill, and the pooling apart.)
     import triton
 
     ptxas_13 = backend._release(triton.__version__) >= (3, 9)
