@@ -285,9 +285,9 @@ def candidates(m: int, n: int, reduction: int, element_size: int, shared_memory:
         config = _config(bm, bn, bk, stages, warps, switches or {})
         while shared_bytes(config) > shared_memory and config["num_stages"] > 1:
             config["num_stages"] -= 1
-        if shared_bytes(config) <= shared_memory and config not in kept:
+        if shared_bytes(config) <= shared_memory:
             kept.append(config)
-    return kept
+    return distinct_kernels(kept)
 
 
 def cap_stages(found, trips):
@@ -295,12 +295,8 @@ def cap_stages(found, trips):
     dropped: a pipelined loop of few trips (a 1x1 conv over 64 channels makes one) fills no more
     stages, and each stage holds shared memory that would let another program share the SM, which
     a memory-bound layer needs to keep enough loads in flight."""
-    kept = []
-    for config in found:
-        config = {**config, "num_stages": min(config["num_stages"], max(2, trips(config) + 1))}
-        if config not in kept:
-            kept.append(config)
-    return kept
+    return distinct_kernels([{**config, "num_stages": min(config["num_stages"], max(2, trips(config) + 1))}
+                             for config in found])
 
 
 # Split-K (a config's SPLIT_K): the programs that share one output tile, each running a stretch of
@@ -365,22 +361,32 @@ def sweep_candidates(m, n, reduction, element_size, shared_memory=H100_SHARED_ME
     FLAT_LOOP and USE_TMA)."""
     shared_bytes = shared_bytes or functools.partial(gemm_shared_bytes, element_size=element_size)
     shapes = SWEEP_16BIT if element_size < 4 else (SWEEP_IEEE_FP32 if ieee else SWEEP_FP32)
-    kept, kernels = [], set()
+    kept = []
     for bm, bn, bk, stages, warps in _capped(shapes, m, n, reduction):
         if not _fits_registers(bm, bn, warps, max_acc_per_thread):
             continue
         for variant in variants:
             config = _config(bm, bn, bk, stages, warps, variant)
-            if shared_bytes(config) <= shared_memory and (kernel := same_kernel(config)) not in kernels:
+            if shared_bytes(config) <= shared_memory:
                 kept.append(config)
-                kernels.add(kernel)
-    return kept
+    return distinct_kernels(kept)
 
 
 def same_kernel(config):
     """What of a config makes its kernel: the row schedule (ROWS) reduces a filter row at a time,
     whatever BLOCK_K says, so its configs that differ in BLOCK_K alone compile to one kernel."""
     return tuple(sorted((k, v) for k, v in config.items() if not (k == "BLOCK_K" and config.get("ROWS"))))
+
+
+def distinct_kernels(found):
+    """`found` in order, less each config whose kernel (same_kernel) an earlier one compiles: a
+    first call or a sweep compiles and times each kernel once."""
+    kept, kernels = [], set()
+    for config in found:
+        if (kernel := same_kernel(config)) not in kernels:
+            kept.append(config)
+            kernels.add(kernel)
+    return kept
 
 
 # The head (avgpool_linear): (BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_HW, stages, warps). Its time is the

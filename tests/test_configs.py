@@ -5,6 +5,7 @@ Without a GPU the choice runs against a table written for the test, a made-up GP
 made-up timings; the launches themselves run interpreted.
 """
 
+import collections
 import json
 import pickle
 import warnings
@@ -451,6 +452,27 @@ def test_the_sweep_times_each_row_schedule_kernel_once():
     assert len({(c["BLOCK_M"], c["BLOCK_N"], c["num_stages"], c["num_warps"]) for c in gathered}) < len(gathered)
     assert configs.same_kernel({**rows[0], "BLOCK_K": 16}) == configs.same_kernel({**rows[0], "BLOCK_K": 128})
     assert configs.same_kernel({**gathered[0], "BLOCK_K": 16}) != configs.same_kernel({**gathered[0], "BLOCK_K": 128})
+
+
+def test_a_first_call_compiles_each_row_schedule_kernel_once():
+    # At batch 1 and 8 the stem's GEMM (12,544 and 100,352 rows by 64 channels, a reduction of 147)
+    # takes the small-layer shapes, two of which differ in BLOCK_K alone once capped to its 64
+    # channels: one kernel under the row schedule, compiled and timed once, as the sweep does. The
+    # whole network's first call at batch 1 compiles no kernel twice.
+    found = configs.candidates(112 * 112, 64, 147, 2, switches={"FLAT_LOOP": 1, "ROWS": 1})
+    kernels_of = [configs.same_kernel(c) for c in found]
+    assert len(set(kernels_of)) == len(found) >= 2
+    capped = configs.cap_stages(found + [{**found[0], "BLOCK_K": 2 * found[0]["BLOCK_K"]}], lambda c: 8)
+    assert len({configs.same_kernel(c) for c in capped}) == len(capped) == len(found)
+    gathered = configs.candidates(112 * 112, 64, 147, 2, switches={"FLAT_LOOP": 1, "ROWS": 0})
+    assert len(gathered) > len(found)  # the gathered loop reads BLOCK_K: both kept
+    model = fuse(synthetic_batchnorm(torchvision.models.resnet18(), size=32), dtype=torch.float16)
+    x = torch.empty(1, 3, 224, 224, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    with precompile.compile_only("H100", every_candidate=True) as jobs, torch.no_grad():
+        model(x)
+    compiled = collections.Counter((j.kernel, j.args, tuple(sorted(j.kwargs.items())), configs.same_kernel(j.config))
+                                   for j in jobs)
+    assert any(dict(k[3]).get("ROWS") for k in compiled) and max(compiled.values()) == 1
 
 
 def test_the_stems_pooled_kernel_gets_no_config_that_spills():
