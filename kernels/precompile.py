@@ -29,6 +29,7 @@ import contextvars
 import dataclasses
 import functools
 import importlib
+import io
 import os
 import pickle
 import re
@@ -191,12 +192,12 @@ def compile_job(job: CompileJob, machine_code: bool = False) -> dict:
     Returns {"seconds", "shared", "num_warps", "num_stages"} and counts of the PTX markers in
     ASM_MARKERS: whether the loads are asynchronous (pipelined), through tensor descriptors,
     and which tensor-core instruction the dot became. With `machine_code`, also "registers" and
-    "spill_bytes" (stores) a thread, from running Triton's ptxas on the PTX once more with -v, the
+    "spill_bytes" (stores) a thread, from Triton's ptxas step run once more on the PTX, its log read, the
     "programs_per_sm" they and the shared memory allow, and what loop_instructions() reads in the
     machine code."""
     import triton
 
-    source, target, _, options = _source(job)
+    source, target, compiler, options = _source(job)
     start = time.perf_counter()
     kernel = triton.compile(source, target=target, options=options)
     seconds = time.perf_counter() - start
@@ -205,7 +206,7 @@ def compile_job(job: CompileJob, machine_code: bool = False) -> dict:
               "num_stages": kernel.metadata.num_stages}
     result.update({name: len(re.findall(re.escape(marker), ptx)) for name, marker in ASM_MARKERS.items()})
     if machine_code:
-        result.update(_register_use(ptx, job.capability))
+        result.update(_register_use(ptx, compiler, options))
         if result["registers"] and job.capability in SM_LIMITS:
             result["programs_per_sm"] = programs_per_sm(result["registers"], result["shared"], result["num_warps"],
                                                         job.capability)
@@ -361,19 +362,18 @@ def _opcode(instruction):
     return instruction.split(" ")[0].split(".")[0]
 
 
-def _register_use(ptx: str, capability: int) -> dict:
-    """{"registers", "spill_bytes"} of a thread of the kernel in `ptx`, as ptxas -v reports them."""
-    from triton.backends.nvidia.compiler import get_ptxas
+def _register_use(ptx: str, compiler, options: dict) -> dict:
+    """{"registers", "spill_bytes"} of a thread of the kernel in `ptx`, as ptxas -v reports them when
+    Triton's compiler backend `compiler` assembles it with `options` (its own ptxas and flags, which
+    differ between releases: 3.8 and 3.9 add --regAllocOptLevel=2), its log printed."""
+    from triton import knobs
 
-    arch = f"sm_{capability}a" if capability >= 90 else f"sm_{capability}"
-    with tempfile.TemporaryDirectory() as folder:
-        source = os.path.join(folder, "kernel.ptx")
-        with open(source, "w") as f:
-            f.write(ptx)
-        log = subprocess.run([get_ptxas(capability).path, f"-arch={arch}", "-v", source, "-o",
-                              os.path.join(folder, "kernel.cubin")], capture_output=True, text=True, check=True).stderr
-    used = re.search(r"Used (\d+) registers", log)
-    spilled = re.search(r"(\d+) bytes spill stores", log)
+    log = io.StringIO()
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        knobs.nvidia.dump_ptxas_log = True
+        compiler.make_cubin(ptx, {}, compiler.parse_options(options), compiler.target.arch)
+    used = re.search(r"Used (\d+) registers", log.getvalue())
+    spilled = re.search(r"(\d+) bytes spill stores", log.getvalue())
     return {"registers": int(used.group(1)) if used else None,
             "spill_bytes": int(spilled.group(1)) if spilled else None}
 
