@@ -277,6 +277,18 @@ def compiled(job: CompileJob) -> bool:
 SASS_MMA = ("HGMMA", "HMMA")
 
 
+def disassemble(cubin: bytes) -> str:
+    """A compiled kernel's machine code (SASS), as Triton's nvdisasm prints it."""
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "kernel.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([knobs.nvidia.nvdisasm.path, "-c", path], capture_output=True, text=True,
+                              check=True).stdout
+
+
 def loop_instructions(cubin: bytes) -> dict:
     """The main loops of a compiled kernel, read in its machine code (Triton's nvdisasm):
     {"loop_instructions": [...], "loop_mma": [...], "loop_tensor_cycles": [...]}, for each
@@ -292,14 +304,7 @@ def loop_instructions(cubin: bytes) -> dict:
     of a program puts one warp on each of the four schedulers. So instructions / tensor cycles is
     the share of an iteration's time its issue takes at best: near 1, address and mask arithmetic,
     not the tensor cores, bound the loop, whatever the tile and the number of programs an SM runs."""
-    from triton import knobs
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "kernel.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        sass = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", path], capture_output=True, text=True,
-                              check=True).stdout
+    sass = disassemble(cubin)
     code = []  # (address, instruction text)
     labels = {}  # label -> address of the instruction after it
     pending = []

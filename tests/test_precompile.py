@@ -465,6 +465,101 @@ def test_fp32_ieee_candidates_do_not_spill(tmp_path):
         assert config["BLOCK_M"] * config["BLOCK_N"] <= per_thread * 32 * config["num_warps"], (op, config)
 
 
+# IEEE fp32 kernels, where the ptxas flags tell: a stride-2 3x3 over 512 channels and a 1x1 with
+# its projection shortcut (layer1.0's conv3), every candidate, compiled for an H100.
+IEEE_LAUNCHES = textwrap.dedent("""
+    import torch
+    from fused_resnet import kernels
+    from fused_resnet.kernels import precompile
+
+    torch.backends.cudnn.allow_tf32 = False
+    cl = lambda *shape: torch.empty(*shape).contiguous(memory_format=torch.channels_last)
+    x3, w3 = cl(256, 512, 14, 14), cl(512, 512, 3, 3)
+    x1, w1, ws = cl(256, 64, 56, 56), cl(256, 64, 1, 1), cl(256, 64, 1, 1)
+    with precompile.compile_only("H100", every_candidate=True) as jobs:
+        kernels.plan_conv2d_bias_act(x3, w3, None, 2, 1, relu=True)(x3, None)
+        kernels.plan_conv2d_bias_act(x1, w1, None, relu=True, residual=x1, shortcut_weight=ws)(x1, x1)
+""")
+
+REGISTERS_SCRIPT = IEEE_LAUNCHES + textwrap.dedent("""
+    import json, os, re, subprocess, tempfile
+    import triton
+    from triton import knobs
+
+    found = []
+    for job in jobs:
+        result = precompile.compile_job(job, machine_code=True)
+        source, target, _, options = precompile._source(job)
+        cubin = triton.compile(source, target=target, options=options).asm["cubin"]  # (Triton's cache)
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "kernel.cubin")
+            with open(path, "wb") as f:
+                f.write(cubin)
+            usage = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", path], capture_output=True,
+                                   text=True, check=True).stdout
+        found.append([job.config, result["registers"], result["spill_bytes"],
+                      int(re.search(r"REG:(\\d+)", usage).group(1)), int(re.search(r"STACK:(\\d+)", usage).group(1))])
+    print(json.dumps(found))
+""")
+
+
+def test_compile_reports_read_the_registers_of_the_kernel_triton_built(tmp_path):
+    # A report's registers and spills come from Triton's own ptxas step, with its flags: on triton
+    # 3.9 a plain `ptxas -v` (no --regAllocOptLevel=2) gave the 3x3's 64x64x32 candidate 128
+    # registers a thread where the kernel Triton builds takes 156, and the 1x1's 128x64 ones no
+    # spill where they spill 12 bytes. Checked against the machine code Triton built (cuobjdump).
+    found = run_compiling(REGISTERS_SCRIPT, tmp_path)
+    assert len(found) >= 6
+    for config, registers, spill_bytes, built_registers, stack in found:
+        assert registers == built_registers, (config, registers, built_registers)
+        assert (spill_bytes > 0) == (stack > 0), (config, spill_bytes, stack)
+
+
+FP_FUSION_SCRIPT = IEEE_LAUNCHES + textwrap.dedent("""
+    import collections, dataclasses, json, re
+    import triton
+
+    h = torch.empty(8, 3, 224, 224, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    stem = torch.empty(64, 3, 7, 7, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    f = torch.empty(8, 2048, 7, 7, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    fc = torch.empty(1000, 2048, dtype=torch.float16)
+    with precompile.compile_only("H100") as more:
+        kernels.plan_conv2d_bias_act_maxpool(h, stem, None, 2, 3, relu=True, pool_size=3, pool_stride=2,
+                                             pool_padding=1)(h)
+        kernels.plan_avgpool_linear(f, fc, fc[:, 0])(f)
+    firsts = {}
+    for job in jobs + more:  # each launch's first candidate
+        firsts.setdefault((job.kernel, job.key), job)
+
+    def float_arithmetic(job, fusion):
+        source, target, _, options = precompile._source(dataclasses.replace(job, config={**job.config,
+                                                                                          "enable_fp_fusion": fusion}))
+        assert options["enable_fp_fusion"] is fusion
+        sass = precompile.disassemble(triton.compile(source, target=target, options=options).asm["cubin"])
+        opcodes = re.findall(r"/\\*[0-9a-f]{4,}\\*/\\s*(?:@!?U?P[T\\d]+\\s+)?([A-Z0-9]+(?:\\.[A-Z0-9]+)*)", sass)
+        # (HFMA2.MMA with zero operands is how ptxas clears or moves a register, not arithmetic)
+        return collections.Counter(op.split(".")[0] for op in opcodes
+                                   if op.split(".")[0] in ("FADD", "FMUL", "FFMA", "HADD2", "HMUL2", "HFMA2")
+                                   and ".MMA" not in op)
+
+    print(json.dumps([[job.op, job.key, float_arithmetic(job, True), float_arithmetic(job, False)]
+                      for job in firsts.values()]))
+""")
+
+
+def test_the_kernels_float_arithmetic_does_not_depend_on_fp_fusion(tmp_path):
+    # Triton 3.9 warns that TRITON_DEFAULT_FP_FUSION, unset, will mean no FP fusion (no fused
+    # multiply-adds from a multiply and an add) from 3.10. Our kernels' dots lower to MMAs, or in
+    # IEEE fp32 to explicit FMAs, and their epilogues add: compiled for an H100 with fusion on and
+    # off, each holds the same floating-point instructions (the pooled stem and the head in fp16,
+    # IEEE fp32 convs with a projection shortcut); only the schedule of the others may move.
+    found = run_compiling(FP_FUSION_SCRIPT, tmp_path)
+    assert {op for op, _, _, _ in found} >= {"conv2d_bias_act", "conv2d_bias_act_maxpool", "avgpool_linear"}
+    assert sum(fused.get("FFMA", 0) for _, _, fused, _ in found) > 1000  # the IEEE dots
+    for op, key, fused, unfused in found:
+        assert fused == unfused, (op, key, fused, unfused)
+
+
 WARMUP_SCRIPT = textwrap.dedent("""
     import json, os, pathlib
     import torch, torchvision
