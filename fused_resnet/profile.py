@@ -22,6 +22,12 @@ X + W + 2Y fused (the shortcut is read in the epilogue); chained with the next b
 weight W3), X3 + W3 in place of X, and the 3x3's own row nothing. Each count is a lower bound: every
 operand is read once. Bias and BN parameter vectors are left out (under 0.1%).
 
+The fused stem's conv reads its image as 2x2 blocks of pixels (kernels.igemm.space_to_depth, on
+where nothing is timed: igemm.SPACE_TO_DEPTH; a GPU's first call times both layouts): one more
+kernel first writes those blocks (B elements), which the conv then reads, so its row counts
+X + 2B in place of X and one kernel more, and the FLOPs of the 2x2-blocked filter (a 7x7 over 3
+channels becomes a 4x4 over 16: 256 multiply-adds an output for 147), the zeros included.
+
 On a GPU, each row's unfused and fused kernels are also timed (CUDA events, median), which gives
 the achieved TFLOP/s and GB/s and the share of the roof of the GPU they ran on.
 """
@@ -36,6 +42,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from . import bench, kernels
 from .convert import fuse
+from .kernels import igemm
 from .modules import can_chain, can_chain_3x3
 
 STEPS = tuple(step for step, _, _ in bench.ABLATION)
@@ -78,6 +85,12 @@ class Layer:
     chained: bool = False  # a "conv" row that the block before computes when chained
     head: str | None = None  # a "last" row: the block's 3x3 conv, which its kernel computes with chain_3x3
     in_head: bool = False  # a "conv" row (a 3x3) that its block's last conv computes with chain_3x3
+    # The stem as space_to_depth runs it (0 where its conv reads the image itself): the elements of
+    # the blocked copy of its input for the conv alone and for the conv + max pooling kernel (which
+    # keeps a margin of zeros for the pool's padding), and the FLOPs of the blocked conv.
+    blocks: int = 0
+    pool_blocks: int = 0
+    blocked_flops: int = 0
 
     @property
     def x(self):
@@ -129,9 +142,14 @@ def traffic(layer, step, rows=None):
             return x + w + 2 * y, 1
         return (x + w + 4 * y, 2) if fused_conv else (x + w + 8 * y, 4)
     if layer.kind == "stem":
+        if not fused_conv:
+            return x + w + 6 * y + layer.pooled, 4
+        # A fused conv over 2x2 blocks: a kernel writes the blocked copy of x, the conv reads it.
+        blocks = layer.pool_blocks if step_on(step, "stem") else layer.blocks
+        copy = (2 * blocks, 1) if blocks else (0, 0)
         if step_on(step, "stem"):
-            return x + w + layer.pooled, 1
-        return (x + w + 2 * y + layer.pooled, 2) if fused_conv else (x + w + 6 * y + layer.pooled, 4)
+            return x + w + layer.pooled + copy[0], 1 + copy[1]
+        return x + w + 2 * y + layer.pooled + copy[0], 2 + copy[1]
     if layer.kind == "head":
         if step_on(step, "head"):
             return x + w + y, 1
@@ -155,8 +173,9 @@ def executed_flops(layer, step, rows=None):
         if layer.head and step_on(step, "chain3x3"):
             flops += rows[layer.head].flops
         return flops
-    if layer.kind == "stem" and step_on(step, "stem"):
-        return round(layer.flops * layer.recompute)
+    if layer.kind == "stem" and step_on(step, "epilogue"):
+        flops = layer.blocked_flops or layer.flops
+        return round(flops * layer.recompute) if step_on(step, "stem") else flops
     return layer.flops
 
 
@@ -186,8 +205,17 @@ def layers(model, batch, size):
     pool_in, pool_out = shapes["maxpool"]
     pool_size = model.maxpool.kernel_size
     taps = pool_size * pool_size if isinstance(pool_size, int) else math.prod(pool_size)
-    rows = [conv_row("conv1", "stem", model.conv1, pooled=math.prod(pool_out),
-                     recompute=taps * math.prod(pool_out) / math.prod(pool_in))]
+    stem = conv_row("conv1", "stem", model.conv1, pooled=math.prod(pool_out),
+                    recompute=taps * math.prod(pool_out) / math.prod(pool_in))
+    conv = model.conv1
+    if igemm.space_to_depth_schedule(conv.weight, conv.stride, conv.dilation, conv.groups):
+        n, _, p, q = stem.y_shape
+        padding = model.maxpool.padding  # the pooled kernel's margin: its padding (an int or a pair)
+        margin = max(padding) if isinstance(padding, (tuple, list)) else padding
+        stem.blocks = math.prod(igemm.space_to_depth_shape(n, (p, q), conv.kernel_size))
+        stem.pool_blocks = math.prod(igemm.space_to_depth_shape(n, (p, q), conv.kernel_size, margin))
+        stem.blocked_flops = 2 * stem.y * 16 * math.ceil(conv.kernel_size[0] / 2) * math.ceil(conv.kernel_size[1] / 2)
+    rows = [stem]
     # Every block in forward order: a stage's last block chains with the next stage's first.
     blocks = [(f"{stage}.{i}", block) for stage in ("layer1", "layer2", "layer3", "layer4")
               for i, block in enumerate(getattr(model, stage))]
@@ -308,6 +336,8 @@ def profile(model, *, batch, size, dtype, device, iters=20, ablation=True, progr
             "unfused_kernels": unfused_kernels, "fused_kernels": fused_kernels,
             # The downsample row whose 1x1 conv this row's kernel runs inside its GEMM, if any.
             "merged_shortcut": layer.shortcut if layer.kind == "last" else None,
+            # The stem's blocked copy (space_to_depth), written and read, within fused_bytes.
+            "space_to_depth_bytes": 2 * layer.pool_blocks * element,
         }
         if measured:
             key = (layer.kind, layer.x_shape, layer.w_shape, layer.y_shape, layer.stride, layer.shortcut is not None)
@@ -399,12 +429,15 @@ def format_table(result):
     if measured:
         head += f"{'ms unfused':>12}{'ms fused':>10}{'TFLOP/s':>9}{'GB/s':>8}{'% roof':>8}"
     lines = [head, "-" * len(head)]
-    merged = []
+    merged, blocked = [], None
     for r in rows:
         ratio = f"{r['bytes_ratio']:.2f}" if r["bytes_ratio"] else "-"
         if r.get("merged_shortcut"):
             ratio += "*"
             merged.append(r["merged_shortcut"])
+        if r.get("space_to_depth_bytes"):
+            ratio += "+"
+            blocked = r
         line = (f"{r['layer']:<22}{'x'.join(map(str, r['output'])):>20}{r['flops'] / 1e9:>9.2f}"
                 f"{_mb(r['unfused_bytes']):>12}{_mb(r['fused_bytes']):>10}{ratio:>7}"
                 f"{str(r['unfused_kernels']) + '->' + str(r['fused_kernels']):>9}")
@@ -418,6 +451,10 @@ def format_table(result):
                       + (f" and {len(merged) - 1} more" if len(merged) > 1 else "") + "): its fused bytes include the "
                       "shortcut's input and weight, and the shortcut's own row moves nothing. A ratio below 1 there "
                       "is the shortcut's traffic counted in this row; the saving shows in the shortcut's row."]
+    if blocked:
+        lines += ["", "+ the stem's conv reads its image as 2x2 blocks of pixels (space-to-depth), which one more "
+                      f"kernel writes: its fused bytes include that copy, written and read, "
+                      f"{_mb(blocked['space_to_depth_bytes'])} MB."]
     t = result["totals"]
     lines += ["", f"total: {t['flops'] / 1e9:,.1f} GFLOP ({t['fused_flops'] / 1e9:,.1f} executed fused); "
                   f"{_mb(t['unfused_bytes'])} MB unfused, {_mb(t['fused_bytes'])} MB fused, "

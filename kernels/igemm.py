@@ -775,6 +775,14 @@ def _space_to_depth_kernel(
     tl.store(y_ptr + row.to(tl.int64) * WM * 16 + j[:, None] * 16 + lane[None, :], v, mask=(j < WM)[:, None])
 
 
+def space_to_depth_shape(n, out_hw, taps, margin=0):
+    """(N, rows, columns, 16): the blocked copy that space_to_depth makes of n images for a conv
+    with R x S taps and P x Q outputs: the 2x2 blocks those outputs read (P + ceil(R/2) - 1 rows
+    by Q + ceil(S/2) - 1 columns), with `margin` blocks of zeros around them."""
+    (p, q), (r, s) = out_hw, taps
+    return n, p + triton.cdiv(r, 2) - 1 + 2 * margin, q + triton.cdiv(s, 2) - 1 + 2 * margin, 16
+
+
 def space_to_depth(x, weight, padding, out_hw, margin=0, *, traceable=False):
     """A stride-2 conv of at most 4 channels as a stride-1 conv of 16 over 2x2 blocks of pixels.
 
@@ -801,11 +809,11 @@ def space_to_depth(x, weight, padding, out_hw, margin=0, *, traceable=False):
     """
     k, c, r, s = weight.shape
     top, _, left, _ = padding
-    p, q = out_hw
     rb, sb = triton.cdiv(r, 2), triton.cdiv(s, 2)
-    hb, wb = p + rb - 1, q + sb - 1  # block rows and columns that the P x Q outputs read
-    hm, wm = hb + 2 * margin, wb + 2 * margin  # with the margin
     n, _, h, w = x.shape
+    shape = space_to_depth_shape(n, out_hw, (r, s), margin)
+    _, hm, wm, _ = shape
+    hb, wb = hm - 2 * margin, wm - 2 * margin  # block rows and columns that the P x Q outputs read
     # Under the interpreter one program a block row, since each program runs in Python.
     block_j = 64 if backend.on_gpu(x) else triton.next_power_of_2(wm)
     launch = backend.KernelLaunch(
@@ -818,14 +826,14 @@ def space_to_depth(x, weight, padding, out_hw, margin=0, *, traceable=False):
         return blocks[:, margin:margin + hb, margin:margin + wb].permute(0, 3, 1, 2)
 
     def to_blocks(x):
-        blocks = x.new_empty((n, hm, wm, 16))
+        blocks = x.new_empty(shape)
         if blocks.numel():
             launch(x, blocks)
         return inside_margin(blocks)
 
     blocked = torch.nn.functional.pad(weight, (0, 2 * sb - s, 0, 2 * rb - r, 0, 4 - c))
     blocked = blocked.reshape(k, 4, rb, 2, sb, 2).permute(0, 3, 5, 1, 2, 4).reshape(k, 16, rb, sb)
-    return to_blocks, inside_margin(x.new_empty((n, hm, wm, 16))), blocked, [0, 0, 0, 0]
+    return to_blocks, inside_margin(x.new_empty(shape)), blocked, [0, 0, 0, 0]
 
 
 def bundle_groups(weight, groups):
