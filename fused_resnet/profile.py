@@ -26,7 +26,9 @@ The fused stem's conv reads its image as 2x2 blocks of pixels (kernels.igemm.spa
 where nothing is timed: igemm.SPACE_TO_DEPTH; a GPU's first call times both layouts): one more
 kernel first writes those blocks (B elements), which the conv then reads, so its row counts
 X + 2B in place of X and one kernel more, and the FLOPs of the 2x2-blocked filter (a 7x7 over 3
-channels becomes a 4x4 over 16: 256 multiply-adds an output for 147), the zeros included.
+channels becomes a 4x4 over 16: 256 multiply-adds an output for 147), the zeros included. A
+grouped conv of small groups (ResNeXt's) runs them in bundles (kernels.igemm.bundle_groups):
+its executed FLOPs count the zeros between a bundle's groups too.
 
 On a GPU, each row's unfused and fused kernels are also timed (CUDA events, median), which gives
 the achieved TFLOP/s and GB/s and the share of the roof of the GPU they ran on.
@@ -91,6 +93,9 @@ class Layer:
     blocks: int = 0
     pool_blocks: int = 0
     blocked_flops: int = 0
+    # A grouped conv's fused kernel runs this many of its groups at once as one denser group
+    # (kernels.igemm.bundle_groups): that many times the multiply-adds, the zeros between them included.
+    bundle: int = 1
 
     @property
     def x(self):
@@ -158,25 +163,34 @@ def traffic(layer, step, rows=None):
 
 
 def executed_flops(layer, step, rows=None):
-    """FLOPs that `layer`'s kernels execute under `step` (merges and recomputation included)."""
+    """FLOPs that `layer`'s kernels execute under `step` (merges, recomputation and the zeros of
+    bundled groups and blocked filters included)."""
     if layer.kind == "downsample" and step_on(step, "downsample"):
         return 0
     if layer.kind == "conv" and ((layer.chained and step_on(step, "chain"))
                                  or (layer.in_head and step_on(step, "chain3x3"))):
         return 0
+    flops = _kernel_flops(layer, step)
     if layer.kind == "last":
-        flops = layer.flops
         if layer.shortcut is not None and step_on(step, "downsample"):
-            flops += rows[layer.shortcut].flops
+            flops += _kernel_flops(rows[layer.shortcut], step)
         if layer.chains and step_on(step, "chain"):
-            flops += rows[layer.chains].flops
+            flops += _kernel_flops(rows[layer.chains], step)
         if layer.head and step_on(step, "chain3x3"):
-            flops += rows[layer.head].flops
-        return flops
-    if layer.kind == "stem" and step_on(step, "epilogue"):
+            flops += _kernel_flops(rows[layer.head], step)
+    return flops
+
+
+def _kernel_flops(layer, step):
+    """The FLOPs of `layer`'s own conv as `step` runs it: torch's where the conv is not fused; fused,
+    a grouped conv's bundles and the stem's blocked filter (with its pooling, each conv pixel
+    `recompute` times)."""
+    if not step_on(step, "epilogue"):
+        return layer.flops
+    if layer.kind == "stem":
         flops = layer.blocked_flops or layer.flops
         return round(flops * layer.recompute) if step_on(step, "stem") else flops
-    return layer.flops
+    return layer.flops * layer.bundle
 
 
 def layers(model, batch, size):
@@ -200,7 +214,8 @@ def layers(model, batch, size):
         x_shape, y_shape = shapes[name]
         cg = conv.in_channels // conv.groups
         flops = 2 * math.prod(y_shape) * cg * conv.kernel_size[0] * conv.kernel_size[1]
-        return Layer(name, kind, x_shape, tuple(conv.weight.shape), y_shape, tuple(conv.stride), flops, **extra)
+        return Layer(name, kind, x_shape, tuple(conv.weight.shape), y_shape, tuple(conv.stride), flops,
+                     bundle=igemm.bundle_size(cg, conv.groups), **extra)
 
     pool_in, pool_out = shapes["maxpool"]
     pool_size = model.maxpool.kernel_size

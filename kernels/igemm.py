@@ -836,10 +836,15 @@ def space_to_depth(x, weight, padding, out_hw, margin=0, *, traceable=False):
     return to_blocks, inside_margin(x.new_empty(shape)), blocked, [0, 0, 0, 0]
 
 
+def bundle_size(channels, groups):
+    """How many of a conv's groups of `channels` input channels each bundle_groups runs as one: the
+    largest divisor of `groups` that keeps the bundle within BUNDLE_CHANNELS input channels (1: none)."""
+    return max(d for d in range(1, groups + 1) if groups % d == 0 and (d == 1 or d * channels <= BUNDLE_CHANNELS))
+
+
 def bundle_groups(weight, groups):
-    """(weight, groups) with a grouped conv's groups run b at a time as one group of b times the
-    channels, b the largest divisor of `groups` that keeps it within BUNDLE_CHANNELS input
-    channels: each bundle's weight is block-diagonal, zeros between its groups.
+    """(weight, groups) with a grouped conv's groups run b = bundle_size at a time as one group of b
+    times the channels: each bundle's weight is block-diagonal, zeros between its groups.
 
     ResNeXt-50's first 3x3s have groups of 4 channels: as they are, tl.dot gets a reduction of 36
     (4 channels x 9 taps, padded to 64) against 4 output channels (padded to 16), and compiled for
@@ -848,7 +853,7 @@ def bundle_groups(weight, groups):
     multiply-adds, which the tensor cores do not lack. The sums are the same, but a NaN or inf in
     the input reaches every output of its bundle (0 * inf is NaN), where torch's reaches its group's."""
     k, cg, r, s = weight.shape
-    bundle = max(d for d in range(1, groups + 1) if groups % d == 0 and (d == 1 or d * cg <= BUNDLE_CHANNELS))
+    bundle = bundle_size(cg, groups)
     if bundle == 1:
         return weight, groups
     kg = k // groups

@@ -164,6 +164,23 @@ def test_traffic_of_the_stem_as_space_to_depth_by_hand(monkeypatch):
     assert executed_flops(stem, "stem") == 2 * y * 256 * 9 // 4 == 37_748_736
 
 
+def test_executed_flops_of_bundled_groups_by_hand():
+    # resnext50_32x4d: layer1's 3x3 has 32 groups of 4 channels, run 16 at a time as groups of 64
+    # (kernels.igemm.bundle_groups): 16 times the multiply-adds once fused; layer4's, 32 groups of
+    # 32, two at a time. Ungrouped convs run as they are.
+    rows = rows_of("resnext50_32x4d", 2, 32)
+    first, last, plain = rows["layer1.0.conv2"], rows["layer4.0.conv2"], rows["layer1.0.conv1"]
+    assert first.flops == 2 * (2 * 128 * 8 * 8) * 4 * 3 * 3
+    assert last.flops == 2 * (2 * 1024 * 1 * 1) * 32 * 3 * 3
+    assert (first.bundle, last.bundle, plain.bundle) == (16, 2, 1)
+    for row, bundle in ((first, 16), (last, 2), (plain, 1)):
+        assert executed_flops(row, "fold", rows) == row.flops
+        assert executed_flops(row, "epilogue", rows) == executed_flops(row, "head", rows) == bundle * row.flops
+    # A block's last conv adds its merged shortcut's FLOPs (ungrouped) to its own.
+    conv3, ds = rows["layer1.0.conv3"], rows["layer1.0.downsample"]
+    assert executed_flops(conv3, "head", rows) == conv3.flops + ds.flops
+
+
 UNFUSED_TORCH_OPS = ("aten::max_pool2d", "aten::adaptive_avg_pool2d", "aten::linear")
 
 
