@@ -469,7 +469,9 @@ def format_table(result):
     if blocked:
         lines += ["", "+ the stem's conv reads its image as 2x2 blocks of pixels (space-to-depth), which one more "
                       f"kernel writes: its fused bytes include that copy, written and read, "
-                      f"{_mb(blocked['space_to_depth_bytes'])} MB."]
+                      f"{_mb(blocked['space_to_depth_bytes'])} MB. (The layout that runs where nothing is timed; a "
+                      "GPU's first call also times the direct one, and the conv apart from its pooling, and keeps "
+                      "the fastest.)"]
     t = result["totals"]
     lines += ["", f"total: {t['flops'] / 1e9:,.1f} GFLOP ({t['fused_flops'] / 1e9:,.1f} executed fused); "
                   f"{_mb(t['unfused_bytes'])} MB unfused, {_mb(t['fused_bytes'])} MB fused, "
