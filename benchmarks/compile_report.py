@@ -9,13 +9,15 @@ kernels its first call would compile (the config table's entry, else each candid
 time) and nothing runs. The jobs are then compiled for that GPU's architecture into an empty Triton
 cache, timed one by one, and each compiled kernel's PTX is searched for the markers of
 kernels.precompile.ASM_MARKERS: asynchronous copies (software-pipelined loads), tensor-descriptor
-(TMA) copies, the tensor-core instruction, unvectorized 2-byte loads; ptxas -v gives its registers
-and spill stores a thread, from which and its shared memory follow the programs an SM holds at once
+(TMA) copies, the tensor-core instruction (Hopper's wgmma, Blackwell's tcgen05, mma.sync),
+unvectorized 2-byte loads; ptxas -v gives its registers and spill stores a thread, from which and
+its shared memory follow the programs an SM holds at once
 ("/SM", kernels.precompile.programs_per_sm: one program an SM leaves a memory-bound conv nothing to
 run while it waits), and its machine code the instructions a warp issues per iteration of
 the main loop against the tensor-core cycles of that iteration's MMAs ("issue": their ratio, the
 least share of the loop's time that issuing takes; near 1 the loop is bound by its address and mask
-arithmetic, not by the tensor cores; kernels.precompile.loop_instructions). A loop size marked *
+arithmetic, not by the tensor cores; kernels.precompile.loop_instructions; Hopper's HGMMAs only:
+Blackwell's MMA rate is not modelled, and its loops show "-"). A loop size marked *
 is the whole kernel's code: the compiler unrolled its loops. "loads" are the global loads an
 iteration of a loop without MMAs holds (the head's pooling), about what a thread keeps in flight
 each time it waits for memory.
@@ -158,7 +160,7 @@ def main(argv=None):
         wall = time.perf_counter() - start
     cases = []
     print(f"{'launch':<48}{'config':<34}{'s':>6}{'smem KB':>9}{'regs':>6}{'spill B':>8}{'/SM':>5}{'async':>7}{'tma':>5}"
-          f"{'wgmma':>7}{'mma':>5}{'loop':>6}{'issue':>7}{'loads':>6}")
+          f"{'wgmma':>7}{'tc05':>5}{'mma':>5}{'loop':>6}{'issue':>7}{'loads':>6}")
     arch = args.arch + ("-dilated" if args.dilated else "")
     for job, layer, result in zip(jobs, layers, results):
         case = {"arch": arch, "dtype": args.dtype, "batch": args.batch, "target": args.gpu,
@@ -174,7 +176,7 @@ def main(argv=None):
               f"{result['shared'] / 1024:>9.0f}{result['registers']:>6}{result['spill_bytes']:>8}"
               f"{result.get('programs_per_sm', '-'):>5}"
               f"{result['async_copies']:>7}{result['tma_loads']:>5}"
-              f"{result['wgmma']:>7}{result['mma']:>5}{loop_text(result)}"
+              f"{result['wgmma']:>7}{result['tcgen05']:>5}{result['mma']:>5}{loop_text(result)}"
               f"{(result.get('load_loop_loads') or ['-'])[0]:>6}")
     seconds = [r["seconds"] for r in results if "error" not in r]
     failed = len(results) - len(seconds)

@@ -31,7 +31,7 @@ import warnings
 import triton
 
 TABLE_PATH = pathlib.Path(__file__).with_name("tuned_configs.json")
-GPU_FAMILIES = ("H200", "H100", "A100", "L40S", "L4")
+GPU_FAMILIES = ("B200", "H200", "H100", "A100", "L40S", "L4")
 
 _lock = threading.Lock()
 _table = None  # {(gpu, op, dtype, key): config}, read once

@@ -58,6 +58,7 @@ class Target:
 # The GPU families of the config table (the SXM parts where a family has several), as CPU tensors
 # plan for them inside compile_only(gpu), and for an H100 otherwise (the interpreter's tests).
 TARGETS = {
+    "B200": Target(100, 148, 227 * 1024),  # Blackwell: tcgen05 MMAs, which accumulate in tensor memory
     "H200": Target(90, configs.H100_SMS, configs.H100_SHARED_MEMORY),  # (one chip with the H100)
     "H100": Target(90, configs.H100_SMS, configs.H100_SHARED_MEMORY),
     "A100": Target(80, 108, 163 * 1024),
@@ -181,6 +182,7 @@ ASM_MARKERS = {
     "tma_loads": "cp.async.bulk.tensor",  # tensor-descriptor (TMA) copies
     "async_copies": "cp.async.cg",  # asynchronous gathered copies: software-pipelined loads
     "wgmma": "wgmma.mma_async",  # Hopper's asynchronous tensor-core MMA
+    "tcgen05": "tcgen05.mma",  # Blackwell's (sm_100), its accumulator in tensor memory
     "mma": "mma.sync",  # Ampere-style tensor-core MMA
     "scalar_loads_16": "ld.global.b16",  # 2-byte elements loaded one at a time (fp16/bf16): unvectorized
 }
@@ -273,8 +275,9 @@ def compiled(job: CompileJob) -> bool:
     return bool(group) and metadata in group
 
 
-# Tensor-core instructions in the machine code (SASS): Hopper's warpgroup MMA, and mma.sync.
-SASS_MMA = ("HGMMA", "HMMA")
+# Tensor-core instructions in the machine code (SASS): Hopper's warpgroup MMA, Blackwell's tcgen05
+# MMA (fp16, bf16 and TF32 operands alike), and mma.sync.
+SASS_MMA = ("HGMMA", "UTCHMMA", "HMMA")
 
 
 def disassemble(cubin: bytes) -> str:
@@ -385,7 +388,8 @@ def _register_use(ptx: str, compiler, options: dict) -> dict:
 
 # What one SM holds, per compute capability (the CUDA programming guide's table of limits): registers,
 # shared memory (bytes; each resident program reserves 1 KB more of it), warps, and programs.
-SM_LIMITS = {90: (65536, 233472, 64, 32), 89: (65536, 102400, 48, 24), 80: (65536, 167936, 64, 32)}
+SM_LIMITS = {100: (65536, 233472, 64, 32), 90: (65536, 233472, 64, 32), 89: (65536, 102400, 48, 24),
+             80: (65536, 167936, 64, 32)}
 REGISTER_UNIT = 256  # registers are allocated to a warp in units of this many
 RESERVED_SHARED = 1024
 

@@ -237,6 +237,53 @@ def test_compiles_for_an_h100_without_one(tmp_path):
     assert all("error" not in r for r in out["warm"])
 
 
+# A child process without the interpreter: a bottleneck's first candidates planned for a B200 and
+# compiled for it, with what their machine code says.
+BLACKWELL_SCRIPT = textwrap.dedent("""
+    import json
+    import torch, torchvision
+    from fused_resnet import fuse
+    from fused_resnet.kernels import precompile
+
+    block = torchvision.models.resnet50().layer1[0].eval()
+    fused = fuse(block, dtype=torch.float16)
+    # 4 images of 56x56: enough output tiles for a B200's 148 SMs that no first candidate is split-K
+    x = torch.randn(4, 64, 56, 56).half().contiguous(memory_format=torch.channels_last)
+    with precompile.compile_only("B200") as jobs:
+        fused(x)
+        sms = precompile.launch_target(x).multiprocessors
+    first = {}
+    for job in jobs:
+        first.setdefault((job.op, job.key), job)
+    jobs = list(first.values())
+    print(json.dumps({"sms": sms, "capabilities": [job.capability for job in jobs],
+                      "results": precompile.compile_jobs(jobs, machine_code=True)}))
+""")
+
+
+def test_compiles_for_a_b200_with_its_tensor_core_mma(tmp_path):
+    # Blackwell (sm_100): Triton turns the same dots into tcgen05 MMAs, whose accumulator lives in
+    # tensor memory, not Hopper's wgmma; the compile reports find them in the main loops.
+    out = run_compiling(BLACKWELL_SCRIPT, tmp_path)
+    assert out["sms"] == precompile.TARGETS["B200"].multiprocessors == 148
+    assert out["capabilities"] == [100] * 3
+    for result in out["results"]:
+        assert "error" not in result, result
+        assert result["tcgen05"] > 0 and result["wgmma"] == 0, result
+        assert result["tma_loads"] > 0, result  # the first candidates read through tensor descriptors
+        assert result["spill_bytes"] == 0 and result["programs_per_sm"] >= 1, result
+    # The 3x3's main loop over its 9 taps, found in the machine code by its MMAs (the 1x1s over 64
+    # channels make one trip, which the compiler does not keep as a loop).
+    assert out["results"][1]["loop_mma"][0] > 0, out["results"][1]
+
+
+def test_gpu_families_by_device_name():
+    assert [configs.gpu_family(name) for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA B200",
+                                                  "NVIDIA GB200", "NVIDIA A100-SXM4-80GB", "NVIDIA RTX 6000")] == \
+        ["H100", "H200", "B200", "B200", "A100", "NVIDIA RTX 6000"]
+    assert set(precompile.TARGETS) == set(configs.GPU_FAMILIES)
+
+
 VARIANTS_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
