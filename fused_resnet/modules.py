@@ -59,9 +59,10 @@ class PlannedLayer(InferenceOnly):
     normalization, backend choice and launch arguments were all done when that plan was built,
     on the first call with that signature. Under tracing (torch.compile, torch.export, fake
     tensors, TorchScript tracing) and for unbatched input, the layer calls the registered torch op
-    instead, so a traced graph holds one op per layer. Plans hold the layer's weights: moving or
-    casting the layer (`.to()`, `.half()`), or assigning a buffer, drops them; copies and pickles
-    start without any.
+    instead, so a traced graph holds one op per layer. Plans hold the layer's weights, some of them
+    as a copy laid out for the kernel: moving or casting the layer (`.to()`, `.half()`), assigning
+    a buffer or loading a state dict drops them (a buffer changed in place otherwise does not);
+    copies and pickles start without any.
     """
 
     op_name = ""  # the registered op the layer runs, as the profiler names it
@@ -102,6 +103,13 @@ class PlannedLayer(InferenceOnly):
         if name in self.__dict__.get("_buffers", ()):
             self.__dict__["_plans"] = {}
         super().__setattr__(name, value)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # load_state_dict copies into the buffers in place, which plans holding them see, but some
+        # plans hold a copy laid out for the kernel (the stem's filter rows or 2x2 blocks, a grouped
+        # conv's groups bundled into one), which they would not.
+        self._plans = {}
+        super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -175,16 +175,35 @@ def test_copies_and_pickles_start_without_plans():
         assert pickle.loads(pickle.dumps(layer))._plans == {}
 
 
-def test_load_state_dict_reaches_the_plans():
-    layer = conv_layer()
-    other = conv_layer()
+def grouped_layer():
+    return FusedConv2d.from_conv_bn(nn.Conv2d(16, 16, 3, padding=1, groups=4), None, relu=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("name", ["conv", "stem", "grouped", "head", "chain3x3"])
+def test_load_state_dict_reaches_the_plans(name, backend):
+    # Some plans hold copies of the weights laid out for the kernel (the stem's filter rows or
+    # 2x2 blocks, a grouped conv's groups bundled into one): new weights loaded in place must
+    # reach those too.
+    if name == "grouped":
+        torch.manual_seed(0)
+        layer, other, make = grouped_layer(), grouped_layer(), lambda: (torch.randn(2, 16, 5, 6), None)
+    else:
+        (layer, make), (other, _) = layers()[name], layers()[name]
     with torch.no_grad():
-        other.weight.normal_()
-    x = torch.randn(2, 16, 5, 6)
-    with kernels.use_backend("reference"), torch.no_grad():
-        layer(x)
+        for t in other.buffers():
+            t.normal_()
+    layer, other = layer.to(DEVICE), other.to(DEVICE)
+    x, residual = make()
+    x = x.to(DEVICE).contiguous(memory_format=torch.channels_last)
+    args = (x,) if residual is None else (x, residual.to(DEVICE))
+    with kernels.use_backend(backend), torch.no_grad():
+        before = layer(*args)
         layer.load_state_dict(other.state_dict())  # copied in place into the tensors the plan holds
-        assert torch.equal(layer(x), other(x))
+        for got, expected, old in zip(*((out,) if isinstance(out, torch.Tensor) else out
+                                        for out in (layer(*args), other(*args), before))):
+            assert torch.equal(got, expected), name
+            assert not torch.allclose(got, old), name
 
 
 def test_the_fast_path_keeps_every_check():
