@@ -6,12 +6,24 @@ time. `fuse(model, cuda_graph=True)` wraps the fused model in a CUDAGraphModule;
 """
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from . import kernels, modules
 from .kernels.backend import CaptureCounts
+
+
+class CapturedGraph(NamedTuple):
+    static_x: torch.Tensor  # the input buffer a call copies x into
+    graph: "torch.cuda.CUDAGraph"
+    static_out: torch.Tensor  # the output buffer the graph writes
+    counts: CaptureCounts  # split-K's counters, zeroed once for the graph
+    # The graph reads the tensors its launches were given, some held by the fused layers' plans
+    # alone (weights laid out for the kernel): held here too, a plan that its layer lets go
+    # (MAX_PLANS) frees nothing that the graph reads.
+    plans: list
 
 
 class CUDAGraphModule(nn.Module):
@@ -33,8 +45,10 @@ class CUDAGraphModule(nn.Module):
     but the next call with the same signature overwrites it, so use or copy it before then.
 
     CPU tensors run the module as it is, with no graph. Inference only: calls run under
-    torch.no_grad(), and the module is expected not to change between calls (its weights are read
-    in place, so load_state_dict is seen; a module moved or cast needs a new CUDAGraphModule).
+    torch.no_grad(). A fused layer given new weights (load_state_dict, a buffer assigned), moved or
+    cast drops its launch plans, some of which hold copies of its weights laid out for the kernel,
+    and the next call captures the graph again; a module of other kinds is expected not to change
+    between calls other than in place (its weights are read in place).
     """
 
     def __init__(self, module: nn.Module, *, copy_output: bool = True, warmup: int = 3, max_graphs: int = 8):
@@ -48,11 +62,15 @@ class CUDAGraphModule(nn.Module):
         self._graphs = {}
         self._pool = None
         self._streams = {}  # the side stream of each device's warm-up runs, one a device (per-stream scratch)
+        self._plans_seen = modules.PlannedLayer.plans_dropped
 
     def forward(self, x):
         if not isinstance(x, torch.Tensor) or not x.is_cuda:
             with torch.no_grad():
                 return self.module(x)
+        if self._plans_seen != modules.PlannedLayer.plans_dropped:
+            # A fused layer dropped its plans: the graphs would replay the old ones' launches.
+            self._graphs, self._plans_seen = {}, modules.PlannedLayer.plans_dropped
         key = (x.shape, x.stride(), x.dtype, x.device, kernels.current_backend())
         entry = self._graphs.get(key)
         if entry is None:
@@ -60,10 +78,9 @@ class CUDAGraphModule(nn.Module):
             if len(self._graphs) >= self.max_graphs:
                 del self._graphs[next(iter(self._graphs))]
             self._graphs[key] = entry
-        static_x, graph, static_out, _ = entry
-        static_x.copy_(x)
-        graph.replay()
-        return static_out.clone() if self.copy_output else static_out
+        entry.static_x.copy_(x)
+        entry.graph.replay()
+        return entry.static_out.clone() if self.copy_output else entry.static_out
 
     @torch.no_grad()
     def _capture(self, x):
@@ -85,7 +102,8 @@ class CUDAGraphModule(nn.Module):
         graph = torch.cuda.CUDAGraph()
         with counts.serving(x.device), torch.cuda.graph(graph, pool=self._pool):
             static_out = self.module(static_x)
-        return static_x, graph, static_out, counts
+        plans = [m._plans.copy() for m in self.module.modules() if isinstance(m, modules.PlannedLayer)]
+        return CapturedGraph(static_x, graph, static_out, counts, plans)
 
     def _apply(self, fn, *args, **kwargs):
         self._graphs = {}  # the captured graphs hold the old tensors' addresses

@@ -66,10 +66,18 @@ class PlannedLayer(InferenceOnly):
     """
 
     op_name = ""  # the registered op the layer runs, as the profiler names it
+    # How many times any fused layer has dropped its plans (moved, cast, given new weights): a
+    # CUDA graph replays the launches of the plans it was captured with, so CUDAGraphModule
+    # captures again when this has moved.
+    plans_dropped = 0
 
     def __init__(self):
         super().__init__()
         self._plans = {}
+
+    def _drop_plans(self):
+        self.__dict__["_plans"] = {}
+        PlannedLayer.plans_dropped += 1
 
     def _planned(self, x, residual=None):
         """The plan for this input, or None where the registered op must run."""
@@ -96,19 +104,19 @@ class PlannedLayer(InferenceOnly):
         raise NotImplementedError
 
     def _apply(self, fn, *args, **kwargs):
-        self._plans = {}  # .to(), .cuda(), .half() give the buffers new tensors
+        self._drop_plans()  # .to(), .cuda(), .half() give the buffers new tensors
         return super()._apply(fn, *args, **kwargs)
 
     def __setattr__(self, name, value):
         if name in self.__dict__.get("_buffers", ()):
-            self.__dict__["_plans"] = {}
+            self._drop_plans()
         super().__setattr__(name, value)
 
     def _load_from_state_dict(self, *args, **kwargs):
         # load_state_dict copies into the buffers in place, which plans holding them see, but some
         # plans hold a copy laid out for the kernel (the stem's filter rows or 2x2 blocks, a grouped
         # conv's groups bundled into one), which they would not.
-        self._plans = {}
+        self._drop_plans()
         super()._load_from_state_dict(*args, **kwargs)
 
     def __getstate__(self):

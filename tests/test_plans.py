@@ -206,6 +206,26 @@ def test_load_state_dict_reaches_the_plans(name, backend):
             assert not torch.allclose(got, old), name
 
 
+def test_what_drops_a_plan_is_counted_for_cuda_graphs():
+    # CUDAGraphModule captures again when the count moves: its graphs replay the dropped plans' launches.
+    from fused_resnet.modules import PlannedLayer
+
+    layer, other = conv_layer(), conv_layer()
+    x = torch.randn(2, 16, 5, 6)
+    with kernels.use_backend("reference"), torch.no_grad():
+        counts = [PlannedLayer.plans_dropped]
+        layer(x)
+        layer(torch.randn(3, 16, 5, 6))  # a new signature: a plan more, none dropped
+        counts.append(PlannedLayer.plans_dropped)
+        layer.load_state_dict(other.state_dict())
+        counts.append(PlannedLayer.plans_dropped)
+        layer.weight = layer.weight * 2
+        counts.append(PlannedLayer.plans_dropped)
+        layer.double()
+        counts.append(PlannedLayer.plans_dropped)
+    assert counts[1] == counts[0] and counts[0] < counts[2] < counts[3] < counts[4]
+
+
 def test_the_fast_path_keeps_every_check():
     layer = conv_layer()
     x = torch.randn(2, 16, 5, 6)
@@ -345,6 +365,12 @@ def test_cuda_graph_replays_the_fused_model(monkeypatch):
         torch.testing.assert_close(first, expected2, rtol=0, atol=0)  # the static buffer was overwritten
         graphed(torch.randn(2, 3, 64, 64, device="cuda", dtype=torch.float16))
         assert len(graphed._graphs) == 2 and len(graphed._streams) == 1  # one warm-up stream for both
+        # New weights, loaded in place: the stem's plan held its filter laid out for the kernel.
+        other = fuse(synthetic_batchnorm(torchvision.models.resnet18(num_classes=10), size=32),
+                     dtype=torch.float16).cuda()
+        fused.load_state_dict(other.state_dict())
+        torch.testing.assert_close(graphed(x1), other(x1), rtol=0, atol=0)
+        assert len(graphed._graphs) == 1  # captured again
         twin = pickle.loads(pickle.dumps(graphed))  # graphs, pool and streams stay with the original
         assert twin._graphs == {} and twin._streams == {} and twin._pool is None
 
