@@ -188,9 +188,9 @@ def plan_of(layer, x, r, pool_apart=False):
         plan = kernels.plan_conv2d_bias_act_maxpool(x, **args)
         return lambda x, r: plan(x)
     if isinstance(layer, FusedAvgPoolLinear):
-        plan = layer._build_plan(x, None)
+        plan = layer._build_plan(x, None, layer._buffers)
         return lambda x, r: plan(x)
-    return layer._build_plan(x, r)
+    return layer._build_plan(x, r, layer._buffers)
 
 
 # Keys a sweep config may carry that choose the plan rather than the kernel's config (see `forced`):

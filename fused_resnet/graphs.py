@@ -28,7 +28,7 @@ class CapturedGraph(NamedTuple):
 
 class CUDAGraphModule(nn.Module):
     """module(x) replayed from a CUDA graph captured for x's signature (shape, strides, dtype,
-    device and the kernels backend in force).
+    device, the dtype torch.autocast computes in, if on, and the kernels backend in force).
 
     The first call with a new signature runs the module a few times on a side stream (autotuning,
     compilation and lazy initialisation must not happen during capture; a module that holds fused
@@ -71,7 +71,7 @@ class CUDAGraphModule(nn.Module):
         if self._plans_seen != modules.PlannedLayer.plans_dropped:
             # A fused layer dropped its plans: the graphs would replay the old ones' launches.
             self._graphs, self._plans_seen = {}, modules.PlannedLayer.plans_dropped
-        key = (x.shape, x.stride(), x.dtype, x.device, kernels.current_backend())
+        key = (x.shape, x.stride(), x.dtype, x.device, kernels.backend.autocast_dtype(x), kernels.current_backend())
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(x)

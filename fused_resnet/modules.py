@@ -24,6 +24,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from . import kernels
 from .folding import fold_bn
 from .kernels import precompile
+from .kernels.backend import AUTOCAST_DEVICES
 
 # Plans a fused layer keeps, one per input signature; past this the oldest goes (a server that
 # sees many batch sizes keeps its recent ones).
@@ -74,22 +75,37 @@ class PlannedLayer(InferenceOnly):
     def __init__(self):
         super().__init__()
         self._plans = {}
+        self._cast = {}  # {dtype: the buffers cast to it}, for torch.autocast
 
     def _drop_plans(self):
         self.__dict__["_plans"] = {}
+        self.__dict__["_cast"] = {}
         PlannedLayer.plans_dropped += 1
 
-    def _planned(self, x, residual=None):
-        """The plan for this input, or None where the registered op must run."""
-        if type(x) is not torch.Tensor or x.dim() != 4 or torch.compiler.is_compiling() or torch.jit.is_tracing():
-            check_input(self, x, self.in_channels, self.weight)
+    def _autocast(self, x, device_type=None):
+        """The dtype this layer computes in on x under torch.autocast (kernels.backend.autocast_dtype),
+        or None: autocast off, or float64 weights or input, which it leaves as they are."""
+        if self.weight.dtype == torch.float64:
             return None
-        key = (x.shape, x.stride(), x.dtype, x.device, kernels.current_backend(), precompile.target_gpu(),
+        return kernels.backend.autocast_dtype(x, device_type)
+
+    def _planned(self, x, residual=None):
+        """The plan for this input, or None where the registered op must run (which, under
+        torch.autocast, casts as the plan does)."""
+        if type(x) is not torch.Tensor or x.dim() != 4 or torch.compiler.is_compiling() or torch.jit.is_tracing():
+            check_input(self, x, self.in_channels, self.weight, self._autocast(x))
+            return None
+        device = x.device
+        kind = device.type
+        # (Autocast is asked about first: off, as it mostly is, that is all this call costs.)
+        autocast = self._autocast(x, kind) if kind in AUTOCAST_DEVICES and torch.is_autocast_enabled(kind) else None
+        key = (x.shape, x.stride(), x.dtype, device, autocast, kernels.current_backend(), precompile.target_gpu(),
                None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device))
         plan = self._plans.get(key)
         if plan is None:
-            check_input(self, x, self.in_channels, self.weight)
-            plan = self._build_plan(x, residual)
+            check_input(self, x, self.in_channels, self.weight, autocast)
+            plan = self._build_plan(x, residual, self._buffers) if autocast is None else \
+                self._autocast_plan(autocast, x, residual)
             if len(self._plans) >= MAX_PLANS:
                 del self._plans[next(iter(self._plans))]
             self._plans[key] = plan
@@ -100,8 +116,22 @@ class PlannedLayer(InferenceOnly):
             return functools.partial(_recorded, self.op_name, plan)
         return plan
 
-    def _build_plan(self, x, residual):
+    def _build_plan(self, x, residual, buffers):
+        """The kernels op's plan for this input, with this layer's tensors as `buffers` holds them
+        ({name: tensor}: the layer's own, or cast for autocast)."""
         raise NotImplementedError
+
+    def _autocast_plan(self, dtype, x, residual):
+        """The plan that computes in `dtype` as torch.autocast asks: on the buffers cast once (kept
+        until the plans go), and on the operands cast at each call where they are not in it."""
+        buffers = self._cast.get(dtype)
+        if buffers is None:
+            buffers = self._cast[dtype] = dict(zip(self._buffers, kernels.backend.autocast_cast(
+                dtype, *self._buffers.values())))
+        plan = self._build_plan(*kernels.backend.autocast_cast(dtype, x, residual), buffers)
+        if x.dtype == dtype and (residual is None or residual.dtype == dtype):
+            return plan
+        return functools.partial(_cast_operands, dtype, plan)
 
     def _apply(self, fn, *args, **kwargs):
         self._drop_plans()  # .to(), .cuda(), .half() give the buffers new tensors
@@ -121,8 +151,12 @@ class PlannedLayer(InferenceOnly):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_plans"] = {}  # plans hold closures over this object's tensors
+        state["_plans"], state["_cast"] = {}, {}  # plans hold closures over this object's tensors
         return state
+
+
+def _cast_operands(dtype, plan, *operands):
+    return plan(*kernels.backend.autocast_cast(dtype, *operands))
 
 
 def warmup(model: nn.Module, example, *, progress=None, workers=None) -> float:
@@ -226,7 +260,8 @@ def _compiles_ahead(x):
 
 
 def _input_key(x):
-    return tuple(x.shape), x.dtype, x.device  # (a layout of its own compiles no kernel of its own)
+    # (A layout of its own compiles no kernel of its own; autocast computes in another dtype.)
+    return tuple(x.shape), x.dtype, x.device, kernels.backend.autocast_dtype(x)
 
 
 def _recorded(name, plan, *operands):
@@ -294,11 +329,11 @@ class FusedConv2d(PlannedLayer):
             shortcut_weight=self.shortcut_weight, shortcut_stride=self.shortcut_stride,
         )
 
-    def _build_plan(self, x, residual):
+    def _build_plan(self, x, residual, buffers):
         return kernels.plan_conv2d_bias_act(
-            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups,
+            x, buffers["weight"], buffers["bias"], self.stride, self.padding, self.dilation, self.groups,
             residual=residual, relu=self.relu,
-            shortcut_weight=self.shortcut_weight, shortcut_stride=self.shortcut_stride,
+            shortcut_weight=buffers["shortcut_weight"], shortcut_stride=self.shortcut_stride,
         )
 
     def extra_repr(self):
@@ -354,11 +389,12 @@ class FusedConv2dMaxPool(FusedConv2d):
             return plan(x)
         return kernels.conv2d_bias_act_maxpool(x, **self._op_args())
 
-    def _build_plan(self, x, residual):
-        return kernels.plan_conv2d_bias_act_maxpool(x, **self._op_args())
+    def _build_plan(self, x, residual, buffers):
+        return kernels.plan_conv2d_bias_act_maxpool(x, **self._op_args(buffers))
 
-    def _op_args(self):
-        return dict(weight=self.weight, bias=self.bias, stride=self.stride, padding=self.padding,
+    def _op_args(self, buffers=None):
+        buffers = self._buffers if buffers is None else buffers
+        return dict(weight=buffers["weight"], bias=buffers["bias"], stride=self.stride, padding=self.padding,
                     dilation=self.dilation, groups=self.groups, relu=self.relu, pool_size=self.pool_size,
                     pool_stride=self.pool_stride, pool_padding=self.pool_padding)
 
@@ -406,8 +442,8 @@ class FusedAvgPoolLinear(PlannedLayer):
             return plan(x)
         return kernels.avgpool_linear(x, self.weight, self.bias)
 
-    def _build_plan(self, x, residual):
-        return kernels.plan_avgpool_linear(x, self.weight, self.bias)
+    def _build_plan(self, x, residual, buffers):
+        return kernels.plan_avgpool_linear(x, buffers["weight"], buffers["bias"])
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -497,9 +533,10 @@ class FusedChain1x1(PlannedLayer):
         return kernels.chain_1x1(x, self.weight, self.bias, residual, self.next_weight, self.next_bias,
                                  shortcut_weight=self.shortcut_weight, shortcut_stride=self.shortcut_stride)
 
-    def _build_plan(self, x, residual):
-        return kernels.plan_chain_1x1(x, self.weight, self.bias, residual, self.next_weight, self.next_bias,
-                                      shortcut_weight=self.shortcut_weight, shortcut_stride=self.shortcut_stride)
+    def _build_plan(self, x, residual, buffers):
+        return kernels.plan_chain_1x1(x, buffers["weight"], buffers["bias"], residual, buffers["next_weight"],
+                                      buffers["next_bias"], shortcut_weight=buffers["shortcut_weight"],
+                                      shortcut_stride=self.shortcut_stride)
 
     def extra_repr(self):
         added = "residual" if self.shortcut_weight is None else \
@@ -560,11 +597,12 @@ class FusedConvChain1x1(FusedChain1x1):
                                      shortcut_weight=self.shortcut_weight, shortcut_stride=self.shortcut_stride)
         return out if next_conv else (out, None)
 
-    def _build_plan(self, x, residual):
-        return kernels.plan_conv_chain_1x1(x, self.head_weight, self.head_bias, self.weight, self.bias, residual,
-                                           self.next_weight, self.next_bias, stride=self.stride,
-                                           padding=self.padding, dilation=self.dilation,
-                                           shortcut_weight=self.shortcut_weight, shortcut_stride=self.shortcut_stride)
+    def _build_plan(self, x, residual, buffers):
+        return kernels.plan_conv_chain_1x1(x, buffers["head_weight"], buffers["head_bias"], buffers["weight"],
+                                           buffers["bias"], residual, buffers["next_weight"], buffers["next_bias"],
+                                           stride=self.stride, padding=self.padding, dilation=self.dilation,
+                                           shortcut_weight=buffers["shortcut_weight"],
+                                           shortcut_stride=self.shortcut_stride)
 
     def extra_repr(self):
         head = (f"{self.in_channels} -> {self.head_channels}, {self.kernel_size[0]}x{self.kernel_size[1]} conv, "
@@ -590,8 +628,9 @@ def _pair(value):
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
-def check_input(module, x, channels, weight):
-    """Errors that name the module and what it expected, before any kernel sees the input."""
+def check_input(module, x, channels, weight, autocast=None):
+    """Errors that name the module and what it expected, before any kernel sees the input.
+    `autocast`: the dtype torch.autocast has input and weights computed in (None: as they are)."""
     name = type(module).__name__
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor input, got {type(x).__name__}")
@@ -605,7 +644,7 @@ def check_input(module, x, channels, weight):
         raise ValueError(f"{name}: expected an input with {channels} channels, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point input, got {x.dtype}")
-    if x.dtype != weight.dtype:
+    if x.dtype != weight.dtype and autocast is None:
         raise TypeError(
             f"{name}: input is {x.dtype} but the module's weights are {weight.dtype}; "
             f"cast the input with x.to({weight.dtype}) or the model with .to(dtype)"

@@ -309,6 +309,36 @@ def output_plan(out_shape, like: torch.Tensor, launch, *, channels_last: bool = 
     return run
 
 
+# torch.autocast runs a conv or linear in its lower precision on floating-point tensors other than
+# float64, and leaves elementwise ops (an add, a ReLU, pooling) in their inputs' dtype. The ops that
+# hold a conv or a linear (all but add_relu) do as F.conv2d does under it: their Python wrappers
+# cast the operands, and the fused modules keep their weights cast once for each such dtype.
+AUTOCAST_DEVICES = ("cuda", "cpu")
+
+
+def autocast_dtype(x: torch.Tensor, device_type: str | None = None):
+    """The dtype in which torch.autocast would run a conv on `x` (float16 or bfloat16, as the autocast
+    in force for its device type says), or None where autocast is off there or leaves x as it is
+    (float64, integers). `device_type`: x.device.type, where the caller has it."""
+    if not isinstance(x, torch.Tensor):
+        return None  # (the op's own checks say what it expected)
+    kind = x.device.type if device_type is None else device_type
+    if kind not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(kind):
+        return None
+    if not x.is_floating_point() or x.dtype == torch.float64:
+        return None
+    return torch.get_autocast_dtype(kind)
+
+
+def autocast_cast(dtype, *tensors):
+    """`tensors` as autocast hands them to a conv computed in `dtype` (None: as they are): each
+    floating-point tensor other than float64 in `dtype`, the rest (None too) unchanged."""
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
+
+
 def on_gpu(x: torch.Tensor) -> bool:
     """Whether a Triton launch on `x` is compiled for a GPU (x on CUDA, or CPU tensors inside
     precompile.compile_only(gpu=...)) rather than interpreted."""

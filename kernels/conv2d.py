@@ -293,10 +293,13 @@ def conv2d_bias_act(input, weight, bias=None, stride=1, padding=0, dilation=1, g
     GEMM as the main conv (groups=1), so the shortcut's output never reaches memory. Fold the
     shortcut's bias into `bias`.
 
-    The backend (Triton, reference, cuDNN) follows kernels.backend.
+    The backend (Triton, reference, cuDNN) follows kernels.backend. Under torch.autocast the operands
+    are cast as F.conv2d's would be (kernels.backend.autocast_cast).
     """
     stride, padding, dilation, shortcut_stride = normalize_args(input, weight, stride, padding, dilation, groups,
                                                                 shortcut_stride)
+    input, weight, bias, residual, shortcut_weight = backend.autocast_cast(
+        backend.autocast_dtype(input), input, weight, bias, residual, shortcut_weight)
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)

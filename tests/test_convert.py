@@ -510,6 +510,50 @@ def test_fuse_dtype_casts_everything(reference_backend):
         fuse(model("resnet18"), dtype=torch.int8)
 
 
+UNFUSED = dict(residual_epilogue=False, merge_downsample=False, stem_maxpool=False, avgpool_fc=False)
+
+
+@pytest.mark.parametrize("switches", [{}, UNFUSED, dict(chain_blocks=True, chain_3x3=True)],
+                         ids=["default", "unfused", "chained"])
+def test_under_autocast_the_fused_network_computes_as_torchvisions_does(switches, reference_backend):
+    # A float32 network served under torch.autocast: torchvision's computes its convs and its fc in
+    # bfloat16 and returns bfloat16 logits; so does the fused one, as the same network cast to
+    # bfloat16 (its modules, and the torch ops between them where a fusion is off), its error
+    # against float64 at most twice torchvision's own. Off again, float32.
+    ref = model("resnet50")
+    fused = fuse(ref, **switches)
+    x = images()
+    with torch.no_grad():
+        exact = copy.deepcopy(ref).double()(x.double())
+        plain = fused(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, theirs = fused(x), ref(x)
+        cast = copy.deepcopy(fused).to(torch.bfloat16)(x.to(torch.bfloat16))
+        assert got.dtype == theirs.dtype == torch.bfloat16
+        assert torch.equal(got, cast)
+        assert (got.double() - exact).abs().max() <= 2 * (theirs.double() - exact).abs().max() + 8e-3
+        assert torch.equal(fused(x), plain)
+
+
+def test_torch_compile_traces_the_casts_of_autocast():
+    block = fuse(model("resnet50")).layer1[0]
+    x = torch.randn(2, 64, 6, 6)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with kernels.use_backend("reference"), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = block(x)
+        traced = torch.compile(block, backend=record, fullgraph=True)(x)
+    assert traced.dtype == eager.dtype == torch.bfloat16
+    assert torch.equal(traced, eager)
+    ops = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert ops.count("fused_resnet.conv2d_bias_act") == 3, ops
+
+
 def test_fused_model_behaviour(reference_backend):
     fused = fuse(model("resnet18"))
     with pytest.raises(RuntimeError, match="is an inference module"):

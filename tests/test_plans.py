@@ -242,6 +242,63 @@ def test_the_fast_path_keeps_every_check():
             layer(x, torch.randn(2, 8, 4, 6))
 
 
+# ---- torch.autocast ---------------------------------------------------------------------------
+
+
+def autocast():
+    """Autocast to bfloat16 on the tests' device (its dtype is a kernel dtype there and here)."""
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("name", ["conv", "conv_shortcut", "stem", "head", "chain", "chain3x3"])
+def test_under_autocast_a_layer_computes_as_its_bfloat16_copy(name, backend):
+    # As torchvision's convs under autocast: the same layer cast to bfloat16, on operands in it,
+    # whichever path runs (the plan, or the registered op under tracing).
+    layer, make = layers()[name]
+    layer = layer.to(DEVICE)
+    cast = copy.deepcopy(layer).to(torch.bfloat16)
+    with kernels.use_backend(backend), torch.no_grad():
+        for _ in range(2):  # the second call runs the plan the first one built
+            x, residual = make()
+            x = x.to(DEVICE).contiguous(memory_format=torch.channels_last)
+            args = (x,) if residual is None else (x, residual.to(DEVICE))
+            with autocast():
+                outs = layer(*args), op_of(layer, *args)
+            expected = cast(*(a.to(torch.bfloat16) for a in args))
+            for fast, op, want in zip(*((out,) if isinstance(out, torch.Tensor) else out
+                                        for out in (*outs, expected))):
+                assert fast.dtype == torch.bfloat16 and op.dtype == torch.bfloat16, name
+                assert torch.equal(fast, want) and torch.equal(op, want), name
+        assert len(layer._plans) == 1
+
+
+def test_autocast_on_and_off_never_share_a_plan_or_a_stale_cast():
+    layer, other = conv_layer(), conv_layer()
+    with torch.no_grad():
+        other.weight.normal_()
+    x = torch.randn(2, 16, 5, 6)
+    with kernels.use_backend("reference"), torch.no_grad():
+        plain = layer(x)
+        with autocast():
+            low = layer(x)
+        assert plain.dtype == torch.float32 and low.dtype == torch.bfloat16
+        assert torch.equal(layer(x), plain) and len(layer._plans) == 2
+        layer.load_state_dict(other.state_dict())  # the bfloat16 copy of the old weights must go too
+        with autocast():
+            assert torch.equal(layer(x), other.to(torch.bfloat16)(x.to(torch.bfloat16)))
+
+
+def test_autocast_leaves_float64_as_it_is():
+    layer = conv_layer().double()
+    x = torch.randn(2, 16, 5, 6, dtype=torch.float64)
+    with kernels.use_backend("reference"), torch.no_grad():
+        plain = layer(x)
+        with autocast():
+            assert torch.equal(layer(x), plain)
+            assert torch.equal(op_of(layer, x), plain)
+
+
 def test_plans_are_bounded():
     from fused_resnet.modules import MAX_PLANS
 
