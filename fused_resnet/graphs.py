@@ -28,7 +28,8 @@ class CapturedGraph(NamedTuple):
 
 class CUDAGraphModule(nn.Module):
     """module(x) replayed from a CUDA graph captured for x's signature (shape, strides, dtype,
-    device, the dtype torch.autocast computes in, if on, and the kernels backend in force).
+    device, the dtype torch.autocast computes in, if on, the kernels backend and, for float32, the TF32
+    settings in force).
 
     The first call with a new signature runs the module a few times on a side stream (autotuning,
     compilation and lazy initialisation must not happen during capture; a module that holds fused
@@ -71,7 +72,9 @@ class CUDAGraphModule(nn.Module):
         if self._plans_seen != modules.PlannedLayer.plans_dropped:
             # A fused layer dropped its plans: the graphs would replay the old ones' launches.
             self._graphs, self._plans_seen = {}, modules.PlannedLayer.plans_dropped
-        key = (x.shape, x.stride(), x.dtype, x.device, kernels.backend.autocast_dtype(x), kernels.current_backend())
+        autocast = kernels.backend.autocast_dtype(x)
+        key = (x.shape, x.stride(), x.dtype, x.device, autocast, kernels.current_backend(),
+               kernels.backend.precision_key(x.dtype if autocast is None else autocast))
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(x)

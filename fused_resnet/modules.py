@@ -56,11 +56,12 @@ class PlannedLayer(InferenceOnly):
     """A fused layer that runs one kernels op, planned once per input signature.
 
     In eager mode a call looks up the plan for its input's signature (shape, strides, dtype,
-    device, and the residual's; the kernels backend in force) and runs it: the checks, argument
-    normalization, backend choice and launch arguments were all done when that plan was built,
-    on the first call with that signature. Under tracing (torch.compile, torch.export, fake
-    tensors, TorchScript tracing) and for unbatched input, the layer calls the registered torch op
-    instead, so a traced graph holds one op per layer. Plans hold the layer's weights, some of them
+    device, and the residual's; the kernels backend, torch.autocast and, for float32, the TF32
+    settings in force) and runs it: the checks, argument normalization, backend choice and launch
+    arguments were all done when that plan was built, on the first call with that signature.
+    Under tracing (torch.compile, torch.export, fake tensors, TorchScript tracing) and for
+    unbatched input, the layer calls the registered torch op instead, so a traced graph holds one
+    op per layer. Plans hold the layer's weights, some of them
     as a copy laid out for the kernel: moving or casting the layer (`.to()`, `.half()`), assigning
     a buffer or loading a state dict drops them (a buffer changed in place otherwise does not);
     copies and pickles start without any.
@@ -100,7 +101,8 @@ class PlannedLayer(InferenceOnly):
         # (Autocast is asked about first: off, as it mostly is, that is all this call costs.)
         autocast = self._autocast(x, kind) if kind in AUTOCAST_DEVICES and torch.is_autocast_enabled(kind) else None
         key = (x.shape, x.stride(), x.dtype, device, autocast, kernels.current_backend(), precompile.target_gpu(),
-               None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device))
+               None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
+               kernels.backend.precision_key(x.dtype if autocast is None else autocast))
         plan = self._plans.get(key)
         if plan is None:
             check_input(self, x, self.in_channels, self.weight, autocast)
@@ -110,7 +112,7 @@ class PlannedLayer(InferenceOnly):
                 del self._plans[next(iter(self._plans))]
             self._plans[key] = plan
         elif x.requires_grad and torch.is_grad_enabled():
-            check_input(self, x, self.in_channels, self.weight)  # raises: no gradients here
+            check_input(self, x, self.in_channels, self.weight, autocast)  # raises: no gradients here
         if torch.autograd.profiler._is_profiler_enabled:
             # Under the profiler a plan's launch shows under the op's name, as the op's would.
             return functools.partial(_recorded, self.op_name, plan)
@@ -260,8 +262,10 @@ def _compiles_ahead(x):
 
 
 def _input_key(x):
-    # (A layout of its own compiles no kernel of its own; autocast computes in another dtype.)
-    return tuple(x.shape), x.dtype, x.device, kernels.backend.autocast_dtype(x)
+    # (A layout of its own compiles no kernel of its own; autocast and the TF32 settings may.)
+    autocast = kernels.backend.autocast_dtype(x)
+    return (tuple(x.shape), x.dtype, x.device, autocast,
+            kernels.backend.precision_key(x.dtype if autocast is None else autocast))
 
 
 def _recorded(name, plan, *operands):

@@ -311,7 +311,7 @@ def roof(device, dtype):
     for key, (peaks, bandwidth) in GPU_ROOFS.items():
         if key in name:
             dt = str(dtype).removeprefix("torch.")
-            if dt == "float32" and on_gpu and torch.backends.cudnn.allow_tf32:
+            if dt == "float32" and on_gpu and kernels.backend.tf32_allowed():
                 dt = "tf32"
             return peaks[dt], bandwidth, name if on_gpu else ANALYTIC_ROOF_NAME
     return None

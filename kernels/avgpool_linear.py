@@ -132,7 +132,7 @@ def plan_avgpool_linear(x, weight, bias=None, *, backend_name=None, traceable=Fa
     # (a strided or transposed view) is copied to channels_last at each call.
     to_layout, strides = _as_pixel_rows(x)
     interpret = not backend.on_gpu(x)
-    tf32 = x.dtype == torch.float32 and not interpret and torch.backends.cuda.matmul.allow_tf32
+    tf32 = x.dtype == torch.float32 and not interpret and backend.tf32_allowed("matmul")
     args = dict(
         N=n, C=c, HW=h * w, J=j,
         stride_xn=strides[0], stride_xc=strides[1], stride_xhw=strides[2],

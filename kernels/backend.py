@@ -309,6 +309,37 @@ def output_plan(out_shape, like: torch.Tensor, launch, *, channels_last: bool = 
     return run
 
 
+# Where PyTorch's fp32 settings for an op live, most specific first: torch's newer fp32_precision API
+# (the op's own, its backend's, the generic one; "none" passes the question up, and "none"
+# throughout means IEEE), and the legacy flag for a torch without that API.
+_FP32_PRECISION = {
+    "conv": (("cudnn", "conv"), ("cudnn",), ()),
+    "matmul": (("cuda", "matmul"), ("cudnn",), ()),  # (cudnn's fp32_precision is the CUDA backend's)
+}
+_LEGACY_TF32 = {"conv": ("cudnn",), "matmul": ("cuda", "matmul")}
+
+
+def tf32_allowed(op="conv"):
+    """Whether fp32 dots of `op` may take TF32 as PyTorch's own would: "conv" as its cuDNN convs (what
+    the convs here follow), "matmul" as its matmuls (the head's linear). Read from torch's
+    fp32_precision settings where it has them: the legacy torch.backends.cudnn.allow_tf32 raises
+    once those have set convs and RNNs apart."""
+    for path in _FP32_PRECISION[op]:
+        settings = functools.reduce(getattr, path, torch.backends)
+        precision = getattr(settings, "fp32_precision", None)
+        if precision is None:  # a torch without the newer API
+            return bool(functools.reduce(getattr, _LEGACY_TF32[op], torch.backends).allow_tf32)
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
+def precision_key(dtype):
+    """What of PyTorch's settings a plan for operands of `dtype` binds besides the operands: for
+    float32, whether convs and matmuls may take TF32 (tf32_allowed); None for other dtypes."""
+    return (tf32_allowed("conv"), tf32_allowed("matmul")) if dtype == torch.float32 else None
+
+
 # torch.autocast runs a conv or linear in its lower precision on floating-point tensors other than
 # float64, and leaves elementwise ops (an add, a ReLU, pooling) in their inputs' dtype. The ops that
 # hold a conv or a linear (all but add_relu) do as F.conv2d does under it: their Python wrappers

@@ -301,7 +301,7 @@ def _plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_stri
         NEXT=next_weight is not None,
         SHORTCUT=bool(cs), STREAM_S=stream_s,
         DOT_FP32=interpret,
-        INPUT_PRECISION="tf32" if x.dtype == torch.float32 and not interpret and igemm.tf32_allowed() else "ieee",
+        INPUT_PRECISION="tf32" if x.dtype == torch.float32 and not interpret and backend.tf32_allowed() else "ieee",
         BLOCK_C=block_c, BLOCK_S=max(block_s, 16), BLOCK_J=block_j,
     )
 

@@ -585,14 +585,12 @@ def check_shortcut(residual, weight, stride, groups, out_shape, op="conv2d_bias_
         )
 
 
-def tf32_allowed():
-    return bool(torch.backends.cudnn.allow_tf32)
 
 
 def ieee_fp32(dtype):
     """Whether convs of this dtype take fp32 dots in IEEE precision (TF32 not allowed), which run on
     the FMA units with their operands in registers, and so take configs of their own."""
-    return dtype == torch.float32 and not tf32_allowed()
+    return dtype == torch.float32 and not backend.tf32_allowed()
 
 
 def dense_1x1(x, weight, stride, padding, dilation, groups):
@@ -937,7 +935,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
         ROW_PAD=row_pad(weight) if rows else 1,
         APPLY_RELU=relu,
         DOT_FP32=interpret,
-        INPUT_PRECISION="tf32" if x.dtype == torch.float32 and not interpret and tf32_allowed() else "ieee",
+        INPUT_PRECISION="tf32" if x.dtype == torch.float32 and not interpret and backend.tf32_allowed() else "ieee",
         **extra,
     )
 

@@ -299,6 +299,75 @@ def test_autocast_leaves_float64_as_it_is():
             assert torch.equal(op_of(layer, x), plain)
 
 
+# ---- TF32 settings ----------------------------------------------------------------------------
+
+NEW_TF32_API = hasattr(torch.backends.cudnn, "conv") and hasattr(torch.backends, "fp32_precision")
+
+
+@pytest.fixture
+def tf32_settings():
+    """PyTorch's TF32 settings, put back as they were after the test (the generic one first: setting
+    a parent may pass its value to children that have none)."""
+    if not NEW_TF32_API:
+        saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        yield
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        return
+    places = [torch.backends, torch.backends.cudnn, torch.backends.cudnn.conv, torch.backends.cudnn.rnn,
+              torch.backends.cuda.matmul]
+    saved = [place.fp32_precision for place in places]
+    yield
+    for place, value in zip(places, saved):
+        place.fp32_precision = value
+
+
+def test_tf32_follows_pytorchs_settings(tf32_settings):
+    from fused_resnet.kernels.backend import tf32_allowed
+
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, True
+    assert (tf32_allowed("conv"), tf32_allowed("matmul")) == (False, True)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+    assert (tf32_allowed("conv"), tf32_allowed("matmul")) == (True, False)
+    if not NEW_TF32_API:
+        return
+    # The newer API: convs set apart from RNNs, where torch's legacy getter refuses to answer (2.14
+    # raises that the flags were set through both APIs).
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    assert not tf32_allowed("conv")
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    assert tf32_allowed("conv")
+    torch.backends.cudnn.conv.fp32_precision = "none"  # no setting of its own: its backend's, else the generic one
+    torch.backends.cudnn.fp32_precision = "none"
+    torch.backends.fp32_precision = "tf32"
+    assert tf32_allowed("conv")
+    torch.backends.fp32_precision = "ieee"
+    assert not tf32_allowed("conv")
+
+
+def test_a_plan_follows_the_tf32_settings(tf32_settings):
+    # A plan binds its dots' precision: turning TF32 off after a first call must reach the next.
+    # (Planned for an H100 here; the interpreter computes in IEEE whatever the settings.)
+    from fused_resnet.kernels import precompile
+
+    conv = conv_layer()
+    head = FusedAvgPoolLinear.from_linear(nn.Linear(16, 10))
+    x = torch.randn(2, 16, 5, 6).contiguous(memory_format=torch.channels_last)
+    precisions = []
+    for conv_tf32, matmul_tf32 in ((True, True), (False, True), (True, False)):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv_tf32, matmul_tf32
+        with precompile.compile_only("H100") as jobs:
+            conv(x)
+            head(x)
+        precisions.append({job.op: job.kwargs["INPUT_PRECISION"] for job in jobs})
+    assert precisions == [{"conv2d_bias_act": "tf32", "avgpool_linear": "tf32"},
+                          {"conv2d_bias_act": "ieee", "avgpool_linear": "tf32"},
+                          {"conv2d_bias_act": "tf32", "avgpool_linear": "ieee"}]
+    with precompile.compile_only("H100"):
+        conv(x.clone())  # the same settings again: no new plan
+        head(x.clone())
+    assert len(conv._plans) == 3 and len(head._plans) == 3
+
+
 def test_plans_are_bounded():
     from fused_resnet.modules import MAX_PLANS
 
