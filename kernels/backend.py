@@ -325,7 +325,7 @@ def tf32_allowed(op="conv"):
     fp32_precision settings where it has them: the legacy torch.backends.cudnn.allow_tf32 raises
     once those have set convs and RNNs apart."""
     for path in _FP32_PRECISION[op]:
-        settings = functools.reduce(getattr, path, torch.backends)
+        settings = functools.reduce(lambda place, name: getattr(place, name, None), path, torch.backends)
         precision = getattr(settings, "fp32_precision", None)
         if precision is None:  # a torch without the newer API
             return bool(functools.reduce(getattr, _LEGACY_TF32[op], torch.backends).allow_tf32)
