@@ -68,6 +68,7 @@ class PlannedLayer(InferenceOnly):
     """
 
     op_name = ""  # the registered op the layer runs, as the profiler names it
+    dots = ("conv",)  # whose TF32 setting its fp32 dots follow (kernels.backend.tf32_allowed)
     # How many times any fused layer has dropped its plans (moved, cast, given new weights): a
     # CUDA graph replays the launches of the plans it was captured with, so CUDAGraphModule
     # captures again when this has moved.
@@ -100,9 +101,12 @@ class PlannedLayer(InferenceOnly):
         kind = device.type
         # (Autocast is asked about first: off, as it mostly is, that is all this call costs.)
         autocast = self._autocast(x, kind) if kind in AUTOCAST_DEVICES and torch.is_autocast_enabled(kind) else None
-        key = (x.shape, x.stride(), x.dtype, device, autocast, kernels.current_backend(), precompile.target_gpu(),
+        target = precompile.target_gpu()
+        key = (x.shape, x.stride(), x.dtype, device, autocast, kernels.current_backend(), target,
                None if residual is None else (residual.shape, residual.stride(), residual.dtype, residual.device),
-               kernels.backend.precision_key(x.dtype if autocast is None else autocast))
+               # (Compiled kernels bind their dots' precision; interpreted ones and torch's ops do not.)
+               kernels.backend.precision_key(x.dtype if autocast is None else autocast, self.dots)
+               if kind == "cuda" or target is not None else None)
         plan = self._plans.get(key)
         if plan is None:
             check_input(self, x, self.in_channels, self.weight, autocast)
@@ -414,6 +418,7 @@ class FusedAvgPoolLinear(PlannedLayer):
     """
 
     op_name = "fused_resnet::avgpool_linear"
+    dots = ("matmul",)  # as nn.Linear's
 
     def __init__(self, weight, bias=None):
         super().__init__()

@@ -334,10 +334,10 @@ def tf32_allowed(op="conv"):
     return False
 
 
-def precision_key(dtype):
-    """What of PyTorch's settings a plan for operands of `dtype` binds besides the operands: for
-    float32, whether convs and matmuls may take TF32 (tf32_allowed); None for other dtypes."""
-    return (tf32_allowed("conv"), tf32_allowed("matmul")) if dtype == torch.float32 else None
+def precision_key(dtype, ops=("conv", "matmul")):
+    """What of PyTorch's settings a compiled plan for operands of `dtype` binds besides the operands:
+    for float32, whether the dots of `ops` may take TF32 (tf32_allowed); None for other dtypes."""
+    return tuple(tf32_allowed(op) for op in ops) if dtype == torch.float32 else None
 
 
 # torch.autocast runs a conv or linear in its lower precision on floating-point tensors other than
