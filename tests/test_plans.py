@@ -501,6 +501,33 @@ def test_cuda_graph_replays_the_fused_model(monkeypatch):
         assert twin._graphs == {} and twin._streams == {} and twin._pool is None
 
 
+@pytest.mark.gpu
+def test_autocast_and_tf32_settings_reach_the_compiled_kernels(tf32_settings):
+    from fused_resnet import CUDAGraphModule
+
+    layer = conv_layer().cuda()  # 16 -> 8 channels, 3x3
+    x = torch.randn(4, 16, 20, 20, device="cuda").contiguous(memory_format=torch.channels_last)
+    exact = F.conv2d(x.double(), layer.weight.double(), layer.bias.double(), padding=1).relu()
+
+    def error(y):
+        return ((y.double() - exact).abs().max() / exact.abs().max()).item()
+
+    graphed = CUDAGraphModule(layer)
+    with torch.no_grad():
+        torch.backends.cudnn.allow_tf32 = True
+        tf32, tf32_graphed = layer(x), graphed(x)
+        torch.backends.cudnn.allow_tf32 = False
+        ieee, ieee_graphed = layer(x), graphed(x)
+        with autocast():
+            low, low_graphed = layer(x), graphed(x)
+        cast = copy.deepcopy(layer).to(torch.bfloat16)(x.to(torch.bfloat16))
+    assert error(ieee) < 1e-5 < error(tf32), (error(ieee), error(tf32))  # TF32 keeps 10 bits of mantissa
+    assert torch.equal(tf32_graphed, tf32) and torch.equal(ieee_graphed, ieee)
+    assert low.dtype == low_graphed.dtype == torch.bfloat16
+    assert torch.equal(low, cast) and torch.equal(low_graphed, cast)
+    assert len(graphed._graphs) == 3
+
+
 class _FakeCompiled:
     """Stands in for Triton's compiled kernel: compiled[grid](*args) records the launch."""
 
