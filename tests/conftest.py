@@ -41,6 +41,20 @@ def load_benchmark(name: str):
     return module
 
 
+def traced(module, x):
+    """torch.compile(module, fullgraph=True) called on x, through a backend that keeps the FX graph
+    Dynamo hands it: (the compiled call's output, that graph's call_function nodes)."""
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    out = torch.compile(module, backend=keep, fullgraph=True)(x)
+    return out, [n for n in graphs[0].graph.nodes if n.op == "call_function"]
+
+
 def run_compiling(script, tmp_path, *args):
     """Run `script` (with `args`) in a child Python without TRITON_INTERPRET, so that it compiles
     (for a GPU it need not have), with Triton's and our caches under tmp_path and tests/ and

@@ -13,7 +13,7 @@ import warnings
 import pytest
 import torch
 import torchvision
-from conftest import DEVICE
+from conftest import DEVICE, traced
 from torch import nn
 
 from fused_resnet import (
@@ -362,31 +362,22 @@ def test_chain_refuses_what_it_cannot_run():
 def test_torch_compile_traces_chained_blocks_as_the_chain_op():
     block = fuse(model("resnet50"), chain_blocks=True).layer1
     x = torch.randn(2, 64, 6, 6)
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
     with kernels.use_backend("reference"), torch.no_grad():
         eager = block(x)
-        traced = torch.compile(block, backend=record, fullgraph=True)(x)
-    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+        out, nodes = traced(block, x)
+    targets = [str(n.target) for n in nodes]
     # layer1: block 0 runs conv1, conv2 and the chain; block 1 conv2 and the chain; block 2 conv2
     # and its last conv alone: traced, nothing is handed to layer2, which runs its first conv itself.
     assert targets.count("fused_resnet.chain_1x1") == 2 and targets.count("fused_resnet.conv2d_bias_act") == 5, targets
-    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     with_3x3 = fuse(model("resnet50"), chain_blocks=True, chain_3x3=True).layer1
-    graphs.clear()
-    torch._dynamo.reset()
     with kernels.use_backend("reference"), torch.no_grad():
         eager = with_3x3(x)
-        traced = torch.compile(with_3x3, backend=record, fullgraph=True)(x)
-    chains = [n for n in graphs[0].graph.nodes if str(n.target) == "fused_resnet.conv_chain_1x1"]
+        out, nodes = traced(with_3x3, x)
+    chains = [n for n in nodes if str(n.target) == "fused_resnet.conv_chain_1x1"]
     # each block's 3x3 in its chain, the last one's without layer2.0's first conv
     assert [n.args[9] is None for n in chains] == [False, False, True], chains
-    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
 
 
 # Which Bottlenecks run their 3x3 conv inside their last conv's kernel (fuse(chain_3x3=True)): those
@@ -468,22 +459,14 @@ def test_a_block_with_a_3x3_head_runs_alone_traces_as_one_op_and_refuses_what_it
     again.load_state_dict(fused.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(again(images()), fused(images()))
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
     with torch.no_grad():
         eager = fused.layer1(torch.randn(2, 64, 6, 6, generator=torch.Generator().manual_seed(2)))
-        traced = torch.compile(fused.layer1, backend=record, fullgraph=True)(
-            torch.randn(2, 64, 6, 6, generator=torch.Generator().manual_seed(2)))
-    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+        out, nodes = traced(fused.layer1, torch.randn(2, 64, 6, 6, generator=torch.Generator().manual_seed(2)))
+    targets = [str(n.target) for n in nodes]
     # layer1: block 0 runs conv1 and its chain; blocks 1 and 2 their chains alone.
     assert targets.count("fused_resnet.conv_chain_1x1") == 3 and targets.count("fused_resnet.conv2d_bias_act") == 1, \
         targets
-    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="head must be a conv of one group with a ReLU"):
         FusedConvChain1x1.from_convs(fuse(model("resnext50_32x4d")).layer1[1].conv2, plain.layer1[1].conv3)
     with pytest.raises(ValueError, match=r"head_weight must be a conv weight \(64, C, R, S\)"):
@@ -538,19 +521,12 @@ def test_under_autocast_the_fused_network_computes_as_torchvisions_does(switches
 def test_torch_compile_traces_the_casts_of_autocast():
     block = fuse(model("resnet50")).layer1[0]
     x = torch.randn(2, 64, 6, 6)
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
     with kernels.use_backend("reference"), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         eager = block(x)
-        traced = torch.compile(block, backend=record, fullgraph=True)(x)
-    assert traced.dtype == eager.dtype == torch.bfloat16
-    assert torch.equal(traced, eager)
-    ops = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+        out, nodes = traced(block, x)
+    assert out.dtype == eager.dtype == torch.bfloat16
+    assert torch.equal(out, eager)
+    ops = [str(n.target) for n in nodes]
     assert ops.count("fused_resnet.conv2d_bias_act") == 3, ops
 
 

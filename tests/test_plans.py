@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, H100_LAUNCHES, randomize_bn, run_compiling
+from conftest import DEVICE, H100_LAUNCHES, randomize_bn, run_compiling, traced
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 from torchvision.models.resnet import Bottleneck
@@ -381,19 +381,12 @@ def test_plans_are_bounded():
 def test_a_block_traced_by_torch_compile_calls_the_registered_ops():
     block = FusedBottleneck.from_torchvision(randomize_bn(Bottleneck(32, 8)).eval())
     x = torch.randn(2, 32, 6, 6)
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    compiled = torch.compile(block, backend=record, fullgraph=True)
     with torch.no_grad():
         eager = block(x)
-        traced = compiled(x)
-    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+        out, nodes = traced(block, x)
+    targets = [str(n.target) for n in nodes]
     assert targets.count("fused_resnet.conv2d_bias_act") == 3, targets
-    torch.testing.assert_close(traced, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_torch_export_keeps_one_registered_op_per_fused_layer():
