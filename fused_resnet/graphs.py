@@ -48,8 +48,10 @@ class CUDAGraphModule(nn.Module):
     CPU tensors run the module as it is, with no graph. Inference only: calls run under
     torch.no_grad(). A fused layer given new weights (load_state_dict, a buffer assigned), moved or
     cast drops its launch plans, some of which hold copies of its weights laid out for the kernel,
-    and the next call captures the graph again; a module of other kinds is expected not to change
-    between calls other than in place (its weights are read in place).
+    and the next call captures the graph again (the drops are counted for the whole process, one
+    number to compare a call: another fused network moved or loaded costs this one a capture too);
+    a module of other kinds is expected not to change between calls other than in place (its
+    weights are read in place).
     """
 
     def __init__(self, module: nn.Module, *, copy_output: bool = True, warmup: int = 3, max_graphs: int = 8):
