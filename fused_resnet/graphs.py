@@ -74,9 +74,7 @@ class CUDAGraphModule(nn.Module):
         if self._plans_seen != modules.PlannedLayer.plans_dropped:
             # A fused layer dropped its plans: the graphs would replay the old ones' launches.
             self._graphs, self._plans_seen = {}, modules.PlannedLayer.plans_dropped
-        autocast = kernels.backend.autocast_dtype(x)
-        key = (x.shape, x.stride(), x.dtype, x.device, autocast, kernels.current_backend(),
-               kernels.backend.precision_key(x.dtype if autocast is None else autocast))
+        key = (x.shape, x.stride(), x.dtype, x.device, kernels.current_backend(), kernels.backend.call_settings(x))
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(x)

@@ -267,9 +267,7 @@ def _compiles_ahead(x):
 
 def _input_key(x):
     # (A layout of its own compiles no kernel of its own; autocast and the TF32 settings may.)
-    autocast = kernels.backend.autocast_dtype(x)
-    return (tuple(x.shape), x.dtype, x.device, autocast,
-            kernels.backend.precision_key(x.dtype if autocast is None else autocast))
+    return tuple(x.shape), x.dtype, x.device, kernels.backend.call_settings(x)
 
 
 def _recorded(name, plan, *operands):

@@ -361,6 +361,13 @@ def autocast_dtype(x: torch.Tensor, device_type: str | None = None):
     return torch.get_autocast_dtype(kind)
 
 
+def call_settings(x: torch.Tensor):
+    """The torch settings besides the backend that a call on x computes under and a compiled plan
+    binds: (autocast_dtype(x), the precision_key of the dtype it computes in)."""
+    autocast = autocast_dtype(x)
+    return autocast, precision_key(x.dtype if autocast is None else autocast)
+
+
 def autocast_cast(dtype, *tensors):
     """`tensors` as autocast hands them to a conv computed in `dtype` (None: as they are): each
     floating-point tensor other than float64 in `dtype`, the rest (None too) unchanged."""
