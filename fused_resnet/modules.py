@@ -61,10 +61,9 @@ class PlannedLayer(InferenceOnly):
     arguments were all done when that plan was built, on the first call with that signature.
     Under tracing (torch.compile, torch.export, fake tensors, TorchScript tracing) and for
     unbatched input, the layer calls the registered torch op instead, so a traced graph holds one
-    op per layer. Plans hold the layer's weights, some of them
-    as a copy laid out for the kernel: moving or casting the layer (`.to()`, `.half()`), assigning
-    a buffer or loading a state dict drops them (a buffer changed in place otherwise does not);
-    copies and pickles start without any.
+    op per layer. Plans hold the layer's weights, some of them as a copy laid out for the kernel:
+    moving or casting the layer (`.to()`, `.half()`), assigning a buffer or loading a state dict
+    drops them (a buffer changed in place otherwise does not); copies and pickles start without any.
     """
 
     op_name = ""  # the registered op the layer runs, as the profiler names it
