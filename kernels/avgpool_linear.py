@@ -193,7 +193,7 @@ def avgpool_linear(input, weight, bias=None):
     """
     if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("avgpool_linear: input and weight must be tensors")
-    input, weight, bias = backend.autocast_cast(backend.autocast_dtype(input), input, weight, bias)
+    input, weight, bias = backend.autocast_operands(input, weight, bias)
     return torch.ops.fused_resnet.avgpool_linear(input, weight, bias, backend.current_backend())
 
 

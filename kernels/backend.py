@@ -377,6 +377,12 @@ def autocast_cast(dtype, *tensors):
                  else t for t in tensors)
 
 
+def autocast_operands(x, *tensors):
+    """(x, *tensors) as torch.autocast hands them to a conv on x (autocast_dtype, autocast_cast): an
+    op's Python wrapper casts its operands so, as F.conv2d's are."""
+    return autocast_cast(autocast_dtype(x), x, *tensors)
+
+
 def on_gpu(x: torch.Tensor) -> bool:
     """Whether a Triton launch on `x` is compiled for a GPU (x on CUDA, or CPU tensors inside
     precompile.compile_only(gpu=...)) rather than interpreted."""

@@ -452,8 +452,8 @@ def chain_1x1(input, weight, bias, residual, next_weight, next_bias=None, *, sho
     configs.chain_candidates), and on the cuDNN and reference backends, the two convs run one
     after the other (the same result).
     """
-    input, weight, bias, residual, next_weight, next_bias, shortcut_weight = backend.autocast_cast(
-        backend.autocast_dtype(input), input, weight, bias, residual, next_weight, next_bias, shortcut_weight)
+    input, weight, bias, residual, next_weight, next_bias, shortcut_weight = backend.autocast_operands(
+        input, weight, bias, residual, next_weight, next_bias, shortcut_weight)
     return torch.ops.fused_resnet.chain_1x1(input, weight, bias, residual, next_weight, next_bias, shortcut_weight,
                                             list(pair("shortcut_stride", shortcut_stride)), backend.current_backend())
 
@@ -471,8 +471,8 @@ def conv_chain_1x1(input, head_weight, head_bias, weight, bias, residual, next_w
     stride, padding, dilation, shortcut_stride = igemm.normalize_args(input, head_weight, stride, padding, dilation, 1,
                                                                       shortcut_stride, op="conv_chain_1x1")
     input, head_weight, head_bias, weight, bias, residual, next_weight, next_bias, shortcut_weight = (
-        backend.autocast_cast(backend.autocast_dtype(input), input, head_weight, head_bias, weight, bias, residual,
-                              next_weight, next_bias, shortcut_weight))
+        backend.autocast_operands(input, head_weight, head_bias, weight, bias, residual, next_weight, next_bias,
+                                  shortcut_weight))
     out = torch.ops.fused_resnet.conv_chain_1x1(input, head_weight, head_bias, list(stride), list(padding),
                                                 list(dilation), weight, bias, residual, next_weight, next_bias,
                                                 shortcut_weight, list(shortcut_stride), backend.current_backend())

@@ -294,12 +294,12 @@ def conv2d_bias_act(input, weight, bias=None, stride=1, padding=0, dilation=1, g
     shortcut's bias into `bias`.
 
     The backend (Triton, reference, cuDNN) follows kernels.backend. Under torch.autocast the operands
-    are cast as F.conv2d's would be (kernels.backend.autocast_cast).
+    are cast as F.conv2d's would be (kernels.backend.autocast_operands).
     """
     stride, padding, dilation, shortcut_stride = normalize_args(input, weight, stride, padding, dilation, groups,
                                                                 shortcut_stride)
-    input, weight, bias, residual, shortcut_weight = backend.autocast_cast(
-        backend.autocast_dtype(input), input, weight, bias, residual, shortcut_weight)
+    input, weight, bias, residual, shortcut_weight = backend.autocast_operands(input, weight, bias, residual,
+                                                                               shortcut_weight)
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)

@@ -292,7 +292,7 @@ def conv2d_bias_act_maxpool(input, weight, bias=None, stride=1, padding=0, dilat
     `relu`. 4-D input gives a channels_last output. The conv's output is never written to memory.
     """
     args = _normalize(input, weight, stride, padding, dilation, groups, pool_size, pool_stride, pool_padding)
-    input, weight, bias = backend.autocast_cast(backend.autocast_dtype(input), input, weight, bias)
+    input, weight, bias = backend.autocast_operands(input, weight, bias)
     unbatched = input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
