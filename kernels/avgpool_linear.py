@@ -146,14 +146,16 @@ def plan_avgpool_linear(x, weight, bias=None, *, backend_name=None, traceable=Fa
         return (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(j, meta["BLOCK_N"]), 1, meta.get("SPLIT_K", 1))
 
     sms = igemm.launch_multiprocessors(x)
+    # (Dynamic shapes: configs are the traced sizes'; the kernel takes the sizes themselves.)
+    images, pixels = backend.hint(n), backend.hint(h * w)
     launch = backend.KernelLaunch(_avgpool_linear_kernel, grid, {**args, "SPLIT_K": 1}, on_cuda=x.is_cuda,
                                   traceable=traceable, op="avgpool_linear",
-                                  config=configs.interpreted({**configs.head_interpreter(n, j, c, h * w),
+                                  config=configs.interpreted({**configs.head_interpreter(images, j, c, pixels),
                                                               "SPLIT_K": igemm.INTERPRETER_SPLIT_K})
                                   if interpret else None,
-                                  key=configs.shape_key(M=n, C=c, HW=h * w, J=j, prec=args["INPUT_PRECISION"],
+                                  key=configs.shape_key(M=images, C=c, HW=pixels, J=j, prec=args["INPUT_PRECISION"],
                                                         bias=bias is not None),
-                                  candidates=configs.head_candidates(n, j, c, h * w, x.element_size(), sms=sms),
+                                  candidates=configs.head_candidates(images, j, c, pixels, x.element_size(), sms=sms),
                                   scratch=split_scratch(grid))
 
     def launch_into(y, x):

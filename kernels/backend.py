@@ -383,6 +383,29 @@ def autocast_operands(x, *tensors):
     return autocast_cast(autocast_dtype(x), x, *tensors)
 
 
+def hint(size) -> int:
+    """`size` as an int. A symbolic size (torch.compile's dynamic shapes, a torch.export Dim) gives
+    the value the trace was made with, read without a guard, so the traced graph stays general in
+    it: the kernels take their sizes as arguments and mask their edges, so what a launch decides
+    from the hint (its config, the key it is looked up under) holds for every size the graph runs."""
+    if not isinstance(size, torch.SymInt):
+        return size
+    value = size.node.hint
+    if value is None:
+        raise ValueError(f"kernels: the size {size} depends on data (an unbacked symbol); the fused kernels "
+                         f"need sizes that are known when the graph is traced")
+    return value
+
+
+def aligned(t: torch.Tensor) -> bool:
+    """Whether t's data starts at a multiple of 16 bytes (what tensor descriptors need). A traced
+    tensor (fake) has no address: there its offset into its storage decides, as PyTorch's and
+    Inductor's allocators start each storage at such a multiple."""
+    if is_fake(t):
+        return hint(t.storage_offset()) * t.element_size() % 16 == 0
+    return t.data_ptr() % 16 == 0
+
+
 def on_gpu(x: torch.Tensor) -> bool:
     """Whether a Triton launch on `x` is compiled for a GPU (x on CUDA, or CPU tensors inside
     precompile.compile_only(gpu=...)) rather than interpreted."""
@@ -446,7 +469,9 @@ class KernelLaunch:
         # So it launches as it is; torch 2.11's wrap_triton refuses the interpreter's kernels.)
         if self.traceable and self.on_cuda:
             if "num_warps" in config:  # a traced launch takes warps and stages from a one-config autotuner
-                kernel, kwargs = _single_config(self.kernel, config), self.args
+                # (which also sets the config's switches: an argument both passes and sets is refused)
+                kernel = _single_config(self.kernel, config)
+                kwargs = {k: v for k, v in self.args.items() if k not in config}
             kernel = wrap_triton(kernel)
         return kernel, self.grid(config), kwargs
 

@@ -272,10 +272,12 @@ def _plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_stri
                                           block_s=block_s, head_channels=ch)
     n, _, p, q = y_shape
     m = n * p * q
-    if path != "triton" or not chain_fits(c, j, cs) or not candidates or _too_few_programs(x, m, candidates):
+    m_hint = backend.hint(m)  # (a dynamic batch: decided for the traced size; the kernel takes m itself)
+    if (path != "triton" or not chain_fits(c, j, cs) or not candidates
+            or _too_few_programs(x, m_hint, candidates)):
         return _apart_plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_weight,
                            shortcut_stride, backend_name, traceable)
-    if m >= 2**31:
+    if m_hint >= 2**31:
         raise ValueError(f"{op}: {m} output rows; at most 2**31 - 1 are supported")
     w2 = _as_matrix(weight)
     v2 = None if next_weight is None else _as_matrix(next_weight)
@@ -315,7 +317,8 @@ def _plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_stri
         launch = backend.KernelLaunch(_chain_1x1_kernel, grid, args, on_cuda=False, traceable=traceable,
                                       config=config)
     else:
-        sizes = {name: v for name, v in args.items() if not name.startswith("stride_") and name != "DOT_FP32"}
+        sizes = {name: backend.hint(v) for name, v in args.items()
+                 if not name.startswith("stride_") and name != "DOT_FP32"}
         launch = backend.KernelLaunch(
             _chain_1x1_kernel, grid, args, on_cuda=x.is_cuda, traceable=traceable, op=op,
             key=configs.shape_key(bias=bias is not None, next_bias=next_bias is not None,

@@ -245,9 +245,9 @@ def _plan(x, weight, bias, stride, padding, dilation, groups, residual, relu, sh
         x = to_layout(x)
         if copy_residual:
             residual = residual.contiguous(memory_format=torch.channels_last)
-        if (dense or boxes) and x.data_ptr() % 16:
+        if (dense or boxes) and not backend.aligned(x):
             x = x.clone(memory_format=torch.channels_last)  # descriptors need 16-byte aligned rows
-        if (dense or boxes) and kind == "residual" and residual.data_ptr() % 16:
+        if (dense or boxes) and kind == "residual" and not backend.aligned(residual):
             residual = residual.clone(memory_format=torch.channels_last)  # so does the residual's
         launch(x, weight, bias, residual, shortcut_weight, y)
 

@@ -601,7 +601,7 @@ def dense_1x1(x, weight, stride, padding, dilation, groups):
     return (launch_has_tma(x) and (r, s) == (1, 1) and tuple(stride) == (1, 1) and not any(padding)
             and tuple(dilation) == (1, 1) and groups == 1 and x.stride() == backend.channels_last_strides(x.shape)
             and weight.stride()[:2] == (c, 1)
-            and (c * x.element_size()) % 16 == 0 and (k * x.element_size()) % 16 == 0 and weight.data_ptr() % 16 == 0)
+            and (c * x.element_size()) % 16 == 0 and (k * x.element_size()) % 16 == 0 and backend.aligned(weight))
 
 
 # A stride-2 conv's box tiles read channel blocks of a 5-D view in which each pixel's channels run
@@ -622,7 +622,7 @@ def box_schedule(x, weight, stride, groups):
     return (launch_has_tma(x) and r * s > 1 and (tuple(stride) == (1, 1) or strided) and groups == 1
             and x.stride() == backend.channels_last_strides(x.shape)
             and weight.stride() == backend.channels_last_strides(weight.shape)
-            and (c * size) % 16 == 0 and (k * size) % 16 == 0 and weight.data_ptr() % 16 == 0)
+            and (c * size) % 16 == 0 and (k * size) % 16 == 0 and backend.aligned(weight))
 
 
 def _box_pixels(p, q, block_m, w):
@@ -905,8 +905,9 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     `shared_bytes(config)`: the shared memory a config takes, for a kernel whose main loop is not
     configs.gemm_shared_bytes's (None: it is).
     """
-    if m >= 2**31:
+    if backend.hint(m) >= 2**31:
         raise ValueError(f"{name}: {m} output rows; at most 2**31 - 1 are supported")
+    m_hint = backend.hint(m)  # (a dynamic batch: configs are the traced size's; the kernel takes m itself)
     interpret = not backend.on_gpu(x)
     k, cg, r, s = weight.shape
     check_window(name, (x.stride(1), x.stride(2), x.stride(3)), cg, (r, s), dilation)
@@ -951,7 +952,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     scratch = split_scratch(grid) if split else None
     reduction = max(cg * r * s if flat_k else cg, extra_reduction)
     if interpret:
-        config = {**configs.interpreter(m, kg, reduction), "FLAT_LOOP": INTERPRETER_FLAT_LOOP,
+        config = {**configs.interpreter(m_hint, kg, reduction), "FLAT_LOOP": INTERPRETER_FLAT_LOOP,
                   "ROWS": int(rows and INTERPRETER_ROWS)}
         if dense is not None:
             config["USE_TMA"] = int(bool(dense and INTERPRETER_TMA))
@@ -964,7 +965,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
                                     scratch=scratch, descriptors=bool(config.get("USE_TMA") or config.get("BOX_W")))
     # The key: every size and flag of the launch (the batch only through M, bucketed), no strides.
     # (ROWS and BOX_W in args are the defaults of config switches, which the config overrides.)
-    sizes = {k: v for k, v in args.items()
+    sizes = {k: backend.hint(v) for k, v in args.items()
              if not k.startswith("stride_") and k not in ("DOT_FP32", "ROWS", "BOX_W", "SPLIT_K")}
     switches = {"FLAT_LOOP": 1}
     if dense is not None:
@@ -979,7 +980,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     if cg < FLAT_K_BELOW and x.element_size() >= 4:
         max_acc_per_thread = min(max_acc_per_thread, FEW_CHANNELS_FP32_MAX_ACC)
     smem = launch_shared_memory(x)
-    candidates = configs.candidates(m, kg, reduction, x.element_size(), smem, switches=switches,
+    candidates = configs.candidates(m_hint, kg, reduction, x.element_size(), smem, switches=switches,
                                     max_acc_per_thread=max_acc_per_thread, shared_bytes=shared_bytes,
                                     ieee=ieee_fp32(x.dtype))
     if not flat_k:
@@ -987,7 +988,7 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     variants = []
     if split and not flat_k:
         sms = launch_multiprocessors(x)
-        split_k = configs.split_variant(m, kg, groups, loop_trips(r * s, cg, extra_reduction), sms)
+        split_k = configs.split_variant(m_hint, kg, groups, loop_trips(r * s, cg, extra_reduction), sms)
         if split_k(candidates[0]) is not None:  # the layer's tiles are few even at the first candidate's size
             variants.append(split_k)
     if boxes:

@@ -690,6 +690,151 @@ def test_a_direct_launch_hands_the_compiled_kernel_what_a_plain_launch_does(tmp_
     assert all(c["arguments"][0] == c["arguments"][1] == 9 + c["arguments"][2] for c in checked), checked
 
 
+# Tracing with an H100's plans, without one: the model's buffers and input as fake CUDA tensors (a
+# FakeTensorMode needs no GPU), the device queries answered for an H100, and the fused network
+# traced with make_fx, as torch.compile and torch.export trace it, each registered op running its
+# body (plan, config, wrap_triton launch) on the fake tensors. Each case: the fused ops traced, the
+# kernels launched through wrap_triton, the guards the trace put on the input's sizes, and the
+# output's batch as the input's (symbolic where the batch is dynamic).
+GPU_TRACE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch, torchvision
+    import fused_resnet
+    from fused_resnet.kernels import backend, precompile
+    from torch.func import functional_call
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    precompile.device_target = lambda index: precompile.TARGETS["H100"]
+    backend._device_name = lambda index: "NVIDIA H100 80GB HBM3"
+    torch.cuda.current_device = lambda: 0
+    wrapped = []
+    wrap_triton = backend.wrap_triton
+
+    def spy(kernel):
+        inner = kernel
+        while hasattr(inner, "fn"):  # (an autotuner's JITFunction, a JITFunction's Python function)
+            inner = inner.fn
+        wrapped.append(inner.__name__)
+        return wrap_triton(kernel)
+
+    backend.wrap_triton = spy
+
+    def static(t):
+        return StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC] * t.dim())
+
+    found = []
+    for arch, dtype, batch, dynamic, switches in json.loads(sys.argv[1]):
+        torch.manual_seed(0)
+        fused = fused_resnet.fuse(getattr(torchvision.models, arch)().eval(), dtype=getattr(torch, dtype),
+                                  **switches)
+        mode = FakeTensorMode(shape_env=ShapeEnv())
+        dims = [DimDynamic.DYNAMIC if d in dynamic else DimDynamic.STATIC for d in ("batch", "", "image", "image")]
+        x = mode.from_tensor(torch.randn(batch, 3, 224, 224, dtype=getattr(torch, dtype)),
+                             symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+        # (Parameters and buffers are static, as torch.compile and torch.export trace them.)
+        state = {name: mode.from_tensor(t, symbolic_context=static(t))
+                 for name, t in [*fused.named_parameters(), *fused.named_buffers()]}
+        wrapped.clear()
+        out = []
+        with mode, torch.no_grad():
+            x = x.to("cuda").contiguous(memory_format=torch.channels_last)
+            state = {name: t.to("cuda") for name, t in state.items()}
+            graph = make_fx(lambda x, state: out.append(functional_call(fused, state, (x,))) or out[-1],
+                            tracing_mode="real")(x, state)
+        ops = [str(n.target) for n in graph.graph.nodes if str(n.target).startswith("fused_resnet.")]
+        found.append({"ops": ops, "kernels": list(wrapped), "guards": [str(g.expr) for g in mode.shape_env.guards],
+                      "batch": [str(x.shape[0]), str(out[-1].shape[0])], "classes": out[-1].shape[1]})
+
+    # torch.export with a batch Dim, which refuses a trace that guards on it.
+    class Network(torch.nn.Module):
+        def forward(self, x, state):
+            return functional_call(fused, state, (x,))
+
+    fused = fused_resnet.fuse(torchvision.models.resnet50().eval(), dtype=torch.float16)
+    mode = FakeTensorMode()
+    with mode:
+        x = mode.from_tensor(torch.randn(8, 3, 224, 224, dtype=torch.float16)).to("cuda")
+        state = {name: mode.from_tensor(t).to("cuda") for name, t in [*fused.named_parameters(),
+                                                                       *fused.named_buffers()]}
+        batch = torch.export.Dim("batch", min=2, max=1024)
+        exported = torch.export.export(Network(), (x.contiguous(memory_format=torch.channels_last), state),
+                                       dynamic_shapes=({0: batch}, {name: None for name in state}))
+    ops = [str(n.target) for n in exported.graph.nodes if str(n.target).startswith("fused_resnet.")]
+    found.append({"ops": ops, "ranges": sorted(str(r) for r in exported.range_constraints.values())})
+    print(json.dumps(found))
+""")
+
+GPU_TRACE_CASES = [  # arch, dtype, batch, dynamic sizes, fuse's switches
+    ("resnet18", "float16", 8, [], {}),
+    ("resnet50", "float16", 32, ["batch"], {}),
+    ("resnet50", "float16", 2, ["batch"], {}),  # few output tiles: split-K configs
+    ("resnet50", "float16", 16, ["batch"], {"chain_blocks": True, "chain_3x3": True}),
+    ("resnext50_32x4d", "bfloat16", 16, ["batch"], {}),
+    ("resnet50", "float32", 16, ["batch"], {"residual_epilogue": False, "merge_downsample": False,
+                                            "stem_maxpool": False, "avgpool_fc": False}),
+    ("resnet18", "float16", 8, ["batch", "image"], {}),
+]
+
+
+def test_the_gpu_kernels_trace_for_any_batch(tmp_path):
+    # torch.compile and torch.export trace a registered op's body with fake tensors, on a GPU with
+    # its kernels' launches through wrap_triton; with a dynamic batch (torch.export's Dim,
+    # torch.compile(dynamic=True), or its automatic dynamic shapes at the second batch size) the
+    # sizes are symbolic. The configs are then decided for the traced batch and no size is
+    # guarded on: one graph serves every batch. Traced here with an H100's plans, compiled
+    # kernels (no interpreter), as the GPU would trace them.
+    found = run_compiling(GPU_TRACE_SCRIPT, tmp_path, json.dumps(GPU_TRACE_CASES))
+    exported = found.pop()
+    assert len(exported["ops"]) == 50 and exported["ranges"] == ["VR[2, 1024]"], exported
+    for (arch, dtype, batch, dynamic, switches), case in zip(GPU_TRACE_CASES, found):
+        where = f"{arch} {dtype} batch {batch} dynamic {dynamic} {switches}"
+        assert len(case["ops"]) >= {"resnet18": 10, "resnet50": 18, "resnext50_32x4d": 18}[arch], where
+        # Every op launched its kernels through wrap_triton, as a traced launch must.
+        assert len(case["kernels"]) >= len(case["ops"]) and "_conv2d_bias_act_kernel" in case["kernels"], where
+        assert case["classes"] == 1000, where
+        if dynamic == ["batch"]:
+            assert case["guards"] == [], where
+            assert case["batch"][0] == case["batch"][1] and not case["batch"][0].isdigit(), where
+        elif not dynamic:
+            assert case["batch"] == [str(batch)] * 2, where
+    chained = found[3]
+    assert "fused_resnet.conv_chain_1x1.default" in chained["ops"], chained["ops"]
+    unfused = found[5]
+    assert "fused_resnet.add_relu.default" in unfused["ops"] and "_add_relu_kernel" in unfused["kernels"]
+
+
+@pytest.mark.gpu
+def test_a_compiled_and_an_exported_network_serve_every_batch():
+    # The GPU side of the trace above: torch.compile(dynamic=True) and torch.export with a batch Dim
+    # make one graph, which then runs other batch sizes and matches the eager network.
+    import torchvision
+
+    from fused_resnet import fuse
+    from fused_resnet.validate import synthetic_batchnorm
+
+    model = fuse(synthetic_batchnorm(torchvision.models.resnet18(num_classes=10), size=32),
+                 dtype=torch.float16).cuda()
+    xs = [torch.randn(n, 3, 32, 32, device="cuda", dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+          for n in (4, 6, 9)]  # (no batch of 3: dynamo would give it the channels' symbol)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    with torch.no_grad():
+        eager = [model(x) for x in xs]
+        compiled = torch.compile(model, dynamic=True)
+        outs = [compiled(xs[0])]
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        outs += [compiled(x) for x in xs[1:]]
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing traced again
+        batch = torch.export.Dim("batch", min=2, max=1024)
+        exported = torch.export.export(model, (xs[0],), dynamic_shapes={"x": {0: batch}}).module()
+        outs += [exported(x) for x in xs]
+    for out, expected in zip(outs, eager * 2):
+        assert out.shape == expected.shape
+        torch.testing.assert_close(out, expected, rtol=0, atol=2e-2 * expected.abs().max().item())
+
+
 LAUNCH_COSTS_SCRIPT = textwrap.dedent("""
     import json, sys
     import host_overhead
