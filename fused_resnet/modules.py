@@ -59,11 +59,12 @@ class PlannedLayer(InferenceOnly):
     device, and the residual's; the kernels backend, torch.autocast and, for float32, the TF32
     settings in force) and runs it: the checks, argument normalization, backend choice and launch
     arguments were all done when that plan was built, on the first call with that signature.
-    Under tracing (torch.compile, torch.export, fake tensors, TorchScript tracing) and for
-    unbatched input, the layer calls the registered torch op instead, so a traced graph holds one
-    op per layer. Plans hold the layer's weights, some of them as a copy laid out for the kernel:
-    moving or casting the layer (`.to()`, `.half()`), assigning a buffer or loading a state dict
-    drops them (a buffer changed in place otherwise does not); copies and pickles start without any.
+    Under tracing (torch.compile, torch.export, fake tensors, TorchScript tracing), for the
+    addressless tensors of torch.func.functionalize and for unbatched input, the layer calls the
+    registered torch op instead, so a traced graph holds one op per layer. Plans hold the
+    layer's weights, some of them as a copy laid out for the kernel: moving or casting the layer
+    (`.to()`, `.half()`), assigning a buffer or loading a state dict drops them (a buffer changed
+    in place otherwise does not); copies and pickles start without any.
     """
 
     op_name = ""  # the registered op the layer runs, as the profiler names it
@@ -93,7 +94,8 @@ class PlannedLayer(InferenceOnly):
     def _planned(self, x, residual=None):
         """The plan for this input, or None where the registered op must run (which, under
         torch.autocast, casts as the plan does)."""
-        if type(x) is not torch.Tensor or x.dim() != 4 or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        if (type(x) is not torch.Tensor or x.dim() != 4 or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch._is_functional_tensor(x)):
             check_input(self, x, self.in_channels, self.weight, self._autocast(x))
             return None
         device = x.device

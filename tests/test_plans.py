@@ -206,6 +206,23 @@ def test_load_state_dict_reaches_the_plans(name, backend):
             assert not torch.allclose(got, old), name
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("name", ["conv_shortcut", "stem", "head", "chain3x3"])
+def test_a_functionalized_layer_runs_the_registered_op(name, backend):
+    # torch.func.functionalize hands the layer tensors of the plain Tensor type that wrap its
+    # inputs, without an address a kernel could read: the layer calls the op, as under tracing.
+    layer, make = layers()[name]
+    layer = layer.to(DEVICE)
+    x, residual = make()
+    x = x.to(DEVICE).contiguous(memory_format=torch.channels_last)
+    args = (x,) if residual is None else (x, residual.to(DEVICE))
+    with kernels.use_backend(backend), torch.no_grad():
+        eager = layer(*args)
+        functionalized = torch.func.functionalize(layer)(*args)
+    for got, expected in zip(*((out,) if isinstance(out, torch.Tensor) else out for out in (functionalized, eager))):
+        assert torch.equal(got, expected), name
+
+
 def test_what_drops_a_plan_is_counted_for_cuda_graphs():
     # CUDAGraphModule captures again when the count moves: its graphs replay the dropped plans' launches.
     from fused_resnet.modules import PlannedLayer
@@ -692,7 +709,7 @@ def test_a_direct_launch_hands_the_compiled_kernel_what_a_plain_launch_does(tmp_
 
 # Tracing with an H100's plans, without one: the model's buffers and input as fake CUDA tensors (a
 # FakeTensorMode needs no GPU), the device queries answered for an H100, and the fused network
-# traced with make_fx, as torch.compile and torch.export trace it, each registered op running its
+# functionalized and traced with make_fx, as torch.compile and torch.export trace it, each registered op running its
 # body (plan, config, wrap_triton launch) on the fake tensors. Each case: the fused ops traced, the
 # kernels launched through wrap_triton, the guards the trace put on the input's sizes, and the
 # output's batch as the input's (symbolic where the batch is dynamic).
@@ -741,8 +758,9 @@ GPU_TRACE_SCRIPT = textwrap.dedent("""
         with mode, torch.no_grad():
             x = x.to("cuda").contiguous(memory_format=torch.channels_last)
             state = {name: t.to("cuda") for name, t in state.items()}
-            graph = make_fx(lambda x, state: out.append(functional_call(fused, state, (x,))) or out[-1],
-                            tracing_mode="real")(x, state)
+            network = torch.func.functionalize(lambda x, state: out.append(functional_call(fused, state, (x,)))
+                                               or out[-1])  # (as AOTAutograd traces it)
+            graph = make_fx(network, tracing_mode="real")(x, state)
         ops = [str(n.target) for n in graph.graph.nodes if str(n.target).startswith("fused_resnet.")]
         found.append({"ops": ops, "kernels": list(wrapped), "guards": [str(g.expr) for g in mode.shape_env.guards],
                       "batch": [str(x.shape[0]), str(out[-1].shape[0])], "classes": out[-1].shape[1]})
