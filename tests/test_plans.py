@@ -824,9 +824,10 @@ def test_the_gpu_kernels_trace_for_any_batch(tmp_path):
 
 
 @pytest.mark.gpu
-def test_a_compiled_and_an_exported_network_serve_every_batch():
-    # The GPU side of the trace above: torch.compile(dynamic=True) and torch.export with a batch Dim
-    # make one graph, which then runs other batch sizes and matches the eager network.
+def test_a_network_compiled_for_any_batch_runs_every_batch():
+    # The GPU side of the trace above: torch.compile(dynamic=True) makes one graph of the Triton
+    # kernels (Inductor generates their launches), which runs other batch sizes too. Checked against
+    # the same folded network on torch's own ops, so that no eager first call tunes anything here.
     import torchvision
 
     from fused_resnet import fuse
@@ -839,18 +840,16 @@ def test_a_compiled_and_an_exported_network_serve_every_batch():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     with torch.no_grad():
-        eager = [model(x) for x in xs]
+        with kernels.use_backend("reference"):
+            expected = [model(x) for x in xs]
         compiled = torch.compile(model, dynamic=True)
         outs = [compiled(xs[0])]
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         outs += [compiled(x) for x in xs[1:]]
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing traced again
-        batch = torch.export.Dim("batch", min=2, max=1024)
-        exported = torch.export.export(model, (xs[0],), dynamic_shapes={"x": {0: batch}}).module()
-        outs += [exported(x) for x in xs]
-    for out, expected in zip(outs, eager * 2):
-        assert out.shape == expected.shape
-        torch.testing.assert_close(out, expected, rtol=0, atol=2e-2 * expected.abs().max().item())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing traced again
+    for out, reference in zip(outs, expected):
+        assert out.shape == reference.shape
+        torch.testing.assert_close(out, reference, rtol=0, atol=2e-2 * reference.abs().max().item())
 
 
 LAUNCH_COSTS_SCRIPT = textwrap.dedent("""
