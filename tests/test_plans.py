@@ -708,24 +708,30 @@ def test_a_direct_launch_hands_the_compiled_kernel_what_a_plain_launch_does(tmp_
 
 
 # Tracing with an H100's plans, without one: the model's buffers and input as fake CUDA tensors (a
-# FakeTensorMode needs no GPU), the device queries answered for an H100, and the fused network
-# functionalized and traced with make_fx, as torch.compile and torch.export trace it, each registered op running its
-# body (plan, config, wrap_triton launch) on the fake tensors. Each case: the fused ops traced, the
-# kernels launched through wrap_triton, the guards the trace put on the input's sizes, and the
-# output's batch as the input's (symbolic where the batch is dynamic).
+# FakeTensorMode needs no GPU), the device queries answered for an H100, Triton given a stand-in
+# H100 driver (benchmarks/host_overhead.py), and the fused network traced by AOTAutograd as
+# torch.compile traces it for Inductor: each registered op runs its body (plan, config, launch
+# through wrap_triton) on the fake tensors, and each launch becomes a functional kernel node, whose
+# tensors_to_clone are those Inductor found the kernel to write (from its Triton IR; where it
+# cannot tell, every tensor, each cloned at every call). Each case: the kernels launched, their
+# nodes' clones, the guards the trace put on the input's sizes, and the output's batch beside the
+# input's (symbolic where the batch is dynamic).
 GPU_TRACE_SCRIPT = textwrap.dedent("""
     import json, sys
-    import torch, torchvision
+    import torch, torchvision, triton
     import fused_resnet
+    from functorch.compile import aot_function, make_boxed_func
     from fused_resnet.kernels import backend, precompile
+    from host_overhead import StandInDriver
+    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional
     from torch.func import functional_call
-    from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     precompile.device_target = lambda index: precompile.TARGETS["H100"]
     backend._device_name = lambda index: "NVIDIA H100 80GB HBM3"
     torch.cuda.current_device = lambda: 0
+    triton.runtime.driver.set_active(StandInDriver(record=False))
     wrapped = []
     wrap_triton = backend.wrap_triton
 
@@ -742,7 +748,7 @@ GPU_TRACE_SCRIPT = textwrap.dedent("""
         return StatelessSymbolicContext(dynamic_sizes=[DimDynamic.STATIC] * t.dim())
 
     found = []
-    for arch, dtype, batch, dynamic, switches in json.loads(sys.argv[1]):
+    for arch, dtype, batch, dynamic, switches, _ in json.loads(sys.argv[1]):
         torch.manual_seed(0)
         fused = fused_resnet.fuse(getattr(torchvision.models, arch)().eval(), dtype=getattr(torch, dtype),
                                   **switches)
@@ -751,19 +757,26 @@ GPU_TRACE_SCRIPT = textwrap.dedent("""
         x = mode.from_tensor(torch.randn(batch, 3, 224, 224, dtype=getattr(torch, dtype)),
                              symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
         # (Parameters and buffers are static, as torch.compile and torch.export trace them.)
-        state = {name: mode.from_tensor(t, symbolic_context=static(t))
-                 for name, t in [*fused.named_parameters(), *fused.named_buffers()]}
+        named = [*fused.named_parameters(), *fused.named_buffers()]
+        state = [mode.from_tensor(t, symbolic_context=static(t)) for _, t in named]
+        graphs = []
+
+        def keep(graph, inputs):
+            graphs.append(graph)
+            return make_boxed_func(graph.forward)
+
+        def network(x, *state):
+            return functional_call(fused, {name: t for (name, _), t in zip(named, state)}, (x,))
+
         wrapped.clear()
-        out = []
         with mode, torch.no_grad():
             x = x.to("cuda").contiguous(memory_format=torch.channels_last)
-            state = {name: t.to("cuda") for name, t in state.items()}
-            network = torch.func.functionalize(lambda x, state: out.append(functional_call(fused, state, (x,)))
-                                               or out[-1])  # (as AOTAutograd traces it)
-            graph = make_fx(network, tracing_mode="real")(x, state)
-        ops = [str(n.target) for n in graph.graph.nodes if str(n.target).startswith("fused_resnet.")]
-        found.append({"ops": ops, "kernels": list(wrapped), "guards": [str(g.expr) for g in mode.shape_env.guards],
-                      "batch": [str(x.shape[0]), str(out[-1].shape[0])], "classes": out[-1].shape[1]})
+            out = aot_function(network, fw_compiler=keep)(x, *[t.to("cuda") for t in state])
+        nodes = [n for n in graphs[0].graph.nodes if n.target is triton_kernel_wrapper_functional]
+        found.append({"kernels": list(wrapped), "nodes": len(nodes),
+                      "clones": sorted({name for n in nodes for name in n.kwargs["tensors_to_clone"]}),
+                      "guards": [str(g.expr) for g in mode.shape_env.guards],
+                      "batch": [str(x.shape[0]), str(out.shape[0])], "classes": out.shape[1]})
 
     # torch.export with a batch Dim, which refuses a trace that guards on it.
     class Network(torch.nn.Module):
@@ -784,15 +797,17 @@ GPU_TRACE_SCRIPT = textwrap.dedent("""
     print(json.dumps(found))
 """)
 
-GPU_TRACE_CASES = [  # arch, dtype, batch, dynamic sizes, fuse's switches
-    ("resnet18", "float16", 8, [], {}),
-    ("resnet50", "float16", 32, ["batch"], {}),
-    ("resnet50", "float16", 2, ["batch"], {}),  # few output tiles: split-K configs
-    ("resnet50", "float16", 16, ["batch"], {"chain_blocks": True, "chain_3x3": True}),
-    ("resnext50_32x4d", "bfloat16", 16, ["batch"], {}),
+# arch, dtype, batch, dynamic sizes, fuse's switches; the kernels a forward launches: one a fused
+# layer (and an add_relu a block where residual_epilogue is off), and the stem's space-to-depth copy.
+GPU_TRACE_CASES = [
+    ("resnet18", "float16", 8, [], {}, 19),
+    ("resnet50", "float16", 32, ["batch"], {}, 51),
+    ("resnet50", "float16", 2, ["batch"], {}, 51),  # few output tiles: split-K configs
+    ("resnet50", "float16", 16, ["batch"], {"chain_blocks": True, "chain_3x3": True}, 27),
+    ("resnext50_32x4d", "bfloat16", 16, ["batch"], {}, 51),
     ("resnet50", "float32", 16, ["batch"], {"residual_epilogue": False, "merge_downsample": False,
-                                            "stem_maxpool": False, "avgpool_fc": False}),
-    ("resnet18", "float16", 8, ["batch", "image"], {}),
+                                            "stem_maxpool": False, "avgpool_fc": False}, 70),
+    ("resnet18", "float16", 8, ["batch", "image"], {}, 19),
 ]
 
 
@@ -801,26 +816,25 @@ def test_the_gpu_kernels_trace_for_any_batch(tmp_path):
     # its kernels' launches through wrap_triton; with a dynamic batch (torch.export's Dim,
     # torch.compile(dynamic=True), or its automatic dynamic shapes at the second batch size) the
     # sizes are symbolic. The configs are then decided for the traced batch and no size is
-    # guarded on: one graph serves every batch. Traced here with an H100's plans, compiled
-    # kernels (no interpreter), as the GPU would trace them.
+    # guarded on: one graph serves every batch. And Inductor, reading each kernel's Triton IR, finds
+    # it writes its output (and split-K's scratch) alone, so it copies no input before a launch.
     found = run_compiling(GPU_TRACE_SCRIPT, tmp_path, json.dumps(GPU_TRACE_CASES))
     exported = found.pop()
     assert len(exported["ops"]) == 50 and exported["ranges"] == ["VR[2, 1024]"], exported
-    for (arch, dtype, batch, dynamic, switches), case in zip(GPU_TRACE_CASES, found):
+    for (arch, dtype, batch, dynamic, switches, launches), case in zip(GPU_TRACE_CASES, found):
         where = f"{arch} {dtype} batch {batch} dynamic {dynamic} {switches}"
-        assert len(case["ops"]) >= {"resnet18": 10, "resnet50": 18, "resnext50_32x4d": 18}[arch], where
-        # Every op launched its kernels through wrap_triton, as a traced launch must.
-        assert len(case["kernels"]) >= len(case["ops"]) and "_conv2d_bias_act_kernel" in case["kernels"], where
+        assert case["nodes"] == launches and "_conv2d_bias_act_kernel" in case["kernels"], (where, case["nodes"])
+        # (out_ptr: add_relu's output)
+        assert set(case["clones"]) <= {"y_ptr", "z_ptr", "out_ptr", "partial_ptr", "count_ptr"}, (where, case["clones"])
         assert case["classes"] == 1000, where
         if dynamic == ["batch"]:
             assert case["guards"] == [], where
             assert case["batch"][0] == case["batch"][1] and not case["batch"][0].isdigit(), where
         elif not dynamic:
             assert case["batch"] == [str(batch)] * 2, where
-    chained = found[3]
-    assert "fused_resnet.conv_chain_1x1.default" in chained["ops"], chained["ops"]
-    unfused = found[5]
-    assert "fused_resnet.add_relu.default" in unfused["ops"] and "_add_relu_kernel" in unfused["kernels"]
+    assert "partial_ptr" in found[2]["clones"]  # batch 2: split-K, its scratch written
+    assert "_chain_1x1_kernel" in found[3]["kernels"], found[3]["kernels"]
+    assert "_add_relu_kernel" in found[5]["kernels"], found[5]["kernels"]
 
 
 @pytest.mark.gpu
