@@ -297,16 +297,27 @@ def output_plan(out_shape, like: torch.Tensor, launch, *, channels_last: bool = 
     """A plan that allocates the output (channels_last for 4-D) and launches the kernel into it:
     run(*operands) -> y, with launch(y, *operands). An empty output launches nothing."""
     dtype, device = like.dtype, like.device
-    fmt = torch.channels_last if channels_last and len(out_shape) == 4 else torch.contiguous_format
+    strides = channels_last_strides(out_shape) if channels_last and len(out_shape) == 4 else None
     if math.prod(out_shape) == 0:
-        return lambda *operands: torch.empty(out_shape, dtype=dtype, device=device, memory_format=fmt)
+        return lambda *operands: empty(out_shape, strides, dtype, device)
 
     def run(*operands):
-        y = torch.empty(out_shape, dtype=dtype, device=device, memory_format=fmt)
+        y = empty(out_shape, strides, dtype, device)
         launch(y, *operands)
         return y
 
     return run
+
+
+def empty(shape, strides, dtype, device) -> torch.Tensor:
+    """An uninitialized tensor of `shape` and `strides` (None: contiguous), for a kernel to write.
+    A channels_last output is made with its strides, not torch.empty's memory_format: in a graph
+    that Inductor compiles, the latter comes out as a buffer of other strides that is then copied
+    into one of these, which writes every element once more (NaN, as Inductor fills what no one
+    wrote) before the kernel writes it."""
+    if strides is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.empty_strided(shape, strides, dtype=dtype, device=device)
 
 
 # Where PyTorch's fp32 settings for an op live, most specific first: torch's newer fp32_precision API

@@ -333,9 +333,8 @@ def _plan(x, head, weight, bias, residual, next_weight, next_bias, shortcut_stri
             x = x.contiguous(memory_format=torch.channels_last)
         if residual.stride() != dense(residual.shape):
             residual = residual.contiguous(memory_format=torch.channels_last)
-        y = torch.empty(y_shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-        z = None if z_shape is None else torch.empty(z_shape, dtype=x.dtype, device=x.device,
-                                                     memory_format=torch.channels_last)
+        y = backend.empty(y_shape, dense(y_shape), x.dtype, x.device)
+        z = None if z_shape is None else backend.empty(z_shape, dense(z_shape), x.dtype, x.device)
         if m > 0:
             launch(x, *head_operands, w2, bias, residual, ws2, y, v2, next_bias, z)
         return y, z

@@ -773,7 +773,10 @@ GPU_TRACE_SCRIPT = textwrap.dedent("""
             x = x.to("cuda").contiguous(memory_format=torch.channels_last)
             out = aot_function(network, fw_compiler=keep)(x, *[t.to("cuda") for t in state])
         nodes = [n for n in graphs[0].graph.nodes if n.target is triton_kernel_wrapper_functional]
-        found.append({"kernels": list(wrapped), "nodes": len(nodes),
+        # (Inductor lowers torch.empty without its memory_format: a channels_last one is copied.)
+        copied = [n for n in graphs[0].graph.nodes if n.target is torch.ops.aten.empty.memory_format
+                  and n.kwargs.get("memory_format") == torch.channels_last]
+        found.append({"kernels": list(wrapped), "nodes": len(nodes), "channels_last_empty": len(copied),
                       "clones": sorted({name for n in nodes for name in n.kwargs["tensors_to_clone"]}),
                       "guards": [str(g.expr) for g in mode.shape_env.guards],
                       "batch": [str(x.shape[0]), str(out.shape[0])], "classes": out.shape[1]})
@@ -817,13 +820,15 @@ def test_the_gpu_kernels_trace_for_any_batch(tmp_path):
     # torch.compile(dynamic=True), or its automatic dynamic shapes at the second batch size) the
     # sizes are symbolic. The configs are then decided for the traced batch and no size is
     # guarded on: one graph serves every batch. And Inductor, reading each kernel's Triton IR, finds
-    # it writes its output (and split-K's scratch) alone, so it copies no input before a launch.
+    # it writes its output (and split-K's scratch) alone, so it copies no input before a launch;
+    # the outputs are made with their strides (backend.empty), so none is written twice.
     found = run_compiling(GPU_TRACE_SCRIPT, tmp_path, json.dumps(GPU_TRACE_CASES))
     exported = found.pop()
     assert len(exported["ops"]) == 50 and exported["ranges"] == ["VR[2, 1024]"], exported
     for (arch, dtype, batch, dynamic, switches, launches), case in zip(GPU_TRACE_CASES, found):
         where = f"{arch} {dtype} batch {batch} dynamic {dynamic} {switches}"
         assert case["nodes"] == launches and "_conv2d_bias_act_kernel" in case["kernels"], (where, case["nodes"])
+        assert case["channels_last_empty"] == 0, where
         # (out_ptr: add_relu's output)
         assert set(case["clones"]) <= {"y_ptr", "z_ptr", "out_ptr", "partial_ptr", "count_ptr"}, (where, case["clones"])
         assert case["classes"] == 1000, where
@@ -842,7 +847,9 @@ def test_a_network_compiled_for_any_batch_runs_every_batch():
     # The GPU side of the trace above: torch.compile(dynamic=True) makes one graph of the Triton
     # kernels (Inductor generates their launches), which runs other batch sizes too. Checked against
     # the same folded network on torch's own ops, so that no eager first call tunes anything here.
+    # Inductor's code writes no output before its kernel does (it fills what no one wrote with NaN).
     import torchvision
+    from torch._inductor.utils import run_and_get_code
 
     from fused_resnet import fuse
     from fused_resnet.validate import synthetic_batchnorm
@@ -857,10 +864,12 @@ def test_a_network_compiled_for_any_batch_runs_every_batch():
         with kernels.use_backend("reference"):
             expected = [model(x) for x in xs]
         compiled = torch.compile(model, dynamic=True)
-        outs = [compiled(xs[0])]
+        first, code = run_and_get_code(compiled, xs[0])
+        outs = [first]
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         outs += [compiled(x) for x in xs[1:]]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing traced again
+    assert code and not any('float("nan")' in source for source in code)
     for out, reference in zip(outs, expected):
         assert out.shape == reference.shape
         torch.testing.assert_close(out, reference, rtol=0, atol=2e-2 * reference.abs().max().item())
