@@ -905,9 +905,9 @@ def conv_launch(name, kernel, x, weight, bias, out_shape, m, stride, padding, di
     `shared_bytes(config)`: the shared memory a config takes, for a kernel whose main loop is not
     configs.gemm_shared_bytes's (None: it is).
     """
-    if backend.hint(m) >= 2**31:
-        raise ValueError(f"{name}: {m} output rows; at most 2**31 - 1 are supported")
     m_hint = backend.hint(m)  # (a dynamic batch: configs are the traced size's; the kernel takes m itself)
+    if m_hint >= 2**31:
+        raise ValueError(f"{name}: {m} output rows; at most 2**31 - 1 are supported")
     interpret = not backend.on_gpu(x)
     k, cg, r, s = weight.shape
     check_window(name, (x.stride(1), x.stride(2), x.stride(3)), cg, (r, s), dilation)
